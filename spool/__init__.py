@@ -1,0 +1,286 @@
+"""The spool: the on-disk contract between the API and the daemon, and the only state either keeps.
+
+Everything below lives under one root folder (``RETAILPULSE_SPOOL_DIR``). The folder a job file is in *is*
+the job's state; every change is a write under ``tmp/`` + fsync + ``os.replace`` + fsync of the folder, so a
+reader never sees half a file and after a crash the state is whatever the last rename said (as in Maildir).
+
+    daemon.lock            held (filelock) by the one daemon working on this spool; a second one refuses to start.
+    next_job_id            text, one integer: the id the next submission gets. Written by the API under
+                           next_job_id.lock (filelock), so ids only increase, across processes and restarts.
+    tmp/                   files being written. Never read; leftovers from a crash are removed by the daemon.
+    incoming/<id>.json     a submitted job, complete, not yet claimed. Written by the API.
+    active/<id>.json       the same file, claimed (renamed) by the daemon, which is working on it.
+    done/<id>.json         the job file once every image has a result and none failed.
+    failed/<id>.json       the job file once every image has a result and at least one failed.
+    corrupt/<name>         any file that could not be parsed, moved aside for a human with a .why note.
+    status/<id>.json       the job's status as the API serves it. Written by the daemon only.
+    results/<id>/<first>-<stop>.jsonl
+                           results of images first .. stop-1 (zero-padded, half-open), one JSON object a
+                           line, in submission order. Written by the daemon once per finished chunk.
+
+Job file (incoming/, active/, done/, failed/):
+    {"job_id": 7, "submitted_at": "2026-11-23T11:00:00Z", "count": 1,
+     "visits": [{"store_id": "RP00001", "visit_time": "...", "image_url": ["http://...", ...]}]}
+Images are numbered 0..N-1 in submission order (visit by visit, URL by URL); that number is "index".
+
+Status file:
+    {"job_id": "7", "status": "ongoing" | "completed" | "failed", "phase": "running" | "finished",
+     "images_total": N, "images_done": d, "images_failed": f, "updated_at": "...",
+     "error": [{"store_id": "...", "error": "first failure", "image_url": "its URL", "images_failed": k}]
+    }                                                                # "error" only when failed
+A job with no status file yet but a job file in incoming/ or active/ is "ongoing" with phase "queued".
+
+Result line:
+    {"index": 0, "store_id": "RP00001", "store_name": "...", "area_code": "...", "visit_time": "...",
+     "image_url": "http://...", "width": 640, "height": 480, "perimeter": 2240, "error": null}
+A failed image has width, height and perimeter null and "error" saying why.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from enum import StrEnum
+from pathlib import Path
+
+import filelock
+
+__all__ = ["Spool", "Status", "Phase", "CorruptFile", "parse_job_id", "utc_now"]
+
+#: The one job-id check. Applied to every id before it becomes part of a path.
+JOB_ID_PATTERN = re.compile(r"[1-9][0-9]{0,15}")
+_RESULT_NAME = re.compile(r"([0-9]{8})-([0-9]{8})\.jsonl")
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+
+
+class Status(StrEnum):
+    """The job status as clients see it; the values are the wire strings."""
+
+    ONGOING = "ongoing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class Phase(StrEnum):
+    """Finer progress inside a status, for people watching a job."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class CorruptFile(Exception):
+    """A spool file exists but cannot be parsed."""
+
+
+def parse_job_id(text: object) -> int | None:
+    """Return the job id ``text`` names, or None if it is not a well-formed one."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str) or not JOB_ID_PATTERN.fullmatch(text):
+        return None
+    return int(text)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Paths and atomic operations on one spool folder. Holds no state but its root."""
+
+    FOLDERS = ("tmp", "incoming", "active", "done", "failed", "corrupt", "status", "results")
+    JOB_FOLDERS = ("incoming", "active", "done", "failed")
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ layout
+    def create(self) -> Spool:
+        """Make the folders (idempotent), readable by the owner only."""
+        old_umask = os.umask(0o077)
+        try:
+            self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            for name in self.FOLDERS:
+                (self.root / name).mkdir(mode=_DIR_MODE, exist_ok=True)
+        finally:
+            os.umask(old_umask)
+        return self
+
+    def job_path(self, folder: str, job_id: int) -> Path:
+        return self.root / folder / f"{job_id}.json"
+
+    def status_path(self, job_id: int) -> Path:
+        return self.root / "status" / f"{job_id}.json"
+
+    def results_dir(self, job_id: int) -> Path:
+        return self.root / "results" / str(job_id)
+
+    # ------------------------------------------------------------ primitives
+    def write_atomic(self, dest: Path, data: bytes) -> None:
+        """Write ``data`` to ``dest`` so that readers see the old file or the whole new one, never a part."""
+        tmp = self.root / "tmp" / f"{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(dest.parent)
+
+    def _rename(self, src: Path, dest: Path) -> None:
+        os.replace(src, dest)
+        _fsync_dir(dest.parent)
+        if src.parent != dest.parent:
+            _fsync_dir(src.parent)
+
+    @staticmethod
+    def _read_json(path: Path) -> dict:
+        try:
+            doc = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CorruptFile(f"{path.name}: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise CorruptFile(f"{path.name}: not a JSON object")
+        return doc
+
+    def move_aside(self, path: Path, why: str) -> Path:
+        """Move an unreadable file into corrupt/ with a note, so a human can look at it."""
+        dest = self.root / "corrupt" / f"{path.parent.name}-{path.name}.{int(time.time())}"
+        self._rename(path, dest)
+        self.write_atomic(dest.with_name(dest.name + ".why"), (why + "\n").encode())
+        return dest
+
+    def daemon_lock(self) -> filelock.FileLock:
+        """The lock a daemon holds for its whole life: two daemons would both resume the jobs in active/."""
+        return filelock.FileLock(str(self.root / "daemon.lock"), timeout=0)
+
+    # ------------------------------------------------------------- API side
+    def next_job_id(self) -> int:
+        """Take the next job id. Ids only increase, even with several API processes and across restarts."""
+        counter = self.root / "next_job_id"
+        with filelock.FileLock(str(counter) + ".lock", timeout=30):
+            try:
+                job_id = int(counter.read_text().strip() or "1")
+            except FileNotFoundError:
+                job_id = 1
+            self.write_atomic(counter, f"{job_id + 1}\n".encode())
+        return job_id
+
+    def submit(self, count: int, visits: list) -> int:
+        """Store a validated job in incoming/ and return its id. When this returns, the job is on disk."""
+        job_id = self.next_job_id()
+        doc = {"job_id": job_id, "submitted_at": utc_now(), "count": count, "visits": visits}
+        self.write_atomic(self.job_path("incoming", job_id), json.dumps(doc, separators=(",", ":")).encode())
+        return job_id
+
+    def read_status(self, job_id: int) -> dict | None:
+        """The status the daemon last wrote, the queued status if it has not started, or None if unknown."""
+        doc = self._status_file(job_id)
+        if doc is not None:
+            return doc
+        if any(self.job_path(folder, job_id).exists() for folder in self.JOB_FOLDERS):
+            # The daemon may have written the status between the two looks.
+            return self._status_file(job_id) or {
+                "job_id": str(job_id), "status": Status.ONGOING.value, "phase": Phase.QUEUED.value}
+        return None
+
+    def _status_file(self, job_id: int) -> dict | None:
+        try:
+            return self._read_json(self.status_path(job_id))
+        except FileNotFoundError:
+            return None
+        except CorruptFile:
+            return None  # the daemon moves it aside and rewrites it; until then the job reads as unknown-state
+
+    def iter_result_lines(self, job_id: int) -> Iterator[bytes]:
+        """Each recorded result line (JSON, no newline), in image order. Streams; never loads a whole job."""
+        for _first, _stop, path in self.result_chunks(job_id):
+            try:
+                with path.open("rb") as f:
+                    for line in f:
+                        line = line.rstrip(b"\n")
+                        if line:
+                            yield line
+            except FileNotFoundError:
+                continue
+
+    # ---------------------------------------------------------- daemon side
+    def job_ids(self, folder: str) -> list[int]:
+        """Ids of the well-named job files in ``folder``, oldest (smallest) first."""
+        ids = []
+        for entry in os.scandir(self.root / folder):
+            stem, dot, ext = entry.name.partition(".")
+            job_id = parse_job_id(stem)
+            if job_id is not None and dot and ext == "json":
+                ids.append(job_id)
+        return sorted(ids)
+
+    def claim(self, job_id: int) -> Path:
+        """Move a job from incoming/ to active/; the daemon owns it from now on."""
+        dest = self.job_path("active", job_id)
+        self._rename(self.job_path("incoming", job_id), dest)
+        return dest
+
+    def read_job(self, path: Path) -> dict:
+        doc = self._read_json(path)
+        if parse_job_id(doc.get("job_id")) is None or not isinstance(doc.get("visits"), list):
+            raise CorruptFile(f"{path.name}: not a job file")
+        return doc
+
+    def write_status(self, job_id: int, doc: dict) -> None:
+        self.write_atomic(self.status_path(job_id), json.dumps(doc, separators=(",", ":")).encode())
+
+    def write_results(self, job_id: int, first: int, stop: int, lines: Iterable[dict]) -> None:
+        """Record the results of images first..stop-1 as one file. Durable when this returns."""
+        folder = self.results_dir(job_id)
+        folder.mkdir(mode=_DIR_MODE, exist_ok=True)
+        body = b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in lines)
+        self.write_atomic(folder / f"{first:08d}-{stop:08d}.jsonl", body)
+
+    def result_chunks(self, job_id: int) -> list[tuple[int, int, Path]]:
+        """(first, stop, path) of each results file of a job, in image order."""
+        try:
+            entries = list(os.scandir(self.results_dir(job_id)))
+        except FileNotFoundError:
+            return []
+        chunks = []
+        for entry in entries:
+            match = _RESULT_NAME.fullmatch(entry.name)
+            if match:
+                chunks.append((int(match[1]), int(match[2]), Path(entry.path)))
+        return sorted(chunks)
+
+    def finish(self, job_id: int, status: Status) -> None:
+        """Move a job out of active/ once its final status and every result are on disk."""
+        folder = "done" if status is Status.COMPLETED else "failed"
+        self._rename(self.job_path("active", job_id), self.job_path(folder, job_id))
+
+    def clean_tmp(self, older_than_s: float) -> int:
+        """Remove leftovers of writes that never finished (a crash between write and rename)."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in os.scandir(self.root / "tmp"):
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
