@@ -1,0 +1,75 @@
+"""What runs inside a pool process: one chunk of images at a time, many images of it at once on threads.
+
+A pool task that waited through each image's download and 0.1-0.4 s sleep in turn would keep a core idle;
+threads overlap the waits, and the process pool spreads the CPU part (HTTP, header parsing) over the cores.
+"""
+from __future__ import annotations
+
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import requests
+
+from daemon.download import DownloadLimits, fetch, make_session
+from daemon.measure import ImageError, image_size, perimeter
+
+#: (index, width, height, perimeter, error): small and picklable; exactly one of perimeter/error is None.
+Outcome = tuple[int, "int | None", "int | None", "int | None", "str | None"]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    threads_per_process: int = 64
+    gpu_sleep_min_s: float = 0.1
+    gpu_sleep_max_s: float = 0.4
+    limits: DownloadLimits = field(default_factory=DownloadLimits)
+
+
+def process_image(session: requests.Session, url: str, settings: WorkerSettings) -> tuple:
+    """Download, measure, then the simulated GPU work. Returns (width, height, perimeter, error)."""
+    try:
+        width, height = image_size(fetch(session, url, settings.limits))
+    except ImageError as exc:
+        return None, None, None, str(exc)
+    time.sleep(random.uniform(settings.gpu_sleep_min_s, settings.gpu_sleep_max_s))
+    return width, height, perimeter(width, height), None
+
+
+class _ProcessState:
+    """The thread pool and HTTP session of one pool process, made once by the pool's initializer."""
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.session = make_session(settings.threads_per_process)
+        self.executor = ThreadPoolExecutor(settings.threads_per_process, thread_name_prefix="image")
+
+    def run(self, items: list[tuple[int, str]]) -> list[Outcome]:
+        futures = [(index, self.executor.submit(process_image, self.session, url, self.settings))
+                   for index, url in items]
+        outcomes = []
+        for index, future in futures:
+            try:
+                outcomes.append((index, *future.result()))
+            except Exception as exc:  # a bug must fail one image with its cause, not lose the chunk
+                outcomes.append((index, None, None, None, f"internal error: {type(exc).__name__}: {exc}"))
+        return outcomes
+
+
+# Pool tasks receive nothing but their arguments, so each pool process keeps its one _ProcessState here.
+_state: _ProcessState | None = None
+
+
+def init_process(settings: WorkerSettings) -> None:
+    """Pool initializer. Ctrl-C goes to the supervisor, which decides how to stop; children ignore it."""
+    global _state
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _state = _ProcessState(settings)
+
+
+def process_chunk(items: list[tuple[int, str]]) -> list[Outcome]:
+    """Pool task: measure each (index, url). Never raises; each failure is in its image's outcome."""
+    assert _state is not None, "init_process did not run in this process"
+    return _state.run(items)
