@@ -1,0 +1,126 @@
+"""The HTTP API. It only speaks HTTP: submissions go into the spool, status and results come out of it."""
+from __future__ import annotations
+
+import json
+import logging
+
+import bottle
+from bottle import Bottle, HTTPResponse, request
+
+from spool import Spool, parse_job_id
+from webapi.validate import InvalidSubmission, SubmitLimits, parse_submission
+
+log = logging.getLogger("retailpulse.webapi")
+
+_RESULTS_BATCH_BYTES = 64 * 1024
+
+# Request bodies are read by read_body(), bounded by SubmitLimits.max_body_bytes, and never through
+# bottle.request.body; so Bottle's MEMFILE_MAX (100 KiB) is deliberately left alone: nothing here uses it.
+
+
+def json_response(status: int, payload: dict, **headers) -> HTTPResponse:
+    body = json.dumps(payload, separators=(",", ":"))
+    return HTTPResponse(body, status=status, headers={"Content-Type": "application/json",
+                                                      "Cache-Control": "no-store", **headers})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def read_body(environ: dict, max_bytes: int) -> bytes:
+    """The request body, refusing (before reading it) anything over max_bytes."""
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if declared.isdigit():
+        if int(declared) > max_bytes:
+            raise BodyTooLarge
+        return environ["wsgi.input"].read(int(declared))
+    body = environ["wsgi.input"].read(max_bytes + 1)  # no length given (chunked): read one byte past the cap
+    if len(body) > max_bytes:
+        raise BodyTooLarge
+    return body
+
+
+def make_app(spool: Spool, limits: SubmitLimits | None = None) -> Bottle:
+    limits = limits or SubmitLimits()
+    app = Bottle()
+    app.config["json.enable"] = False  # every route builds its own JSON response
+
+    def submit():
+        try:
+            body = read_body(request.environ, limits.max_body_bytes)
+        except BodyTooLarge:
+            return json_response(413, {"error": f"body larger than {limits.max_body_bytes} bytes"})
+        try:
+            count, visits = parse_submission(body, limits)
+        except InvalidSubmission as exc:
+            return json_response(400, {"error": str(exc)})
+        try:
+            job_id = spool.submit(count, visits)
+        except OSError as exc:
+            log.error("submit: cannot write to the spool: %s", exc)
+            return json_response(503, {"error": f"cannot store the job now: {exc.strerror or exc}"},
+                                 **{"Retry-After": "30"})
+        log.info("job %d: submitted, %d visits", job_id, count)
+        return json_response(201, {"job_id": job_id})
+
+    app.route("/api/submit", "POST", submit)
+    app.route("/api/submit/", "POST", submit)
+
+    def known_job() -> tuple[int, dict] | HTTPResponse:
+        """The job named by ?jobid= and its status, or the 400 that explains why there is none."""
+        raw = request.query.getunicode("jobid")
+        if raw is None or raw == "":
+            return json_response(400, {"error": "jobid: missing (use ?jobid=123)"})
+        job_id = parse_job_id(raw)
+        if job_id is None:
+            return json_response(400, {"error": "jobid: must be a positive integer"})
+        doc = spool.read_status(job_id)
+        if doc is None:
+            return json_response(400, {})
+        return job_id, doc
+
+    @app.get("/api/status")
+    def status():
+        found = known_job()
+        if isinstance(found, HTTPResponse):
+            return found
+        return json_response(200, found[1])
+
+    @app.get("/api/results")
+    def results():
+        found = known_job()
+        if isinstance(found, HTTPResponse):
+            return found
+        job_id, doc = found
+        head = {"job_id": doc["job_id"], "status": doc["status"]}
+        return HTTPResponse(stream_results(spool, job_id, head), status=200,
+                            headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
+
+    def json_error(err: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        bottle.response.set_header("Cache-Control", "no-store")
+        if err.status_code >= 500:
+            log.error("%s %s: %s", request.method, request.path, err.exception or err.body)
+        reason = {404: "no such route", 405: "method not allowed", 413: "request too large"}.get(
+            err.status_code, "internal error")
+        return json.dumps({"error": reason})
+
+    for code in (400, 404, 405, 413, 500):
+        app.error_handler[code] = json_error
+    return app
+
+
+def stream_results(spool: Spool, job_id: int, head: dict):
+    """{"job_id":..,"status":..,"results":[...]}, produced a batch at a time: memory does not grow with the job."""
+    opening = json.dumps(head, separators=(",", ":"))[:-1] + ',"results":['
+    batch, size, separator = [opening.encode()], 0, b""
+    for line in spool.iter_result_lines(job_id):
+        batch.append(separator + line)
+        separator = b","
+        size += len(line)
+        if size >= _RESULTS_BATCH_BYTES:
+            yield b"".join(batch)
+            batch, size = [], 0
+    batch.append(b"]}")
+    yield b"".join(batch)
