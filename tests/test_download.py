@@ -1,0 +1,113 @@
+"""Downloading and processing one image: requests mocked by `responses`, one real trickling server."""
+import socket
+import threading
+import time
+
+import pytest
+import requests
+import responses
+
+from daemon.download import DownloadLimits, fetch, make_session
+from daemon.worker import WorkerSettings, process_image
+from tests.conftest import image_bytes
+
+URL = "http://images.example/shelf.jpg"
+NO_SLEEP = WorkerSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0)
+
+
+@pytest.fixture
+def session():
+    with make_session(pool_size=4) as s:
+        yield s
+
+
+@responses.activate
+def test_image_is_measured(session):
+    responses.get(URL, body=image_bytes("JPEG", 640, 480), content_type="image/jpeg")
+    assert process_image(session, URL, NO_SLEEP) == (640, 480, 2240, None)
+
+
+@responses.activate
+def test_simulated_gpu_work_happens_for_every_measured_image(session):
+    responses.get(URL, body=image_bytes("PNG", 8, 8))
+    settings = WorkerSettings(gpu_sleep_min_s=0.2, gpu_sleep_max_s=0.2)
+    started = time.monotonic()
+    assert process_image(session, URL, settings)[3] is None
+    assert time.monotonic() - started >= 0.2
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [404, 403, 500])
+def test_http_error_fails_the_image_with_its_status(session, status):
+    responses.get(URL, status=status, body=image_bytes("JPEG", 8, 8))
+    assert process_image(session, URL, NO_SLEEP) == (None, None, None, f"HTTP {status}")
+
+
+@responses.activate
+@pytest.mark.parametrize("exc, reason", [
+    (requests.exceptions.ConnectTimeout(), "timed out: no connection within 5 s"),
+    (requests.exceptions.ReadTimeout(), "timed out: no data for 10 s"),
+    (requests.exceptions.ConnectionError(ConnectionRefusedError(111, "Connection refused")),
+     "connection failed: ConnectionRefusedError: [Errno 111] Connection refused"),
+    (requests.exceptions.TooManyRedirects(), "too many redirects"),
+])
+def test_transport_failure_says_what_happened(session, exc, reason):
+    responses.get(URL, body=exc)
+    assert process_image(session, URL, NO_SLEEP) == (None, None, None, reason)
+
+
+@responses.activate
+def test_html_served_as_jpeg_is_not_an_image(session):
+    responses.get(URL, body="<html>login</html>", content_type="image/jpeg")
+    width, height, perim, error = process_image(session, URL, NO_SLEEP)
+    assert perim is None and error.startswith("not an image")
+
+
+@responses.activate
+def test_declared_size_over_the_cap_is_refused_before_reading(session):
+    responses.get(URL, body=b"x" * 1000, headers={"Content-Length": "1000"}, auto_calculate_content_length=False)
+    with pytest.raises(Exception, match="too large: 1000 bytes"):
+        fetch(session, URL, DownloadLimits(max_image_bytes=999))
+
+
+def test_body_over_the_cap_without_length_is_cut_off_while_streaming(session):
+    with _raw_server(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"x" * 100_000) as url:
+        with pytest.raises(Exception, match="too large: over 1000 bytes"):
+            fetch(session, url, DownloadLimits(max_image_bytes=1000))
+
+
+def test_server_that_trickles_is_cut_off_at_the_total_deadline(session):
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
+    with _raw_server(head, trickle_s=0.05) as url:
+        started = time.monotonic()
+        with pytest.raises(Exception, match="timed out: body not complete after 0.5 s"):
+            fetch(session, url, DownloadLimits(total_timeout_s=0.5, read_timeout_s=1))
+        assert time.monotonic() - started < 5
+
+
+class _raw_server:
+    """A one-connection TCP server on 127.0.0.1 port 0 that sends `payload`, then trickles a byte at a time."""
+
+    def __init__(self, payload: bytes, trickle_s: float | None = None):
+        self.payload, self.trickle_s = payload, trickle_s
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.done = threading.Event()
+
+    def __enter__(self):
+        threading.Thread(target=self._serve, daemon=True).start()
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/img.jpg"
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(self.payload)
+                while self.trickle_s and not self.done.wait(self.trickle_s):
+                    conn.sendall(b"x")
+            except OSError:
+                pass
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.sock.close()

@@ -1,0 +1,41 @@
+"""Image measurement on real image bytes."""
+import struct
+import zlib
+
+import pytest
+
+from daemon.measure import ImageError, image_size, perimeter
+from tests.conftest import image_bytes
+
+
+def test_perimeter():
+    assert perimeter(640, 480) == 2240
+    assert perimeter(1, 1) == 4
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("width, height", [(1, 1), (641, 479), (3000, 17)])
+def test_size_of_each_allowed_format(fmt, width, height):
+    assert image_size(image_bytes(fmt, width, height)) == (width, height)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A 60-byte PNG whose header claims width x height pixels: a decompression bomb's calling card."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b""))
+            + _png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty body"),
+    (b"<html><body>Not found</body></html>", "not an image"),
+    (image_bytes("GIF", 10, 10), "format not allowed"),
+    (_png_header_claiming(100_000, 100_000), "too large in pixels"),
+])
+def test_unmeasurable_bytes_say_why(data, reason):
+    with pytest.raises(ImageError, match=reason):
+        image_size(data)

@@ -1,0 +1,126 @@
+"""The spool's on-disk contract: atomic writes, ids that never repeat, the folder as the state."""
+import json
+import multiprocessing
+import os
+import stat
+import time
+
+import pytest
+
+from spool import CorruptFile, Spool, parse_job_id
+
+
+def test_create_makes_every_folder_private(spool):
+    for name in Spool.FOLDERS:
+        mode = (spool.root / name).stat().st_mode
+        assert stat.S_IMODE(mode) == 0o700, name
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temporary(spool):
+    dest = spool.root / "status" / "1.json"
+    spool.write_atomic(dest, b"old")
+    spool.write_atomic(dest, b"new")
+    assert dest.read_bytes() == b"new"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert list((spool.root / "tmp").iterdir()) == []
+
+
+def test_job_ids_increase_across_spool_instances(spool):
+    ids = [Spool(spool.root).next_job_id() for _ in range(3)]
+    assert ids == [1, 2, 3]
+
+
+def _take_ids(root, n, out):
+    out.put([Spool(root).next_job_id() for _ in range(n)])
+
+
+def test_job_ids_never_repeat_across_processes(spool):
+    out = multiprocessing.get_context("spawn").Queue()
+    procs = [multiprocessing.get_context("spawn").Process(target=_take_ids, args=(spool.root, 25, out))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    taken = sorted(i for _ in procs for i in out.get(timeout=60))
+    for p in procs:
+        p.join(timeout=60)
+    assert taken == list(range(1, 101))
+
+
+def test_submit_writes_a_complete_job_into_incoming(spool):
+    visits = [{"store_id": "RP00001", "visit_time": "t", "image_url": ["http://h/a.jpg"]}]
+    job_id = spool.submit(1, visits)
+    doc = spool.read_job(spool.job_path("incoming", job_id))
+    assert doc["job_id"] == job_id and doc["visits"] == visits and doc["count"] == 1
+    assert spool.job_ids("incoming") == [job_id]
+
+
+def test_claim_moves_job_from_incoming_to_active(spool):
+    job_id = spool.submit(1, [])
+    spool.claim(job_id)
+    assert spool.job_ids("incoming") == [] and spool.job_ids("active") == [job_id]
+    with pytest.raises(FileNotFoundError):
+        spool.claim(job_id)  # a second claimer loses cleanly
+
+
+def test_job_ids_ignore_files_that_are_not_jobs(spool):
+    for name in ("7.json", "x.json", "8.json.part", "0.json", "09.json", ".9.json", "10.txt"):
+        (spool.root / "incoming" / name).write_text("{}")
+    assert spool.job_ids("incoming") == [7]
+
+
+def test_status_is_unknown_then_queued_then_what_the_daemon_wrote(spool):
+    assert spool.read_status(1) is None
+    job_id = spool.submit(1, [])
+    assert spool.read_status(job_id) == {"job_id": "1", "status": "ongoing", "phase": "queued"}
+    spool.write_status(job_id, {"job_id": "1", "status": "completed"})
+    assert spool.read_status(job_id)["status"] == "completed"
+
+
+def test_unparsable_status_file_reads_as_queued_not_as_a_crash(spool):
+    job_id = spool.submit(1, [])
+    spool.status_path(job_id).write_bytes(b'{"job_id": "1", "sta')
+    assert spool.read_status(job_id)["phase"] == "queued"
+
+
+def test_read_job_refuses_garbage(spool):
+    path = spool.root / "active" / "3.json"
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(CorruptFile):
+        spool.read_job(path)
+    path.write_text(json.dumps({"job_id": 3}))
+    with pytest.raises(CorruptFile):
+        spool.read_job(path)
+
+
+def test_results_are_listed_and_streamed_in_image_order(spool):
+    spool.write_results(5, 3, 5, [{"index": 3}, {"index": 4}])
+    spool.write_results(5, 0, 3, [{"index": 0}, {"index": 1}, {"index": 2}])
+    assert [(a, b) for a, b, _ in spool.result_chunks(5)] == [(0, 3), (3, 5)]
+    assert [json.loads(line)["index"] for line in spool.iter_result_lines(5)] == [0, 1, 2, 3, 4]
+    assert list(spool.iter_result_lines(6)) == []
+
+
+def test_move_aside_keeps_the_file_and_says_why(spool):
+    path = spool.root / "active" / "4.json"
+    path.write_bytes(b"junk")
+    dest = spool.move_aside(path, "not JSON")
+    assert not path.exists()
+    assert dest.parent == spool.root / "corrupt" and dest.read_bytes() == b"junk"
+    assert dest.with_name(dest.name + ".why").read_text() == "not JSON\n"
+
+
+def test_clean_tmp_removes_only_old_leftovers(spool):
+    old, new = spool.root / "tmp" / "old", spool.root / "tmp" / "new"
+    old.write_text("x")
+    new.write_text("y")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert spool.clean_tmp(older_than_s=60) == 1
+    assert [p.name for p in (spool.root / "tmp").iterdir()] == ["new"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1", 1), ("123", 123), (42, 42), ("0", None), ("01", None), ("-1", None), ("1.0", None), ("", None),
+    ("../1", None), ("1\n", None), ("1\x00", None), ("9" * 17, None), (True, None), (None, None),
+])
+def test_parse_job_id(text, expected):
+    assert parse_job_id(text) == expected

@@ -1,0 +1,36 @@
+"""A bad setting stops start-up with a message naming it and exit code 2, never a traceback."""
+import pytest
+
+from daemon.__main__ import main as daemon_main
+from webapi.__main__ import main as api_main
+
+
+def exit_code(main, argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        return exc.code
+
+
+@pytest.mark.parametrize("argv, env, names", [
+    (["--processes", "0"], {}, "--processes must be at least 1"),
+    (["--gpu-sleep-min-s", "0.5", "--gpu-sleep-max-s", "0.1"], {}, "--gpu-sleep-min-s"),
+    (["--download-read-timeout-s", "0"], {}, "--download-read-timeout-s must be positive"),
+    (["--store-master", "/no/such/stores.csv"], {}, "store master: /no/such/stores.csv"),
+    ([], {"RETAILPULSE_PROCESSES": "many"}, "--processes: invalid int value: 'many'"),
+])
+def test_daemon_refuses_bad_settings(tmp_path, monkeypatch, capsys, argv, env, names):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert exit_code(daemon_main, ["--spool-dir", str(tmp_path / "spool"), *argv]) == 2
+    assert names in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--port", "70000"], "--port must be 0..65535"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--max-body-bytes", "lots"], "--max-body-bytes: invalid int value"),
+])
+def test_api_refuses_bad_settings(tmp_path, capsys, argv, names):
+    assert exit_code(api_main, ["--spool-dir", str(tmp_path / "spool"), *argv]) == 2
+    assert names in capsys.readouterr().err
