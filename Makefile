@@ -1,0 +1,26 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SPOOL_DIR ?= var/spool
+
+.PHONY: run test clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# The API and the daemon as two processes on the local spool and the bundled store master; Ctrl-C stops both.
+run: $(BIN)/.installed
+	@mkdir -p $(SPOOL_DIR)
+	@trap 'kill $$daemon 2>/dev/null; wait' EXIT INT TERM; \
+	$(BIN)/python -m daemon --spool-dir $(SPOOL_DIR) & daemon=$$!; \
+	$(BIN)/python -m webapi --spool-dir $(SPOOL_DIR)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) var .pytest_cache *.egg-info
