@@ -27,6 +27,7 @@ from spool import CorruptFile, Phase, Spool, Status, utc_now
 log = logging.getLogger("retailpulse.daemon")
 
 UNKNOWN_STORE = "store_id not in the store master"
+TMP_LEFTOVER_AGE_S = 3600
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ class Supervisor:
     # ------------------------------------------------------------ main loop
     def run(self, stop_requested: Callable[[], bool]) -> None:
         """Work until ``stop_requested()``; then let in-flight chunks finish and be recorded."""
-        removed = self.spool.clean_tmp(older_than_s=0)  # nothing else writes while we start
+        # The API may be writing into tmp/ right now; a write takes milliseconds, so an hour-old file is a leftover.
+        removed = self.spool.clean_tmp(older_than_s=TMP_LEFTOVER_AGE_S)
         if removed:
             log.info("removed %d unfinished file(s) from tmp/", removed)
         for job_id in self.spool.job_ids("active"):

@@ -7,7 +7,8 @@ reader never sees half a file and after a crash the state is whatever the last r
     daemon.lock            held (filelock) by the one daemon working on this spool; a second one refuses to start.
     next_job_id            text, one integer: the id the next submission gets. Written by the API under
                            next_job_id.lock (filelock), so ids only increase, across processes and restarts.
-    tmp/                   files being written. Never read; leftovers from a crash are removed by the daemon.
+    tmp/                   files being written. Never read; leftovers of a crash (older than an hour) are
+                           removed when the daemon starts.
     incoming/<id>.json     a submitted job, complete, not yet claimed. Written by the API.
     active/<id>.json       the same file, claimed (renamed) by the daemon, which is working on it.
     done/<id>.json         the job file once every image has a result and none failed.

@@ -1,6 +1,8 @@
 """The supervisor in-process, with a real process pool and a real image server: resuming and chunking."""
 import json
 import multiprocessing
+import os
+import time
 
 import pytest
 
@@ -80,3 +82,12 @@ def test_unreadable_job_file_fails_that_job_with_the_reason(spool, pool):
     assert status["status"] == "failed"
     assert status["error"][0]["error"].startswith("job file unreadable")
     assert spool.job_ids("active") == [] and len(list((spool.root / "corrupt").iterdir())) == 2
+
+
+def test_start_up_removes_stale_leftovers_but_not_a_write_in_progress(spool, pool):
+    stale, fresh = spool.root / "tmp" / "7.json.1.aa", spool.root / "tmp" / "8.json.2.bb"
+    stale.write_text("half")
+    fresh.write_text("being written by the API")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    Supervisor(spool, STORES, pool, SupervisorSettings()).run(lambda: True)
+    assert [p.name for p in (spool.root / "tmp").iterdir()] == [fresh.name]
