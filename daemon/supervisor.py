@@ -22,7 +22,7 @@ from pathlib import Path
 
 from daemon.stores import Store
 from daemon.worker import Outcome, process_chunk
-from spool import CorruptFile, Phase, Spool, Status, utc_now
+from spool import CorruptFile, Phase, Spool, Status, status_document, utc_now
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -75,9 +75,8 @@ class ActiveJob:
         else:
             status = Status.FAILED if self.failed_stores else Status.COMPLETED
             phase = Phase.FINISHED
-        doc = {"job_id": str(self.job_id), "status": status.value, "phase": phase.value,
-               "images_total": self.total, "images_done": self.done, "images_failed": self.failed,
-               "submitted_at": self.submitted_at, "updated_at": utc_now()}
+        doc = status_document(self.job_id, status, phase, images_total=self.total, images_done=self.done,
+                              images_failed=self.failed, submitted_at=self.submitted_at, updated_at=utc_now())
         if status is Status.FAILED:
             doc["error"] = [{"store_id": store_id, "error": error, "image_url": url, "images_failed": count}
                             for store_id, (error, url, count) in self.failed_stores.items()]
@@ -126,24 +125,19 @@ class Supervisor:
         log.info("stopping: waiting for %d chunk(s) in flight", self.in_flight)
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while self.in_flight and time.monotonic() < deadline:
-            self.wait_for_chunks(deadline - time.monotonic(), block_for_one=True)
+            self.wait_for_chunks(deadline - time.monotonic())
         if self.in_flight:
             log.warning("stopping with %d chunk(s) unrecorded; they are redone on restart", self.in_flight)
 
-    def wait_for_chunks(self, timeout_s: float, block_for_one: bool = False) -> bool:
+    def wait_for_chunks(self, timeout_s: float) -> None:
         """Record finished chunks: wait up to timeout_s for the first, then take whatever else is ready."""
         try:
-            event = self.finished_chunks.get(timeout=timeout_s)
-        except queue.Empty:
-            return False
-        while True:
-            self.record_chunk(*event)
-            if block_for_one:
-                return True
-            try:
+            event = self.finished_chunks.get(timeout=max(timeout_s, 0))
+            while True:
+                self.record_chunk(*event)
                 event = self.finished_chunks.get_nowait()
-            except queue.Empty:
-                return True
+        except queue.Empty:
+            return
 
     # ------------------------------------------------------------- admitting
     def admit_incoming(self) -> None:
@@ -186,10 +180,9 @@ class Supervisor:
     def reject(self, job_id: int, path: Path, why: str) -> None:
         log.error("job %d: %s", job_id, why)
         self.spool.move_aside(path, why)
-        self.spool.write_status(job_id, {
-            "job_id": str(job_id), "status": Status.FAILED.value, "phase": Phase.FINISHED.value,
-            "images_total": 0, "images_done": 0, "images_failed": 0, "updated_at": utc_now(),
-            "error": [{"store_id": "", "error": why}]})
+        self.spool.write_status(job_id, status_document(
+            job_id, Status.FAILED, Phase.FINISHED, images_total=0, images_done=0, images_failed=0,
+            updated_at=utc_now(), error=[{"store_id": "", "error": why}]))
 
     # ------------------------------------------------------------ dispatching
     def dispatch(self) -> None:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import filelock
 
-__all__ = ["Spool", "Status", "Phase", "CorruptFile", "parse_job_id", "utc_now"]
+__all__ = ["Spool", "Status", "Phase", "CorruptFile", "parse_job_id", "status_document", "utc_now"]
 
 #: The one job-id check. Applied to every id before it becomes part of a path.
 JOB_ID_PATTERN = re.compile(r"[1-9][0-9]{0,15}")
@@ -85,6 +85,11 @@ def parse_job_id(text: object) -> int | None:
     if not isinstance(text, str) or not JOB_ID_PATTERN.fullmatch(text):
         return None
     return int(text)
+
+
+def status_document(job_id: int, status: Status, phase: Phase, **fields) -> dict:
+    """A status file's contents: the wire fields first (job_id as a string, as clients expect), then ``fields``."""
+    return {"job_id": str(job_id), "status": status.value, "phase": phase.value, **fields}
 
 
 def utc_now() -> str:
@@ -198,8 +203,7 @@ class Spool:
             return doc
         if any(self.job_path(folder, job_id).exists() for folder in self.JOB_FOLDERS):
             # The daemon may have written the status between the two looks.
-            return self._status_file(job_id) or {
-                "job_id": str(job_id), "status": Status.ONGOING.value, "phase": Phase.QUEUED.value}
+            return self._status_file(job_id) or status_document(job_id, Status.ONGOING, Phase.QUEUED)
         return None
 
     def _status_file(self, job_id: int) -> dict | None:
