@@ -1,6 +1,7 @@
 """Downloading one image: bounded in time and size, every failure turned into a short reason."""
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,49 @@ class DownloadLimits:
     read_timeout_s: float = 10.0  # longest silence between two reads
     total_timeout_s: float = 30.0  # a server trickling bytes is cut off here
     max_image_bytes: int = 50 * 1024 * 1024
+    attempts: int = 3  # tries for transient failures; permanent ones are tried once
+    backoff_s: float = 0.5  # wait before the 2nd try, doubled before each later one, with jitter
+
+
+#: Longest wait between two tries, whatever Retry-After or the doubling say.
+MAX_BACKOFF_S = 10.0
+
+
+class DownloadError(ImageError):
+    """A download that did not give a body. ``transient``: the same request may well work in a moment."""
+
+    def __init__(self, reason: str, transient: bool, retry_after_s: float | None = None):
+        super().__init__(reason)
+        self.reason, self.transient, self.retry_after_s = reason, transient, retry_after_s
+
+
+def _is_transient_status(status: int) -> bool:
+    return status == 429 or 500 <= status <= 599
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    return float(value) if value and value.isdigit() else None  # the HTTP-date form is rare; not parsed
+
+
+def fetch_with_retries(session: requests.Session, url: str, limits: DownloadLimits,
+                       sleep=time.sleep) -> bytes:
+    """fetch(), tried again after a transient failure, up to limits.attempts times in all.
+
+    The error says whether the last failure was transient or permanent and how many attempts were made,
+    e.g. "HTTP 503 (transient, gave up after 3 attempts)" or "HTTP 404 (permanent, 1 attempt)".
+    """
+    for attempt in range(1, limits.attempts + 1):
+        try:
+            return fetch(session, url, limits)
+        except DownloadError as exc:
+            if not exc.transient:
+                tries = "1 attempt" if attempt == 1 else f"after {attempt} attempts"
+                raise ImageError(f"{exc.reason} (permanent, {tries})") from None
+            if attempt == limits.attempts:
+                raise ImageError(f"{exc.reason} (transient, gave up after {attempt} attempts)") from None
+            wait = limits.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            sleep(min(max(wait, exc.retry_after_s or 0), MAX_BACKOFF_S))
+    raise AssertionError("unreachable: attempts >= 1")
 
 
 def make_session(pool_size: int) -> requests.Session:
@@ -33,16 +77,17 @@ def make_session(pool_size: int) -> requests.Session:
 
 
 def fetch(session: requests.Session, url: str, limits: DownloadLimits) -> bytes:
-    """The body at ``url``. Raises ImageError with the reason: HTTP status, timeout, size, connection."""
+    """The body at ``url``, one attempt. Raises DownloadError: HTTP status, timeout, size, connection."""
     deadline = time.monotonic() + limits.total_timeout_s
     try:
         with session.get(url, stream=True, allow_redirects=True,
                          timeout=(limits.connect_timeout_s, limits.read_timeout_s)) as resp:
             if resp.status_code != 200:
-                raise ImageError(f"HTTP {resp.status_code}")
+                raise DownloadError(f"HTTP {resp.status_code}", _is_transient_status(resp.status_code),
+                                    _retry_after_s(resp.headers.get("Retry-After")))
             declared = resp.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > limits.max_image_bytes:
-                raise ImageError(f"too large: {declared} bytes (limit {limits.max_image_bytes})")
+                raise DownloadError(f"too large: {declared} bytes (limit {limits.max_image_bytes})", False)
             parts, size = [], 0
             while True:
                 # read1 returns what has arrived instead of waiting for a full buffer, so the deadline
@@ -52,23 +97,23 @@ def fetch(session: requests.Session, url: str, limits: DownloadLimits) -> bytes:
                     break
                 size += len(part)
                 if size > limits.max_image_bytes:
-                    raise ImageError(f"too large: over {limits.max_image_bytes} bytes")
+                    raise DownloadError(f"too large: over {limits.max_image_bytes} bytes", False)
                 if time.monotonic() > deadline:
-                    raise ImageError(f"timed out: body not complete after {limits.total_timeout_s:g} s")
+                    raise DownloadError(f"timed out: body not complete after {limits.total_timeout_s:g} s", True)
                 parts.append(part)
             return b"".join(parts)
     except requests.exceptions.ConnectTimeout:
-        raise ImageError(f"timed out: no connection within {limits.connect_timeout_s:g} s") from None
+        raise DownloadError(f"timed out: no connection within {limits.connect_timeout_s:g} s", True) from None
     except (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError):
-        raise ImageError(f"timed out: no data for {limits.read_timeout_s:g} s") from None
+        raise DownloadError(f"timed out: no data for {limits.read_timeout_s:g} s", True) from None
     except requests.exceptions.TooManyRedirects:
-        raise ImageError("too many redirects") from None
+        raise DownloadError("too many redirects", False) from None
     except requests.exceptions.InvalidURL as exc:
-        raise ImageError(f"invalid URL: {exc}") from None
-    except requests.exceptions.ConnectionError as exc:
-        raise ImageError(f"connection failed: {_root_cause(exc)}") from None
+        raise DownloadError(f"invalid URL: {exc}", False) from None
+    except requests.exceptions.ConnectionError as exc:  # refused, reset, DNS: the network may come back
+        raise DownloadError(f"connection failed: {_root_cause(exc)}", True) from None
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise ImageError(f"download failed: {_root_cause(exc)}") from None
+        raise DownloadError(f"download failed: {_root_cause(exc)}", True) from None
 
 
 def _root_cause(exc: BaseException) -> str:

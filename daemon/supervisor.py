@@ -7,6 +7,12 @@ Fairness: chunks are dispatched round-robin over the active jobs, and at most ``
 in the pool at once, so a small job submitted behind a huge one waits for a few chunks, not for the job.
 Resumption: a job found in active/ at start-up keeps its recorded results; only images with no results
 file are dispatched again.
+Dead pool processes: a chunk whose process died (kill -9, OOM) is split in two and both halves are
+dispatched again, so an image that kills its process every time ends up alone in a chunk; alone, it is
+failed once its process has died ``max_worker_deaths`` times with it.
+Disk trouble: when results or status cannot be written (ENOSPC, EIO), the outcome is kept in memory, nothing
+new is dispatched, and the write is tried again every ``disk_retry_interval_s``; a job never moves on
+without its results.
 """
 from __future__ import annotations
 
@@ -20,14 +26,26 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from daemon.pool import WatchedPool
 from daemon.stores import Store
-from daemon.worker import Outcome, process_chunk
+from daemon.worker import Outcome
 from spool import CorruptFile, Phase, Spool, Status, status_document, utc_now
 
 log = logging.getLogger("retailpulse.daemon")
 
 UNKNOWN_STORE = "store_id not in the store master"
 TMP_LEFTOVER_AGE_S = 3600
+TMP_CLEAN_INTERVAL_S = 600
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Images first..stop-1 of a job; ``deaths``: pool processes that died while holding these images."""
+
+    job_id: int
+    first: int
+    stop: int
+    deaths: int = 0
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,9 @@ class SupervisorSettings:
     max_active_jobs: int = 32  # jobs progressing at once; more wait in incoming/
     poll_interval_s: float = 0.1  # how often incoming/ is looked at while idle
     drain_timeout_s: float = 60.0  # on stop, how long in-flight chunks may take to finish and be recorded
+    worker_check_interval_s: float = 0.5  # how often dead pool processes are looked for
+    max_worker_deaths: int = 3  # an image alone in a chunk whose process died this often is failed
+    disk_retry_interval_s: float = 5.0  # while writes fail (disk full), how often they are tried again
 
 
 class ActiveJob:
@@ -48,7 +69,7 @@ class ActiveJob:
         # One (store_id, visit_time, url) per image, in submission order; the position is the image index.
         self.images = [(visit["store_id"], visit["visit_time"], url)
                        for visit in doc["visits"] for url in visit["image_url"]]
-        self.pending: deque[tuple[int, int]] = deque()
+        self.pending: deque[Chunk] = deque()
         self.in_flight = 0
         self.done = 0
         self.failed = 0
@@ -95,46 +116,84 @@ def uncovered(total: int, covered: list[tuple[int, int]], size: int) -> Iterator
 
 
 class Supervisor:
-    def __init__(self, spool: Spool, stores: dict[str, Store], pool, settings: SupervisorSettings):
+    def __init__(self, spool: Spool, stores: dict[str, Store], pool: WatchedPool, settings: SupervisorSettings):
         self.spool = spool
         self.stores = stores
         self.pool = pool
         self.settings = settings
         self.jobs: dict[int, ActiveJob] = {}
         self.rotation: deque[int] = deque()  # job ids, next to dispatch from first
-        self.in_flight = 0
+        self.dispatched: dict[int, Chunk] = {}  # token -> chunk, for every pool task we still wait for
+        self.next_token = 1
         self.finished_chunks: queue.Queue = queue.Queue()
+        self.unrecorded: deque[tuple[int, list[Outcome] | BaseException, Chunk]] = deque()  # disk trouble
+        self.unpublished: set[int] = set()  # job ids whose status could not be written
+        self.disk_retry_at = 0.0  # monotonic; no dispatching before it while the disk is in trouble
+        self.next_worker_check = 0.0
+        self.next_tmp_clean = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.dispatched)
+
+    @property
+    def paused(self) -> bool:
+        """Some results or statuses could not be written; nothing new is dispatched until they are."""
+        return bool(self.unrecorded or self.unpublished)
 
     # ------------------------------------------------------------ main loop
-    def run(self, stop_requested: Callable[[], bool]) -> None:
-        """Work until ``stop_requested()``; then let in-flight chunks finish and be recorded."""
-        # The API may be writing into tmp/ right now; a write takes milliseconds, so an hour-old file is a leftover.
-        removed = self.spool.clean_tmp(older_than_s=TMP_LEFTOVER_AGE_S)
-        if removed:
-            log.info("removed %d unfinished file(s) from tmp/", removed)
+    def run(self, stop_requested: Callable[[], bool], ready: Callable[[], None] = lambda: None) -> None:
+        """Recover, call ``ready()``, work until ``stop_requested()``; then let in-flight chunks be recorded."""
+        self.recover()
+        ready()
+        while not stop_requested():
+            self.step()
+        self.drain()
+
+    def recover(self) -> None:
+        """Start-up: remove stale tmp/ files, repair unreadable status files, resume the jobs in active/."""
+        self.clean_tmp()
+        for job_id in self.spool.unreadable_status_ids():
+            self.repair_status(job_id)
         for job_id in self.spool.job_ids("active"):
             self.load(job_id, self.spool.job_path("active", job_id))
-        while not stop_requested():
+
+    def clean_tmp(self) -> None:
+        self.next_tmp_clean = time.monotonic() + TMP_CLEAN_INTERVAL_S
+        removed = self.spool.clean_tmp(older_than_s=TMP_LEFTOVER_AGE_S)
+        if removed:
+            log.info("removed %d unfinished file(s) left in tmp/ by a crashed writer", removed)
+
+    def step(self) -> None:
+        """One turn of the main loop: admit, dispatch, record what finished, look for dead processes."""
+        if self.disk_trouble():
+            self.wait_for_chunks(min(self.settings.poll_interval_s, self.disk_retry_at - time.monotonic()))
+        else:
             self.admit_incoming()
             self.dispatch()
             self.wait_for_chunks(self.settings.poll_interval_s)
-        self.drain()
+        self.check_workers()
+        if time.monotonic() >= self.next_tmp_clean:
+            self.clean_tmp()
 
     def drain(self) -> None:
         """Record what is in flight, for drain_timeout_s at most in all; the rest is redone after a restart."""
         log.info("stopping: waiting for %d chunk(s) in flight", self.in_flight)
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while self.in_flight and time.monotonic() < deadline:
-            self.wait_for_chunks(deadline - time.monotonic())
-        if self.in_flight:
-            log.warning("stopping with %d chunk(s) unrecorded; they are redone on restart", self.in_flight)
+        while (self.in_flight or self.unrecorded) and time.monotonic() < deadline:
+            self.disk_trouble()
+            self.wait_for_chunks(min(deadline - time.monotonic(), self.settings.worker_check_interval_s))
+            self.check_workers(requeue=False)
+        if self.in_flight or self.unrecorded:
+            log.warning("stopping with %d chunk(s) unrecorded; they are redone on restart",
+                        self.in_flight + len(self.unrecorded))
 
     def wait_for_chunks(self, timeout_s: float) -> None:
         """Record finished chunks: wait up to timeout_s for the first, then take whatever else is ready."""
         try:
             event = self.finished_chunks.get(timeout=max(timeout_s, 0))
             while True:
-                self.record_chunk(*event)
+                self.chunk_returned(*event)
                 event = self.finished_chunks.get_nowait()
         except queue.Empty:
             return
@@ -151,18 +210,13 @@ class Supervisor:
                 continue  # another daemon took it
             self.load(job_id, path)
 
-    def load(self, job_id: int, path: Path) -> None:
-        """Start (or resume) a job: read its file and recorded results, queue the images still to do."""
-        try:
-            job = ActiveJob(job_id, self.spool.read_job(path))
-        except (CorruptFile, KeyError, TypeError) as exc:
-            self.reject(job_id, path, f"job file unreadable: {exc}")
-            return
+    def read_recorded(self, job: ActiveJob) -> list[tuple[int, int]]:
+        """Count the job's recorded results; move unreadable results files aside. The (first, stop) covered."""
         covered = []
-        for first, stop, result_path in self.spool.result_chunks(job_id):
+        for first, stop, result_path in self.spool.result_chunks(job.job_id):
             try:
                 records = [json.loads(line) for line in result_path.read_bytes().splitlines()]
-                if len(records) != stop - first:
+                if len(records) != stop - first or not all(isinstance(r, dict) for r in records):
                     raise ValueError(f"{len(records)} results for {stop - first} images")
             except (ValueError, RecursionError) as exc:
                 self.spool.move_aside(result_path, f"results file unreadable, images redone: {exc}")
@@ -170,12 +224,43 @@ class Supervisor:
             for record in records:
                 job.record(record.get("store_id", ""), record.get("error"), record.get("image_url"))
             covered.append((first, stop))
-        job.pending.extend(uncovered(job.total, covered, self.settings.chunk_images))
+        return covered
+
+    def load(self, job_id: int, path: Path) -> None:
+        """Start (or resume) a job: read its file and recorded results, queue the images still to do."""
+        try:
+            job = ActiveJob(job_id, self.spool.read_job(path))
+        except (CorruptFile, KeyError, TypeError) as exc:
+            self.reject(job_id, path, f"job file unreadable: {exc}")
+            return
+        covered = self.read_recorded(job)
+        job.pending.extend(Chunk(job_id, first, stop)
+                           for first, stop in uncovered(job.total, covered, self.settings.chunk_images))
         self.jobs[job_id] = job
         self.rotation.append(job_id)
         log.info("job %d: %s, %d images, %d already recorded", job_id,
                  "resumed" if covered else "started", job.total, job.done)
         self.publish(job)
+
+    def repair_status(self, job_id: int) -> None:
+        """A status file that does not parse: move it aside; rebuild it from the job's results."""
+        self.spool.move_aside(self.spool.status_path(job_id), "status file unreadable; rebuilt from the results")
+        for folder in ("done", "failed"):
+            path = self.spool.job_path(folder, job_id)
+            if path.exists():
+                try:
+                    job = ActiveJob(job_id, self.spool.read_job(path))
+                except (CorruptFile, KeyError, TypeError):
+                    return  # the job file itself is broken; its status stays unknown
+                self.read_recorded(job)
+                if job.finished:
+                    self.spool.write_status(job_id, job.status_doc())
+                    log.warning("job %d: status file was unreadable; rebuilt from its results", job_id)
+                else:  # results went missing too: do the missing images again
+                    self.spool.reopen(job_id, folder)
+                    log.warning("job %d: status and results incomplete; back to active/ to redo them", job_id)
+                return
+        # incoming/ or active/: load() and the daemon's next write replace it.
 
     def reject(self, job_id: int, path: Path, why: str) -> None:
         log.error("job %d: %s", job_id, why)
@@ -195,31 +280,62 @@ class Supervisor:
                 idle_turns += 1
                 continue
             idle_turns = 0
-            first, stop = job.pending.popleft()
-            self.submit_chunk(job, first, stop)
+            self.submit_chunk(job, job.pending.popleft())
 
-    def submit_chunk(self, job: ActiveJob, first: int, stop: int) -> None:
-        items = [(i, job.images[i][2]) for i in range(first, stop) if job.images[i][0] in self.stores]
+    def submit_chunk(self, job: ActiveJob, chunk: Chunk) -> None:
+        items = [(i, job.images[i][2]) for i in range(chunk.first, chunk.stop) if job.images[i][0] in self.stores]
+        token, self.next_token = self.next_token, self.next_token + 1
         job.in_flight += 1
-        self.in_flight += 1
-        done = partial(self._chunk_finished, job.job_id, first, stop)
+        self.dispatched[token] = chunk
         if not items:  # every store unknown: nothing to download
-            done([])
+            self.finished_chunks.put((token, []))
             return
-        self.pool.apply_async(process_chunk, (items,), callback=done, error_callback=done)
+        self.pool.submit(token, items, partial(self._chunk_finished, token))
 
-    def _chunk_finished(self, job_id: int, first: int, stop: int, outcome: list[Outcome] | BaseException):
-        """Runs on the pool's result thread (or inline): only hands the outcome to the main loop."""
-        self.finished_chunks.put((job_id, first, stop, outcome))
+    def _chunk_finished(self, token: int, outcome: list[Outcome] | BaseException) -> None:
+        """Runs on the pool's result thread: only hands the outcome to the main loop."""
+        self.finished_chunks.put((token, outcome))
+
+    def check_workers(self, requeue: bool = True) -> None:
+        """Every worker_check_interval_s: chunks whose pool process died are split and dispatched again."""
+        now = time.monotonic()
+        if now < self.next_worker_check:
+            return
+        self.next_worker_check = now + self.settings.worker_check_interval_s
+        for token, pid in self.pool.lost_tasks():
+            chunk = self.dispatched.pop(token, None)
+            if chunk is None:
+                continue
+            job = self.jobs[chunk.job_id]
+            job.in_flight -= 1
+            deaths = chunk.deaths + 1
+            log.warning("job %d: images %d..%d: pool process %s died with them (death %d)",
+                        chunk.job_id, chunk.first, chunk.stop - 1, pid or "(unknown)", deaths)
+            if not requeue:
+                continue  # stopping: a restart redoes them
+            if chunk.stop - chunk.first == 1 and deaths >= self.settings.max_worker_deaths:
+                why = f"the pool process died each time this image was processed ({deaths} attempts)"
+                self.record_chunk(job, Chunk(chunk.job_id, chunk.first, chunk.stop, deaths),
+                                  [(chunk.first, None, None, None, why)])
+                continue
+            middle = (chunk.first + chunk.stop) // 2
+            halves = [Chunk(chunk.job_id, chunk.first, middle, deaths), Chunk(chunk.job_id, middle, chunk.stop, deaths)]
+            job.pending.extendleft(reversed([h for h in halves if h.stop > h.first]))
 
     # -------------------------------------------------------------- recording
-    def record_chunk(self, job_id: int, first: int, stop: int, outcome: list[Outcome] | BaseException) -> None:
-        job = self.jobs[job_id]
+    def chunk_returned(self, token: int, outcome: list[Outcome] | BaseException) -> None:
+        chunk = self.dispatched.pop(token, None)
+        self.pool.forget(token)
+        if chunk is None:
+            return  # given up as lost, and dispatched again: that dispatch's result is the one recorded
+        job = self.jobs[chunk.job_id]
         job.in_flight -= 1
-        self.in_flight -= 1
+        self.record_chunk(job, chunk, outcome)
+
+    def record_chunk(self, job: ActiveJob, chunk: Chunk, outcome: list[Outcome] | BaseException) -> None:
         measured = {} if isinstance(outcome, BaseException) else {o[0]: o for o in outcome}
         lines = []
-        for index in range(first, stop):
+        for index in range(chunk.first, chunk.stop):
             store_id, visit_time, url = job.images[index]
             store = self.stores.get(store_id)
             width = height = perim = None
@@ -234,7 +350,14 @@ class Supervisor:
                           "area_code": store.area_code if store else None,
                           "visit_time": visit_time, "image_url": url,
                           "width": width, "height": height, "perimeter": perim, "error": error})
-        self.spool.write_results(job_id, first, stop, lines)
+        try:
+            self.spool.write_results(job.job_id, chunk.first, chunk.stop, lines)
+        except OSError as exc:
+            self.disk_failed(f"job {job.job_id}: cannot write results of images {chunk.first}..{chunk.stop - 1}",
+                             exc)
+            job.in_flight += 1  # still owed: kept in memory until the disk takes it
+            self.unrecorded.append((job.job_id, outcome, chunk))
+            return
         for line in lines:
             job.record(line["store_id"], line["error"], line["image_url"])
         self.publish(job)
@@ -242,9 +365,41 @@ class Supervisor:
     def publish(self, job: ActiveJob) -> None:
         """Write the job's status; once every image has a result, move the job out of active/."""
         doc = job.status_doc()
-        self.spool.write_status(job.job_id, doc)
+        try:
+            self.spool.write_status(job.job_id, doc)
+            if job.finished:
+                self.spool.finish(job.job_id, Status(doc["status"]))
+        except OSError as exc:
+            self.disk_failed(f"job {job.job_id}: cannot write its status", exc)
+            self.unpublished.add(job.job_id)
+            return
+        self.unpublished.discard(job.job_id)
         if job.finished:
-            self.spool.finish(job.job_id, Status(doc["status"]))
             del self.jobs[job.job_id]
             self.rotation.remove(job.job_id)
             log.info("job %d: %s, %d images, %d failed", job.job_id, doc["status"], job.total, job.failed)
+
+    # ----------------------------------------------------------- disk trouble
+    def disk_failed(self, what: str, exc: OSError) -> None:
+        if not self.unrecorded and not self.unpublished:
+            log.error("%s: %s; pausing, retrying every %g s", what, exc, self.settings.disk_retry_interval_s)
+        self.disk_retry_at = time.monotonic() + self.settings.disk_retry_interval_s
+
+    def disk_trouble(self) -> bool:
+        """Retry the writes that failed, when it is time; True while some are still owed."""
+        if not self.unrecorded and not self.unpublished:
+            return False
+        if time.monotonic() < self.disk_retry_at:
+            return True
+        for _ in range(len(self.unrecorded)):
+            job_id, outcome, chunk = self.unrecorded.popleft()
+            job = self.jobs[job_id]
+            job.in_flight -= 1
+            self.record_chunk(job, chunk, outcome)
+        for job_id in sorted(self.unpublished):
+            if job_id in self.jobs:
+                self.publish(self.jobs[job_id])
+        if not self.unrecorded and not self.unpublished:
+            log.info("disk writes work again; resuming")
+            return False
+        return True

@@ -5,15 +5,17 @@ threads overlap the waits, and the process pool spreads the CPU part (HTTP, head
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
 
-from daemon.download import DownloadLimits, fetch, make_session
+from daemon.download import DownloadLimits, fetch_with_retries, make_session
 from daemon.measure import ImageError, image_size, perimeter
 
 #: (index, width, height, perimeter, error): small and picklable; exactly one of perimeter/error is None.
@@ -31,7 +33,7 @@ class WorkerSettings:
 def process_image(session: requests.Session, url: str, settings: WorkerSettings) -> tuple:
     """Download, measure, then the simulated GPU work. Returns (width, height, perimeter, error)."""
     try:
-        width, height = image_size(fetch(session, url, settings.limits))
+        width, height = image_size(fetch_with_retries(session, url, settings.limits))
     except ImageError as exc:
         return None, None, None, str(exc)
     time.sleep(random.uniform(settings.gpu_sleep_min_s, settings.gpu_sleep_max_s))
@@ -41,8 +43,9 @@ def process_image(session: requests.Session, url: str, settings: WorkerSettings)
 class _ProcessState:
     """The thread pool and HTTP session of one pool process, made once by the pool's initializer."""
 
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, started_writer):
         self.settings = settings
+        self.started_writer = started_writer
         self.session = make_session(settings.threads_per_process)
         self.executor = ThreadPoolExecutor(settings.threads_per_process, thread_name_prefix="image")
 
@@ -61,15 +64,30 @@ class _ProcessState:
 # Pool tasks receive nothing but their arguments, so each pool process keeps its one _ProcessState here.
 _state: _ProcessState | None = None
 
+ORPHAN_CHECK_INTERVAL_S = 0.5
 
-def init_process(settings: WorkerSettings) -> None:
+
+def _exit_when_orphaned(parent: int) -> None:
+    """If the supervisor is killed (-9, OOM), its forkserver exits and we are re-parented: stop downloading."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_INTERVAL_S)
+    os._exit(1)
+
+
+def init_process(settings: WorkerSettings, started_writer) -> None:
     """Pool initializer. Ctrl-C goes to the supervisor, which decides how to stop; children ignore it."""
     global _state
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _state = _ProcessState(settings)
+    _state = _ProcessState(settings, started_writer)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), name="orphan-check", daemon=True).start()
 
 
-def process_chunk(items: list[tuple[int, str]]) -> list[Outcome]:
-    """Pool task: measure each (index, url). Never raises; each failure is in its image's outcome."""
+def process_chunk(token: int, items: list[tuple[int, str]]) -> list[Outcome]:
+    """Pool task: measure each (index, url). Never raises; each failure is in its image's outcome.
+
+    It first says which process runs it (one write of a few bytes to a pipe is atomic, so the pool's
+    processes share the pipe without a lock a dying process could leave held).
+    """
     assert _state is not None, "init_process did not run in this process"
+    _state.started_writer.send_bytes(f"{token} {os.getpid()}".encode())
     return _state.run(items)

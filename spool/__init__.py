@@ -7,8 +7,9 @@ reader never sees half a file and after a crash the state is whatever the last r
     daemon.lock            held (filelock) by the one daemon working on this spool; a second one refuses to start.
     next_job_id            text, one integer: the id the next submission gets. Written by the API under
                            next_job_id.lock (filelock), so ids only increase, across processes and restarts.
-    tmp/                   files being written. Never read; leftovers of a crash (older than an hour) are
-                           removed when the daemon starts.
+    tmp/                   files being written, named <final name>.<writer pid>.<random>. Never read.
+                           Leftovers of a crash (writer pid gone, or older than an hour) are removed by
+                           the daemon at start-up and every ten minutes.
     incoming/<id>.json     a submitted job, complete, not yet claimed. Written by the API.
     active/<id>.json       the same file, claimed (renamed) by the daemon, which is working on it.
     done/<id>.json         the job file once every image has a result and none failed.
@@ -49,7 +50,8 @@ from pathlib import Path
 
 import filelock
 
-__all__ = ["Spool", "Status", "Phase", "CorruptFile", "parse_job_id", "status_document", "utc_now"]
+__all__ = ["Spool", "Status", "Phase", "CorruptFile", "parse_job_id", "pid_exists", "status_document",
+           "utc_now"]
 
 #: The one job-id check. Applied to every id before it becomes part of a path.
 JOB_ID_PATTERN = re.compile(r"[1-9][0-9]{0,15}")
@@ -94,6 +96,17 @@ def status_document(job_id: int, status: Status, phase: Phase, **fields) -> dict
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: the pid exists
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -278,14 +291,36 @@ class Spool:
         self._rename(self.job_path("active", job_id), self.job_path(folder, job_id))
 
     def clean_tmp(self, older_than_s: float) -> int:
-        """Remove leftovers of writes that never finished (a crash between write and rename)."""
+        """Remove leftovers of writes that never finished (a crash between write and rename).
+
+        A file is a leftover when the process that wrote it no longer exists (the pid in its name; the spool
+        is on one machine), or, should that pid have been reused, when it is older than ``older_than_s``.
+        """
         cutoff = time.time() - older_than_s
         removed = 0
         for entry in os.scandir(self.root / "tmp"):
+            parts = entry.name.rsplit(".", 2)
+            writer = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
             try:
-                if entry.stat().st_mtime < cutoff:
+                if (writer is not None and not pid_exists(writer)) or entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1
             except FileNotFoundError:
                 continue
         return removed
+
+    def unreadable_status_ids(self) -> list[int]:
+        """Ids whose status file exists but does not parse (a disk that lied about a write, a human edit)."""
+        ids = []
+        for job_id in self.job_ids("status"):
+            try:
+                self._read_json(self.status_path(job_id))
+            except CorruptFile:
+                ids.append(job_id)
+            except FileNotFoundError:
+                continue
+        return ids
+
+    def reopen(self, job_id: int, folder: str) -> None:
+        """Move a finished job back to active/, for the daemon to redo the images that lost their results."""
+        self._rename(self.job_path(folder, job_id), self.job_path("active", job_id))

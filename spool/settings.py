@@ -1,14 +1,201 @@
-"""Settings both programs share: where the spool is by default, and how environment variables are named."""
+"""Every setting of both programs, defined once: name (with its unit), INI section, default, meaning.
+
+Where a value comes from, highest first:
+    1. the command-line option           --download-total-timeout-s 20
+    2. the environment variable          RETAILPULSE_DOWNLOAD_TOTAL_TIMEOUT_S=20
+    3. the configuration file (INI)      [download] download_total_timeout_s = 20
+    4. the default in SETTINGS below
+The file is /etc/retail-pulse/retail-pulse.ini if it exists, or the one named by --config or
+RETAILPULSE_CONFIG (which must then exist). A value that does not parse or is out of range stops start-up
+with a message naming the setting and where the value came from.
+"""
 from __future__ import annotations
 
+import argparse
+import configparser
 import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 ENV_PREFIX = "RETAILPULSE_"
-#: The embedded default: a spool folder inside the source tree, for running it locally.
-DEFAULT_SPOOL_DIR = Path(__file__).resolve().parent.parent / "var" / "spool"
+REPO = Path(__file__).resolve().parent.parent
+#: The embedded defaults: a spool folder inside the source tree and the bundled sample store master.
+DEFAULT_SPOOL_DIR = REPO / "var" / "spool"
+DEFAULT_STORE_MASTER = REPO / "data" / "stores.csv"
+DEFAULT_CONFIG_FILE = Path("/etc/retail-pulse/retail-pulse.ini")
+MIB = 1024 * 1024
 
 
-def env_default(name: str, default):
-    """The value of RETAILPULSE_<name> if set, else ``default``: the environment below the command line."""
-    return os.environ.get(ENV_PREFIX + name, default)
+class SettingError(Exception):
+    """A setting that cannot be used; the message names it and where its value came from."""
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    section: str  # INI section; also says which program reads it ("common" = both)
+    parse: Callable[[str], object]  # int, float, str, Path or _bool
+    default: object
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def convert(self, raw: object, source: str) -> object:
+        try:
+            value = self.parse(raw) if isinstance(raw, str) else raw
+        except ValueError as exc:
+            raise SettingError(f"{self.name} ({source}): {exc}") from None
+        if self.minimum is not None and value < self.minimum:
+            raise SettingError(f"{self.name} ({source}): must be at least {self.minimum:g}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise SettingError(f"{self.name} ({source}): must be at most {self.maximum:g}, got {value}")
+        return value
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- common
+    Setting("spool_dir", "common", Path, DEFAULT_SPOOL_DIR, "the spool folder both programs share"),
+    Setting("log_level", "common", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    # --- daemon
+    Setting("store_master", "daemon", Path, DEFAULT_STORE_MASTER, "CSV with AreaCode,StoreName,StoreID"),
+    Setting("processes", "daemon", int, 0, "pool processes; 0 means one per core", 0, 256),
+    Setting("threads_per_process", "daemon", int, 64, "images downloaded at once per pool process", 1, 4096),
+    Setting("chunk_images", "daemon", int, 128, "images per pool task", 1, 100_000),
+    Setting("max_inflight_chunks", "daemon", int, 0, "pool tasks queued or running at once; 0 means 2 per "
+            "process. Bounds memory, and the images redone after a crash", 0, 10_000),
+    Setting("max_active_jobs", "daemon", int, 32, "jobs progressing at once; more wait in incoming/", 1, 100_000),
+    Setting("gpu_sleep_min_s", "daemon", float, 0.1, "simulated GPU work per image, lower bound", 0, 60),
+    Setting("gpu_sleep_max_s", "daemon", float, 0.4, "simulated GPU work per image, upper bound", 0, 60),
+    Setting("drain_timeout_s", "daemon", float, 60.0, "on SIGTERM, how long in-flight images may take to finish; "
+            "the rest is redone after the restart", 0, 3600),
+    Setting("worker_check_interval_s", "daemon", float, 0.5, "how often the daemon looks for pool processes "
+            "that died with a task", 0.05, 60),
+    Setting("max_worker_deaths", "daemon", int, 3, "an image whose pool process dies this many times is "
+            "failed (a poison image)", 1, 100),
+    # --- download (read by the daemon)
+    Setting("download_connect_timeout_s", "download", float, 5.0, "TCP+TLS connect timeout per attempt", 0.01),
+    Setting("download_read_timeout_s", "download", float, 10.0, "longest silence while reading", 0.01),
+    Setting("download_total_timeout_s", "download", float, 30.0, "whole download of one attempt, even if "
+            "the server trickles", 0.01),
+    Setting("max_image_bytes", "download", int, 50 * MIB, "largest image body, enforced while streaming", 1),
+    Setting("download_attempts", "download", int, 3, "tries per image for transient failures (connection "
+            "refused or reset, timeout, HTTP 429 and 5xx)", 1, 20),
+    Setting("download_backoff_s", "download", float, 0.5, "wait before the 2nd try; doubles each try, "
+            "with jitter", 0, 60),
+    # --- api
+    Setting("host", "api", str, "127.0.0.1", "address the API listens on"),
+    Setting("port", "api", int, 8080, "port the API listens on; 0 picks a free one", 0, 65535),
+    Setting("api_workers", "api", int, 2, "gunicorn worker processes", 1, 64),
+    Setting("api_threads", "api", int, 8, "threads per gunicorn worker", 1, 256),
+    Setting("max_body_bytes", "api", int, 64 * MIB, "largest submit body (413 above it)", 1),
+    Setting("max_images_per_job", "api", int, 200_000, "most image URLs in one job (413 above it)", 1),
+)
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+class Config:
+    """Resolved settings, read-only, with attribute access: ``config.download_total_timeout_s``."""
+
+    def __init__(self, values: Mapping[str, object], sources: Mapping[str, str]):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_sources", dict(sources))
+
+    def __getattr__(self, name: str):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("settings are read-only")
+
+    def source(self, name: str) -> str:
+        return self._sources[name]
+
+    def items(self):
+        return self._values.items()
+
+
+def settings_for(sections: Iterable[str]) -> list[Setting]:
+    wanted = set(sections) | {"common"}
+    return [s for s in SETTINGS if s.section in wanted]
+
+
+def add_options(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -> None:
+    """One option per setting, default None so that "not given" can fall through to env, file, default."""
+    parser.add_argument("--config", help=f"INI file [{DEFAULT_CONFIG_FILE} if it exists; env {ENV_PREFIX}CONFIG]")
+    for s in settings:
+        parser.add_argument(s.option, dest=s.name, default=None, metavar=s.parse.__name__.strip("_").upper(),
+                            help=f"{s.help} [{s.default}]")
+
+
+def read_config_file(path: Path, required: bool) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with path.open(encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        if required:
+            raise SettingError(f"config: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        raise SettingError(f"config: {path}: {exc}") from None
+    return parser
+
+
+def resolve(settings: Iterable[Setting], options: argparse.Namespace,
+            environ: Mapping[str, str] | None = None) -> Config:
+    """Apply the precedence (option > environment > file > default) and check every value."""
+    environ = os.environ if environ is None else environ
+    settings = list(settings)
+    named = options.config or environ.get(ENV_PREFIX + "CONFIG")
+    path = Path(named) if named else DEFAULT_CONFIG_FILE
+    ini = read_config_file(path, required=bool(named))
+    known = {(s.section, s.name) for s in SETTINGS}
+    for section in ini.sections():
+        for key in ini[section]:
+            if (section, key) not in known:
+                raise SettingError(f"config: {path}: [{section}] {key} is not a setting")
+    values, sources = {}, {}
+    for s in settings:
+        if getattr(options, s.name, None) is not None:
+            raw, source = getattr(options, s.name), s.option
+        elif s.env in environ:
+            raw, source = environ[s.env], s.env
+        elif ini.has_option(s.section, s.name):
+            raw, source = ini.get(s.section, s.name), f"{path} [{s.section}]"
+        else:
+            raw, source = s.default, "default"
+        values[s.name], sources[s.name] = s.convert(raw, source), source
+    return Config(values, sources)
+
+
+def markdown_table(sections: Iterable[str] = ("common", "daemon", "download", "api")) -> str:
+    """The settings as the README documents them (a test keeps the README in step with this table)."""
+    rows = ["| setting (INI section) | option / environment | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        if s.section in sections:
+            default = s.default if not isinstance(s.default, Path) else s.default.relative_to(REPO)
+            rows.append(f"| `{s.name}` ({s.section}) | `{s.option}` / `{s.env}` | `{default}` | {s.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m spool.settings: the table README.md holds
+    print(markdown_table())

@@ -1,6 +1,7 @@
 """Fixtures: a spool per test, real images, a port-0 image server, the WSGI app in-process, real processes."""
 from __future__ import annotations
 
+import collections
 import functools
 import http.server
 import io
@@ -31,9 +32,35 @@ def image_bytes(fmt: str, width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def no_machine_config(monkeypatch):
+    """Settings come from the tests only, never from a /etc/retail-pulse/retail-pulse.ini on this machine."""
+    monkeypatch.setenv("RETAILPULSE_CONFIG", os.devnull)
+
+
 @pytest.fixture
 def spool(tmp_path) -> Spool:
     return Spool(tmp_path / "spool").create()
+
+
+# ------------------------------------------------------------------ syscalls, in the order they happen
+@pytest.fixture
+def syscalls(monkeypatch):
+    """Record fsync (of which file or folder) and rename calls, in order, as they really happen."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
 
 
 # ------------------------------------------------------------------ WSGI in-process
@@ -68,57 +95,102 @@ def call_wsgi(app, method: str, path: str, body: bytes | None = None, query: str
 
 
 # ------------------------------------------------------------------ image server
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files; counts GETs per path; runs the server's ``hooks[path](handler)`` instead, if any."""
+
+    def do_GET(self):
+        with self.server.lock:
+            self.server.hits[self.path] += 1
+        hook = self.server.hooks.get(self.path)
+        if hook is not None:
+            return hook(self)
+        return super().do_GET()
+
     def log_message(self, *args):
         pass
 
 
+class ImageServer:
+    """Real image files over HTTP on 127.0.0.1, port 0. Unpacks as (base_url, folder) for brevity."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        handler = functools.partial(_CountingHandler, directory=str(folder))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.httpd.hits, self.httpd.lock, self.httpd.hooks = collections.Counter(), threading.Lock(), {}
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __iter__(self):
+        return iter((self.base, self.folder))
+
+    @property
+    def hits(self) -> collections.Counter:
+        """GET requests seen, by path (with query)."""
+        with self.httpd.lock:
+            return collections.Counter(self.httpd.hits)
+
+    def on(self, path: str, hook) -> None:
+        self.httpd.hooks[path] = hook
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 @pytest.fixture
 def image_server(tmp_path):
-    """Real image files served over HTTP on 127.0.0.1, port 0. Yields (base_url, folder)."""
     folder = tmp_path / "images"
     folder.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", folder
-    server.shutdown()
-    server.server_close()
+    server = ImageServer(folder)
+    yield server
+    server.close()
 
 
 # ------------------------------------------------------------------ real processes
 class Service:
     """The API and the daemon as two real processes on one spool."""
 
-    def __init__(self, spool_dir: Path, daemon_args: list[str]):
+    def __init__(self, spool_dir: Path, daemon_args: list[str], api_args: list[str] = ()):
         self.spool = Spool(spool_dir)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.spool_dir, self.daemon_args = spool_dir, daemon_args
+        # The tests' settings only: never a configuration file of the machine they run on.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETAILPULSE_CONFIG": os.devnull}
         self.daemon_log = spool_dir.parent / "daemon.log"  # a file, not a pipe: a full pipe would block it
-        with self.daemon_log.open("ab") as log:
-            self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "--spool-dir", str(spool_dir),
-                 "--store-master", str(SAMPLE_STORE_MASTER), *daemon_args],
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        self.start_daemon()
         self.api = subprocess.Popen(
-            [sys.executable, "-m", "webapi", "--spool-dir", str(spool_dir), "--port", "0", "--workers", "2"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [sys.executable, "-m", "webapi", "--spool-dir", str(spool_dir), "--port", "0", "--api-workers", "2",
+             *api_args],
+            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.base = self._read_address(self.api, timeout_s=30)
         self.http = requests.Session()
-        self._wait_for_daemon(timeout_s=30)
+        self.wait_for_daemon(timeout_s=30)
 
-    def _wait_for_daemon(self, timeout_s: float) -> None:
+    def start_daemon(self) -> None:
+        self._daemon_log_offset = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0
+        with self.daemon_log.open("ab") as log:
+            self.daemon = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "--spool-dir", str(self.spool_dir),
+                 "--store-master", str(SAMPLE_STORE_MASTER), *self.daemon_args],
+                cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=log)
+
+    def daemon_output(self) -> str:
+        """What the current daemon process has logged so far."""
+        with self.daemon_log.open("rb") as f:
+            f.seek(self._daemon_log_offset)
+            return f.read().decode(errors="replace")
+
+    def wait_for_daemon(self, timeout_s: float = 30) -> None:
         """Wait for the daemon's "daemon ready" log line: it holds the spool lock and its pool is up."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if "daemon ready" in self.daemon_log.read_text(errors="replace"):
+            if "daemon ready" in self.daemon_output():
                 return
             if self.daemon.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"daemon did not start (exit code {self.daemon.poll()}): "
-                           f"{self.daemon_log.read_text(errors='replace')[-2000:]}")
+        raise RuntimeError(f"daemon did not start (exit code {self.daemon.poll()}): {self.daemon_output()[-2000:]}")
 
     @staticmethod
     def _read_address(proc: subprocess.Popen, timeout_s: float) -> str:
@@ -158,6 +230,7 @@ class Service:
         return r.json()
 
     def stop(self) -> None:
+        self.http.close()  # an idle keep-alive connection would hold the API's graceful stop for 2 s
         for proc in (self.api, self.daemon):
             if proc.poll() is None:
                 proc.terminate()
@@ -185,3 +258,46 @@ def start_service(tmp_path):
     yield start
     for service in started:
         service.stop()
+
+
+# ------------------------------------------------------------------ processes, as /proc shows them
+def children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def pool_worker_pids(daemon_pid: int) -> list[int]:
+    """The daemon's pool processes: the children of its forkserver (grandchildren of the daemon)."""
+    return sorted(grandchild for child in children(daemon_pid) for grandchild in children(child))
+
+
+def pid_of_peer(local_port: int) -> int | None:
+    """The pid of the process on this machine whose TCP socket has local port ``local_port`` (IPv4)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == local_port:
+            inode = fields[9]
+            break
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                if os.readlink(fd.path) == target:
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None

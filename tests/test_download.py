@@ -7,12 +7,12 @@ import pytest
 import requests
 import responses
 
-from daemon.download import DownloadLimits, fetch, make_session
+from daemon.download import MAX_BACKOFF_S, DownloadLimits, fetch, fetch_with_retries, make_session
 from daemon.worker import WorkerSettings, process_image
 from tests.conftest import image_bytes
 
 URL = "http://images.example/shelf.jpg"
-NO_SLEEP = WorkerSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0)
+NO_SLEEP = WorkerSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, limits=DownloadLimits(backoff_s=0))
 
 
 @pytest.fixture
@@ -37,19 +37,58 @@ def test_simulated_gpu_work_happens_for_every_measured_image(session):
 
 
 @responses.activate
-@pytest.mark.parametrize("status", [404, 403, 500])
-def test_http_error_fails_the_image_with_its_status(session, status):
+@pytest.mark.parametrize("status", [404, 403, 410])
+def test_permanent_http_error_fails_at_once_with_its_status(session, status):
     responses.get(URL, status=status, body=image_bytes("JPEG", 8, 8))
-    assert process_image(session, URL, NO_SLEEP) == (None, None, None, f"HTTP {status}")
+    assert process_image(session, URL, NO_SLEEP) == (None, None, None, f"HTTP {status} (permanent, 1 attempt)")
+    assert len(responses.calls) == 1
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_transient_http_error_is_tried_three_times_then_fails_saying_so(session, status):
+    responses.get(URL, status=status)
+    error = process_image(session, URL, NO_SLEEP)[3]
+    assert error == f"HTTP {status} (transient, gave up after 3 attempts)"
+    assert len(responses.calls) == 3
+
+
+@responses.activate
+def test_transient_failure_then_success_measures_the_image(session):
+    responses.get(URL, body=requests.exceptions.ConnectionError(ConnectionResetError(104, "reset")))
+    responses.get(URL, status=503)
+    responses.get(URL, body=image_bytes("PNG", 30, 20))
+    assert process_image(session, URL, NO_SLEEP) == (30, 20, 100, None)
+    assert len(responses.calls) == 3
+
+
+@responses.activate
+def test_permanent_failure_after_a_transient_one_counts_both_attempts(session):
+    responses.get(URL, status=502)
+    responses.get(URL, status=404)
+    assert process_image(session, URL, NO_SLEEP)[3] == "HTTP 404 (permanent, after 2 attempts)"
+
+
+@responses.activate
+def test_backoff_doubles_with_jitter_and_honours_retry_after(session):
+    responses.get(URL, status=503)
+    responses.get(URL, status=429, headers={"Retry-After": "3"})
+    responses.get(URL, status=503, headers={"Retry-After": "3600"})
+    waits = []
+    with pytest.raises(Exception, match="gave up after 4 attempts"):
+        fetch_with_retries(session, URL, DownloadLimits(attempts=4, backoff_s=0.5), sleep=waits.append)
+    assert 0.25 <= waits[0] <= 0.75  # 0.5 s x jitter 0.5..1.5
+    assert waits[1] == 3  # Retry-After is longer than the 1 s backoff
+    assert waits[2] == MAX_BACKOFF_S  # an hour's Retry-After is capped
 
 
 @responses.activate
 @pytest.mark.parametrize("exc, reason", [
-    (requests.exceptions.ConnectTimeout(), "timed out: no connection within 5 s"),
-    (requests.exceptions.ReadTimeout(), "timed out: no data for 10 s"),
+    (requests.exceptions.ConnectTimeout(), "timed out: no connection within 5 s (transient, gave up after 3 attempts)"),
+    (requests.exceptions.ReadTimeout(), "timed out: no data for 10 s (transient, gave up after 3 attempts)"),
     (requests.exceptions.ConnectionError(ConnectionRefusedError(111, "Connection refused")),
-     "connection failed: ConnectionRefusedError: [Errno 111] Connection refused"),
-    (requests.exceptions.TooManyRedirects(), "too many redirects"),
+     "connection failed: ConnectionRefusedError: [Errno 111] Connection refused (transient, gave up after 3 attempts)"),
+    (requests.exceptions.TooManyRedirects(), "too many redirects (permanent, 1 attempt)"),
 ])
 def test_transport_failure_says_what_happened(session, exc, reason):
     responses.get(URL, body=exc)

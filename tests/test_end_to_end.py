@@ -57,12 +57,13 @@ def test_unknown_store_fails_the_job_naming_exactly_that_store(start_service, im
 
 def test_image_that_cannot_be_downloaded_fails_the_job_naming_its_store(start_service, images, image_server):
     service = start_service()
-    missing = f"{image_server[0]}/no-such-image.jpg"
+    missing = f"{image_server.base}/no-such-image.jpg"
     urls = list(images)
     job_id = service.submit([visit("RP00004", urls), visit("RP00005", [urls[0], missing])])
     status = service.wait(job_id)
     assert status["status"] == "failed"
-    assert status["error"] == [{"store_id": "RP00005", "error": "HTTP 404", "image_url": missing, "images_failed": 1}]
+    assert status["error"] == [{"store_id": "RP00005", "error": "HTTP 404 (permanent, 1 attempt)",
+                                "image_url": missing, "images_failed": 1}]
     assert status["images_failed"] == 1 and status["images_done"] == 6
 
 

@@ -124,3 +124,39 @@ def test_clean_tmp_removes_only_old_leftovers(spool):
 ])
 def test_parse_job_id(text, expected):
     assert parse_job_id(text) == expected
+
+
+def assert_durable_write(events, dest, new_file=True):
+    """dest was written as: fsync of the new file, rename onto dest, then fsync of dest's folder."""
+    [rename] = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(dest)]
+    if new_file:
+        assert ("fsync", events[rename][1]) in events[:rename], "file not fsynced before the rename"
+    assert ("fsync", str(dest.parent)) in events[rename + 1:], "folder not fsynced after the rename"
+    return rename
+
+
+def test_submitted_job_is_durable_before_the_api_answers(spool, syscalls):
+    from tests.conftest import call_wsgi
+    from webapi.app import make_app
+    body = json.dumps({"count": 1, "visits": [{"store_id": "RP00001", "visit_time": "t",
+                                                "image_url": ["http://img.example/a.jpg"]}]}).encode()
+    r = call_wsgi(make_app(spool), "POST", "/api/submit/", body)
+    assert r.status_code == 201  # call_wsgi returns after the app did: every syscall below came first
+    assert_durable_write(syscalls, spool.job_path("incoming", r.json()["job_id"]))
+    assert_durable_write(syscalls, spool.root / "next_job_id")
+
+
+def test_results_are_durable_before_the_status_counts_them(spool, syscalls):
+    from daemon.stores import load_store_master
+    from daemon.supervisor import Supervisor, SupervisorSettings
+    from tests.conftest import SAMPLE_STORE_MASTER
+    job_id = spool.submit(1, [{"store_id": "RP00001", "visit_time": "t", "image_url": ["http://x/a.jpg"]}])
+    supervisor = Supervisor(spool, load_store_master(SAMPLE_STORE_MASTER), None, SupervisorSettings())
+    supervisor.load(job_id, spool.claim(job_id))
+    job = supervisor.jobs[job_id]
+    del syscalls[:]
+    supervisor.record_chunk(job, job.pending.popleft(), [(0, 1, 1, 4, None)])  # what the pool task returned
+    results = assert_durable_write(syscalls, spool.results_dir(job_id) / "00000000-00000001.jsonl")
+    status = assert_durable_write(syscalls, spool.status_path(job_id))
+    finished = assert_durable_write(syscalls, spool.job_path("done", job_id), new_file=False)
+    assert results < status < finished

@@ -13,11 +13,12 @@ def exit_code(main, argv):
 
 
 @pytest.mark.parametrize("argv, env, names", [
-    (["--processes", "0"], {}, "--processes must be at least 1"),
-    (["--gpu-sleep-min-s", "0.5", "--gpu-sleep-max-s", "0.1"], {}, "--gpu-sleep-min-s"),
-    (["--download-read-timeout-s", "0"], {}, "--download-read-timeout-s must be positive"),
-    (["--store-master", "/no/such/stores.csv"], {}, "store master: /no/such/stores.csv"),
-    ([], {"RETAILPULSE_PROCESSES": "many"}, "--processes: invalid int value: 'many'"),
+    (["--processes", "-1"], {}, "processes (--processes): must be at least 0"),
+    (["--gpu-sleep-min-s", "0.5", "--gpu-sleep-max-s", "0.1"], {}, "gpu_sleep_min_s (--gpu-sleep-min-s)"),
+    (["--download-read-timeout-s", "0"], {}, "download_read_timeout_s (--download-read-timeout-s): must be at least"),
+    (["--store-master", "/no/such/stores.csv"], {}, "store_master (--store-master): /no/such/stores.csv"),
+    ([], {"RETAILPULSE_PROCESSES": "many"}, "processes (RETAILPULSE_PROCESSES): invalid literal for int()"),
+    ([], {"RETAILPULSE_LOG_LEVEL": "LOUD"}, "log_level (RETAILPULSE_LOG_LEVEL): not one of"),
 ])
 def test_daemon_refuses_bad_settings(tmp_path, monkeypatch, capsys, argv, env, names):
     for key, value in env.items():
@@ -27,9 +28,9 @@ def test_daemon_refuses_bad_settings(tmp_path, monkeypatch, capsys, argv, env, n
 
 
 @pytest.mark.parametrize("argv, names", [
-    (["--port", "70000"], "--port must be 0..65535"),
-    (["--workers", "0"], "--workers must be at least 1"),
-    (["--max-body-bytes", "lots"], "--max-body-bytes: invalid int value"),
+    (["--port", "70000"], "port (--port): must be at most 65535"),
+    (["--api-workers", "0"], "api_workers (--api-workers): must be at least 1"),
+    (["--max-body-bytes", "lots"], "max_body_bytes (--max-body-bytes): invalid literal for int()"),
 ])
 def test_api_refuses_bad_settings(tmp_path, capsys, argv, names):
     assert exit_code(api_main, ["--spool-dir", str(tmp_path / "spool"), *argv]) == 2

@@ -1,15 +1,21 @@
 """The supervisor in-process, with a real process pool and a real image server: resuming and chunking."""
+import errno
+import http.server
 import json
-import multiprocessing
 import os
+import subprocess
+import threading
 import time
 
 import pytest
 
+from daemon.pool import WatchedPool
 from daemon.stores import load_store_master
 from daemon.supervisor import Supervisor, SupervisorSettings, uncovered
-from daemon.worker import WorkerSettings, init_process
-from tests.conftest import SAMPLE_STORE_MASTER, image_bytes
+from daemon.worker import WorkerSettings
+from spool import Spool, Status
+from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes
+from webapi.app import make_app
 
 STORES = load_store_master(SAMPLE_STORE_MASTER)
 
@@ -28,8 +34,9 @@ def test_uncovered_images_are_cut_into_chunks(total, covered, size, expected):
 @pytest.fixture
 def pool():
     settings = WorkerSettings(threads_per_process=4, gpu_sleep_min_s=0, gpu_sleep_max_s=0)
-    with multiprocessing.get_context("forkserver").Pool(1, init_process, (settings,)) as pool:
-        yield pool
+    pool = WatchedPool(1, settings)
+    yield pool
+    pool.terminate()
 
 
 def run_until_finished(spool, pool, chunk_images=3):
@@ -84,10 +91,120 @@ def test_unreadable_job_file_fails_that_job_with_the_reason(spool, pool):
     assert spool.job_ids("active") == [] and len(list((spool.root / "corrupt").iterdir())) == 2
 
 
-def test_start_up_removes_stale_leftovers_but_not_a_write_in_progress(spool, pool):
-    stale, fresh = spool.root / "tmp" / "7.json.1.aa", spool.root / "tmp" / "8.json.2.bb"
-    stale.write_text("half")
-    fresh.write_text("being written by the API")
-    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_start_up_removes_leftovers_of_dead_writers_but_not_a_write_in_progress(spool, pool):
+    tmp = spool.root / "tmp"
+    dead_writer, old = tmp / f"7.json.{dead_pid()}.aa", tmp / "9.json.x.cc"
+    live_writer = tmp / f"8.json.{os.getpid()}.bb"
+    for path in (dead_writer, old, live_writer):
+        path.write_text("half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
     Supervisor(spool, STORES, pool, SupervisorSettings()).run(lambda: True)
-    assert [p.name for p in (spool.root / "tmp").iterdir()] == [fresh.name]
+    assert [p.name for p in tmp.iterdir()] == [live_writer.name]
+
+
+def finished_job(spool, base, n):
+    job_id = put_active_job(spool, [f"{base}/a.png"] * n)
+    lines = [{"index": i, "store_id": "RP00001", "image_url": f"{base}/a.png", "perimeter": 60, "error": None}
+             for i in range(n)]
+    spool.write_results(job_id, 0, n, lines)
+    spool.finish(job_id, Status.COMPLETED)
+    return job_id
+
+
+def test_garbage_status_of_finished_job_is_moved_aside_and_rebuilt(spool, pool, image_server):
+    job_id = finished_job(spool, image_server.base, 3)
+    spool.status_path(job_id).write_bytes(b'{"job_id": "1", "sta')
+    Supervisor(spool, STORES, pool, SupervisorSettings()).run(lambda: True)
+    status = spool.read_status(job_id)
+    assert (status["status"], status["images_done"]) == ("completed", 3)
+    moved = sorted(p.name for p in (spool.root / "corrupt").iterdir())
+    assert len(moved) == 2 and moved[0].startswith(f"status-{job_id}.json.") and moved[1].endswith(".why")
+
+
+def test_finished_job_with_garbage_status_and_results_goes_back_and_is_redone(spool, pool, image_server):
+    base, folder = image_server
+    (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
+    job_id = finished_job(spool, base, 3)
+    spool.status_path(job_id).write_bytes(b"\x00")
+    next(spool.results_dir(job_id).iterdir()).write_bytes(b"{trunc")
+    run_until_finished(spool, pool)
+    assert spool.read_status(job_id)["status"] == "completed"
+    assert [json.loads(line)["index"] for line in spool.iter_result_lines(job_id)] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- a full disk, for real
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs, as a full disk; skipped where this process may not mount (not root, no CAP_SYS_ADMIN)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; test_api covers ENOSPC with an injected error")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill(folder):
+    """Write until the filesystem says ENOSPC; return the file that took the space."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_full_disk_pauses_the_job_and_never_finishes_it_without_results(small_disk, pool, image_server):
+    base, folder = image_server
+    (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
+    spool = Spool(small_disk / "spool").create()
+    release = threading.Event()
+    image_server.on("/a.png", lambda handler: release.wait(20) and http.server.SimpleHTTPRequestHandler.do_GET(handler))
+    job_id = put_active_job(spool, [f"{base}/a.png"] * 7)
+    supervisor = Supervisor(spool, STORES, pool, SupervisorSettings(chunk_images=3, poll_interval_s=0.02,
+                                                                    disk_retry_interval_s=0.2))
+    stop = threading.Event()
+    thread = threading.Thread(target=supervisor.run, args=(stop.is_set,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not image_server.hits and time.monotonic() < deadline:
+            time.sleep(0.02)
+        filler = fill(small_disk)  # the disk fills while images are being downloaded
+        release.set()
+        while not supervisor.unrecorded and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert supervisor.unrecorded, "the daemon never hit the full disk"
+        time.sleep(0.3)
+        assert spool.job_ids("active") == [job_id] and not spool.job_ids("done")
+        assert supervisor.in_flight == 0  # paused: nothing new dispatched while results are owed
+        filler.unlink()
+        deadline = time.monotonic() + 20
+        while not spool.job_ids("done") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    assert spool.read_status(job_id)["status"] == "completed"
+    assert [json.loads(line)["index"] for line in spool.iter_result_lines(job_id)] == list(range(7))
+
+
+def test_full_disk_submit_is_503_and_leaves_no_partial_job(small_disk):
+    spool = Spool(small_disk / "spool").create()
+    fill(small_disk)
+    app = make_app(spool)
+    body = json.dumps({"count": 1, "visits": [{"store_id": "RP00001", "visit_time": "t",
+                                                "image_url": ["http://img.example/a.jpg"] * 2000}]}).encode()
+    r = call_wsgi(app, "POST", "/api/submit/", body)
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert "No space left on device" in r.json()["error"]
+    assert spool.job_ids("incoming") == [] and list((spool.root / "tmp").iterdir()) == []

@@ -8,24 +8,20 @@ import sys
 from gunicorn.app.base import BaseApplication
 
 from spool import Spool
-from spool.settings import DEFAULT_SPOOL_DIR, env_default
+from spool.settings import Config, SettingError, add_options, resolve, settings_for
 from webapi.app import make_app
 from webapi.validate import SubmitLimits
 
+SECTIONS = ("api",)
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m webapi", description=__doc__)
-    add = p.add_argument
-    add("--spool-dir", default=env_default("SPOOL_DIR", DEFAULT_SPOOL_DIR), help="spool folder [%(default)s]")
-    add("--host", default=env_default("HOST", "127.0.0.1"), help="address to listen on [%(default)s]")
-    add("--port", type=int, default=env_default("PORT", 8080), help="port; 0 picks a free one [%(default)s]")
-    add("--workers", type=int, default=env_default("API_WORKERS", 2), help="gunicorn processes [%(default)s]")
-    add("--threads", type=int, default=env_default("API_THREADS", 8), help="threads per process [%(default)s]")
-    add("--max-body-bytes", type=int, default=env_default("MAX_BODY_BYTES", SubmitLimits.max_body_bytes))
-    add("--max-images-per-job", type=int,
-        default=env_default("MAX_IMAGES_PER_JOB", SubmitLimits.max_images_per_job))
-    add("--log-level", default=env_default("LOG_LEVEL", "INFO"))
-    return p
+
+def load_config(argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(prog="retailpulse-api", description=__doc__)
+    add_options(parser, settings_for(SECTIONS))
+    config = resolve(settings_for(SECTIONS), parser.parse_args(argv))
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingError(f"log_level ({config.source('log_level')}): not one of DEBUG, INFO, WARNING, ERROR")
+    return config
 
 
 class _Server(BaseApplication):
@@ -53,26 +49,23 @@ def _announce(server) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("workers", "threads", "max_body_bytes", "max_images_per_job"):
-        if getattr(args, name) < 1:
-            print(f"webapi: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
-            return 2
-    if not 0 <= args.port <= 65535:
-        print("webapi: --port must be 0..65535", file=sys.stderr)
+    try:
+        config = load_config(argv)
+    except SettingError as exc:
+        print(f"retailpulse-api: {exc}", file=sys.stderr)
         return 2
-    spool = Spool(args.spool_dir).create()
-    limits = SubmitLimits(max_body_bytes=args.max_body_bytes, max_images_per_job=args.max_images_per_job)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    spool = Spool(config.spool_dir).create()
+    limits = SubmitLimits(max_body_bytes=config.max_body_bytes, max_images_per_job=config.max_images_per_job)
     options = {
-        "bind": f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}",
-        "workers": args.workers,
-        "threads": args.threads,
+        "bind": f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}",
+        "workers": config.api_workers,
+        "threads": config.api_threads,
         "worker_class": "gthread",
         "when_ready": _announce,
         "graceful_timeout": 30,  # SIGTERM: requests in flight get this long to finish
-        "loglevel": args.log_level.lower(),
+        "loglevel": config.log_level.lower(),
         "accesslog": None,
     }
     _Server(make_app(spool, limits), options).run()

@@ -1,0 +1,89 @@
+"""A ``multiprocessing.Pool`` that notices when a pool process dies in the middle of a task.
+
+A plain Pool replaces a dead process but waits forever for the task it held (CPython gh-66587). Here every
+task first tells, over a pipe, which process runs it; the supervisor asks ``lost_tasks()`` now and then,
+and a task whose process no longer exists is reported lost, so the supervisor can hand its images out again.
+
+A process could die after taking a task and before saying so. The Pool's task queue is first in, first out,
+so a task that has not started while a later one has (for longer than ``STARTED_GRACE_S``) was taken by a
+process that died before it could say so: it is reported lost too. A wrong guess costs a second download of
+the task's images, never a second result: the supervisor records only the dispatch it is still waiting for.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from daemon.worker import WorkerSettings, init_process, process_chunk
+from spool import pid_exists
+
+log = logging.getLogger("retailpulse.daemon")
+
+STARTED_GRACE_S = 2.0
+
+
+@dataclass
+class _Task:
+    dispatched_at: float
+    pid: int | None = None
+    started_at: float | None = None
+
+
+class WatchedPool:
+    def __init__(self, processes: int, settings: WorkerSettings):
+        # forkserver: pool processes start from a clean interpreter, not a fork of a threaded supervisor.
+        context = multiprocessing.get_context("forkserver")
+        self._started, started_writer = context.Pipe(duplex=False)
+        # The writer stays open here: the Pool passes it to every process it starts, replacements included.
+        self._started_writer = started_writer
+        self._pool = context.Pool(processes, initializer=init_process, initargs=(settings, started_writer))
+        self._tasks: dict[int, _Task] = {}
+        self.processes = processes
+
+    def submit(self, token: int, items: list[tuple[int, str]], done: Callable[[object], None]) -> None:
+        """Run process_chunk(token, items); ``done`` gets its outcome (on the pool's result thread)."""
+        self._tasks[token] = _Task(dispatched_at=time.monotonic())
+        self._pool.apply_async(process_chunk, (token, items), callback=done, error_callback=done)
+
+    def forget(self, token: int) -> None:
+        """The supervisor has the task's outcome (or gave up on it)."""
+        self._tasks.pop(token, None)
+
+    def _read_started(self) -> None:
+        now = time.monotonic()
+        while self._started.poll():
+            token_text, pid_text = self._started.recv_bytes().decode().split()
+            task = self._tasks.get(int(token_text))
+            if task is not None:
+                task.pid, task.started_at = int(pid_text), now
+
+    def lost_tasks(self) -> list[tuple[int, int | None]]:
+        """(token, pid) of the tasks whose process died; they are forgotten here and will never complete."""
+        self._read_started()
+        now = time.monotonic()
+        latest_start = {}  # token -> started_at, for the ordering rule
+        for token, task in self._tasks.items():
+            if task.started_at is not None:
+                latest_start[token] = task.started_at
+        lost = []
+        for token, task in self._tasks.items():
+            if task.pid is not None:
+                if not pid_exists(task.pid):
+                    lost.append((token, task.pid))
+            elif any(later > token and now - started > STARTED_GRACE_S for later, started in latest_start.items()):
+                lost.append((token, None))
+        for token, _pid in lost:
+            del self._tasks[token]
+        return lost
+
+    def worker_pids(self) -> list[int]:
+        return sorted(task.pid for task in self._tasks.values() if task.pid is not None)
+
+    def terminate(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+        self._started.close()
+        self._started_writer.close()

@@ -1,0 +1,238 @@
+"""Nothing lost, nothing counted twice: real API and daemon processes, really killed.
+
+Each test runs a job of real images from a local server that counts requests, so "downloaded again"
+is measured, not assumed.
+"""
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import requests
+
+from spool import Status
+from tests.conftest import image_bytes, pid_of_peer, pool_worker_pids
+
+CHUNK, INFLIGHT_CHUNKS = 16, 4
+#: Settings that make a job of a few hundred images last a few seconds, with at most 64 images in flight.
+SLOW = ["--gpu-sleep-min-s", "0.05", "--gpu-sleep-max-s", "0.15", "--chunk-images", str(CHUNK),
+        "--threads-per-process", "16", "--max-inflight-chunks", str(INFLIGHT_CHUNKS), "--processes", "2",
+        "--worker-check-interval-s", "0.2"]
+
+
+def job_of(image_server, n: int, extra: list[str] = ()) -> list[dict]:
+    """One visit of n distinct URLs (a query string each, so the server counts each image apart)."""
+    (image_server.folder / "shelf.jpg").write_bytes(image_bytes("JPEG", 64, 48))
+    urls = [f"{image_server.base}/shelf.jpg?n={i}" for i in range(n)] + list(extra)
+    return [{"store_id": "RP00001", "visit_time": "2026-11-23T10:00:00", "image_url": urls}]
+
+
+class StatusWatcher:
+    """Polls a job's status in the background and keeps every answer, to check it never goes backwards."""
+
+    def __init__(self, service, job_id):
+        self.service, self.job_id, self.seen = service, job_id, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        with requests.Session() as http:
+            while not self.stop.is_set():
+                r = http.get(f"{self.service.base}/api/status", params={"jobid": self.job_id}, timeout=10)
+                self.seen.append(r.json())
+                time.sleep(0.01)
+
+    def latest_done(self) -> int:
+        return self.seen[-1].get("images_done", 0) if self.seen else 0
+
+    def finish(self) -> list[dict]:
+        self.stop.set()
+        self.thread.join()
+        return self.seen
+
+    def assert_never_went_backwards(self):
+        done = [doc.get("images_done", 0) for doc in self.seen]
+        assert done == sorted(done), "images_done went down"
+        terminal = [i for i, doc in enumerate(self.seen) if doc["status"] != Status.ONGOING]
+        if terminal:
+            assert all(doc["status"] == self.seen[terminal[0]]["status"] for doc in self.seen[terminal[0]:])
+
+
+def wait_until(predicate, timeout_s=30, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_one_result_per_image(service, job_id, total):
+    results = service.results(job_id)["results"]
+    assert [r["index"] for r in results] == list(range(total))
+    return results
+
+
+def test_daemon_killed_mid_job_resumes_and_redoes_at_most_the_images_in_flight(start_service, image_server):
+    service = start_service(*SLOW)
+    total = 400
+    job_id = service.submit(job_of(image_server, total))
+    watcher = StatusWatcher(service, job_id)
+    wait_until(lambda: watcher.latest_done() >= 120, what="a third of the job")
+
+    service.daemon.send_signal(signal.SIGKILL)
+    service.daemon.wait()
+    done_at_kill = watcher.latest_done()
+    service.start_daemon()
+    service.wait_for_daemon()
+    final = service.wait(job_id)
+    watcher.finish()
+
+    assert final["status"] == Status.COMPLETED
+    assert final["images_done"] == total
+    assert "resumed" in service.daemon_output()  # not started over
+    assert_one_result_per_image(service, job_id, total)
+    watcher.assert_never_went_backwards()
+    hits = image_server.hits
+    downloaded_twice = sum(count - 1 for count in hits.values())
+    assert len(hits) == total
+    assert downloaded_twice <= CHUNK * INFLIGHT_CHUNKS
+    print(f"\nkill -9 at {done_at_kill}/{total} images recorded: {downloaded_twice} images downloaded twice "
+          f"(bound {CHUNK * INFLIGHT_CHUNKS})")
+
+
+def test_killed_pool_process_is_detected_and_its_images_redone(start_service, image_server):
+    service = start_service(*SLOW)
+    total = 300
+    job_id = service.submit(job_of(image_server, total))
+    wait_until(lambda: service.status(job_id).get("images_done", 0) >= 32, what="work under way")
+    victim = pool_worker_pids(service.daemon.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_until(lambda: f"pool process {victim} died" in service.daemon_output(), timeout_s=10,
+               what="the daemon to notice the dead process")
+    detection_s = time.monotonic() - killed_at
+
+    final = service.wait(job_id)
+    assert final["status"] == Status.COMPLETED, final
+    assert_one_result_per_image(service, job_id, total)
+    assert service.daemon.poll() is None
+    assert detection_s < 2.0  # worker_check_interval_s is 0.2 here
+    print(f"\npool process killed: detected after {detection_s:.2f} s")
+
+
+def kill_the_downloader(handler):
+    """A "poison" image: whoever downloads it is killed with SIGKILL, as a crashing decoder would be."""
+    pid = pid_of_peer(handler.client_address[1])
+    assert pid is not None and pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    handler.close_connection = True
+
+
+def test_poison_image_fails_alone_after_bounded_attempts(start_service, image_server):
+    service = start_service(*SLOW, "--max-worker-deaths", "2")
+    image_server.on("/poison.jpg", kill_the_downloader)
+    poison = f"{image_server.base}/poison.jpg"
+    total = 40
+    job_id = service.submit(job_of(image_server, total - 1, extra=[poison]))
+    final = service.wait(job_id, timeout_s=90)
+
+    assert final["status"] == Status.FAILED
+    [error] = final["error"]
+    assert error["image_url"] == poison and error["images_failed"] == 1
+    assert error["error"].startswith("the pool process died each time this image was processed")
+    results = assert_one_result_per_image(service, job_id, total)
+    assert all(r["perimeter"] == 224 for r in results if r["image_url"] != poison)
+    # halving a chunk of 16 down to the image takes 4 deaths, then it dies alone max_worker_deaths times at most
+    assert image_server.hits["/poison.jpg"] <= 4 + 2
+    assert service.daemon.poll() is None
+
+
+def test_daemon_sigterm_drains_exits_in_bounded_time_and_restart_continues(start_service, image_server):
+    service = start_service(*SLOW, "--drain-timeout-s", "5")
+    total = 300
+    job_id = service.submit(job_of(image_server, total))
+    wait_until(lambda: service.status(job_id).get("images_done", 0) >= 64, what="work under way")
+    service.daemon.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert service.daemon.wait(timeout=15) == 0
+    assert time.monotonic() - started < 5 + 3
+    output = service.daemon_output()
+    assert "stopping: waiting for" in output and "daemon stopped" in output
+    recorded = service.status(job_id)["images_done"]
+    assert 64 <= recorded < total
+    assert not pool_worker_pids(service.daemon.pid)
+
+    service.start_daemon()
+    service.wait_for_daemon()
+    assert service.wait(job_id)["status"] == Status.COMPLETED
+    assert_one_result_per_image(service, job_id, total)
+    assert sum(count - 1 for count in image_server.hits.values()) <= CHUNK * INFLIGHT_CHUNKS
+
+
+def test_api_sigterm_finishes_the_request_in_flight(start_service, image_server):
+    service = start_service()
+    body = json.dumps({"count": 1, "visits": job_of(image_server, 3)}).encode()
+    host, port = service.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /api/submit/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:20])
+        time.sleep(0.5)  # let a worker take the request and block reading the body
+        service.api.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        conn.sendall(body[20:])
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 201"), reply[:200]
+    job_id = json.loads(reply.split(b"\r\n\r\n", 1)[1])["job_id"]
+    assert service.spool.job_path("incoming", job_id).exists() or service.spool.read_status(job_id)
+    assert service.api.wait(timeout=30) == 0
+
+
+def test_api_killed_while_writing_a_job_leaves_no_job_or_a_whole_one(start_service, image_server):
+    service = start_service()
+    big = json.dumps({"count": 1, "visits": job_of(image_server, 150_000)}).encode()
+    tmp = service.spool.root / "tmp"
+    caught = None
+    for _attempt in range(5):
+        writer = threading.Thread(target=lambda: _post_ignoring_errors(service.base, big), daemon=True)
+        writer.start()
+        deadline = time.monotonic() + 30
+        while caught is None and time.monotonic() < deadline and writer.is_alive():
+            for name in os.listdir(tmp):
+                stem, _, rest = name.partition(".json.")
+                if rest and stem.isdigit():  # <id>.json.<pid>.<random>: a job file being written
+                    os.kill(int(rest.split(".")[0]), signal.SIGKILL)
+                    caught = (int(stem), name)
+                    break
+        writer.join(30)
+        if caught:
+            break
+    assert caught, "never saw a job file being written"
+    job_id, tmp_name = caught
+    time.sleep(0.2)
+    # Either the rename had happened (a whole job) or there is no job at all; never a partial one.
+    for folder in ("incoming", "active", "done", "failed"):
+        path = service.spool.job_path(folder, job_id)
+        if path.exists():
+            assert json.loads(path.read_bytes())["count"] == 1
+    assert not list((service.spool.root / "corrupt").iterdir())
+    # The daemon, restarted, removes the dead writer's leftover at once.
+    service.daemon.terminate()
+    service.daemon.wait()
+    service.start_daemon()
+    service.wait_for_daemon()
+    assert tmp_name not in os.listdir(tmp)
+    # And the API (gunicorn replaced its killed worker) still takes jobs.
+    assert service.wait(service.submit(job_of(image_server, 2)))["status"] == Status.COMPLETED
+
+
+def _post_ignoring_errors(base, body):
+    try:
+        requests.post(f"{base}/api/submit/", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    except requests.RequestException:
+        pass  # the worker was killed under us: that is the point
