@@ -13,10 +13,11 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # The API and the daemon as two processes on the local spool and the bundled store master; Ctrl-C stops both.
+# Local development: downloads may reach local image servers (never set that in production).
 run: $(BIN)/.installed
 	@mkdir -p $(SPOOL_DIR)
 	@trap 'kill $$daemon 2>/dev/null; wait' EXIT INT TERM; \
-	$(BIN)/python -m daemon --spool-dir $(SPOOL_DIR) & daemon=$$!; \
+	$(BIN)/python -m daemon --spool-dir $(SPOOL_DIR) --allow-private-addresses true & daemon=$$!; \
 	$(BIN)/python -m webapi --spool-dir $(SPOOL_DIR)
 
 test: $(BIN)/.installed

@@ -11,6 +11,7 @@ import threading
 import filelock
 
 from daemon.download import DownloadLimits
+from daemon.netguard import AddressPolicy, parse_networks
 from daemon.pool import WatchedPool
 from daemon.stores import StoreMasterError, load_store_master
 from daemon.supervisor import Supervisor, SupervisorSettings
@@ -29,6 +30,10 @@ def load_config(argv: list[str] | None) -> Config:
     if config.gpu_sleep_min_s > config.gpu_sleep_max_s:
         raise SettingError(f"gpu_sleep_min_s ({config.source('gpu_sleep_min_s')}): must not exceed "
                            f"gpu_sleep_max_s ({config.gpu_sleep_max_s})")
+    try:
+        parse_networks(config.download_allowed_networks)
+    except ValueError as exc:
+        raise SettingError(f"download_allowed_networks ({config.source('download_allowed_networks')}): {exc}") from None
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingError(f"log_level ({config.source('log_level')}): not one of DEBUG, INFO, WARNING, ERROR")
     return config
@@ -42,7 +47,10 @@ def worker_settings(config: Config) -> WorkerSettings:
                               read_timeout_s=config.download_read_timeout_s,
                               total_timeout_s=config.download_total_timeout_s,
                               max_image_bytes=config.max_image_bytes,
-                              attempts=config.download_attempts, backoff_s=config.download_backoff_s))
+                              attempts=config.download_attempts, backoff_s=config.download_backoff_s,
+                              max_redirects=config.max_redirects),
+        addresses=AddressPolicy(allow_private=config.allow_private_addresses,
+                                allowed_networks=parse_networks(config.download_allowed_networks)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retailpulse-daemon: store_master ({config.source('store_master')}): {exc}", file=sys.stderr)
         return 2
     spool = Spool(config.spool_dir).create()
+    problem = spool.permission_problem()
+    if problem:
+        print(f"retailpulse-daemon: spool_dir ({config.source('spool_dir')}): {problem}", file=sys.stderr)
+        return 2
     lock = spool.daemon_lock()
     try:
         lock.acquire()

@@ -10,6 +10,7 @@ import requests.adapters
 import urllib3.exceptions
 
 from daemon.measure import ImageError
+from daemon.netguard import AddressPolicy, ForbiddenAddress, GuardedAdapter
 
 _READ_SIZE = 64 * 1024
 
@@ -20,6 +21,7 @@ class DownloadLimits:
     read_timeout_s: float = 10.0  # longest silence between two reads
     total_timeout_s: float = 30.0  # a server trickling bytes is cut off here
     max_image_bytes: int = 50 * 1024 * 1024
+    max_redirects: int = 3
     attempts: int = 3  # tries for transient failures; permanent ones are tried once
     backoff_s: float = 0.5  # wait before the 2nd try, doubled before each later one, with jitter
 
@@ -65,12 +67,13 @@ def fetch_with_retries(session: requests.Session, url: str, limits: DownloadLimi
     raise AssertionError("unreachable: attempts >= 1")
 
 
-def make_session(pool_size: int) -> requests.Session:
-    """One keep-alive session for all of a process's download threads."""
+def make_session(pool_size: int, policy: AddressPolicy, max_redirects: int = 3) -> requests.Session:
+    """One keep-alive session for all of a process's download threads; connections only where policy allows."""
     session = requests.Session()
     session.trust_env = False  # proxy variables and .netrc from the environment do not apply to downloads
+    session.max_redirects = max_redirects
     session.headers.update({"Accept-Encoding": "identity", "User-Agent": "retail-pulse/1"})
-    adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+    adapter = GuardedAdapter(policy, pool_connections=16, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -107,23 +110,36 @@ def fetch(session: requests.Session, url: str, limits: DownloadLimits) -> bytes:
     except (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError):
         raise DownloadError(f"timed out: no data for {limits.read_timeout_s:g} s", True) from None
     except requests.exceptions.TooManyRedirects:
-        raise DownloadError("too many redirects", False) from None
-    except requests.exceptions.InvalidURL as exc:
-        raise DownloadError(f"invalid URL: {exc}", False) from None
+        raise DownloadError(f"too many redirects (more than {limits.max_redirects})", False) from None
+    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+            requests.exceptions.MissingSchema) as exc:  # a redirect to file:// or garbage
+        raise DownloadError(f"invalid URL: {str(exc)[:200]}", False) from None
     except requests.exceptions.ConnectionError as exc:  # refused, reset, DNS: the network may come back
+        forbidden = _find_cause(exc, ForbiddenAddress)
+        if forbidden is not None:
+            raise DownloadError(str(forbidden).split(": ", 1)[-1], False) from None
         raise DownloadError(f"connection failed: {_root_cause(exc)}", True) from None
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise DownloadError(f"download failed: {_root_cause(exc)}", True) from None
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost error requests and urllib3 wrapped, e.g. "ConnectionRefusedError: [Errno 111] ..."."""
-    seen = {id(exc)}
-    while True:
+def _causes(exc: BaseException):
+    """exc and the errors it wraps, outermost first (requests and urllib3 nest them in .reason, args, __cause__)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
         inner = getattr(exc, "reason", None)
         if not isinstance(inner, BaseException):
             inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc.__cause__
-        if inner is None or id(inner) in seen:
-            return f"{type(exc).__name__}: {exc}"[:200]
-        seen.add(id(inner))
         exc = inner
+
+
+def _find_cause(exc: BaseException, kind: type) -> BaseException | None:
+    return next((e for e in _causes(exc) if isinstance(e, kind)), None)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error requests and urllib3 wrapped, e.g. "ConnectionRefusedError: [Errno 111] ..."."""
+    *_, innermost = _causes(exc)
+    return f"{type(innermost).__name__}: {innermost}"[:200]

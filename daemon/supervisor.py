@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import time
 from collections import deque
@@ -36,6 +37,7 @@ log = logging.getLogger("retailpulse.daemon")
 UNKNOWN_STORE = "store_id not in the store master"
 TMP_LEFTOVER_AGE_S = 3600
 TMP_CLEAN_INTERVAL_S = 600
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class Supervisor:
         self.disk_retry_at = 0.0  # monotonic; no dispatching before it while the disk is in trouble
         self.next_worker_check = 0.0
         self.next_tmp_clean = 0.0
+        self.next_heartbeat = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -175,6 +178,21 @@ class Supervisor:
         self.check_workers()
         if time.monotonic() >= self.next_tmp_clean:
             self.clean_tmp()
+        if time.monotonic() >= self.next_heartbeat:
+            self.beat()
+
+    def beat(self) -> None:
+        """Write daemon.json: the API's health check and backpressure read it; operators can cat it."""
+        self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+        doc = {"pid": os.getpid(), "heartbeat_at": round(time.time(), 3), "processes": self.pool.processes,
+               "jobs_active": len(self.jobs), "chunks_in_flight": self.in_flight,
+               "images_in_flight": sum(c.stop - c.first for c in self.dispatched.values()),
+               "images_remaining_active": sum(job.total - job.done for job in self.jobs.values()),
+               "paused": self.paused}
+        try:
+            self.spool.write_heartbeat(doc)
+        except OSError as exc:
+            log.warning("cannot write the heartbeat: %s", exc)
 
     def drain(self) -> None:
         """Record what is in flight, for drain_timeout_s at most in all; the rest is redone after a restart."""

@@ -17,6 +17,7 @@ import requests
 
 from daemon.download import DownloadLimits, fetch_with_retries, make_session
 from daemon.measure import ImageError, image_size, perimeter
+from daemon.netguard import AddressPolicy
 
 #: (index, width, height, perimeter, error): small and picklable; exactly one of perimeter/error is None.
 Outcome = tuple[int, "int | None", "int | None", "int | None", "str | None"]
@@ -28,6 +29,7 @@ class WorkerSettings:
     gpu_sleep_min_s: float = 0.1
     gpu_sleep_max_s: float = 0.4
     limits: DownloadLimits = field(default_factory=DownloadLimits)
+    addresses: AddressPolicy = field(default_factory=AddressPolicy)  # public addresses only, by default
 
 
 def process_image(session: requests.Session, url: str, settings: WorkerSettings) -> tuple:
@@ -46,7 +48,7 @@ class _ProcessState:
     def __init__(self, settings: WorkerSettings, started_writer):
         self.settings = settings
         self.started_writer = started_writer
-        self.session = make_session(settings.threads_per_process)
+        self.session = make_session(settings.threads_per_process, settings.addresses, settings.limits.max_redirects)
         self.executor = ThreadPoolExecutor(settings.threads_per_process, thread_name_prefix="image")
 
     def run(self, items: list[tuple[int, str]]) -> list[Outcome]:

@@ -10,6 +10,13 @@ reader never sees half a file and after a crash the state is whatever the last r
     tmp/                   files being written, named <final name>.<writer pid>.<random>. Never read.
                            Leftovers of a crash (writer pid gone, or older than an hour) are removed by
                            the daemon at start-up and every ten minutes.
+    meta/<id>.json         a few facts about a job, written by the API just before its job file, never
+                           changed: {"job_id": 7, "images": 2000, "owner": "acme" | null}. "owner" names
+                           the API token that submitted it (see webapi/auth.py). Small, so the API can
+                           count queued images and check owners without reading job files.
+    daemon.json            the daemon's heartbeat, rewritten every second while its main loop runs:
+                           {"pid": 123, "heartbeat_at": 1795000000.5 (Unix seconds), "processes": 2,
+                            "jobs_active": 3, "images_in_flight": 512, "images_remaining_active": 9000}
     incoming/<id>.json     a submitted job, complete, not yet claimed. Written by the API.
     active/<id>.json       the same file, claimed (renamed) by the daemon, which is working on it.
     done/<id>.json         the job file once every image has a result and none failed.
@@ -43,6 +50,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from enum import StrEnum
@@ -120,7 +128,7 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Paths and atomic operations on one spool folder. Holds no state but its root."""
 
-    FOLDERS = ("tmp", "incoming", "active", "done", "failed", "corrupt", "status", "results")
+    FOLDERS = ("tmp", "meta", "incoming", "active", "done", "failed", "corrupt", "status", "results")
     JOB_FOLDERS = ("incoming", "active", "done", "failed")
 
     def __init__(self, root: str | os.PathLike):
@@ -141,6 +149,9 @@ class Spool:
     def job_path(self, folder: str, job_id: int) -> Path:
         return self.root / folder / f"{job_id}.json"
 
+    def meta_path(self, job_id: int) -> Path:
+        return self.root / "meta" / f"{job_id}.json"
+
     def status_path(self, job_id: int) -> Path:
         return self.root / "status" / f"{job_id}.json"
 
@@ -148,20 +159,25 @@ class Spool:
         return self.root / "results" / str(job_id)
 
     # ------------------------------------------------------------ primitives
-    def write_atomic(self, dest: Path, data: bytes) -> None:
-        """Write ``data`` to ``dest`` so that readers see the old file or the whole new one, never a part."""
+    def write_atomic(self, dest: Path, data: bytes, durable: bool = True) -> None:
+        """Write ``data`` to ``dest`` so that readers see the old file or the whole new one, never a part.
+
+        ``durable``: also fsync the file and the folder, so the write survives a power loss once this returns.
+        """
         tmp = self.root / "tmp" / f"{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(dest.parent)
+        if durable:
+            _fsync_dir(dest.parent)
 
     def _rename(self, src: Path, dest: Path) -> None:
         os.replace(src, dest)
@@ -202,9 +218,12 @@ class Spool:
             self.write_atomic(counter, f"{job_id + 1}\n".encode())
         return job_id
 
-    def submit(self, count: int, visits: list) -> int:
+    def submit(self, count: int, visits: list, owner: str | None = None) -> int:
         """Store a validated job in incoming/ and return its id. When this returns, the job is on disk."""
         job_id = self.next_job_id()
+        images = sum(len(visit["image_url"]) for visit in visits)
+        self.write_atomic(self.meta_path(job_id), json.dumps(
+            {"job_id": job_id, "images": images, "owner": owner}, separators=(",", ":")).encode())
         doc = {"job_id": job_id, "submitted_at": utc_now(), "count": count, "visits": visits}
         self.write_atomic(self.job_path("incoming", job_id), json.dumps(doc, separators=(",", ":")).encode())
         return job_id
@@ -226,6 +245,39 @@ class Spool:
             return None
         except CorruptFile:
             return None  # the daemon moves it aside and rewrites it; until then the job reads as unknown-state
+
+    def read_meta(self, job_id: int) -> dict | None:
+        """The job's meta file, or None when it has none (or an unreadable one)."""
+        try:
+            return self._read_json(self.meta_path(job_id))
+        except (FileNotFoundError, CorruptFile):
+            return None
+
+    def queued_images(self) -> int:
+        """Images not yet done: those of jobs in incoming/ plus what the daemon last said remains in active/."""
+        waiting = sum((self.read_meta(job_id) or {}).get("images", 0) for job_id in self.job_ids("incoming"))
+        return waiting + (self.read_heartbeat() or {}).get("images_remaining_active", 0)
+
+    def read_heartbeat(self) -> dict | None:
+        try:
+            return self._read_json(self.root / "daemon.json")
+        except (FileNotFoundError, CorruptFile):
+            return None
+
+    def write_heartbeat(self, doc: dict) -> None:
+        """Rewritten every second; not fsynced (after a crash it is stale anyway, and says so by its age)."""
+        self.write_atomic(self.root / "daemon.json", json.dumps(doc, separators=(",", ":")).encode(), durable=False)
+
+    def permission_problem(self) -> str | None:
+        """Why other local users could tamper with this spool, or None. The programs refuse to start then."""
+        for path in [self.root, *(self.root / name for name in self.FOLDERS)]:
+            try:
+                mode = path.stat().st_mode
+            except FileNotFoundError:
+                continue
+            if mode & stat.S_IWOTH:
+                return f"{path} is writable by every user (mode {stat.filemode(mode)}); chmod o-w it"
+        return None
 
     def iter_result_lines(self, job_id: int) -> Iterator[bytes]:
         """Each recorded result line (JSON, no newline), in image order. Streams; never loads a whole job."""

@@ -100,6 +100,11 @@ SETTINGS: tuple[Setting, ...] = (
             "refused or reset, timeout, HTTP 429 and 5xx)", 1, 20),
     Setting("download_backoff_s", "download", float, 0.5, "wait before the 2nd try; doubles each try, "
             "with jitter", 0, 60),
+    Setting("max_redirects", "download", int, 3, "redirects followed per image; each hop is checked", 0, 20),
+    Setting("allow_private_addresses", "download", _bool, False, "let downloads reach loopback, private, "
+            "link-local and other non-public addresses: for development and tests only"),
+    Setting("download_allowed_networks", "download", str, "", "comma-separated networks downloads may reach "
+            "although not public, e.g. an internal image store: 10.20.0.0/16"),
     # --- api
     Setting("host", "api", str, "127.0.0.1", "address the API listens on"),
     Setting("port", "api", int, 8080, "port the API listens on; 0 picks a free one", 0, 65535),
@@ -107,6 +112,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api_threads", "api", int, 8, "threads per gunicorn worker", 1, 256),
     Setting("max_body_bytes", "api", int, 64 * MIB, "largest submit body (413 above it)", 1),
     Setting("max_images_per_job", "api", int, 200_000, "most image URLs in one job (413 above it)", 1),
+    Setting("max_url_chars", "api", int, 2048, "longest image URL (400 above it)", 16, 65536),
+    Setting("max_queued_images", "api", int, 1_000_000, "images waiting or in progress above which submit "
+            "answers 503 with Retry-After; 0 turns the check off", 0),
+    Setting("api_tokens_file", "api", str, "", "file of '<name> <sha256 of token>' lines; when set, every "
+            "route but /healthz needs 'Authorization: Bearer <token>'. Empty: no tokens (local use)"),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 

@@ -74,9 +74,10 @@ class WsgiResponse:
         return json.loads(self.body)
 
 
-def call_wsgi(app, method: str, path: str, body: bytes | None = None, query: str = "") -> WsgiResponse:
-    """One request through the app, the way a WSGI server would make it."""
-    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query}
+def call_wsgi(app, method: str, path: str, body: bytes | None = None, query: str = "",
+              extra: dict | None = None) -> WsgiResponse:
+    """One request through the app, the way a WSGI server would make it. ``extra``: more environ (headers)."""
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, **(extra or {})}
     if body is not None:
         environ.update({"CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json",
                         "wsgi.input": io.BytesIO(body)})
@@ -113,13 +114,13 @@ class _CountingHandler(http.server.SimpleHTTPRequestHandler):
 class ImageServer:
     """Real image files over HTTP on 127.0.0.1, port 0. Unpacks as (base_url, folder) for brevity."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, host: str = "127.0.0.1"):
         self.folder = folder
         handler = functools.partial(_CountingHandler, directory=str(folder))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), handler)
         self.httpd.daemon_threads = True
         self.httpd.hits, self.httpd.lock, self.httpd.hooks = collections.Counter(), threading.Lock(), {}
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.base = f"http://{host}:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def __iter__(self):
@@ -250,7 +251,8 @@ def start_service(tmp_path):
     started = []
 
     def start(*daemon_args: str) -> Service:
-        args = ["--gpu-sleep-min-s", "0.01", "--gpu-sleep-max-s", "0.02", "--processes", "2", *daemon_args]
+        args = ["--gpu-sleep-min-s", "0.01", "--gpu-sleep-max-s", "0.02", "--processes", "2",
+                "--allow-private-addresses", "true", *daemon_args]  # the image server is on 127.0.0.1
         service = Service(tmp_path / "spool", args)
         started.append(service)
         return service

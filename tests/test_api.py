@@ -47,7 +47,7 @@ def test_body_over_the_limit_is_413_before_it_is_read(spool):
 
 
 def test_spool_write_failure_is_503_json(app, spool, monkeypatch):
-    def disk_full(*args):
+    def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(spool, "submit", disk_full)
     r = submit(app, {"count": 1, "visits": [VISIT]})

@@ -123,3 +123,12 @@ def test_second_daemon_on_the_same_spool_refuses_to_start(start_service):
     assert second.returncode == 2
     assert "another daemon is working on" in second.stderr
     assert service.daemon.poll() is None
+
+
+def test_daemon_refuses_to_download_from_loopback_unless_allowed(start_service, images, image_server):
+    service = start_service("--allow-private-addresses", "false")  # the production default
+    url = list(images)[0]
+    status = service.wait(service.submit([visit("RP00001", [url])]))
+    assert status["status"] == "failed"
+    assert status["error"][0]["error"] == "address not allowed: 127.0.0.1 is loopback (permanent, 1 attempt)"
+    assert image_server.hits == {}

@@ -1,5 +1,8 @@
 """Image measurement on real image bytes."""
+import re
 import struct
+import time
+import tracemalloc
 import zlib
 
 import pytest
@@ -30,12 +33,34 @@ def _png_header_claiming(width: int, height: int) -> bytes:
             + _png_chunk(b"IEND", b""))
 
 
+JPEG, PNG, WEBP = (image_bytes(fmt, 300, 200) for fmt in ("JPEG", "PNG", "WEBP"))
+
+
 @pytest.mark.parametrize("data, reason", [
     (b"", "empty body"),
-    (b"<html><body>Not found</body></html>", "not an image"),
-    (image_bytes("GIF", 10, 10), "format not allowed"),
+    (b"<html><body>Not found</body></html>", "not an image: looks like HTML"),
+    (b"\x00" * 100, "not an image: unknown bytes"),
+    (image_bytes("GIF", 10, 10), "format not allowed: GIF"),
+    (image_bytes("BMP", 10, 10), "format not allowed: BMP"),
+    (image_bytes("TIFF", 10, 10), "format not allowed: TIFF"),
     (_png_header_claiming(100_000, 100_000), "too large in pixels"),
+    (JPEG[: len(JPEG) // 2], "truncated image: JPEG has no end-of-image marker"),
+    (PNG[:-5], "truncated image: PNG has no IEND chunk"),
+    (WEBP[:-10], "truncated image: WebP declares"),
+    (JPEG[:3] + b"garbage" * 20 + b"\xff\xd9", "not an image: starts like JPEG"),
 ])
 def test_unmeasurable_bytes_say_why(data, reason):
-    with pytest.raises(ImageError, match=reason):
+    with pytest.raises(ImageError, match=re.escape(reason)):
         image_size(data)
+
+
+def test_decompression_bomb_fails_fast_with_memory_flat():
+    bomb = _png_header_claiming(100_000, 100_000)  # 10 gigapixels; decoded it would be 30 GB
+    tracemalloc.start()
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match="too large in pixels"):
+        image_size(bomb)
+    elapsed = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 0.5 and peak < 1024 * 1024

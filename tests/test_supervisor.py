@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from daemon.netguard import AddressPolicy
 from daemon.pool import WatchedPool
 from daemon.stores import load_store_master
 from daemon.supervisor import Supervisor, SupervisorSettings, uncovered
@@ -33,7 +34,8 @@ def test_uncovered_images_are_cut_into_chunks(total, covered, size, expected):
 
 @pytest.fixture
 def pool():
-    settings = WorkerSettings(threads_per_process=4, gpu_sleep_min_s=0, gpu_sleep_max_s=0)
+    settings = WorkerSettings(threads_per_process=4, gpu_sleep_min_s=0, gpu_sleep_max_s=0,
+                              addresses=AddressPolicy(allow_private=True))
     pool = WatchedPool(1, settings)
     yield pool
     pool.terminate()

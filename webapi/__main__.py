@@ -4,15 +4,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+import bottle
 from gunicorn.app.base import BaseApplication
 
 from spool import Spool
 from spool.settings import Config, SettingError, add_options, resolve, settings_for
 from webapi.app import make_app
+from webapi.auth import TokenFileError, Tokens
 from webapi.validate import SubmitLimits
 
 SECTIONS = ("api",)
+#: Bottle's own body limit. Nothing here reads bottle.request.body/json (read_body does, against
+#: max_body_bytes), so this only matters if someone adds a route that does: keep Bottle's 100 KiB, on purpose.
+BOTTLE_MEMFILE_MAX = 100 * 1024
 
 
 def load_config(argv: list[str] | None) -> Config:
@@ -57,7 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     spool = Spool(config.spool_dir).create()
-    limits = SubmitLimits(max_body_bytes=config.max_body_bytes, max_images_per_job=config.max_images_per_job)
+    problem = spool.permission_problem()
+    if problem:
+        print(f"retailpulse-api: spool_dir ({config.source('spool_dir')}): {problem}", file=sys.stderr)
+        return 2
+    tokens = None
+    if config.api_tokens_file:
+        try:
+            tokens = Tokens.load(Path(config.api_tokens_file))
+        except TokenFileError as exc:
+            print(f"retailpulse-api: api_tokens_file ({config.source('api_tokens_file')}): {exc}", file=sys.stderr)
+            return 2
+    bottle.BaseRequest.MEMFILE_MAX = BOTTLE_MEMFILE_MAX
+    limits = SubmitLimits(max_body_bytes=config.max_body_bytes, max_images_per_job=config.max_images_per_job,
+                          max_url_chars=config.max_url_chars)
     options = {
         "bind": f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}",
         "workers": config.api_workers,
@@ -65,10 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         "worker_class": "gthread",
         "when_ready": _announce,
         "graceful_timeout": 30,  # SIGTERM: requests in flight get this long to finish
+        # gunicorn's own request limits, set on purpose: request line (path + query) and headers are small
+        # here; the body has no gunicorn limit, read_body enforces max_body_bytes.
+        "limit_request_line": 4094,
+        "limit_request_fields": 50,
+        "limit_request_field_size": 8190,
         "loglevel": config.log_level.lower(),
         "accesslog": None,
     }
-    _Server(make_app(spool, limits), options).run()
+    app = make_app(spool, limits, tokens, max_queued_images=config.max_queued_images or None)
+    _Server(app, options).run()
     return 0
 
 

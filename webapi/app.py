@@ -8,6 +8,7 @@ import bottle
 from bottle import Bottle, HTTPResponse, request
 
 from spool import Spool, parse_job_id
+from webapi.auth import Tokens
 from webapi.validate import InvalidSubmission, SubmitLimits, parse_submission
 
 log = logging.getLogger("retailpulse.webapi")
@@ -15,7 +16,7 @@ log = logging.getLogger("retailpulse.webapi")
 _RESULTS_BATCH_BYTES = 64 * 1024
 
 # Request bodies are read by read_body(), bounded by SubmitLimits.max_body_bytes, and never through
-# bottle.request.body; so Bottle's MEMFILE_MAX (100 KiB) is deliberately left alone: nothing here uses it.
+# bottle.request.body. webapi/__main__ still sets Bottle's MEMFILE_MAX on purpose (see BOTTLE_MEMFILE_MAX).
 
 
 def json_response(status: int, payload: dict, **headers) -> HTTPResponse:
@@ -41,12 +42,28 @@ def read_body(environ: dict, max_bytes: int) -> bytes:
     return body
 
 
-def make_app(spool: Spool, limits: SubmitLimits | None = None) -> Bottle:
+def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | None = None,
+             max_queued_images: int | None = None) -> Bottle:
+    """The WSGI app. ``tokens``: None serves everyone (local use); else every route but /healthz needs one.
+    ``max_queued_images``: above it, submit answers 503 + Retry-After instead of taking more work."""
     limits = limits or SubmitLimits()
     app = Bottle()
     app.config["json.enable"] = False  # every route builds its own JSON response
 
+    def caller() -> str | None | HTTPResponse:
+        """The token name of the request (None when tokens are off), or the 401 that refuses it."""
+        if tokens is None:
+            return None
+        name = tokens.identify(request.get_header("Authorization"))
+        if name is None:
+            return json_response(401, {"error": "missing or unknown API token (Authorization: Bearer ...)"},
+                                 **{"WWW-Authenticate": 'Bearer realm="retail-pulse"'})
+        return name
+
     def submit():
+        owner = caller()
+        if isinstance(owner, HTTPResponse):
+            return owner
         try:
             body = read_body(request.environ, limits.max_body_bytes)
         except BodyTooLarge:
@@ -55,26 +72,43 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None) -> Bottle:
             count, visits = parse_submission(body, limits)
         except InvalidSubmission as exc:
             return json_response(400, {"error": str(exc)})
+        images = sum(len(visit["image_url"]) for visit in visits)
         try:
-            job_id = spool.submit(count, visits)
+            if max_queued_images is not None:
+                queued = spool.queued_images()
+                if queued + images > max_queued_images:
+                    log.warning("submit refused: %d images queued, %d more asked, limit %d",
+                                queued, images, max_queued_images)
+                    return json_response(503, {"error": f"too much work queued ({queued} images waiting, "
+                                                        f"limit {max_queued_images}); try again later"},
+                                         **{"Retry-After": "60"})
+            job_id = spool.submit(count, visits, owner=owner)
         except OSError as exc:
             log.error("submit: cannot write to the spool: %s", exc)
             return json_response(503, {"error": f"cannot store the job now: {exc.strerror or exc}"},
                                  **{"Retry-After": "30"})
-        log.info("job %d: submitted, %d visits", job_id, count)
+        log.info("job %d: submitted, %d visits, %d images%s", job_id, count, images,
+                 f", by {owner}" if owner else "")
         return json_response(201, {"job_id": job_id})
 
     app.route("/api/submit", "POST", submit)
     app.route("/api/submit/", "POST", submit)
 
     def known_job() -> tuple[int, dict] | HTTPResponse:
-        """The job named by ?jobid= and its status, or the 400 that explains why there is none."""
+        """The job named by ?jobid= and its status, or the 400 that explains why there is none.
+
+        With tokens on, another client's job is answered exactly like a job that does not exist."""
+        owner = caller()
+        if isinstance(owner, HTTPResponse):
+            return owner
         raw = request.query.getunicode("jobid")
         if raw is None or raw == "":
             return json_response(400, {"error": "jobid: missing (use ?jobid=123)"})
         job_id = parse_job_id(raw)
         if job_id is None:
             return json_response(400, {"error": "jobid: must be a positive integer"})
+        if tokens is not None and (spool.read_meta(job_id) or {}).get("owner") != owner:
+            return json_response(400, {})
         doc = spool.read_status(job_id)
         if doc is None:
             return json_response(400, {})
@@ -102,7 +136,8 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None) -> Bottle:
         bottle.response.set_header("Cache-Control", "no-store")
         if err.status_code >= 500:
             log.error("%s %s: %s", request.method, request.path, err.exception or err.body)
-        reason = {404: "no such route", 405: "method not allowed", 413: "request too large"}.get(
+        reason = {400: "bad request", 404: "no such route", 405: "method not allowed",
+                  413: "request too large"}.get(
             err.status_code, "internal error")
         return json.dumps({"error": reason})
 

@@ -1,0 +1,187 @@
+"""Hostile and broken input to the API: clear JSON errors, bounded reading, nobody gets in or out."""
+import io
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import call_wsgi
+from webapi.app import make_app
+from webapi.auth import TokenFileError, Tokens, digest
+from webapi.validate import SubmitLimits
+
+VISIT = {"store_id": "RP00001", "visit_time": "2026-11-23T10:00:00", "image_url": ["https://img.example/a.jpg"]}
+
+
+def body_of(doc) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def test_job_of_100000_urls_fits(spool):
+    urls = [f"https://cdn.example.com/stores/RP00001/2026/11/23/{i:06d}.jpg" for i in range(100_000)]
+    body = body_of({"count": 1, "visits": [{**VISIT, "image_url": urls}]})
+    assert len(body) > 5_000_000  # far above Bottle's MEMFILE_MAX, which nothing here relies on
+    r = call_wsgi(make_app(spool), "POST", "/api/submit/", body)
+    assert r.status_code == 201
+
+
+class Endless(io.RawIOBase):
+    """A request body that never ends (a 1 GB upload, say); counts what was read."""
+
+    def __init__(self):
+        self.read_bytes = 0
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            raise AssertionError("the whole body was asked for")
+        self.read_bytes += size
+        return b"[" * size
+
+
+def raw_post(app, body_stream, content_length):
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/submit/", "QUERY_STRING": "",
+               "CONTENT_TYPE": "application/json", "wsgi.input": body_stream}
+    if content_length is not None:
+        environ["CONTENT_LENGTH"] = str(content_length)
+    from wsgiref.util import setup_testing_defaults
+    setup_testing_defaults(environ)
+    status = []
+    body = b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+    return int(status[0].split()[0]), json.loads(body)
+
+
+def test_declared_gigabyte_is_refused_without_reading_a_byte(spool):
+    stream = Endless()
+    status, doc = raw_post(make_app(spool, SubmitLimits(max_body_bytes=1024)), stream, 10**9)
+    assert (status, stream.read_bytes) == (413, 0)
+    assert "body larger than 1024 bytes" in doc["error"]
+
+
+def test_undeclared_endless_body_is_cut_one_byte_past_the_limit(spool):
+    stream = Endless()
+    status, _ = raw_post(make_app(spool, SubmitLimits(max_body_bytes=1024)), stream, None)
+    assert (status, stream.read_bytes) == (413, 1025)
+
+
+@pytest.mark.parametrize("query", ["jobid=../../etc/passwd", "jobid=%2e%2e%2f%2e%2e%2fetc%2fpasswd", "jobid=1%00",
+                                   "jobid=" + "9" * 40, "jobid=1/../2", "jobid=%EF%BC%91", "jobid=+1", "jobid=1 "])
+def test_hostile_job_id_is_400_and_touches_no_file(spool, monkeypatch, query):
+    def no_file(*args, **kwargs):
+        raise AssertionError("a file was looked at for a malformed job id")
+    for name in ("read_status", "read_meta", "iter_result_lines"):
+        monkeypatch.setattr(spool, name, no_file)
+    app = make_app(spool)
+    for path in ("/api/status", "/api/results"):
+        r = call_wsgi(app, "GET", path, query=query)
+        assert r.status_code == 400 and "jobid" in r.json()["error"]
+
+
+# ---------------------------------------------------------------- tokens
+@pytest.fixture
+def tokens(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text(f"# clients\nacme {digest('acme-secret')}\nzeta {digest('zeta-secret')}\n")
+    return Tokens.load(path)
+
+
+def call_as(app, token, method, path, body=None, query=""):
+    environ_extra = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token else {}
+    return call_wsgi(app, method, path, body, query=query, extra=environ_extra)
+
+
+def test_tokens_file_holds_digests_not_tokens(tmp_path, tokens):
+    assert "acme-secret" not in (tmp_path / "tokens").read_text()
+
+
+@pytest.mark.parametrize("token", [None, "wrong", "acme-secre", "acme-secret2"])
+def test_without_a_valid_token_every_route_is_401(spool, tokens, token):
+    app = make_app(spool, tokens=tokens)
+    for method, path, body in (("POST", "/api/submit/", body_of({"count": 1, "visits": [VISIT]})),
+                               ("GET", "/api/status", None), ("GET", "/api/results", None)):
+        r = call_as(app, token, method, path, body, query="jobid=1")
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        assert "token" in r.json()["error"]
+    assert spool.job_ids("incoming") == []
+
+
+def test_a_job_is_visible_only_to_the_token_that_submitted_it(spool, tokens):
+    app = make_app(spool, tokens=tokens)
+    job_id = call_as(app, "acme-secret", "POST", "/api/submit/", body_of({"count": 1, "visits": [VISIT]})).json()[
+        "job_id"]
+    assert call_as(app, "acme-secret", "GET", "/api/status", query=f"jobid={job_id}").status_code == 200
+    theirs = call_as(app, "zeta-secret", "GET", "/api/status", query=f"jobid={job_id}")
+    unknown = call_as(app, "zeta-secret", "GET", "/api/status", query="jobid=999")
+    assert (theirs.status_code, theirs.body) == (unknown.status_code, unknown.body) == (400, b"{}")
+    assert call_as(app, "zeta-secret", "GET", "/api/results", query=f"jobid={job_id}").status_code == 400
+    assert spool.read_meta(job_id)["owner"] == "acme"
+
+
+@pytest.mark.parametrize("content, message", [("", "no tokens"), ("acme secret\n", "expected '<name> <64 hex"),
+                                               ("a b c\n", "tokens:1")])
+def test_bad_tokens_file_is_refused(tmp_path, content, message):
+    path = tmp_path / "tokens"
+    path.write_text(content)
+    with pytest.raises(TokenFileError, match=message):
+        Tokens.load(path)
+
+
+# ---------------------------------------------------------------- backpressure
+def test_submit_beyond_the_queue_limit_is_503_with_retry_after(spool):
+    app = make_app(spool, max_queued_images=10)
+    six = body_of({"count": 1, "visits": [{**VISIT, "image_url": ["https://img.example/a.jpg"] * 6}]})
+    assert call_wsgi(app, "POST", "/api/submit/", six).status_code == 201
+    r = call_wsgi(app, "POST", "/api/submit/", six)
+    assert r.status_code == 503 and r.headers["retry-after"] == "60"
+    assert "6 images waiting, limit 10" in r.json()["error"]
+    assert len(spool.job_ids("incoming")) == 1
+    # the daemon took the first job and says 2 of its images remain: there is room again
+    spool.claim(spool.job_ids("incoming")[0])
+    spool.write_heartbeat({"images_remaining_active": 2})
+    assert call_wsgi(app, "POST", "/api/submit/", six).status_code == 201
+
+
+# ---------------------------------------------------------------- fuzz
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20)
+visits = st.lists(st.fixed_dictionaries({}, optional={
+    "store_id": json_values | st.sampled_from(["RP00001", "", "x" * 300]),
+    "visit_time": json_values | st.just("2026-11-23T10:00:00"),
+    "image_url": json_values | st.lists(st.sampled_from(
+        ["https://img.example/a.jpg", "ftp://x/a.jpg", "http://u:p@x/a.jpg", "http://x:99999/", "http://x/a b",
+         "http://" + "a" * 3000, "javascript:alert(1)", "", "http://[::1]/a.jpg"]), max_size=3),
+}), max_size=3)
+submissions = st.fixed_dictionaries({}, optional={"count": json_values | st.integers(-1, 5),
+                                                  "visits": visits | json_values})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=submissions | json_values)
+def test_fuzzed_json_submission_never_500(spool, doc):
+    check_answer(call_wsgi(make_app(spool), "POST", "/api/submit/", body_of(doc)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200) | st.sampled_from([b"[" * 50000, b'{"a":' * 5000, b'{"count": NaN}',
+                                                       b'{"count": 1, "count": 1}', b"\xff\xfe", b"1e999999"]))
+def test_fuzzed_bytes_never_500(spool, raw):
+    check_answer(call_wsgi(make_app(spool), "POST", "/api/submit/", raw))
+
+
+def check_answer(r):
+    assert r.status_code in (201, 400, 413), r.body[:200]
+    assert r.headers["content-type"] == "application/json"
+    doc = r.json()
+    assert ("job_id" in doc) if r.status_code == 201 else isinstance(doc.get("error"), str) and doc["error"]
+
+
+def test_api_refuses_a_world_writable_spool(tmp_path, capsys):
+    from webapi.__main__ import main
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    os.chmod(spool_dir, 0o777)
+    assert main(["--spool-dir", str(spool_dir)]) == 2
+    assert "writable by every user" in capsys.readouterr().err
