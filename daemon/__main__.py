@@ -12,6 +12,7 @@ import filelock
 
 from daemon.download import DownloadLimits
 from daemon.netguard import AddressPolicy, parse_networks
+from daemon.notify import Notifier
 from daemon.pool import WatchedPool
 from daemon.stores import StoreMasterError, load_store_master
 from daemon.supervisor import Supervisor, SupervisorSettings
@@ -82,20 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     settings = SupervisorSettings(
         chunk_images=config.chunk_images, max_inflight_chunks=config.max_inflight_chunks or 2 * processes,
         max_active_jobs=config.max_active_jobs, drain_timeout_s=config.drain_timeout_s,
-        worker_check_interval_s=config.worker_check_interval_s, max_worker_deaths=config.max_worker_deaths)
+        worker_check_interval_s=config.worker_check_interval_s, max_worker_deaths=config.max_worker_deaths,
+        retention_s=config.retention_days * 86400)
 
     stop = threading.Event()
     # Handlers only set the flag; the main loop notices it within poll_interval_s and drains.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
+    notifier = Notifier()
     pool = WatchedPool(processes, worker_settings(config))
     try:
-        def ready() -> None:
+        def ready() -> None:  # after the recovery scan: systemd starts counting us up only now
             log.info("daemon ready: spool %s, %d stores, %d processes x %d threads",
                      spool.root, len(stores), processes, config.threads_per_process)
+            notifier.send(READY=1, STATUS=f"ready: {processes} processes x {config.threads_per_process} threads")
 
-        Supervisor(spool, stores, pool, settings).run(stop.is_set, ready)
+        def stopping() -> bool:
+            if stop.is_set():
+                notifier.send(STOPPING=1, STATUS="stopping: recording the images in flight")
+            return stop.is_set()
+
+        Supervisor(spool, stores, pool, settings, notifier).run(stopping, ready)
     finally:
         pool.terminate()
         lock.release()

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from daemon.metrics import Metrics
+from daemon.notify import Notifier
 from daemon.pool import WatchedPool
 from daemon.stores import Store
 from daemon.worker import Outcome
@@ -37,6 +39,8 @@ log = logging.getLogger("retailpulse.daemon")
 UNKNOWN_STORE = "store_id not in the store master"
 TMP_LEFTOVER_AGE_S = 3600
 TMP_CLEAN_INTERVAL_S = 600
+RETENTION_INTERVAL_S = 600
+CANCELLED = "cancelled by request"
 HEARTBEAT_INTERVAL_S = 1.0
 
 
@@ -60,6 +64,7 @@ class SupervisorSettings:
     worker_check_interval_s: float = 0.5  # how often dead pool processes are looked for
     max_worker_deaths: int = 3  # an image alone in a chunk whose process died this often is failed
     disk_retry_interval_s: float = 5.0  # while writes fail (disk full), how often they are tried again
+    retention_s: float = 7 * 86400  # finished jobs older than this are deleted; 0 keeps them forever
 
 
 class ActiveJob:
@@ -118,8 +123,11 @@ def uncovered(total: int, covered: list[tuple[int, int]], size: int) -> Iterator
 
 
 class Supervisor:
-    def __init__(self, spool: Spool, stores: dict[str, Store], pool: WatchedPool, settings: SupervisorSettings):
+    def __init__(self, spool: Spool, stores: dict[str, Store], pool: WatchedPool, settings: SupervisorSettings,
+                 notifier: Notifier | None = None):
         self.spool = spool
+        self.notifier = notifier or Notifier({})
+        self.metrics = Metrics()
         self.stores = stores
         self.pool = pool
         self.settings = settings
@@ -134,6 +142,7 @@ class Supervisor:
         self.next_worker_check = 0.0
         self.next_tmp_clean = 0.0
         self.next_heartbeat = 0.0
+        self.next_retention = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -180,6 +189,91 @@ class Supervisor:
             self.clean_tmp()
         if time.monotonic() >= self.next_heartbeat:
             self.beat()
+        if time.monotonic() >= self.next_retention:
+            self.apply_retention()
+        self.handle_requests()
+        self.notifier.progress(self.status_line())
+
+    # ------------------------------------------------------- operator requests
+    def handle_requests(self) -> None:
+        """Carry out control/ requests (cancel, requeue, requeue-failed), then remove them."""
+        for job_id, verb, path in self.spool.requests():
+            try:
+                if verb == "cancel":
+                    self.cancel(job_id)
+                else:
+                    self.requeue(job_id, failed_only=verb == "requeue-failed")
+            except OSError as exc:
+                log.error("job %d: %s: %s; will try again", job_id, verb, exc)
+                continue
+            path.unlink(missing_ok=True)
+
+    def cancel(self, job_id: int) -> None:
+        """Images not yet dispatched get the result "cancelled by request"; those in flight finish normally."""
+        if job_id not in self.jobs:
+            if self.spool.job_folder(job_id) != "incoming":
+                log.info("job %d: cancel: not queued or running; nothing to do", job_id)
+                return
+            self.load(job_id, self.spool.claim(job_id))
+            if job_id not in self.jobs:
+                return
+        job = self.jobs[job_id]
+        chunks, job.pending = list(job.pending), deque()
+        log.info("job %d: cancelled: %d images will not be processed", job_id, sum(c.stop - c.first for c in chunks))
+        for chunk in chunks:
+            if job_id in self.jobs:
+                self.record_chunk(job, chunk, [(i, None, None, None, CANCELLED, None, 0)
+                                               for i in range(chunk.first, chunk.stop)])
+
+    def requeue(self, job_id: int, failed_only: bool) -> None:
+        """Send a finished job round again: all its images, or only the failed ones."""
+        folder = self.spool.job_folder(job_id)
+        if folder not in ("done", "failed"):
+            log.info("job %d: requeue: not finished; nothing to do", job_id)
+            return
+        redone = 0
+        for first, _stop, path in self.spool.result_chunks(job_id):
+            lines = path.read_bytes().splitlines()
+            records = [json.loads(line) for line in lines]
+            keep = [] if not failed_only else [r["error"] is None for r in records]
+            if failed_only and all(keep):
+                continue
+            # Remove first, then write back the good runs: a crash in between redoes good images, never
+            # counts one twice.
+            path.unlink()
+            start = None
+            for offset, ok in enumerate(keep + [False]):
+                if ok and start is None:
+                    start = offset
+                elif not ok and start is not None:
+                    self.spool.write_results(job_id, first + start, first + offset,
+                                             [json.loads(line) for line in lines[start:offset]])
+                    start = None
+            redone += len(records) - sum(keep)
+        self.spool.reopen(job_id, folder)
+        log.info("job %d: requeued, %d images to do again", job_id, redone)
+        self.load(job_id, self.spool.job_path("active", job_id))
+
+    def apply_retention(self) -> None:
+        self.next_retention = time.monotonic() + RETENTION_INTERVAL_S
+        if not self.settings.retention_s:
+            return
+        cutoff = time.time() - self.settings.retention_s
+        purged = 0
+        for folder in ("done", "failed"):
+            for job_id in self.spool.job_ids(folder):
+                finished = self.spool.finished_at(job_id)
+                if finished is not None and finished < cutoff and self.spool.purge(job_id):
+                    purged += 1
+        if purged:
+            log.info("retention: deleted %d finished job(s) older than %g days", purged,
+                     self.settings.retention_s / 86400)
+
+    def status_line(self) -> str:
+        """For `systemctl status`: STATUS=3 jobs, 412 images in flight."""
+        images = sum(c.stop - c.first for c in self.dispatched.values())
+        line = f"{len(self.jobs)} jobs, {images} images in flight"
+        return line + ", PAUSED: cannot write to the spool" if self.paused else line
 
     def beat(self) -> None:
         """Write daemon.json: the API's health check and backpressure read it; operators can cat it."""
@@ -188,7 +282,7 @@ class Supervisor:
                "jobs_active": len(self.jobs), "chunks_in_flight": self.in_flight,
                "images_in_flight": sum(c.stop - c.first for c in self.dispatched.values()),
                "images_remaining_active": sum(job.total - job.done for job in self.jobs.values()),
-               "paused": self.paused}
+               "paused": self.paused, "metrics": self.metrics.snapshot()}
         try:
             self.spool.write_heartbeat(doc)
         except OSError as exc:
@@ -334,7 +428,7 @@ class Supervisor:
             if chunk.stop - chunk.first == 1 and deaths >= self.settings.max_worker_deaths:
                 why = f"the pool process died each time this image was processed ({deaths} attempts)"
                 self.record_chunk(job, Chunk(chunk.job_id, chunk.first, chunk.stop, deaths),
-                                  [(chunk.first, None, None, None, why)])
+                                  [(chunk.first, None, None, None, why, None, 0)])
                 continue
             middle = (chunk.first + chunk.stop) // 2
             halves = [Chunk(chunk.job_id, chunk.first, middle, deaths), Chunk(chunk.job_id, middle, chunk.stop, deaths)]
@@ -352,17 +446,19 @@ class Supervisor:
 
     def record_chunk(self, job: ActiveJob, chunk: Chunk, outcome: list[Outcome] | BaseException) -> None:
         measured = {} if isinstance(outcome, BaseException) else {o[0]: o for o in outcome}
-        lines = []
+        lines, costs = [], []
         for index in range(chunk.first, chunk.stop):
             store_id, visit_time, url = job.images[index]
             store = self.stores.get(store_id)
-            width = height = perim = None
+            width = height = perim = seconds = None
+            nbytes = 0
             if store is None:
                 error = UNKNOWN_STORE
             elif index in measured:
-                _, width, height, perim, error = measured[index]
+                _, width, height, perim, error, seconds, nbytes = measured[index]
             else:  # the pool task itself failed (it is written never to, so this is a bug worth its text)
                 error = f"internal error: {type(outcome).__name__}: {outcome}"
+            costs.append((seconds, nbytes))
             lines.append({"index": index, "store_id": store_id,
                           "store_name": store.name if store else None,
                           "area_code": store.area_code if store else None,
@@ -376,8 +472,9 @@ class Supervisor:
             job.in_flight += 1  # still owed: kept in memory until the disk takes it
             self.unrecorded.append((job.job_id, outcome, chunk))
             return
-        for line in lines:
+        for line, (seconds, nbytes) in zip(lines, costs, strict=True):
             job.record(line["store_id"], line["error"], line["image_url"])
+            self.metrics.image(line["error"], seconds, nbytes)
         self.publish(job)
 
     def publish(self, job: ActiveJob) -> None:
@@ -393,6 +490,7 @@ class Supervisor:
             return
         self.unpublished.discard(job.job_id)
         if job.finished:
+            self.metrics.job(doc["status"])
             del self.jobs[job.job_id]
             self.rotation.remove(job.job_id)
             log.info("job %d: %s, %d images, %d failed", job.job_id, doc["status"], job.total, job.failed)

@@ -19,8 +19,9 @@ from daemon.download import DownloadLimits, fetch_with_retries, make_session
 from daemon.measure import ImageError, image_size, perimeter
 from daemon.netguard import AddressPolicy
 
-#: (index, width, height, perimeter, error): small and picklable; exactly one of perimeter/error is None.
-Outcome = tuple[int, "int | None", "int | None", "int | None", "str | None"]
+#: (index, width, height, perimeter, error, seconds, bytes): small and picklable; exactly one of perimeter
+#: and error is None. seconds: download + measure + GPU wait; bytes: downloaded (0 if the download failed).
+Outcome = tuple[int, "int | None", "int | None", "int | None", "str | None", float, int]
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,16 @@ class WorkerSettings:
 
 
 def process_image(session: requests.Session, url: str, settings: WorkerSettings) -> tuple:
-    """Download, measure, then the simulated GPU work. Returns (width, height, perimeter, error)."""
+    """Download, measure, then the simulated GPU work. (width, height, perimeter, error, seconds, bytes)."""
+    started = time.perf_counter()
+    data = b""
     try:
-        width, height = image_size(fetch_with_retries(session, url, settings.limits))
+        data = fetch_with_retries(session, url, settings.limits)
+        width, height = image_size(data)
     except ImageError as exc:
-        return None, None, None, str(exc)
+        return None, None, None, str(exc), time.perf_counter() - started, len(data)
     time.sleep(random.uniform(settings.gpu_sleep_min_s, settings.gpu_sleep_max_s))
-    return width, height, perimeter(width, height), None
+    return width, height, perimeter(width, height), None, time.perf_counter() - started, len(data)
 
 
 class _ProcessState:
@@ -59,7 +63,7 @@ class _ProcessState:
             try:
                 outcomes.append((index, *future.result()))
             except Exception as exc:  # a bug must fail one image with its cause, not lose the chunk
-                outcomes.append((index, None, None, None, f"internal error: {type(exc).__name__}: {exc}"))
+                outcomes.append((index, None, None, None, f"internal error: {type(exc).__name__}: {exc}", 0.0, 0))
         return outcomes
 
 

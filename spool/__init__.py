@@ -17,6 +17,10 @@ reader never sees half a file and after a crash the state is whatever the last r
     daemon.json            the daemon's heartbeat, rewritten every second while its main loop runs:
                            {"pid": 123, "heartbeat_at": 1795000000.5 (Unix seconds), "processes": 2,
                             "jobs_active": 3, "images_in_flight": 512, "images_remaining_active": 9000}
+    control/<id>.<verb>    a request to the daemon about a job: cancel, requeue (all its images) or
+                           requeue-failed (only its failed images). Written by the API (cancel) or the
+                           operator CLI; the daemon carries it out and removes it. Only the daemon moves
+                           job files, so requests never race with the work.
     incoming/<id>.json     a submitted job, complete, not yet claimed. Written by the API.
     active/<id>.json       the same file, claimed (renamed) by the daemon, which is working on it.
     done/<id>.json         the job file once every image has a result and none failed.
@@ -128,7 +132,8 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Paths and atomic operations on one spool folder. Holds no state but its root."""
 
-    FOLDERS = ("tmp", "meta", "incoming", "active", "done", "failed", "corrupt", "status", "results")
+    FOLDERS = ("tmp", "meta", "control", "incoming", "active", "done", "failed", "corrupt", "status", "results")
+    CONTROL_VERBS = ("cancel", "requeue", "requeue-failed")
     JOB_FOLDERS = ("incoming", "active", "done", "failed")
 
     def __init__(self, root: str | os.PathLike):
@@ -278,6 +283,60 @@ class Spool:
             if mode & stat.S_IWOTH:
                 return f"{path} is writable by every user (mode {stat.filemode(mode)}); chmod o-w it"
         return None
+
+    def job_folder(self, job_id: int) -> str | None:
+        """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none."""
+        for folder in self.JOB_FOLDERS:
+            if self.job_path(folder, job_id).exists():
+                return folder
+        return None
+
+    def request(self, job_id: int, verb: str) -> None:
+        """Ask the daemon to cancel or requeue a job (see control/ above)."""
+        if verb not in self.CONTROL_VERBS:
+            raise ValueError(f"unknown request {verb!r}")
+        self.write_atomic(self.root / "control" / f"{job_id}.{verb}", (utc_now() + "\n").encode())
+
+    def requests(self) -> list[tuple[int, str, Path]]:
+        """(job id, verb, path) of the pending control requests, oldest job first."""
+        found = []
+        for entry in os.scandir(self.root / "control"):
+            stem, _, verb = entry.name.partition(".")
+            job_id = parse_job_id(stem)
+            if job_id is not None and verb in self.CONTROL_VERBS:
+                found.append((job_id, verb, Path(entry.path)))
+        return sorted(found)
+
+    def finished_at(self, job_id: int) -> float | None:
+        """When a finished job's status was last written (Unix seconds); None if it is not finished."""
+        if self.job_folder(job_id) not in ("done", "failed"):
+            return None
+        try:
+            return self.status_path(job_id).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def purge(self, job_id: int) -> bool:
+        """Delete a finished job and everything about it. False (nothing deleted) if it is not finished.
+
+        The job file goes first, so an interrupted purge leaves a job that reads as unknown or, at worst,
+        a status without a job; the status goes last, and purging again finishes the work.
+        """
+        folder = self.job_folder(job_id)
+        if folder in ("incoming", "active"):
+            return False
+        if folder is not None:
+            self.job_path(folder, job_id).unlink(missing_ok=True)
+        results = self.results_dir(job_id)
+        if results.exists():
+            for entry in os.scandir(results):
+                os.unlink(entry.path)
+            results.rmdir()
+        for verb in self.CONTROL_VERBS:
+            (self.root / "control" / f"{job_id}.{verb}").unlink(missing_ok=True)
+        self.meta_path(job_id).unlink(missing_ok=True)
+        self.status_path(job_id).unlink(missing_ok=True)
+        return True
 
     def iter_result_lines(self, job_id: int) -> Iterator[bytes]:
         """Each recorded result line (JSON, no newline), in image order. Streams; never loads a whole job."""

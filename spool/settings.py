@@ -90,6 +90,8 @@ SETTINGS: tuple[Setting, ...] = (
             "that died with a task", 0.05, 60),
     Setting("max_worker_deaths", "daemon", int, 3, "an image whose pool process dies this many times is "
             "failed (a poison image)", 1, 100),
+    Setting("retention_days", "daemon", float, 7.0, "finished jobs (files, status, results) older than this "
+            "are deleted, checked every 10 minutes; 0 keeps them forever", 0),
     # --- download (read by the daemon)
     Setting("download_connect_timeout_s", "download", float, 5.0, "TCP+TLS connect timeout per attempt", 0.01),
     Setting("download_read_timeout_s", "download", float, 10.0, "longest silence while reading", 0.01),

@@ -155,7 +155,7 @@ def test_results_are_durable_before_the_status_counts_them(spool, syscalls):
     supervisor.load(job_id, spool.claim(job_id))
     job = supervisor.jobs[job_id]
     del syscalls[:]
-    supervisor.record_chunk(job, job.pending.popleft(), [(0, 1, 1, 4, None)])  # what the pool task returned
+    supervisor.record_chunk(job, job.pending.popleft(), [(0, 1, 1, 4, None, 0.2, 100)])  # what the pool task returned
     results = assert_durable_write(syscalls, spool.results_dir(job_id) / "00000000-00000001.jsonl")
     status = assert_durable_write(syscalls, spool.status_path(job_id))
     finished = assert_durable_write(syscalls, spool.job_path("done", job_id), new_file=False)

@@ -3,17 +3,22 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
-from spool import Spool, parse_job_id
+from spool import Spool, parse_job_id, pid_exists
 from webapi.auth import Tokens
+from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from webapi.metrics import render as render_metrics
 from webapi.validate import InvalidSubmission, SubmitLimits, parse_submission
 
 log = logging.getLogger("retailpulse.webapi")
 
 _RESULTS_BATCH_BYTES = 64 * 1024
+#: The daemon writes its heartbeat every second; this much silence means it is stuck or gone.
+HEARTBEAT_STALE_S = 10.0
 
 # Request bodies are read by read_body(), bounded by SubmitLimits.max_body_bytes, and never through
 # bottle.request.body. webapi/__main__ still sets Bottle's MEMFILE_MAX on purpose (see BOTTLE_MEMFILE_MAX).
@@ -130,6 +135,102 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | 
         head = {"job_id": doc["job_id"], "status": doc["status"]}
         return HTTPResponse(stream_results(spool, job_id, head), status=200,
                             headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
+
+    def job_of_caller() -> tuple[int, str | None] | HTTPResponse:
+        """For the routes that change a job: its id, after the same checks as status (owner included)."""
+        found = known_job()
+        if isinstance(found, HTTPResponse):
+            return found
+        return found[0], spool.job_folder(found[0])
+
+    @app.post("/api/cancel")
+    def cancel():
+        """Ask the daemon to stop a job: images not yet started get "cancelled by request"."""
+        found = job_of_caller()
+        if isinstance(found, HTTPResponse):
+            return found
+        job_id, folder = found
+        if folder not in ("incoming", "active"):
+            return json_response(409, {"error": f"job {job_id} is not queued or running (it is {folder})"})
+        try:
+            spool.request(job_id, "cancel")
+        except OSError as exc:
+            return json_response(503, {"error": f"cannot store the request now: {exc.strerror or exc}"},
+                                 **{"Retry-After": "30"})
+        log.info("job %d: cancel requested", job_id)
+        return json_response(202, {"job_id": str(job_id), "cancel": "requested"})
+
+    @app.delete("/api/job")
+    def purge_one():
+        """Delete a finished job: its file, status and results. 409 while it is queued or running."""
+        found = job_of_caller()
+        if isinstance(found, HTTPResponse):
+            return found
+        job_id, _folder = found
+        try:
+            purged = spool.purge(job_id)
+        except OSError as exc:
+            return json_response(503, {"error": f"cannot delete now: {exc.strerror or exc}"}, **{"Retry-After": "30"})
+        if not purged:
+            return json_response(409, {"error": f"job {job_id} is queued or running; cancel it first"})
+        log.info("job %d: purged", job_id)
+        return json_response(200, {"job_id": str(job_id), "purged": True})
+
+    @app.post("/api/purge")
+    def purge_old():
+        """Delete every finished job older than ?older_than_days= (the caller's own, with tokens on)."""
+        owner = caller()
+        if isinstance(owner, HTTPResponse):
+            return owner
+        raw = request.query.getunicode("older_than_days") or ""
+        try:
+            days = float(raw)
+            if not 0 <= days <= 36500:
+                raise ValueError
+        except ValueError:
+            return json_response(400, {"error": "older_than_days: must be a number of days, 0 to 36500"})
+        cutoff = time.time() - days * 86400
+        purged = []
+        for folder in ("done", "failed"):
+            for job_id in spool.job_ids(folder):
+                finished = spool.finished_at(job_id)
+                if finished is None or finished >= cutoff:
+                    continue
+                if tokens is not None and (spool.read_meta(job_id) or {}).get("owner") != owner:
+                    continue
+                if spool.purge(job_id):
+                    purged.append(job_id)
+        log.info("purged %d finished job(s) older than %g days", len(purged), days)
+        return json_response(200, {"purged": sorted(purged)})
+
+    @app.get("/healthz")
+    def healthz():
+        """200 when the API can write the spool and the daemon's heartbeat is fresh; 503 naming what is not."""
+        checks = {"api": "ok", "spool_writable": "ok", "daemon": "ok"}
+        try:
+            spool.write_atomic(spool.root / "tmp" / "healthz", b"ok\n", durable=False)
+        except OSError as exc:
+            checks["spool_writable"] = f"cannot write: {exc.strerror or exc}"
+        beat = spool.read_heartbeat()
+        if beat is None:
+            checks["daemon"] = "no heartbeat (daemon.json missing): daemon not running"
+        else:
+            age = time.time() - beat.get("heartbeat_at", 0)
+            if age > HEARTBEAT_STALE_S:
+                checks["daemon"] = f"last heartbeat {age:.0f} s ago"
+            elif not pid_exists(int(beat.get("pid", 0))):
+                checks["daemon"] = f"process {beat.get('pid')} is gone"
+            elif beat.get("paused"):
+                checks["daemon"] = "paused: cannot write results (disk full?)"
+        healthy = all(value == "ok" for value in checks.values())
+        return json_response(200 if healthy else 503, {"ok": healthy, "checks": checks})
+
+    @app.get("/metrics")
+    def metrics():
+        owner = caller()
+        if isinstance(owner, HTTPResponse):
+            return owner
+        return HTTPResponse(render_metrics(spool), status=200, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     def json_error(err: bottle.HTTPError) -> str:
         bottle.response.content_type = "application/json"

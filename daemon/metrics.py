@@ -1,0 +1,60 @@
+"""What the daemon counts for /metrics. Pure bookkeeping: the supervisor feeds it outcomes, the heartbeat
+file carries ``snapshot()`` to the API, which renders it for Prometheus (webapi/metrics.py).
+
+Counters start at zero when the daemon starts; Prometheus' rate() treats that as a counter reset.
+"""
+from __future__ import annotations
+
+import bisect
+
+#: Upper bounds (seconds) of the per-image processing time histogram: download + measure + GPU wait.
+SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: error text prefix -> reason label. One small, fixed set of labels, so the series stay few.
+_REASONS = (
+    ("HTTP 4", "http_4xx"), ("HTTP 5", "http_5xx"), ("HTTP ", "http_other"), ("timed out", "timeout"),
+    ("connection failed", "connection"), ("download failed", "connection"), ("too large", "too_large"),
+    ("too many redirects", "redirects"), ("invalid URL", "invalid_url"), ("address not allowed", "address"),
+    ("format not allowed", "format"), ("truncated image", "truncated"), ("empty body", "not_an_image"),
+    ("not an image", "not_an_image"), ("unreadable image", "not_an_image"), ("image too large", "too_large"),
+    ("image has no area", "not_an_image"), ("store_id not in", "unknown_store"),
+    ("the pool process died", "worker_died"), ("cancelled", "cancelled"),
+)
+
+
+def failure_reason(error: str) -> str:
+    """The reason label of an image error, e.g. "HTTP 404 (permanent, 1 attempt)" -> "http_4xx"."""
+    for prefix, label in _REASONS:
+        if error.startswith(prefix):
+            return label
+    return "other"
+
+
+class Metrics:
+    def __init__(self):
+        self.images_ok = 0
+        self.images_failed: dict[str, int] = {}
+        self.download_bytes = 0
+        self.seconds_buckets = [0] * (len(SECONDS_BUCKETS) + 1)  # the last one is +Inf
+        self.seconds_sum = 0.0
+        self.jobs_finished: dict[str, int] = {}
+
+    def image(self, error: str | None, seconds: float | None, nbytes: int) -> None:
+        if error is None:
+            self.images_ok += 1
+        else:
+            reason = failure_reason(error)
+            self.images_failed[reason] = self.images_failed.get(reason, 0) + 1
+        self.download_bytes += nbytes
+        if seconds is not None:
+            self.seconds_buckets[bisect.bisect_left(SECONDS_BUCKETS, seconds)] += 1
+            self.seconds_sum += seconds
+
+    def job(self, status: str) -> None:
+        self.jobs_finished[status] = self.jobs_finished.get(status, 0) + 1
+
+    def snapshot(self) -> dict:
+        return {"images_ok": self.images_ok, "images_failed": dict(self.images_failed),
+                "download_bytes": self.download_bytes, "seconds_buckets": list(SECONDS_BUCKETS),
+                "seconds_counts": list(self.seconds_buckets), "seconds_sum": round(self.seconds_sum, 6),
+                "jobs_finished": dict(self.jobs_finished)}

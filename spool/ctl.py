@@ -1,0 +1,200 @@
+"""``retailpulse-ctl``: look at and steer the spool, as postqueue(1) and postcat(1) do for Postfix.
+
+    retailpulse-ctl list [--state failed]       one line per job: state, progress, age, first failure
+    retailpulse-ctl show 17 [--results 20]      job file summary, status and results, readable
+    retailpulse-ctl follow 17                   a live progress bar until the job finishes
+    retailpulse-ctl cancel 17                   images not started yet get "cancelled by request"
+    retailpulse-ctl requeue 17 [--failed-only]  a finished job goes round again (all or its failed images)
+    retailpulse-ctl purge 17 | --older-than-days 7   delete finished jobs and their results
+
+cancel and requeue leave a request in control/ that the daemon carries out within a second (only the daemon
+moves job files); list, show, follow and purge work on the files directly, with or without a daemon.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+
+from spool import Spool, Status, parse_job_id
+from spool.settings import SettingError, add_options, resolve, settings_for
+
+EXIT_USAGE = 2
+
+
+def age_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def progress_bar(done: int, total: int, width: int = 30) -> str:
+    filled = width if total == 0 else int(width * done / total)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
+def job_line(spool: Spool, job_id: int, folder: str, now: float) -> str:
+    status = spool.read_status(job_id) or {}
+    meta = spool.read_meta(job_id) or {}
+    total = status.get("images_total", meta.get("images", "?"))
+    done = status.get("images_done", 0)
+    failed = status.get("images_failed", 0)
+    try:
+        age = age_text(now - spool.job_path(folder, job_id).stat().st_mtime)
+    except FileNotFoundError:
+        age = "-"
+    first_error = ""
+    if status.get("error"):
+        entry = status["error"][0]
+        first_error = f"{entry.get('store_id')}: {entry.get('error')}"
+    return (f"{job_id:>8}  {folder:<8}  {status.get('status', '?'):<9}  {f'{done}/{total}':>13}  {failed:>6}  "
+            f"{age:>5}  {first_error}")[:160]
+
+
+def cmd_list(spool: Spool, args) -> int:
+    folders = [args.state] if args.state else list(Spool.JOB_FOLDERS)
+    now = time.time()
+    print(f"{'JOB':>8}  {'STATE':<8}  {'STATUS':<9}  {'DONE/TOTAL':>13}  {'FAILED':>6}  {'AGE':>5}  FIRST FAILURE")
+    count = 0
+    for folder in folders:
+        for job_id in spool.job_ids(folder):
+            print(job_line(spool, job_id, folder, now))
+            count += 1
+    print(f"-- {count} job(s)")
+    return 0
+
+
+def cmd_show(spool: Spool, args) -> int:
+    folder = spool.job_folder(args.job_id)
+    status = spool.read_status(args.job_id)
+    if folder is None and status is None:
+        print(f"retailpulse-ctl: no job {args.job_id}", file=sys.stderr)
+        return 1
+    print(f"job {args.job_id}: {folder or 'no job file'}  ({spool.root})")
+    if folder is not None:
+        doc = spool.read_job(spool.job_path(folder, args.job_id))
+        visits = doc.get("visits", [])
+        print(f"  submitted_at: {doc.get('submitted_at')}   count: {doc.get('count')}   "
+              f"images: {sum(len(v.get('image_url', [])) for v in visits)}")
+        for visit in visits[:10]:
+            images = len(visit.get("image_url", []))
+            print(f"  visit {visit.get('store_id')} at {visit.get('visit_time')}: {images} images")
+        if len(visits) > 10:
+            print(f"  ... {len(visits) - 10} more visits")
+    print("status:")
+    print("  " + json.dumps(status, indent=2).replace("\n", "\n  "))
+    print("results:")
+    shown = 0
+    for line in spool.iter_result_lines(args.job_id):
+        if args.results is not None and shown >= args.results:
+            print(f"  ... (--results {args.results}; use --results -1 for all)")
+            break
+        r = json.loads(line)
+        outcome = f"{r['width']}x{r['height']} perimeter {r['perimeter']}" if r.get("error") is None else r["error"]
+        print(f"  #{r['index']:<6} {r['store_id']:<10} {outcome}  {r['image_url']}")
+        shown += 1
+    return 0
+
+
+def cmd_follow(spool: Spool, args, sleep: Callable[[float], None] = time.sleep) -> int:
+    while True:
+        status = spool.read_status(args.job_id)
+        if status is None:
+            print(f"retailpulse-ctl: no job {args.job_id}", file=sys.stderr)
+            return 1
+        bar = progress_bar(status.get("images_done", 0), status.get("images_total", 0))
+        print(f"\rjob {args.job_id} {status['status']:<9} {bar}  failed {status.get('images_failed', 0)}",
+              end="", flush=True)
+        if status["status"] != Status.ONGOING:
+            print()
+            return 0 if status["status"] == Status.COMPLETED else 1
+        sleep(args.interval)
+
+
+def cmd_request(spool: Spool, args) -> int:
+    verb = args.command if not getattr(args, "failed_only", False) else "requeue-failed"
+    folder = spool.job_folder(args.job_id)
+    wanted = ("incoming", "active") if verb == "cancel" else ("done", "failed")
+    if folder not in wanted:
+        print(f"retailpulse-ctl: job {args.job_id} is {folder or 'unknown'}; {verb} needs it "
+              f"{' or '.join(wanted)}", file=sys.stderr)
+        return 1
+    spool.request(args.job_id, verb)
+    print(f"job {args.job_id}: {verb} requested; the daemon carries it out (control/{args.job_id}.{verb})")
+    return 0
+
+
+def cmd_purge(spool: Spool, args) -> int:
+    if (args.job_id is None) == (args.older_than_days is None):
+        print("retailpulse-ctl: purge takes a job id or --older-than-days, one of them", file=sys.stderr)
+        return EXIT_USAGE
+    if args.job_id is not None:
+        if not spool.purge(args.job_id):
+            print(f"retailpulse-ctl: job {args.job_id} is queued or running; cancel it first", file=sys.stderr)
+            return 1
+        print(f"job {args.job_id}: purged")
+        return 0
+    cutoff = time.time() - args.older_than_days * 86400
+    purged = [job_id for folder in ("done", "failed") for job_id in spool.job_ids(folder)
+              if (spool.finished_at(job_id) or cutoff) < cutoff and spool.purge(job_id)]
+    print(f"purged {len(purged)} job(s) finished more than {args.older_than_days:g} days ago")
+    return 0
+
+
+def job_id_arg(text: str) -> int:
+    job_id = parse_job_id(text)
+    if job_id is None:
+        raise argparse.ArgumentTypeError(f"not a job id: {text!r}")
+    return job_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retailpulse-ctl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(parser, settings_for(()))
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("list", help="one line per job")
+    p.add_argument("--state", choices=Spool.JOB_FOLDERS)
+    p = commands.add_parser("show", help="a job's file, status and results")
+    p.add_argument("job_id", type=job_id_arg)
+    p.add_argument("--results", type=int, default=20, help="how many result lines; -1 for all [20]")
+    p = commands.add_parser("follow", help="live progress until the job finishes")
+    p.add_argument("job_id", type=job_id_arg)
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between looks [0.5]")
+    p = commands.add_parser("cancel", help="stop a queued or running job")
+    p.add_argument("job_id", type=job_id_arg)
+    p = commands.add_parser("requeue", help="run a finished job again")
+    p.add_argument("job_id", type=job_id_arg)
+    p.add_argument("--failed-only", action="store_true", help="only the images that failed")
+    p = commands.add_parser("purge", help="delete finished jobs")
+    p.add_argument("job_id", type=job_id_arg, nargs="?")
+    p.add_argument("--older-than-days", type=float)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve(settings_for(()), args)
+    except SettingError as exc:
+        print(f"retailpulse-ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    spool = Spool(config.spool_dir)
+    if not (spool.root / "incoming").is_dir():
+        print(f"retailpulse-ctl: {spool.root} is not a spool (no incoming/ folder)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "show" and args.results < 0:
+        args.results = None
+    handlers = {"list": cmd_list, "show": cmd_show, "follow": cmd_follow, "cancel": cmd_request,
+                "requeue": cmd_request, "purge": cmd_purge}
+    try:
+        return handlers[args.command](spool, args)
+    except BrokenPipeError:  # `retailpulse-ctl list | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""GET /metrics: Prometheus text, from what the spool says. The daemon counts (daemon/metrics.py) and writes
+the counts into daemon.json every second; the API only reads files, so every API process serves the same
+numbers and nothing is shared in memory across processes.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from spool import Spool
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class SpoolCollector:
+    def __init__(self, spool: Spool):
+        self.spool = spool
+
+    def collect(self):
+        jobs = GaugeMetricFamily("retailpulse_jobs", "Jobs by state (the spool folder they are in)", labels=["state"])
+        for folder in Spool.JOB_FOLDERS:
+            jobs.add_metric([folder], sum(1 for _ in os.scandir(self.spool.root / folder)))
+        yield jobs
+        beat = self.spool.read_heartbeat() or {}
+        age = GaugeMetricFamily("retailpulse_daemon_heartbeat_age_seconds", "Seconds since the daemon's last heartbeat")
+        age.add_metric([], time.time() - beat["heartbeat_at"] if "heartbeat_at" in beat else float("inf"))
+        yield age
+        for name, key, help_text in (
+                ("retailpulse_pool_processes", "processes", "Pool processes of the daemon"),
+                ("retailpulse_images_in_flight", "images_in_flight", "Images handed to the pool, not yet recorded"),
+                ("retailpulse_images_remaining_active", "images_remaining_active",
+                 "Images of running jobs without a result yet")):
+            gauge = GaugeMetricFamily(name, help_text)
+            gauge.add_metric([], beat.get(key, 0))
+            yield gauge
+        queue = GaugeMetricFamily("retailpulse_queue_depth_images", "Images waiting or in progress")
+        queue.add_metric([], self.spool.queued_images())
+        yield queue
+        counts = beat.get("metrics", {})
+        processed = CounterMetricFamily("retailpulse_images_processed", "Images with a recorded result",
+                                        labels=["result"])
+        processed.add_metric(["ok"], counts.get("images_ok", 0))
+        processed.add_metric(["failed"], sum(counts.get("images_failed", {}).values()))
+        yield processed
+        failed = CounterMetricFamily("retailpulse_images_failed", "Failed images by reason", labels=["reason"])
+        for reason, count in sorted(counts.get("images_failed", {}).items()):
+            failed.add_metric([reason], count)
+        yield failed
+        downloaded = CounterMetricFamily("retailpulse_download_bytes", "Bytes of image bodies downloaded")
+        downloaded.add_metric([], counts.get("download_bytes", 0))
+        yield downloaded
+        finished = CounterMetricFamily("retailpulse_jobs_finished", "Jobs finished by status", labels=["status"])
+        for status, count in sorted(counts.get("jobs_finished", {}).items()):
+            finished.add_metric([status], count)
+        yield finished
+        bounds, per_bucket = counts.get("seconds_buckets", []), counts.get("seconds_counts", [])
+        if per_bucket:
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, bounds), "+Inf"], per_bucket, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            seconds = HistogramMetricFamily("retailpulse_image_processing_seconds",
+                                            "Per image: download, measure and GPU wait")
+            seconds.add_metric([], buckets, counts.get("seconds_sum", 0.0))
+            yield seconds
+
+
+def render(spool: Spool) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SpoolCollector(spool))
+    return generate_latest(registry)
