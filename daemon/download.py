@@ -9,7 +9,7 @@ import requests
 import requests.adapters
 import urllib3.exceptions
 
-from daemon.measure import ImageError
+from daemon.measure import HEAD_BYTES, TAIL_BYTES, ImageBytes, ImageError
 from daemon.netguard import AddressPolicy, ForbiddenAddress, GuardedAdapter
 
 _READ_SIZE = 64 * 1024
@@ -47,7 +47,7 @@ def _retry_after_s(value: str | None) -> float | None:
 
 
 def fetch_with_retries(session: requests.Session, url: str, limits: DownloadLimits,
-                       sleep=time.sleep) -> bytes:
+                       sleep=time.sleep) -> ImageBytes:
     """fetch(), tried again after a transient failure, up to limits.attempts times in all.
 
     The error says whether the last failure was transient or permanent and how many attempts were made,
@@ -79,8 +79,9 @@ def make_session(pool_size: int, policy: AddressPolicy, max_redirects: int = 3) 
     return session
 
 
-def fetch(session: requests.Session, url: str, limits: DownloadLimits) -> bytes:
-    """The body at ``url``, one attempt. Raises DownloadError: HTTP status, timeout, size, connection."""
+def fetch(session: requests.Session, url: str, limits: DownloadLimits) -> ImageBytes:
+    """The body at ``url`` (its head and tail; see ImageBytes), one attempt. Raises DownloadError: HTTP
+    status, timeout, size, connection. The whole body is read, whatever is kept of it."""
     deadline = time.monotonic() + limits.total_timeout_s
     try:
         with session.get(url, stream=True, allow_redirects=True,
@@ -91,7 +92,7 @@ def fetch(session: requests.Session, url: str, limits: DownloadLimits) -> bytes:
             declared = resp.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > limits.max_image_bytes:
                 raise DownloadError(f"too large: {declared} bytes (limit {limits.max_image_bytes})", False)
-            parts, size = [], 0
+            head, tail, size = bytearray(), b"", 0
             while True:
                 # read1 returns what has arrived instead of waiting for a full buffer, so the deadline
                 # is checked at least once per read timeout even against a server that trickles.
@@ -103,8 +104,10 @@ def fetch(session: requests.Session, url: str, limits: DownloadLimits) -> bytes:
                     raise DownloadError(f"too large: over {limits.max_image_bytes} bytes", False)
                 if time.monotonic() > deadline:
                     raise DownloadError(f"timed out: body not complete after {limits.total_timeout_s:g} s", True)
-                parts.append(part)
-            return b"".join(parts)
+                if len(head) < HEAD_BYTES:
+                    head += part[:HEAD_BYTES - len(head)]
+                tail = (tail + part)[-TAIL_BYTES:]
+            return ImageBytes(bytes(head), tail, size)
     except requests.exceptions.ConnectTimeout:
         raise DownloadError(f"timed out: no connection within {limits.connect_timeout_s:g} s", True) from None
     except (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError):

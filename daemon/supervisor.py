@@ -3,8 +3,9 @@
 One thread (the caller of ``Supervisor.run``) owns every job's bookkeeping. The pool's result thread only
 puts finished chunks on a queue, so nothing is shared between threads but that queue.
 
-Fairness: chunks are dispatched round-robin over the active jobs, and at most ``max_inflight_chunks`` are
-in the pool at once, so a small job submitted behind a huge one waits for a few chunks, not for the job.
+Fairness: chunks are taken round-robin over the active jobs into pool tasks, and at most
+``max_inflight_tasks`` tasks are in the pool at once, so a small job submitted behind a huge one waits for a
+few tasks, not for the job, and many jobs progress together.
 Resumption: a job found in active/ at start-up keeps its recorded results; only images with no results
 file are dispatched again.
 Dead pool processes: a chunk whose process died (kill -9, OOM) is split in two and both halves are
@@ -44,6 +45,14 @@ CANCELLED = "cancelled by request"
 HEARTBEAT_INTERVAL_S = 1.0
 
 
+@dataclass
+class Task:
+    """One pool task: its chunks, and for each item handed to the pool the (chunk, image index) it is."""
+
+    chunks: list[Chunk]
+    keys: list[tuple[Chunk, int]]
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Images first..stop-1 of a job; ``deaths``: pool processes that died while holding these images."""
@@ -56,8 +65,9 @@ class Chunk:
 
 @dataclass(frozen=True)
 class SupervisorSettings:
-    chunk_images: int = 128  # images per pool task
-    max_inflight_chunks: int = 4  # pool tasks queued or running at once: bounds memory and queueing delay
+    chunk_images: int = 64  # images per chunk: the unit of fairness, of results files and of redoing
+    task_chunks: int = 8  # chunks per pool task, from different jobs where there are several
+    max_inflight_tasks: int = 2  # pool tasks queued or running at once: bounds memory and queueing delay
     max_active_jobs: int = 32  # jobs progressing at once; more wait in incoming/
     poll_interval_s: float = 0.1  # how often incoming/ is looked at while idle
     drain_timeout_s: float = 60.0  # on stop, how long in-flight chunks may take to finish and be recorded
@@ -133,7 +143,7 @@ class Supervisor:
         self.settings = settings
         self.jobs: dict[int, ActiveJob] = {}
         self.rotation: deque[int] = deque()  # job ids, next to dispatch from first
-        self.dispatched: dict[int, Chunk] = {}  # token -> chunk, for every pool task we still wait for
+        self.dispatched: dict[int, Task] = {}  # token -> task, for every pool task we still wait for
         self.next_token = 1
         self.finished_chunks: queue.Queue = queue.Queue()
         self.unrecorded: deque[tuple[int, list[Outcome] | BaseException, Chunk]] = deque()  # disk trouble
@@ -147,6 +157,10 @@ class Supervisor:
     @property
     def in_flight(self) -> int:
         return len(self.dispatched)
+
+    @property
+    def images_in_flight(self) -> int:
+        return sum(chunk.stop - chunk.first for task in self.dispatched.values() for chunk in task.chunks)
 
     @property
     def paused(self) -> bool:
@@ -271,7 +285,7 @@ class Supervisor:
 
     def status_line(self) -> str:
         """For `systemctl status`: STATUS=3 jobs, 412 images in flight."""
-        images = sum(c.stop - c.first for c in self.dispatched.values())
+        images = self.images_in_flight
         line = f"{len(self.jobs)} jobs, {images} images in flight"
         return line + ", PAUSED: cannot write to the spool" if self.paused else line
 
@@ -280,7 +294,7 @@ class Supervisor:
         self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
         doc = {"pid": os.getpid(), "heartbeat_at": round(time.time(), 3), "processes": self.pool.processes,
                "jobs_active": len(self.jobs), "chunks_in_flight": self.in_flight,
-               "images_in_flight": sum(c.stop - c.first for c in self.dispatched.values()),
+               "images_in_flight": self.images_in_flight,
                "images_remaining_active": sum(job.total - job.done for job in self.jobs.values()),
                "paused": self.paused, "metrics": self.metrics.snapshot()}
         try:
@@ -305,7 +319,7 @@ class Supervisor:
         try:
             event = self.finished_chunks.get(timeout=max(timeout_s, 0))
             while True:
-                self.chunk_returned(*event)
+                self.task_returned(*event)
                 event = self.finished_chunks.get_nowait()
         except queue.Empty:
             return
@@ -383,28 +397,49 @@ class Supervisor:
 
     # ------------------------------------------------------------ dispatching
     def dispatch(self) -> None:
-        """Hand chunks to the pool, one job after another, until the in-flight bound is reached."""
-        idle_turns = 0
-        while self.in_flight < self.settings.max_inflight_chunks and idle_turns < len(self.rotation):
-            job = self.jobs[self.rotation[0]]
-            self.rotation.rotate(-1)
-            if not job.pending:
-                idle_turns += 1
-                continue
-            idle_turns = 0
-            self.submit_chunk(job, job.pending.popleft())
+        """Fill pool tasks with chunks taken one job after another, until the in-flight bound is reached.
 
-    def submit_chunk(self, job: ActiveJob, chunk: Chunk) -> None:
-        items = [(i, job.images[i][2]) for i in range(chunk.first, chunk.stop) if job.images[i][0] in self.stores]
+        A task holds up to task_chunks chunks, from as many jobs as there are: a process works on all of them
+        at once, so twenty small jobs progress together instead of a few at a time. A chunk whose process
+        died travels alone, so that halving it finds the image that kills (see check_workers)."""
+        while self.in_flight < self.settings.max_inflight_tasks:
+            task: list[tuple[ActiveJob, Chunk]] = []
+            idle_turns = 0
+            while len(task) < self.settings.task_chunks and idle_turns < len(self.rotation):
+                job = self.jobs[self.rotation[0]]
+                if not job.pending:
+                    self.rotation.rotate(-1)
+                    idle_turns += 1
+                    continue
+                if job.pending[0].deaths and task:
+                    break
+                chunk = job.pending.popleft()
+                self.rotation.rotate(-1)
+                idle_turns = 0
+                task.append((job, chunk))
+                if chunk.deaths:
+                    break
+            if not task:
+                return
+            self.submit_task(task)
+
+    def submit_task(self, task: list[tuple[ActiveJob, Chunk]]) -> None:
+        items, keys = [], []  # items[k] = (k, url); keys[k] = (chunk, image index) it belongs to
+        for job, chunk in task:
+            job.in_flight += 1
+            for index in range(chunk.first, chunk.stop):
+                store_id, _visit_time, url = job.images[index]
+                if store_id in self.stores:
+                    keys.append((chunk, index))
+                    items.append((len(items), url))
         token, self.next_token = self.next_token, self.next_token + 1
-        job.in_flight += 1
-        self.dispatched[token] = chunk
+        self.dispatched[token] = Task([chunk for _, chunk in task], keys)
         if not items:  # every store unknown: nothing to download
             self.finished_chunks.put((token, []))
             return
-        self.pool.submit(token, items, partial(self._chunk_finished, token))
+        self.pool.submit(token, items, partial(self._task_finished, token))
 
-    def _chunk_finished(self, token: int, outcome: list[Outcome] | BaseException) -> None:
+    def _task_finished(self, token: int, outcome: list[Outcome] | BaseException) -> None:
         """Runs on the pool's result thread: only hands the outcome to the main loop."""
         self.finished_chunks.put((token, outcome))
 
@@ -415,34 +450,44 @@ class Supervisor:
             return
         self.next_worker_check = now + self.settings.worker_check_interval_s
         for token, pid in self.pool.lost_tasks():
-            chunk = self.dispatched.pop(token, None)
-            if chunk is None:
+            task = self.dispatched.pop(token, None)
+            if task is None:
                 continue
-            job = self.jobs[chunk.job_id]
-            job.in_flight -= 1
-            deaths = chunk.deaths + 1
-            log.warning("job %d: images %d..%d: pool process %s died with them (death %d)",
-                        chunk.job_id, chunk.first, chunk.stop - 1, pid or "(unknown)", deaths)
-            if not requeue:
-                continue  # stopping: a restart redoes them
-            if chunk.stop - chunk.first == 1 and deaths >= self.settings.max_worker_deaths:
-                why = f"the pool process died each time this image was processed ({deaths} attempts)"
-                self.record_chunk(job, Chunk(chunk.job_id, chunk.first, chunk.stop, deaths),
-                                  [(chunk.first, None, None, None, why, None, 0)])
-                continue
-            middle = (chunk.first + chunk.stop) // 2
-            halves = [Chunk(chunk.job_id, chunk.first, middle, deaths), Chunk(chunk.job_id, middle, chunk.stop, deaths)]
-            job.pending.extendleft(reversed([h for h in halves if h.stop > h.first]))
+            for chunk in task.chunks:
+                self.chunk_lost(chunk, pid, requeue)
 
-    # -------------------------------------------------------------- recording
-    def chunk_returned(self, token: int, outcome: list[Outcome] | BaseException) -> None:
-        chunk = self.dispatched.pop(token, None)
-        self.pool.forget(token)
-        if chunk is None:
-            return  # given up as lost, and dispatched again: that dispatch's result is the one recorded
+    def chunk_lost(self, chunk: Chunk, pid: int | None, requeue: bool) -> None:
         job = self.jobs[chunk.job_id]
         job.in_flight -= 1
-        self.record_chunk(job, chunk, outcome)
+        deaths = chunk.deaths + 1
+        log.warning("job %d: images %d..%d: pool process %s died with them (death %d)",
+                    chunk.job_id, chunk.first, chunk.stop - 1, pid or "(unknown)", deaths)
+        if not requeue:
+            return  # stopping: a restart redoes them
+        if chunk.stop - chunk.first == 1 and deaths >= self.settings.max_worker_deaths:
+            why = f"the pool process died each time this image was processed ({deaths} attempts)"
+            self.record_chunk(job, Chunk(chunk.job_id, chunk.first, chunk.stop, deaths),
+                              [(chunk.first, None, None, None, why, None, 0)])
+            return
+        middle = (chunk.first + chunk.stop) // 2
+        halves = [Chunk(chunk.job_id, chunk.first, middle, deaths), Chunk(chunk.job_id, middle, chunk.stop, deaths)]
+        job.pending.extendleft(reversed([h for h in halves if h.stop > h.first]))
+
+    # -------------------------------------------------------------- recording
+    def task_returned(self, token: int, outcome: list[Outcome] | BaseException) -> None:
+        task = self.dispatched.pop(token, None)
+        self.pool.forget(token)
+        if task is None:
+            return  # given up as lost, and dispatched again: that dispatch's result is the one recorded
+        per_chunk: dict[Chunk, list] = {chunk: [] for chunk in task.chunks}
+        if not isinstance(outcome, BaseException):
+            for key, *measured in outcome:
+                chunk, index = task.keys[key]
+                per_chunk[chunk].append((index, *measured))
+        for chunk in task.chunks:
+            job = self.jobs[chunk.job_id]
+            job.in_flight -= 1
+            self.record_chunk(job, chunk, outcome if isinstance(outcome, BaseException) else per_chunk[chunk])
 
     def record_chunk(self, job: ActiveJob, chunk: Chunk, outcome: list[Outcome] | BaseException) -> None:
         measured = {} if isinstance(outcome, BaseException) else {o[0]: o for o in outcome}

@@ -26,7 +26,7 @@ Outcome = tuple[int, "int | None", "int | None", "int | None", "str | None", flo
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    threads_per_process: int = 64
+    threads_per_process: int = 512
     gpu_sleep_min_s: float = 0.1
     gpu_sleep_max_s: float = 0.4
     limits: DownloadLimits = field(default_factory=DownloadLimits)
@@ -36,14 +36,15 @@ class WorkerSettings:
 def process_image(session: requests.Session, url: str, settings: WorkerSettings) -> tuple:
     """Download, measure, then the simulated GPU work. (width, height, perimeter, error, seconds, bytes)."""
     started = time.perf_counter()
-    data = b""
+    size = 0
     try:
-        data = fetch_with_retries(session, url, settings.limits)
-        width, height = image_size(data)
+        body = fetch_with_retries(session, url, settings.limits)
+        size = body.size
+        width, height = image_size(body)
     except ImageError as exc:
-        return None, None, None, str(exc), time.perf_counter() - started, len(data)
+        return None, None, None, str(exc), time.perf_counter() - started, size
     time.sleep(random.uniform(settings.gpu_sleep_min_s, settings.gpu_sleep_max_s))
-    return width, height, perimeter(width, height), None, time.perf_counter() - started, len(data)
+    return width, height, perimeter(width, height), None, time.perf_counter() - started, size
 
 
 class _ProcessState:

@@ -77,10 +77,15 @@ SETTINGS: tuple[Setting, ...] = (
     # --- daemon
     Setting("store_master", "daemon", Path, DEFAULT_STORE_MASTER, "CSV with AreaCode,StoreName,StoreID"),
     Setting("processes", "daemon", int, 0, "pool processes; 0 means one per core", 0, 256),
-    Setting("threads_per_process", "daemon", int, 64, "images downloaded at once per pool process", 1, 4096),
-    Setting("chunk_images", "daemon", int, 128, "images per pool task", 1, 100_000),
-    Setting("max_inflight_chunks", "daemon", int, 0, "pool tasks queued or running at once; 0 means 2 per "
-            "process. Bounds memory, and the images redone after a crash", 0, 10_000),
+    Setting("threads_per_process", "daemon", int, 512, "images in progress at once per pool process (each "
+            "thread downloads, measures, then sleeps the GPU wait)", 1, 4096),
+    Setting("chunk_images", "daemon", int, 64, "images per chunk: the unit of fairness between jobs, of "
+            "results files and of work redone after a crash", 1, 100_000),
+    Setting("task_chunks", "daemon", int, 8, "chunks per pool task, taken round-robin from the running jobs; "
+            "task_chunks x chunk_images should match threads_per_process", 1, 1000),
+    Setting("max_inflight_tasks", "daemon", int, 0, "pool tasks queued or running at once; 0 means one per "
+            "process (measured: more only queues, and a new job waits behind the queue). Bounds memory, and "
+            "the images redone after a crash", 0, 10_000),
     Setting("max_active_jobs", "daemon", int, 32, "jobs progressing at once; more wait in incoming/", 1, 100_000),
     Setting("gpu_sleep_min_s", "daemon", float, 0.1, "simulated GPU work per image, lower bound", 0, 60),
     Setting("gpu_sleep_max_s", "daemon", float, 0.4, "simulated GPU work per image, upper bound", 0, 60),

@@ -18,8 +18,8 @@ from tests.conftest import image_bytes, pid_of_peer, pool_worker_pids
 CHUNK, INFLIGHT_CHUNKS = 16, 4
 #: Settings that make a job of a few hundred images last a few seconds, with at most 64 images in flight.
 SLOW = ["--gpu-sleep-min-s", "0.05", "--gpu-sleep-max-s", "0.15", "--chunk-images", str(CHUNK),
-        "--threads-per-process", "16", "--max-inflight-chunks", str(INFLIGHT_CHUNKS), "--processes", "2",
-        "--worker-check-interval-s", "0.2"]
+        "--threads-per-process", "16", "--max-inflight-tasks", str(INFLIGHT_CHUNKS), "--task-chunks", "1",
+        "--processes", "2", "--worker-check-interval-s", "0.2"]
 
 
 def job_of(image_server, n: int, extra: list[str] = ()) -> list[dict]:

@@ -1,4 +1,5 @@
 """Downloading and processing one image: requests mocked by `responses`, one real trickling server."""
+import io
 import socket
 import threading
 import time
@@ -8,6 +9,7 @@ import requests
 import responses
 
 from daemon.download import MAX_BACKOFF_S, DownloadLimits, fetch, fetch_with_retries, make_session
+from daemon.measure import HEAD_BYTES, TAIL_BYTES, image_size
 from daemon.netguard import AddressPolicy
 from daemon.worker import WorkerSettings, process_image
 from tests.conftest import image_bytes
@@ -151,3 +153,16 @@ class _raw_server:
     def __exit__(self, *exc):
         self.done.set()
         self.sock.close()
+
+
+@responses.activate
+def test_big_image_is_measured_from_its_head_and_tail_with_memory_bounded(session):
+    from PIL import Image
+    noise = io.BytesIO()
+    Image.effect_noise((1600, 1200), 80).convert("RGB").save(noise, format="JPEG", quality=95)
+    big = noise.getvalue()
+    assert len(big) > 4 * HEAD_BYTES
+    responses.get(URL, body=big)
+    body = fetch(session, URL, DownloadLimits())
+    assert (body.size, len(body.head), len(body.tail)) == (len(big), HEAD_BYTES, TAIL_BYTES)
+    assert image_size(body) == (1600, 1200)

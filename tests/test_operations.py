@@ -16,7 +16,7 @@ from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, image_bytes
 from webapi.app import make_app
 
 SLOW = ["--gpu-sleep-min-s", "0.2", "--gpu-sleep-max-s", "0.3", "--chunk-images", "4",
-        "--threads-per-process", "4", "--max-inflight-chunks", "2", "--processes", "1"]
+        "--threads-per-process", "4", "--max-inflight-tasks", "2", "--task-chunks", "1", "--processes", "1"]
 
 
 def ctl(service, *args):

@@ -210,3 +210,32 @@ def test_full_disk_submit_is_503_and_leaves_no_partial_job(small_disk):
     assert r.status_code == 503 and r.headers["retry-after"]
     assert "No space left on device" in r.json()["error"]
     assert spool.job_ids("incoming") == [] and list((spool.root / "tmp").iterdir()) == []
+
+
+class RecordingPool:
+    """Stands in for the pool only to see how tasks are packed; nothing is measured through it."""
+
+    processes = 1
+
+    def __init__(self):
+        self.tasks = []
+
+    def submit(self, token, items, done):
+        self.tasks.append(items)
+
+
+def test_tasks_mix_chunks_of_all_running_jobs_and_a_chunk_that_saw_a_death_travels_alone(spool):
+    from daemon.supervisor import Chunk
+    pool = RecordingPool()
+    supervisor = Supervisor(spool, STORES, pool, SupervisorSettings(chunk_images=2, task_chunks=3,
+                                                                    max_inflight_tasks=3))
+    ids = [put_active_job(spool, [f"http://x/{j}-{i}.jpg" for i in range(4)]) for j in range(3)]
+    for job_id in ids:
+        supervisor.load(job_id, spool.job_path("active", job_id))
+    job = supervisor.jobs[ids[1]]
+    job.pending.appendleft(Chunk(ids[1], 0, 1, deaths=1))
+    supervisor.dispatch()
+    first, second, third = ([url.rsplit("/", 1)[1] for _, url in items] for items in pool.tasks)
+    assert first == ["0-0.jpg", "0-1.jpg"]  # job 2's next chunk has seen a death: it is not packed with others
+    assert second == ["1-0.jpg"]  # alone
+    assert {name.split("-")[0] for name in third} == {"0", "1", "2"}  # one chunk of every job
