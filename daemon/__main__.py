@@ -1,7 +1,6 @@
 """``python -m daemon``: run the supervisor and its process pool until SIGTERM or Ctrl-C."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -18,16 +17,14 @@ from daemon.stores import StoreMasterError, load_store_master
 from daemon.supervisor import Supervisor, SupervisorSettings
 from daemon.worker import WorkerSettings
 from spool import Spool
-from spool.settings import Config, SettingError, add_options, resolve, settings_for
+from spool.settings import Config, SettingError, load
 
 SECTIONS = ("daemon", "download")
 log = logging.getLogger("retailpulse.daemon")
 
 
 def load_config(argv: list[str] | None) -> Config:
-    parser = argparse.ArgumentParser(prog="retailpulse-daemon", description=__doc__)
-    add_options(parser, settings_for(SECTIONS))
-    config = resolve(settings_for(SECTIONS), parser.parse_args(argv))
+    config = load("retailpulse-daemon", __doc__, SECTIONS, argv)
     if config.gpu_sleep_min_s > config.gpu_sleep_max_s:
         raise SettingError(f"gpu_sleep_min_s ({config.source('gpu_sleep_min_s')}): must not exceed "
                            f"gpu_sleep_max_s ({config.gpu_sleep_max_s})")
@@ -35,8 +32,6 @@ def load_config(argv: list[str] | None) -> Config:
         parse_networks(config.download_allowed_networks)
     except ValueError as exc:
         raise SettingError(f"download_allowed_networks ({config.source('download_allowed_networks')}): {exc}") from None
-    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise SettingError(f"log_level ({config.source('log_level')}): not one of DEBUG, INFO, WARNING, ERROR")
     return config
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from spool import pid_exists
 log = logging.getLogger("retailpulse.daemon")
 
 STARTED_GRACE_S = 2.0
+TERMINATE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -79,11 +81,21 @@ class WatchedPool:
             del self._tasks[token]
         return lost
 
-    def worker_pids(self) -> list[int]:
-        return sorted(task.pid for task in self._tasks.values() if task.pid is not None)
+    def terminate(self, timeout_s: float = TERMINATE_TIMEOUT_S) -> None:
+        """Stop the pool processes, waiting timeout_s at most.
 
-    def terminate(self) -> None:
-        self._pool.terminate()
+        Pool.terminate() first takes the task queue's read lock, which an idle pool process holds while it
+        waits for a task; if that process was killed (a SIGTERM to the whole process group, the OOM killer),
+        the lock is never released and terminate() waits forever. So it runs on a thread we stop waiting
+        for; the processes left behind see their forkserver go with us and exit on their own.
+        """
+        stopper = threading.Thread(target=self._pool.terminate, name="pool-terminate", daemon=True)
+        stopper.start()
+        stopper.join(timeout_s)
+        if stopper.is_alive():
+            log.warning("pool did not stop within %g s (a pool process died holding the task queue lock); "
+                        "exiting without it", timeout_s)
+            return
         self._pool.join()
         self._started.close()
         self._started_writer.close()

@@ -272,13 +272,8 @@ class Supervisor:
         self.next_retention = time.monotonic() + RETENTION_INTERVAL_S
         if not self.settings.retention_s:
             return
-        cutoff = time.time() - self.settings.retention_s
-        purged = 0
-        for folder in ("done", "failed"):
-            for job_id in self.spool.job_ids(folder):
-                finished = self.spool.finished_at(job_id)
-                if finished is not None and finished < cutoff and self.spool.purge(job_id):
-                    purged += 1
+        old = self.spool.finished_before(time.time() - self.settings.retention_s)
+        purged = sum(self.spool.purge(job_id) for job_id in old)
         if purged:
             log.info("retention: deleted %d finished job(s) older than %g days", purged,
                      self.settings.retention_s / 86400)

@@ -307,14 +307,17 @@ class Spool:
                 found.append((job_id, verb, Path(entry.path)))
         return sorted(found)
 
-    def finished_at(self, job_id: int) -> float | None:
-        """When a finished job's status was last written (Unix seconds); None if it is not finished."""
-        if self.job_folder(job_id) not in ("done", "failed"):
-            return None
-        try:
-            return self.status_path(job_id).stat().st_mtime
-        except FileNotFoundError:
-            return None
+    def finished_before(self, cutoff: float) -> list[int]:
+        """Ids of the finished jobs (done/, failed/) whose final status was written before ``cutoff`` (Unix s)."""
+        ids = []
+        for folder in ("done", "failed"):
+            for job_id in self.job_ids(folder):
+                try:
+                    if self.status_path(job_id).stat().st_mtime < cutoff:
+                        ids.append(job_id)
+                except FileNotFoundError:
+                    continue
+        return sorted(ids)
 
     def purge(self, job_id: int) -> bool:
         """Delete a finished job and everything about it. False (nothing deleted) if it is not finished.

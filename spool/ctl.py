@@ -137,9 +137,8 @@ def cmd_purge(spool: Spool, args) -> int:
             return 1
         print(f"job {args.job_id}: purged")
         return 0
-    cutoff = time.time() - args.older_than_days * 86400
-    purged = [job_id for folder in ("done", "failed") for job_id in spool.job_ids(folder)
-              if (spool.finished_at(job_id) or cutoff) < cutoff and spool.purge(job_id)]
+    purged = [job_id for job_id in spool.finished_before(time.time() - args.older_than_days * 86400)
+              if spool.purge(job_id)]
     print(f"purged {len(purged)} job(s) finished more than {args.older_than_days:g} days ago")
     return 0
 

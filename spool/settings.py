@@ -40,6 +40,13 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r} (use true or false)")
 
 
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("not one of DEBUG, INFO, WARNING, ERROR")
+    return level
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -73,7 +80,7 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     # --- common
     Setting("spool_dir", "common", Path, DEFAULT_SPOOL_DIR, "the spool folder both programs share"),
-    Setting("log_level", "common", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Setting("log_level", "common", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     # --- daemon
     Setting("store_master", "daemon", Path, DEFAULT_STORE_MASTER, "CSV with AreaCode,StoreName,StoreID"),
     Setting("processes", "daemon", int, 0, "pool processes; 0 means one per core", 0, 256),
@@ -202,6 +209,13 @@ def resolve(settings: Iterable[Setting], options: argparse.Namespace,
             raw, source = s.default, "default"
         values[s.name], sources[s.name] = s.convert(raw, source), source
     return Config(values, sources)
+
+
+def load(prog: str, description: str | None, sections: Iterable[str], argv: list[str] | None) -> Config:
+    """A program's settings from its command line, the environment, the INI file and the defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_options(parser, settings_for(sections))
+    return resolve(settings_for(sections), parser.parse_args(argv))
 
 
 def markdown_table(sections: Iterable[str] = ("common", "daemon", "download", "api")) -> str:

@@ -7,13 +7,15 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import requests
 
 from spool import Status
-from tests.conftest import image_bytes, pid_of_peer, pool_worker_pids
+from tests.conftest import REPO, SAMPLE_STORE_MASTER, image_bytes, pid_of_peer, pool_worker_pids
 
 CHUNK, INFLIGHT_CHUNKS = 16, 4
 #: Settings that make a job of a few hundred images last a few seconds, with at most 64 images in flight.
@@ -236,3 +238,25 @@ def _post_ignoring_errors(base, body):
         requests.post(f"{base}/api/submit/", data=body, headers={"Content-Type": "application/json"}, timeout=60)
     except requests.RequestException:
         pass  # the worker was killed under us: that is the point
+
+
+def test_daemon_stops_in_bounded_time_after_its_whole_process_group_got_sigterm(tmp_path):
+    """What `timeout make run` or a SIGTERM to the process group does: the forkserver and the idle pool
+    processes die too, one of them holding the task queue's lock, which Pool.terminate() then waits for
+    forever. The daemon must still exit, within its terminate timeout (10 s)."""
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as err:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--spool-dir", str(tmp_path / "spool"), "--processes", "2",
+             "--store-master", str(SAMPLE_STORE_MASTER)],
+            cwd=REPO, stderr=err, start_new_session=True, env={**os.environ, "RETAILPULSE_CONFIG": os.devnull})
+    try:
+        wait_until(lambda: "daemon ready" in log.read_text(), what="the daemon to start")
+        wait_until(lambda: len(pool_worker_pids(daemon.pid)) == 2, what="the pool processes")
+        time.sleep(1)  # their initializer done, they wait for a task: one of them holds the queue's lock
+        os.killpg(daemon.pid, signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+        assert "daemon stopped" in log.read_text()
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)

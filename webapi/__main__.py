@@ -1,7 +1,6 @@
 """``python -m webapi``: serve the API with gunicorn (threaded workers), never Bottle's development server."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import bottle
 from gunicorn.app.base import BaseApplication
 
 from spool import Spool
-from spool.settings import Config, SettingError, add_options, resolve, settings_for
+from spool.settings import SettingError, load
 from webapi.app import make_app
 from webapi.auth import TokenFileError, Tokens
 from webapi.validate import SubmitLimits
@@ -19,15 +18,6 @@ SECTIONS = ("api",)
 #: Bottle's own body limit. Nothing here reads bottle.request.body/json (read_body does, against
 #: max_body_bytes), so this only matters if someone adds a route that does: keep Bottle's 100 KiB, on purpose.
 BOTTLE_MEMFILE_MAX = 100 * 1024
-
-
-def load_config(argv: list[str] | None) -> Config:
-    parser = argparse.ArgumentParser(prog="retailpulse-api", description=__doc__)
-    add_options(parser, settings_for(SECTIONS))
-    config = resolve(settings_for(SECTIONS), parser.parse_args(argv))
-    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise SettingError(f"log_level ({config.source('log_level')}): not one of DEBUG, INFO, WARNING, ERROR")
-    return config
 
 
 class _Server(BaseApplication):
@@ -56,7 +46,7 @@ def _announce(server) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = load_config(argv)
+        config = load("retailpulse-api", __doc__, SECTIONS, argv)
     except SettingError as exc:
         print(f"retailpulse-api: {exc}", file=sys.stderr)
         return 2

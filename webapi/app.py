@@ -189,17 +189,9 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | 
                 raise ValueError
         except ValueError:
             return json_response(400, {"error": "older_than_days: must be a number of days, 0 to 36500"})
-        cutoff = time.time() - days * 86400
-        purged = []
-        for folder in ("done", "failed"):
-            for job_id in spool.job_ids(folder):
-                finished = spool.finished_at(job_id)
-                if finished is None or finished >= cutoff:
-                    continue
-                if tokens is not None and (spool.read_meta(job_id) or {}).get("owner") != owner:
-                    continue
-                if spool.purge(job_id):
-                    purged.append(job_id)
+        purged = [job_id for job_id in spool.finished_before(time.time() - days * 86400)
+                  if (tokens is None or (spool.read_meta(job_id) or {}).get("owner") == owner)
+                  and spool.purge(job_id)]
         log.info("purged %d finished job(s) older than %g days", len(purged), days)
         return json_response(200, {"purged": sorted(purged)})
 
