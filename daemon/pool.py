@@ -62,10 +62,35 @@ class WatchedPool:
             if task is not None:
                 task.pid, task.started_at = int(pid_text), now
 
+    def _unjam_task_queue(self, now: float) -> None:
+        """Give back the task queue's read lock if a dead pool process took it with it.
+
+        An idle pool process waits for a task holding that lock (multiprocessing's SimpleQueue.get); killed
+        there (kill -9, the OOM killer), it never releases it and no process gets a task again. The lock is
+        free whenever every process is busy, and a live holder reads the next task within microseconds; so
+        tasks waiting unstarted for STARTED_GRACE_S, none started meanwhile, and the lock taken, mean its
+        holder is dead. This reaches into the Pool (``_inqueue``): there is no public way to it.
+        """
+        waiting = [t for t in self._tasks.values() if t.pid is None and now - t.dispatched_at > STARTED_GRACE_S]
+        recent = [t for t in self._tasks.values() if t.started_at and now - t.started_at < STARTED_GRACE_S]
+        if not waiting or recent:
+            return
+        lock = self._pool._inqueue._rlock
+        if lock._semlock._get_value() == 0:
+            log.warning("pool: %d task(s) waiting and the task queue lock held by no live reader; releasing it",
+                        len(waiting))
+            try:
+                lock.release()
+            except ValueError:  # released meanwhile
+                pass
+            for task in waiting:
+                task.dispatched_at = now  # give the next check a fresh grace period
+
     def lost_tasks(self) -> list[tuple[int, int | None]]:
         """(token, pid) of the tasks whose process died; they are forgotten here and will never complete."""
         self._read_started()
         now = time.monotonic()
+        self._unjam_task_queue(now)
         latest_start = {}  # token -> started_at, for the ordering rule
         for token, task in self._tasks.items():
             if task.started_at is not None:

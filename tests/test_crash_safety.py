@@ -260,3 +260,17 @@ def test_daemon_stops_in_bounded_time_after_its_whole_process_group_got_sigterm(
     finally:
         if daemon.poll() is None:
             os.killpg(daemon.pid, signal.SIGKILL)
+
+
+def test_killed_idle_pool_processes_do_not_stall_the_pool(start_service, image_server):
+    """An idle pool process waits for work holding the task queue's lock; killed there, it keeps it."""
+    service = start_service()
+    wait_until(lambda: len(pool_worker_pids(service.daemon.pid)) == 2, what="the pool processes")
+    time.sleep(1)  # their initializer done, they wait for a task: one of them holds the queue's lock
+    for pid in pool_worker_pids(service.daemon.pid):
+        os.kill(pid, signal.SIGKILL)
+    job_id = service.submit(job_of(image_server, 20))
+    final = service.wait(job_id, timeout_s=30)
+    assert final["status"] == Status.COMPLETED
+    assert "task queue lock held by no live reader; releasing it" in service.daemon_output()
+    assert_one_result_per_image(service, job_id, 20)
