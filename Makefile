@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SPOOL_DIR ?= var/spool
+STORE_MASTER ?= data/stores.csv
 
 .PHONY: run test clean
 
@@ -12,12 +13,13 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# The API and the daemon as two processes on the local spool and the bundled store master; Ctrl-C stops both.
+# The API and the daemon as two processes on the local spool and the bundled sample store master (an
+# installed service takes both from /etc/retail-pulse/retail-pulse.ini instead); Ctrl-C stops both.
 # Local development: downloads may reach local image servers (never set that in production).
 run: $(BIN)/.installed
 	@mkdir -p $(SPOOL_DIR)
 	@trap 'kill $$daemon 2>/dev/null; wait' EXIT INT TERM; \
-	$(BIN)/python -m daemon --spool-dir $(SPOOL_DIR) --allow-private-addresses true & daemon=$$!; \
+	$(BIN)/python -m daemon --spool-dir $(SPOOL_DIR) --store-master $(STORE_MASTER) --allow-private-addresses true & daemon=$$!; \
 	$(BIN)/python -m webapi --spool-dir $(SPOOL_DIR)
 
 test: $(BIN)/.installed

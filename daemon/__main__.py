@@ -9,6 +9,8 @@ import threading
 
 import filelock
 
+from config import Config
+from config.startup import StartupError, open_spool, run_main, start
 from daemon.download import DownloadLimits
 from daemon.netguard import AddressPolicy, parse_networks
 from daemon.notify import Notifier
@@ -16,22 +18,22 @@ from daemon.pool import WatchedPool
 from daemon.stores import StoreMasterError, load_store_master
 from daemon.supervisor import Supervisor, SupervisorSettings
 from daemon.worker import WorkerSettings
-from spool import Spool
-from spool.settings import Config, SettingError, load
 
 SECTIONS = ("daemon", "download")
 log = logging.getLogger("retailpulse.daemon")
 
 
 def load_config(argv: list[str] | None) -> Config:
-    config = load("retailpulse-daemon", __doc__, SECTIONS, argv)
+    """The daemon's settings, with the checks that span two settings. Raises StartupError."""
+    config = start("retailpulse-daemon", __doc__, SECTIONS, argv)
     if config.gpu_sleep_min_s > config.gpu_sleep_max_s:
-        raise SettingError(f"gpu_sleep_min_s ({config.source('gpu_sleep_min_s')}): must not exceed "
+        raise StartupError(f"gpu_sleep_min_s ({config.source('gpu_sleep_min_s')}): must not exceed "
                            f"gpu_sleep_max_s ({config.gpu_sleep_max_s})")
     try:
         parse_networks(config.download_allowed_networks)
     except ValueError as exc:
-        raise SettingError(f"download_allowed_networks ({config.source('download_allowed_networks')}): {exc}") from None
+        raise StartupError(f"download_allowed_networks ({config.source('download_allowed_networks')}): "
+                           f"{exc}") from None
     return config
 
 
@@ -50,30 +52,21 @@ def worker_settings(config: Config) -> WorkerSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = load_config(argv)
-    except SettingError as exc:
-        print(f"retailpulse-daemon: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    return run_main("retailpulse-daemon", lambda: serve(argv))
+
+
+def serve(argv: list[str] | None) -> int:
+    config = load_config(argv)
     try:
         stores = load_store_master(config.store_master)
     except StoreMasterError as exc:
-        print(f"retailpulse-daemon: store_master ({config.source('store_master')}): {exc}", file=sys.stderr)
-        return 2
-    spool = Spool(config.spool_dir).create()
-    problem = spool.permission_problem()
-    if problem:
-        print(f"retailpulse-daemon: spool_dir ({config.source('spool_dir')}): {problem}", file=sys.stderr)
-        return 2
+        raise StartupError(f"store_master ({config.source('store_master')}): {exc}") from None
+    spool = open_spool(config)
     lock = spool.daemon_lock()
     try:
         lock.acquire()
     except filelock.Timeout:
-        print(f"retailpulse-daemon: another daemon is working on {spool.root} (it holds {lock.lock_file})",
-              file=sys.stderr)
-        return 2
+        raise StartupError(f"another daemon is working on {spool.root} (it holds {lock.lock_file})") from None
     processes = config.processes or os.cpu_count() or 1
     settings = SupervisorSettings(
         chunk_images=config.chunk_images, task_chunks=config.task_chunks,

@@ -284,6 +284,13 @@ class Spool:
                 return f"{path} is writable by every user (mode {stat.filemode(mode)}); chmod o-w it"
         return None
 
+    def access_problem(self) -> str | None:
+        """Why this process cannot work on the spool (a folder it may not read or write), or None."""
+        for path in [self.root, *(self.root / name for name in self.FOLDERS)]:
+            if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                return f"{path}: cannot read and write it (permissions, or a read-only file system)"
+        return None
+
     def job_folder(self, job_id: int) -> str | None:
         """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none."""
         for folder in self.JOB_FOLDERS:

@@ -26,6 +26,22 @@ SAMPLE_STORE_MASTER = REPO / "data" / "stores.csv"
 REAL_STORE_MASTER = REPO.parent / "shared" / "data" / "StoreMasterAssignment.csv"
 
 
+def visit(store_id: str, urls: list[str], visit_time: str = "2026-11-23T10:00:00") -> dict:
+    """One store visit as clients submit it."""
+    return {"store_id": store_id, "visit_time": visit_time, "image_url": urls}
+
+
+def wait_until(predicate, timeout_s: float = 30, what: str = "condition", interval_s: float = 0.02):
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout_s``. Returns its value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
 def image_bytes(fmt: str, width: int, height: int) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (width, height), (200, 30, 60)).save(out, format=fmt)

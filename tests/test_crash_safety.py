@@ -15,7 +15,7 @@ import time
 import requests
 
 from spool import Status
-from tests.conftest import REPO, SAMPLE_STORE_MASTER, image_bytes, pid_of_peer, pool_worker_pids
+from tests.conftest import REPO, SAMPLE_STORE_MASTER, image_bytes, pid_of_peer, pool_worker_pids, wait_until
 
 CHUNK, INFLIGHT_CHUNKS = 16, 4
 #: Settings that make a job of a few hundred images last a few seconds, with at most 64 images in flight.
@@ -61,15 +61,6 @@ class StatusWatcher:
         terminal = [i for i, doc in enumerate(self.seen) if doc["status"] != Status.ONGOING]
         if terminal:
             assert all(doc["status"] == self.seen[terminal[0]]["status"] for doc in self.seen[terminal[0]:])
-
-
-def wait_until(predicate, timeout_s=30, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def assert_one_result_per_image(service, job_id, total):

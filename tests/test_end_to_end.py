@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from daemon.stores import load_store_master
-from tests.conftest import REPO, SAMPLE_STORE_MASTER, image_bytes
+from tests.conftest import REPO, SAMPLE_STORE_MASTER, image_bytes, visit
 
 STORES = load_store_master(SAMPLE_STORE_MASTER)
 SIZES = [("JPEG", "jpg", 640, 480), ("PNG", "png", 100, 50), ("WEBP", "webp", 33, 77), ("JPEG", "jpg", 1, 1999)]
@@ -22,10 +22,6 @@ def images(image_server):
         (folder / f"img{i}.{ext}").write_bytes(image_bytes(fmt, width, height))
         known[f"{base}/img{i}.{ext}"] = (width, height)
     return known
-
-
-def visit(store_id, urls):
-    return {"store_id": store_id, "image_url": list(urls), "visit_time": "2024-03-11T10:00:00Z"}
 
 
 def test_job_completes_with_the_right_perimeter_for_every_image(start_service, images):

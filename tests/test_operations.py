@@ -12,7 +12,7 @@ import requests
 from daemon.stores import load_store_master
 from daemon.supervisor import Supervisor, SupervisorSettings
 from spool import Status
-from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, image_bytes
+from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, image_bytes, visit, wait_until
 from webapi.app import make_app
 
 SLOW = ["--gpu-sleep-min-s", "0.2", "--gpu-sleep-max-s", "0.3", "--chunk-images", "4",
@@ -20,7 +20,7 @@ SLOW = ["--gpu-sleep-min-s", "0.2", "--gpu-sleep-max-s", "0.3", "--chunk-images"
 
 
 def ctl(service, *args):
-    result = subprocess.run([sys.executable, "-m", "spool.ctl", "--spool-dir", str(service.spool.root), *args],
+    result = subprocess.run([sys.executable, "-m", "ctl", "--spool-dir", str(service.spool.root), *args],
                             cwd=REPO, capture_output=True, text=True, timeout=60,
                             env={**os.environ, "RETAILPULSE_CONFIG": os.devnull})
     return result.returncode, result.stdout, result.stderr
@@ -32,26 +32,13 @@ def shelf(image_server):
     return f"{image_server.base}/shelf.jpg"
 
 
-def visit(store_id, urls):
-    return {"store_id": store_id, "visit_time": "2026-11-23T10:00:00", "image_url": urls}
-
-
-def wait_for(predicate, timeout_s=30):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def test_ctl_list_show_follow_on_running_failed_and_completed_jobs(start_service, shelf):
     service = start_service(*SLOW)
     completed = service.submit([visit("RP00001", [shelf] * 2)])
     failed = service.submit([visit("RP99999", [shelf])])
     service.wait(completed), service.wait(failed)
     running = service.submit([visit("RP00002", [f"{shelf}?n={i}" for i in range(200)])])
-    wait_for(lambda: service.status(running).get("images_done", 0) > 0)
+    wait_until(lambda: service.status(running).get("images_done", 0) > 0)
 
     code, out, _ = ctl(service, "list")
     print("\n" + out)
@@ -85,7 +72,7 @@ def test_requeue_failed_only_redoes_just_the_failed_images(start_service, image_
     assert service.wait(job_id)["status"] == Status.FAILED
     (image_server.folder / "late.jpg").write_bytes(image_bytes("JPEG", 10, 10))
     assert ctl(service, "requeue", str(job_id), "--failed-only")[0] == 0
-    wait_for(lambda: service.status(job_id)["status"] == Status.COMPLETED)
+    wait_until(lambda: service.status(job_id)["status"] == Status.COMPLETED)
     results = service.results(job_id)["results"]
     assert [r["index"] for r in results] == list(range(7)) and results[6]["perimeter"] == 40
     hits = image_server.hits
@@ -110,7 +97,9 @@ def test_cancel_and_purge_over_http(start_service, shelf):
     running = service.submit([visit("RP00001", [f"{shelf}?n={i}" for i in range(100)])])
     r = service.http.post(f"{service.base}/api/cancel", params={"jobid": running})
     assert (r.status_code, r.json()) == (202, {"job_id": str(running), "cancel": "requested"})
-    assert service.http.delete(f"{service.base}/api/job", params={"jobid": running}).status_code in (200, 409)
+    # Images in flight still finish (each takes at least its 0.2 s GPU wait), so the job is running now.
+    r = service.http.delete(f"{service.base}/api/job", params={"jobid": running})
+    assert r.status_code == 409 and "queued or running" in r.json()["error"]
     service.wait(running)
     r = service.http.post(f"{service.base}/api/cancel", params={"jobid": running})
     assert r.status_code == 409 and "not queued or running" in r.json()["error"]
@@ -159,7 +148,7 @@ def test_healthz_needs_no_token_and_metrics_does(spool, tmp_path):
 
 def test_healthz_and_metrics_from_the_real_processes(start_service, image_server, shelf):
     service = start_service()
-    wait_for(lambda: service.http.get(f"{service.base}/healthz").status_code == 200)
+    wait_until(lambda: service.http.get(f"{service.base}/healthz").status_code == 200)
     job_id = service.submit([visit("RP00001", [shelf] * 3 + [f"{image_server.base}/missing.jpg"])])
     service.wait(job_id)
 
@@ -168,7 +157,7 @@ def test_healthz_and_metrics_from_the_real_processes(start_service, image_server
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                 for line in text.splitlines() if line and not line.startswith("#")}
 
-    wait_for(lambda: scraped().get('retailpulse_images_processed_total{result="ok"}') == 3)
+    wait_until(lambda: scraped().get('retailpulse_images_processed_total{result="ok"}') == 3)
     metrics = scraped()
     assert metrics['retailpulse_images_failed_total{reason="http_4xx"}'] == 1
     assert metrics['retailpulse_jobs{state="failed"}'] == 1

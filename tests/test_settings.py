@@ -1,9 +1,10 @@
 """The one table of settings: precedence, errors that name the setting, and a README that is true."""
 import argparse
+from pathlib import Path
 
 import pytest
 
-from spool.settings import REPO, SettingError, add_options, markdown_table, resolve, settings_for
+from config import SettingError, add_options, markdown_table, resolve, settings_for
 
 
 def resolve_with(argv=(), environ=None, ini=None, tmp_path=None, sections=("daemon", "download")):
@@ -45,4 +46,4 @@ def test_named_config_file_must_exist(tmp_path):
 
 
 def test_readme_lists_every_setting_as_the_code_defines_it():
-    assert markdown_table() in (REPO / "README.md").read_text()
+    assert markdown_table() in (Path(__file__).resolve().parent.parent / "README.md").read_text()

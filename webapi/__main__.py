@@ -1,15 +1,13 @@
 """``python -m webapi``: serve the API with gunicorn (threaded workers), never Bottle's development server."""
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 import bottle
 from gunicorn.app.base import BaseApplication
 
-from spool import Spool
-from spool.settings import SettingError, load
+from config.startup import StartupError, open_spool, run_main, start
 from webapi.app import make_app
 from webapi.auth import TokenFileError, Tokens
 from webapi.validate import SubmitLimits
@@ -45,25 +43,18 @@ def _announce(server) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = load("retailpulse-api", __doc__, SECTIONS, argv)
-    except SettingError as exc:
-        print(f"retailpulse-api: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    spool = Spool(config.spool_dir).create()
-    problem = spool.permission_problem()
-    if problem:
-        print(f"retailpulse-api: spool_dir ({config.source('spool_dir')}): {problem}", file=sys.stderr)
-        return 2
+    return run_main("retailpulse-api", lambda: serve(argv))
+
+
+def serve(argv: list[str] | None) -> int:
+    config = start("retailpulse-api", __doc__, SECTIONS, argv)
+    spool = open_spool(config)
     tokens = None
     if config.api_tokens_file:
         try:
             tokens = Tokens.load(Path(config.api_tokens_file))
         except TokenFileError as exc:
-            print(f"retailpulse-api: api_tokens_file ({config.source('api_tokens_file')}): {exc}", file=sys.stderr)
-            return 2
+            raise StartupError(f"api_tokens_file ({config.source('api_tokens_file')}): {exc}") from None
     bottle.BaseRequest.MEMFILE_MAX = BOTTLE_MEMFILE_MAX
     limits = SubmitLimits(max_body_bytes=config.max_body_bytes, max_images_per_job=config.max_images_per_job,
                           max_url_chars=config.max_url_chars)

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV_PREFIX = "RETAILPULSE_"
-REPO = Path(__file__).resolve().parent.parent
-#: The embedded defaults: a spool folder inside the source tree and the bundled sample store master.
-DEFAULT_SPOOL_DIR = REPO / "var" / "spool"
-DEFAULT_STORE_MASTER = REPO / "data" / "stores.csv"
+#: Defaults are facts of an installation on a VM (the paths the README's steps and the systemd units use),
+#: never paths inside the source tree: an installed package has no source tree. A development checkout
+#: names its own folders (``make run`` passes the local spool and the bundled sample store master).
+DEFAULT_SPOOL_DIR = Path("/var/lib/retail-pulse/spool")
+DEFAULT_STORE_MASTER = Path("/etc/retail-pulse/stores.csv")
 DEFAULT_CONFIG_FILE = Path("/etc/retail-pulse/retail-pulse.ini")
 MIB = 1024 * 1024
 
@@ -223,10 +224,5 @@ def markdown_table(sections: Iterable[str] = ("common", "daemon", "download", "a
     rows = ["| setting (INI section) | option / environment | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         if s.section in sections:
-            default = s.default if not isinstance(s.default, Path) else s.default.relative_to(REPO)
-            rows.append(f"| `{s.name}` ({s.section}) | `{s.option}` / `{s.env}` | `{default}` | {s.help} |")
+            rows.append(f"| `{s.name}` ({s.section}) | `{s.option}` / `{s.env}` | `{s.default}` | {s.help} |")
     return "\n".join(rows)
-
-
-if __name__ == "__main__":  # python -m spool.settings: the table README.md holds
-    print(markdown_table())

@@ -18,8 +18,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from config import SettingError, add_options, resolve, settings_for
 from spool import Spool, Status, parse_job_id
-from spool.settings import SettingError, add_options, resolve, settings_for
 
 EXIT_USAGE = 2
 
