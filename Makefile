@@ -10,7 +10,10 @@ STORE_MASTER ?= data/stores.csv
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' 'setuptools>=68' wheel
+	@# Wheels of every dependency, so that tests/test_install.py can install the package into a fresh venv
+	@# as an operator does, without reaching the network during the tests.
+	$(BIN)/pip wheel --quiet --wheel-dir $(VENV)/wheelhouse .
 	touch $@
 
 # The API and the daemon as two processes on the local spool and the bundled sample store master (an

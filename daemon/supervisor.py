@@ -191,7 +191,10 @@ class Supervisor:
             log.info("removed %d unfinished file(s) left in tmp/ by a crashed writer", removed)
 
     def step(self) -> None:
-        """One turn of the main loop: admit, dispatch, record what finished, look for dead processes."""
+        """One turn of the main loop: requests, admit, dispatch, record what finished, look for dead processes.
+
+        Control requests come first: a job cancelled while it waited in incoming/ must not be dispatched."""
+        self.handle_requests()
         if self.disk_trouble():
             self.wait_for_chunks(min(self.settings.poll_interval_s, self.disk_retry_at - time.monotonic()))
         else:
@@ -205,7 +208,6 @@ class Supervisor:
             self.beat()
         if time.monotonic() >= self.next_retention:
             self.apply_retention()
-        self.handle_requests()
         self.notifier.progress(self.status_line())
 
     # ------------------------------------------------------- operator requests
