@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from config import SettingError, add_options, resolve, settings_for
-from spool import Spool, Status, parse_job_id
+from spool import Control, Folder, Spool, Status, parse_job_id
 
 EXIT_USAGE = 2
 
@@ -115,9 +115,9 @@ def cmd_follow(spool: Spool, args, sleep: Callable[[float], None] = time.sleep) 
 
 
 def cmd_request(spool: Spool, args) -> int:
-    verb = args.command if not getattr(args, "failed_only", False) else "requeue-failed"
+    verb = Control.REQUEUE_FAILED if getattr(args, "failed_only", False) else Control(args.command)
     folder = spool.job_folder(args.job_id)
-    wanted = ("incoming", "active") if verb == "cancel" else ("done", "failed")
+    wanted = (Folder.INCOMING, Folder.ACTIVE) if verb is Control.CANCEL else Spool.FINISHED_FOLDERS
     if folder not in wanted:
         print(f"retailpulse-ctl: job {args.job_id} is {folder or 'unknown'}; {verb} needs it "
               f"{' or '.join(wanted)}", file=sys.stderr)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retailpulse-ctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
     spool = Spool(config.spool_dir)
-    if not (spool.root / "incoming").is_dir():
+    if not (spool.root / Folder.INCOMING).is_dir():
         print(f"retailpulse-ctl: {spool.root} is not a spool (no incoming/ folder)", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "show" and args.results < 0:

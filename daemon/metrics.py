@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import bisect
 
+from daemon.outcome import ImageOutcome
+
 #: Upper bounds (seconds) of the per-image processing time histogram: download + measure + GPU wait.
 SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -39,16 +41,16 @@ class Metrics:
         self.seconds_sum = 0.0
         self.jobs_finished: dict[str, int] = {}
 
-    def image(self, error: str | None, seconds: float | None, nbytes: int) -> None:
-        if error is None:
+    def image(self, outcome: ImageOutcome) -> None:
+        if outcome.error is None:
             self.images_ok += 1
         else:
-            reason = failure_reason(error)
+            reason = str(outcome.kind or failure_reason(outcome.error))
             self.images_failed[reason] = self.images_failed.get(reason, 0) + 1
-        self.download_bytes += nbytes
-        if seconds is not None:
-            self.seconds_buckets[bisect.bisect_left(SECONDS_BUCKETS, seconds)] += 1
-            self.seconds_sum += seconds
+        self.download_bytes += outcome.bytes
+        if outcome.seconds:  # images that were never processed (unknown store, cancelled) took no time
+            self.seconds_buckets[bisect.bisect_left(SECONDS_BUCKETS, outcome.seconds)] += 1
+            self.seconds_sum += outcome.seconds
 
     def job(self, status: str) -> None:
         self.jobs_finished[status] = self.jobs_finished.get(status, 0) + 1

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from daemon.worker import WorkerSettings, init_process, process_chunk
+from daemon.worker import WorkerSettings, init_process, run_task
 from spool import pid_exists
 
 log = logging.getLogger("retailpulse.daemon")
@@ -45,20 +45,20 @@ class WatchedPool:
         self._tasks: dict[int, _Task] = {}
         self.processes = processes
 
-    def submit(self, token: int, items: list[tuple[int, str]], done: Callable[[object], None]) -> None:
-        """Run process_chunk(token, items); ``done`` gets its outcome (on the pool's result thread)."""
-        self._tasks[token] = _Task(dispatched_at=time.monotonic())
-        self._pool.apply_async(process_chunk, (token, items), callback=done, error_callback=done)
+    def submit(self, task_id: int, items: list[tuple[int, str]], done: Callable[[object], None]) -> None:
+        """Run run_task(task_id, items); ``done`` gets its outcome (on the pool's result thread)."""
+        self._tasks[task_id] = _Task(dispatched_at=time.monotonic())
+        self._pool.apply_async(run_task, (task_id, items), callback=done, error_callback=done)
 
-    def forget(self, token: int) -> None:
+    def forget(self, task_id: int) -> None:
         """The supervisor has the task's outcome (or gave up on it)."""
-        self._tasks.pop(token, None)
+        self._tasks.pop(task_id, None)
 
     def _read_started(self) -> None:
         now = time.monotonic()
         while self._started.poll():
-            token_text, pid_text = self._started.recv_bytes().decode().split()
-            task = self._tasks.get(int(token_text))
+            task_id_text, pid_text = self._started.recv_bytes().decode().split()
+            task = self._tasks.get(int(task_id_text))
             if task is not None:
                 task.pid, task.started_at = int(pid_text), now
 
@@ -87,23 +87,23 @@ class WatchedPool:
                 task.dispatched_at = now  # give the next check a fresh grace period
 
     def lost_tasks(self) -> list[tuple[int, int | None]]:
-        """(token, pid) of the tasks whose process died; they are forgotten here and will never complete."""
+        """(task_id, pid) of the tasks whose process died; they are forgotten here and will never complete."""
         self._read_started()
         now = time.monotonic()
         self._unjam_task_queue(now)
-        latest_start = {}  # token -> started_at, for the ordering rule
-        for token, task in self._tasks.items():
+        latest_start = {}  # task_id -> started_at, for the ordering rule
+        for task_id, task in self._tasks.items():
             if task.started_at is not None:
-                latest_start[token] = task.started_at
+                latest_start[task_id] = task.started_at
         lost = []
-        for token, task in self._tasks.items():
+        for task_id, task in self._tasks.items():
             if task.pid is not None:
                 if not pid_exists(task.pid):
-                    lost.append((token, task.pid))
-            elif any(later > token and now - started > STARTED_GRACE_S for later, started in latest_start.items()):
-                lost.append((token, None))
-        for token, _pid in lost:
-            del self._tasks[token]
+                    lost.append((task_id, task.pid))
+            elif any(later > task_id and now - started > STARTED_GRACE_S for later, started in latest_start.items()):
+                lost.append((task_id, None))
+        for task_id, _pid in lost:
+            del self._tasks[task_id]
         return lost
 
     def terminate(self, timeout_s: float = TERMINATE_TIMEOUT_S) -> None:

@@ -17,11 +17,9 @@ import requests
 
 from daemon.download import DownloadLimits, fetch_with_retries, make_session
 from daemon.measure import ImageError, image_size, perimeter
+from daemon.metrics import failure_reason
 from daemon.netguard import AddressPolicy
-
-#: (index, width, height, perimeter, error, seconds, bytes): small and picklable; exactly one of perimeter
-#: and error is None. seconds: download + measure + GPU wait; bytes: downloaded (0 if the download failed).
-Outcome = tuple[int, "int | None", "int | None", "int | None", "str | None", float, int]
+from daemon.outcome import ErrorKind, ImageOutcome
 
 
 @dataclass(frozen=True)
@@ -33,8 +31,8 @@ class WorkerSettings:
     addresses: AddressPolicy = field(default_factory=AddressPolicy)  # public addresses only, by default
 
 
-def process_image(session: requests.Session, url: str, settings: WorkerSettings) -> tuple:
-    """Download, measure, then the simulated GPU work. (width, height, perimeter, error, seconds, bytes)."""
+def process_image(session: requests.Session, index: int, url: str, settings: WorkerSettings) -> ImageOutcome:
+    """Download, measure, then the simulated GPU work."""
     started = time.perf_counter()
     size = 0
     try:
@@ -42,9 +40,11 @@ def process_image(session: requests.Session, url: str, settings: WorkerSettings)
         size = body.size
         width, height = image_size(body)
     except ImageError as exc:
-        return None, None, None, str(exc), time.perf_counter() - started, size
+        kind = ErrorKind(failure_reason(str(exc)))
+        return ImageOutcome.failed(index, str(exc), kind, time.perf_counter() - started, size)
     time.sleep(random.uniform(settings.gpu_sleep_min_s, settings.gpu_sleep_max_s))
-    return width, height, perimeter(width, height), None, time.perf_counter() - started, size
+    return ImageOutcome(index, width, height, perimeter(width, height), None, None, time.perf_counter() - started,
+                        size)
 
 
 class _ProcessState:
@@ -56,15 +56,16 @@ class _ProcessState:
         self.session = make_session(settings.threads_per_process, settings.addresses, settings.limits.max_redirects)
         self.executor = ThreadPoolExecutor(settings.threads_per_process, thread_name_prefix="image")
 
-    def run(self, items: list[tuple[int, str]]) -> list[Outcome]:
-        futures = [(index, self.executor.submit(process_image, self.session, url, self.settings))
+    def run(self, items: list[tuple[int, str]]) -> list[ImageOutcome]:
+        futures = [(index, self.executor.submit(process_image, self.session, index, url, self.settings))
                    for index, url in items]
         outcomes = []
         for index, future in futures:
             try:
-                outcomes.append((index, *future.result()))
+                outcomes.append(future.result())
             except Exception as exc:  # a bug must fail one image with its cause, not lose the chunk
-                outcomes.append((index, None, None, None, f"internal error: {type(exc).__name__}: {exc}", 0.0, 0))
+                why = f"internal error: {type(exc).__name__}: {exc}"
+                outcomes.append(ImageOutcome.failed(index, why, ErrorKind.INTERNAL))
         return outcomes
 
 
@@ -89,12 +90,12 @@ def init_process(settings: WorkerSettings, started_writer) -> None:
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), name="orphan-check", daemon=True).start()
 
 
-def process_chunk(token: int, items: list[tuple[int, str]]) -> list[Outcome]:
+def run_task(task_id: int, items: list[tuple[int, str]]) -> list[ImageOutcome]:
     """Pool task: measure each (index, url). Never raises; each failure is in its image's outcome.
 
     It first says which process runs it (one write of a few bytes to a pipe is atomic, so the pool's
     processes share the pipe without a lock a dying process could leave held).
     """
     assert _state is not None, "init_process did not run in this process"
-    _state.started_writer.send_bytes(f"{token} {os.getpid()}".encode())
+    _state.started_writer.send_bytes(f"{task_id} {os.getpid()}".encode())
     return _state.run(items)

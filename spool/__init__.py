@@ -1,8 +1,8 @@
 """The spool: the on-disk contract between the API and the daemon, and the only state either keeps.
 
-Everything below lives under one root folder (``RETAILPULSE_SPOOL_DIR``). The folder a job file is in *is*
-the job's state; every change is a write under ``tmp/`` + fsync + ``os.replace`` + fsync of the folder, so a
-reader never sees half a file and after a crash the state is whatever the last rename said (as in Maildir).
+Everything below lives under one root folder (the ``spool_dir`` setting; folder names: the Folder enum).
+The folder a job file is in *is* the job's state; every change is a write under ``tmp/`` + fsync +
+``os.replace`` + fsync of the folder, so a reader never sees half a file and after a crash the state is whatever the last rename said (as in Maildir).
 
     daemon.lock            held (filelock) by the one daemon working on this spool; a second one refuses to start.
     next_job_id            text, one integer: the id the next submission gets. Written by the API under
@@ -14,12 +14,19 @@ reader never sees half a file and after a crash the state is whatever the last r
                            changed: {"job_id": 7, "images": 2000, "owner": "acme" | null}. "owner" names
                            the API token that submitted it (see webapi/auth.py). Small, so the API can
                            count queued images and check owners without reading job files.
-    daemon.json            the daemon's heartbeat, rewritten every second while its main loop runs:
+    daemon.json            the daemon's heartbeat, rewritten every second while its main loop runs (not
+                           fsynced: after a crash it is stale anyway, and says so by its age). The API's
+                           /healthz, /metrics and backpressure read it:
                            {"pid": 123, "heartbeat_at": 1795000000.5 (Unix seconds), "processes": 2,
-                            "jobs_active": 3, "images_in_flight": 512, "images_remaining_active": 9000}
-    control/<id>.<verb>    a request to the daemon about a job: cancel, requeue (all its images) or
-                           requeue-failed (only its failed images). Written by the API (cancel) or the
-                           operator CLI; the daemon carries it out and removes it. Only the daemon moves
+                            "jobs_active": 3, "tasks_in_flight": 2, "images_in_flight": 512,
+                            "images_remaining_active": 9000 (images of active jobs without a result),
+                            "paused": false (true while results cannot be written: disk full),
+                            "metrics": {"images_ok", "images_failed": {reason: n}, "download_bytes",
+                                        "seconds_buckets", "seconds_counts", "seconds_sum",
+                                        "jobs_finished": {status: n}}  (counters since the daemon started)}
+    control/<id>.<verb>    a request to the daemon about a job (verbs: the Control enum): cancel, requeue (all
+                           its images) or requeue-failed (only its failed images). Written by the API
+                           (cancel) or the operator CLI; the daemon carries it out and removes it. Only the daemon moves
                            job files, so requests never race with the work.
     incoming/<id>.json     a submitted job, complete, not yet claimed. Written by the API.
     active/<id>.json       the same file, claimed (renamed) by the daemon, which is working on it.
@@ -38,7 +45,8 @@ Images are numbered 0..N-1 in submission order (visit by visit, URL by URL); tha
 
 Status file:
     {"job_id": "7", "status": "ongoing" | "completed" | "failed", "phase": "running" | "finished",
-     "images_total": N, "images_done": d, "images_failed": f, "updated_at": "...",
+     "images_total": N, "images_done": d, "images_failed": f,
+     "submitted_at": "..." (from the job file), "updated_at": "..." (when the daemon wrote this),
      "error": [{"store_id": "...", "error": "first failure", "image_url": "its URL", "images_failed": k}]
     }                                                                # "error" only when failed
 A job with no status file yet but a job file in incoming/ or active/ is "ongoing" with phase "queued".
@@ -62,7 +70,8 @@ from pathlib import Path
 
 import filelock
 
-__all__ = ["Spool", "Status", "Phase", "CorruptFile", "parse_job_id", "pid_exists", "status_document",
+__all__ = ["Spool", "Status", "Phase", "Folder", "Control", "CorruptFile", "parse_job_id", "pid_exists",
+           "status_document",
            "utc_now"]
 
 #: The one job-id check. Applied to every id before it becomes part of a path.
@@ -78,6 +87,29 @@ class Status(StrEnum):
     ONGOING = "ongoing"
     COMPLETED = "completed"
     FAILED = "failed"
+
+
+class Folder(StrEnum):
+    """The spool's folders. For a job file, the folder it is in is its state."""
+
+    TMP = "tmp"
+    META = "meta"
+    CONTROL = "control"
+    INCOMING = "incoming"
+    ACTIVE = "active"
+    DONE = "done"
+    FAILED = "failed"
+    CORRUPT = "corrupt"
+    STATUS = "status"
+    RESULTS = "results"
+
+
+class Control(StrEnum):
+    """What control/<id>.<verb> asks the daemon to do with a job."""
+
+    CANCEL = "cancel"
+    REQUEUE = "requeue"  # a finished job, all its images again
+    REQUEUE_FAILED = "requeue-failed"  # a finished job, only its failed images again
 
 
 class Phase(StrEnum):
@@ -132,9 +164,9 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Paths and atomic operations on one spool folder. Holds no state but its root."""
 
-    FOLDERS = ("tmp", "meta", "control", "incoming", "active", "done", "failed", "corrupt", "status", "results")
-    CONTROL_VERBS = ("cancel", "requeue", "requeue-failed")
-    JOB_FOLDERS = ("incoming", "active", "done", "failed")
+    FOLDERS = tuple(Folder)
+    JOB_FOLDERS = (Folder.INCOMING, Folder.ACTIVE, Folder.DONE, Folder.FAILED)
+    FINISHED_FOLDERS = (Folder.DONE, Folder.FAILED)
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -155,13 +187,13 @@ class Spool:
         return self.root / folder / f"{job_id}.json"
 
     def meta_path(self, job_id: int) -> Path:
-        return self.root / "meta" / f"{job_id}.json"
+        return self.root / Folder.META / f"{job_id}.json"
 
     def status_path(self, job_id: int) -> Path:
-        return self.root / "status" / f"{job_id}.json"
+        return self.root / Folder.STATUS / f"{job_id}.json"
 
     def results_dir(self, job_id: int) -> Path:
-        return self.root / "results" / str(job_id)
+        return self.root / Folder.RESULTS / str(job_id)
 
     # ------------------------------------------------------------ primitives
     def write_atomic(self, dest: Path, data: bytes, durable: bool = True) -> None:
@@ -169,7 +201,7 @@ class Spool:
 
         ``durable``: also fsync the file and the folder, so the write survives a power loss once this returns.
         """
-        tmp = self.root / "tmp" / f"{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp = self.root / Folder.TMP / f"{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -202,7 +234,7 @@ class Spool:
 
     def move_aside(self, path: Path, why: str) -> Path:
         """Move an unreadable file into corrupt/ with a note, so a human can look at it."""
-        dest = self.root / "corrupt" / f"{path.parent.name}-{path.name}.{int(time.time())}"
+        dest = self.root / Folder.CORRUPT / f"{path.parent.name}-{path.name}.{int(time.time())}"
         self._rename(path, dest)
         self.write_atomic(dest.with_name(dest.name + ".why"), (why + "\n").encode())
         return dest
@@ -230,7 +262,7 @@ class Spool:
         self.write_atomic(self.meta_path(job_id), json.dumps(
             {"job_id": job_id, "images": images, "owner": owner}, separators=(",", ":")).encode())
         doc = {"job_id": job_id, "submitted_at": utc_now(), "count": count, "visits": visits}
-        self.write_atomic(self.job_path("incoming", job_id), json.dumps(doc, separators=(",", ":")).encode())
+        self.write_atomic(self.job_path(Folder.INCOMING, job_id), json.dumps(doc, separators=(",", ":")).encode())
         return job_id
 
     def read_status(self, job_id: int) -> dict | None:
@@ -260,7 +292,7 @@ class Spool:
 
     def queued_images(self) -> int:
         """Images not yet done: those of jobs in incoming/ plus what the daemon last said remains in active/."""
-        waiting = sum((self.read_meta(job_id) or {}).get("images", 0) for job_id in self.job_ids("incoming"))
+        waiting = sum((self.read_meta(job_id) or {}).get("images", 0) for job_id in self.job_ids(Folder.INCOMING))
         return waiting + (self.read_heartbeat() or {}).get("images_remaining_active", 0)
 
     def read_heartbeat(self) -> dict | None:
@@ -298,26 +330,25 @@ class Spool:
                 return folder
         return None
 
-    def request(self, job_id: int, verb: str) -> None:
+    def request(self, job_id: int, verb: Control) -> None:
         """Ask the daemon to cancel or requeue a job (see control/ above)."""
-        if verb not in self.CONTROL_VERBS:
-            raise ValueError(f"unknown request {verb!r}")
-        self.write_atomic(self.root / "control" / f"{job_id}.{verb}", (utc_now() + "\n").encode())
+        verb = Control(verb)
+        self.write_atomic(self.root / Folder.CONTROL / f"{job_id}.{verb}", (utc_now() + "\n").encode())
 
-    def requests(self) -> list[tuple[int, str, Path]]:
+    def requests(self) -> list[tuple[int, Control, Path]]:
         """(job id, verb, path) of the pending control requests, oldest job first."""
         found = []
-        for entry in os.scandir(self.root / "control"):
+        for entry in os.scandir(self.root / Folder.CONTROL):
             stem, _, verb = entry.name.partition(".")
             job_id = parse_job_id(stem)
-            if job_id is not None and verb in self.CONTROL_VERBS:
-                found.append((job_id, verb, Path(entry.path)))
+            if job_id is not None and verb in tuple(Control):
+                found.append((job_id, Control(verb), Path(entry.path)))
         return sorted(found)
 
     def finished_before(self, cutoff: float) -> list[int]:
         """Ids of the finished jobs (done/, failed/) whose final status was written before ``cutoff`` (Unix s)."""
         ids = []
-        for folder in ("done", "failed"):
+        for folder in self.FINISHED_FOLDERS:
             for job_id in self.job_ids(folder):
                 try:
                     if self.status_path(job_id).stat().st_mtime < cutoff:
@@ -333,7 +364,7 @@ class Spool:
         a status without a job; the status goes last, and purging again finishes the work.
         """
         folder = self.job_folder(job_id)
-        if folder in ("incoming", "active"):
+        if folder in (Folder.INCOMING, Folder.ACTIVE):
             return False
         if folder is not None:
             self.job_path(folder, job_id).unlink(missing_ok=True)
@@ -342,8 +373,8 @@ class Spool:
             for entry in os.scandir(results):
                 os.unlink(entry.path)
             results.rmdir()
-        for verb in self.CONTROL_VERBS:
-            (self.root / "control" / f"{job_id}.{verb}").unlink(missing_ok=True)
+        for verb in Control:
+            (self.root / Folder.CONTROL / f"{job_id}.{verb}").unlink(missing_ok=True)
         self.meta_path(job_id).unlink(missing_ok=True)
         self.status_path(job_id).unlink(missing_ok=True)
         return True
@@ -373,8 +404,8 @@ class Spool:
 
     def claim(self, job_id: int) -> Path:
         """Move a job from incoming/ to active/; the daemon owns it from now on."""
-        dest = self.job_path("active", job_id)
-        self._rename(self.job_path("incoming", job_id), dest)
+        dest = self.job_path(Folder.ACTIVE, job_id)
+        self._rename(self.job_path(Folder.INCOMING, job_id), dest)
         return dest
 
     def read_job(self, path: Path) -> dict:
@@ -406,10 +437,42 @@ class Spool:
                 chunks.append((int(match[1]), int(match[2]), Path(entry.path)))
         return sorted(chunks)
 
+    def read_results(self, first: int, stop: int, path: Path) -> list[dict]:
+        """The result lines of one results file; CorruptFile unless it holds exactly images first..stop-1."""
+        try:
+            records = [json.loads(line) for line in path.read_bytes().splitlines()]
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CorruptFile(f"{path.name}: {exc}") from exc
+        if [r.get("index") if isinstance(r, dict) else None for r in records] != list(range(first, stop)):
+            raise CorruptFile(f"{path.name}: {len(records)} lines, not the results of images {first}..{stop - 1}")
+        return records
+
+    def forget_results(self, job_id: int, redo) -> int:
+        """Delete the results for which ``redo(line)`` is true, keeping the others; the number deleted.
+
+        A file with some lines to redo is removed first, then its good runs are written back as smaller
+        files: a crash in between redoes good images, never counts one twice."""
+        redone = 0
+        for first, stop, path in self.result_chunks(job_id):
+            records = self.read_results(first, stop, path)
+            keep = [not redo(record) for record in records]
+            if all(keep):
+                continue
+            path.unlink()
+            run_start = None
+            for offset, ok in enumerate(keep + [False]):
+                if ok and run_start is None:
+                    run_start = offset
+                elif not ok and run_start is not None:
+                    self.write_results(job_id, first + run_start, first + offset, records[run_start:offset])
+                    run_start = None
+            redone += keep.count(False)
+        return redone
+
     def finish(self, job_id: int, status: Status) -> None:
         """Move a job out of active/ once its final status and every result are on disk."""
-        folder = "done" if status is Status.COMPLETED else "failed"
-        self._rename(self.job_path("active", job_id), self.job_path(folder, job_id))
+        folder = Folder.DONE if status is Status.COMPLETED else Folder.FAILED
+        self._rename(self.job_path(Folder.ACTIVE, job_id), self.job_path(folder, job_id))
 
     def clean_tmp(self, older_than_s: float) -> int:
         """Remove leftovers of writes that never finished (a crash between write and rename).
@@ -419,7 +482,7 @@ class Spool:
         """
         cutoff = time.time() - older_than_s
         removed = 0
-        for entry in os.scandir(self.root / "tmp"):
+        for entry in os.scandir(self.root / Folder.TMP):
             parts = entry.name.rsplit(".", 2)
             writer = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
             try:
@@ -433,7 +496,7 @@ class Spool:
     def unreadable_status_ids(self) -> list[int]:
         """Ids whose status file exists but does not parse (a disk that lied about a write, a human edit)."""
         ids = []
-        for job_id in self.job_ids("status"):
+        for job_id in self.job_ids(Folder.STATUS):
             try:
                 self._read_json(self.status_path(job_id))
             except CorruptFile:
@@ -444,4 +507,4 @@ class Spool:
 
     def reopen(self, job_id: int, folder: str) -> None:
         """Move a finished job back to active/, for the daemon to redo the images that lost their results."""
-        self._rename(self.job_path(folder, job_id), self.job_path("active", job_id))
+        self._rename(self.job_path(folder, job_id), self.job_path(Folder.ACTIVE, job_id))

@@ -15,6 +15,12 @@ from daemon.worker import WorkerSettings, process_image
 from tests.conftest import image_bytes
 
 URL = "http://images.example/shelf.jpg"
+def measured(session, url, settings):
+    """(width, height, perimeter, error, seconds, bytes) of one image processed as a pool process does."""
+    o = process_image(session, 0, url, settings)
+    return o.width, o.height, o.perimeter, o.error, o.seconds, o.bytes
+
+
 NO_SLEEP = WorkerSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, limits=DownloadLimits(backoff_s=0))
 
 
@@ -27,7 +33,7 @@ def session():
 @responses.activate
 def test_image_is_measured(session):
     responses.get(URL, body=image_bytes("JPEG", 640, 480), content_type="image/jpeg")
-    assert process_image(session, URL, NO_SLEEP)[:4] == (640, 480, 2240, None)
+    assert measured(session, URL, NO_SLEEP)[:4] == (640, 480, 2240, None)
 
 
 @responses.activate
@@ -35,7 +41,7 @@ def test_simulated_gpu_work_happens_for_every_measured_image(session):
     responses.get(URL, body=image_bytes("PNG", 8, 8))
     settings = WorkerSettings(gpu_sleep_min_s=0.2, gpu_sleep_max_s=0.2)
     started = time.monotonic()
-    assert process_image(session, URL, settings)[3] is None
+    assert measured(session, URL, settings)[3] is None
     assert time.monotonic() - started >= 0.2
 
 
@@ -43,7 +49,7 @@ def test_simulated_gpu_work_happens_for_every_measured_image(session):
 @pytest.mark.parametrize("status", [404, 403, 410])
 def test_permanent_http_error_fails_at_once_with_its_status(session, status):
     responses.get(URL, status=status, body=image_bytes("JPEG", 8, 8))
-    assert process_image(session, URL, NO_SLEEP)[:4] == (None, None, None, f"HTTP {status} (permanent, 1 attempt)")
+    assert measured(session, URL, NO_SLEEP)[:4] == (None, None, None, f"HTTP {status} (permanent, 1 attempt)")
     assert len(responses.calls) == 1
 
 
@@ -51,7 +57,7 @@ def test_permanent_http_error_fails_at_once_with_its_status(session, status):
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
 def test_transient_http_error_is_tried_three_times_then_fails_saying_so(session, status):
     responses.get(URL, status=status)
-    error = process_image(session, URL, NO_SLEEP)[3]
+    error = measured(session, URL, NO_SLEEP)[3]
     assert error == f"HTTP {status} (transient, gave up after 3 attempts)"
     assert len(responses.calls) == 3
 
@@ -61,7 +67,7 @@ def test_transient_failure_then_success_measures_the_image(session):
     responses.get(URL, body=requests.exceptions.ConnectionError(ConnectionResetError(104, "reset")))
     responses.get(URL, status=503)
     responses.get(URL, body=image_bytes("PNG", 30, 20))
-    assert process_image(session, URL, NO_SLEEP)[:4] == (30, 20, 100, None)
+    assert measured(session, URL, NO_SLEEP)[:4] == (30, 20, 100, None)
     assert len(responses.calls) == 3
 
 
@@ -69,7 +75,7 @@ def test_transient_failure_then_success_measures_the_image(session):
 def test_permanent_failure_after_a_transient_one_counts_both_attempts(session):
     responses.get(URL, status=502)
     responses.get(URL, status=404)
-    assert process_image(session, URL, NO_SLEEP)[3] == "HTTP 404 (permanent, after 2 attempts)"
+    assert measured(session, URL, NO_SLEEP)[3] == "HTTP 404 (permanent, after 2 attempts)"
 
 
 @responses.activate
@@ -95,13 +101,13 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after(session):
 ])
 def test_transport_failure_says_what_happened(session, exc, reason):
     responses.get(URL, body=exc)
-    assert process_image(session, URL, NO_SLEEP)[:4] == (None, None, None, reason)
+    assert measured(session, URL, NO_SLEEP)[:4] == (None, None, None, reason)
 
 
 @responses.activate
 def test_html_served_as_jpeg_is_not_an_image(session):
     responses.get(URL, body="<html>login</html>", content_type="image/jpeg")
-    width, height, perim, error, *_ = process_image(session, URL, NO_SLEEP)
+    width, height, perim, error, *_ = measured(session, URL, NO_SLEEP)
     assert perim is None and error.startswith("not an image")
 
 

@@ -114,7 +114,8 @@ def test_finished_job_is_filed_by_state_with_readable_files(start_service, image
 
 def test_second_daemon_on_the_same_spool_refuses_to_start(start_service):
     service = start_service()
-    second = subprocess.run([sys.executable, "-m", "daemon", "--spool-dir", str(service.spool.root)],
+    second = subprocess.run([sys.executable, "-m", "daemon", "--spool-dir", str(service.spool.root),
+                             "--store-master", str(SAMPLE_STORE_MASTER)],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert second.returncode == 2
     assert "another daemon is working on" in second.stderr

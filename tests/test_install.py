@@ -27,8 +27,14 @@ def installed(tmp_path_factory):
     if not WHEELHOUSE.is_dir():
         pytest.fail(f"{WHEELHOUSE} is missing: run the tests through `make test`, which fills it")
     work = tmp_path_factory.mktemp("install")
+    # A copy of the tracked files: a build inside the checkout would reuse its build/ folder, stale files and all.
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file():
+            (work / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, work / "src" / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(work / "dist"), str(REPO)], check=True, cwd=work, timeout=300)
+                    "--wheel-dir", str(work / "dist"), str(work / "src")], check=True, cwd=work, timeout=300)
     wheel, = (work / "dist").glob("retail_pulse-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(work / "venv")], check=True, timeout=120)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(work / "venv" / "bin" / "python"), "install",

@@ -9,10 +9,9 @@ import time
 import pytest
 import requests
 
-from daemon.stores import load_store_master
-from daemon.supervisor import Supervisor, SupervisorSettings
+from daemon.housekeeping import Housekeeping
 from spool import Status
-from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, image_bytes, visit, wait_until
+from tests.conftest import REPO, call_wsgi, image_bytes, visit, wait_until
 from webapi.app import make_app
 
 SLOW = ["--gpu-sleep-min-s", "0.2", "--gpu-sleep-max-s", "0.3", "--chunk-images", "4",
@@ -121,9 +120,7 @@ def test_retention_deletes_finished_jobs_older_than_the_setting(spool):
         spool.write_status(job_id, {"job_id": str(job_id), "status": "completed"})
         spool.finish(job_id, Status.COMPLETED)
     os.utime(spool.status_path(old), (time.time() - 8 * 86400,) * 2)
-    supervisor = Supervisor(spool, load_store_master(SAMPLE_STORE_MASTER), None,
-                            SupervisorSettings(retention_s=7 * 86400))
-    supervisor.apply_retention()
+    Housekeeping(spool, retention_s=7 * 86400).apply_retention()
     assert spool.job_ids("done") == [recent] and spool.read_status(old) is None
 
 

@@ -147,6 +147,7 @@ def test_submitted_job_is_durable_before_the_api_answers(spool, syscalls):
 
 
 def test_results_are_durable_before_the_status_counts_them(spool, syscalls):
+    from daemon.outcome import ImageOutcome
     from daemon.stores import load_store_master
     from daemon.supervisor import Supervisor, SupervisorSettings
     from tests.conftest import SAMPLE_STORE_MASTER
@@ -155,7 +156,9 @@ def test_results_are_durable_before_the_status_counts_them(spool, syscalls):
     supervisor.load(job_id, spool.claim(job_id))
     job = supervisor.jobs[job_id]
     del syscalls[:]
-    supervisor.record_chunk(job, job.pending.popleft(), [(0, 1, 1, 4, None, 0.2, 100)])  # what the pool task returned
+    chunk = job.pending.popleft()  # as dispatching does
+    job.chunks_in_flight += 1
+    supervisor.record(job, chunk, [ImageOutcome(0, 1, 1, 4, None, None, 0.2, 100)])  # what the pool returned
     results = assert_durable_write(syscalls, spool.results_dir(job_id) / "00000000-00000001.jsonl")
     status = assert_durable_write(syscalls, spool.status_path(job_id))
     finished = assert_durable_write(syscalls, spool.job_path("done", job_id), new_file=False)

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
+from daemon.jobs import uncovered
 from daemon.netguard import AddressPolicy
 from daemon.pool import WatchedPool
 from daemon.stores import load_store_master
-from daemon.supervisor import Supervisor, SupervisorSettings, uncovered
+from daemon.supervisor import Supervisor, SupervisorSettings
 from daemon.worker import WorkerSettings
 from spool import Spool, Status
 from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes
@@ -183,12 +184,12 @@ def test_full_disk_pauses_the_job_and_never_finishes_it_without_results(small_di
             time.sleep(0.02)
         filler = fill(small_disk)  # the disk fills while images are being downloaded
         release.set()
-        while not supervisor.unrecorded and time.monotonic() < deadline:
+        while not supervisor.recorder.unrecorded and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert supervisor.unrecorded, "the daemon never hit the full disk"
+        assert supervisor.recorder.unrecorded, "the daemon never hit the full disk"
         time.sleep(0.3)
         assert spool.job_ids("active") == [job_id] and not spool.job_ids("done")
-        assert supervisor.in_flight == 0  # paused: nothing new dispatched while results are owed
+        assert supervisor.tasks_in_flight == 0  # paused: nothing new dispatched while results are owed
         filler.unlink()
         deadline = time.monotonic() + 20
         while not spool.job_ids("done") and time.monotonic() < deadline:
@@ -220,12 +221,12 @@ class RecordingPool:
     def __init__(self):
         self.tasks = []
 
-    def submit(self, token, items, done):
+    def submit(self, task_id, items, done):
         self.tasks.append(items)
 
 
 def test_tasks_mix_chunks_of_all_running_jobs_and_a_chunk_that_saw_a_death_travels_alone(spool):
-    from daemon.supervisor import Chunk
+    from daemon.jobs import Chunk
     pool = RecordingPool()
     supervisor = Supervisor(spool, STORES, pool, SupervisorSettings(chunk_images=2, task_chunks=3,
                                                                     max_inflight_tasks=3))

@@ -1,0 +1,52 @@
+"""What measuring one image gives: a small, picklable value, never an exception.
+
+It crosses process boundaries (pool processes, Dask workers) and feeds the results files and the metrics, so
+the error's kind travels beside its wording: metrics count kinds and never parse messages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ErrorKind(StrEnum):
+    """Why an image failed. The values are the ``reason`` label of retailpulse_images_failed_total."""
+
+    HTTP_4XX = "http_4xx"
+    HTTP_5XX = "http_5xx"
+    HTTP_OTHER = "http_other"
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    TLS = "tls"
+    TOO_LARGE = "too_large"
+    REDIRECTS = "redirects"
+    INVALID_URL = "invalid_url"
+    ADDRESS = "address"
+    FORMAT = "format"
+    TRUNCATED = "truncated"
+    NOT_AN_IMAGE = "not_an_image"
+    UNKNOWN_STORE = "unknown_store"
+    WORKER_DIED = "worker_died"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageOutcome:
+    """One image's result. Exactly one of ``perimeter`` and ``error`` is None.
+
+    ``seconds``: download + measure + GPU wait; ``bytes``: body bytes downloaded (0 when nothing came)."""
+
+    index: int
+    width: int | None
+    height: int | None
+    perimeter: int | None
+    error: str | None
+    kind: ErrorKind | None
+    seconds: float
+    bytes: int
+
+    @classmethod
+    def failed(cls, index: int, error: str, kind: ErrorKind, seconds: float = 0.0, nbytes: int = 0) -> ImageOutcome:
+        return cls(index, None, None, None, error, kind, seconds, nbytes)
