@@ -13,8 +13,10 @@ from spool import Spool
 log = logging.getLogger("retailpulse.daemon")
 
 TMP_LEFTOVER_AGE_S = 3600
+ORPHAN_META_AGE_S = 60  # longer than any submit takes between its meta file and its job file
 TMP_CLEAN_INTERVAL_S = 600
 RETENTION_INTERVAL_S = 600
+RESULTS_CHECK_INTERVAL_S = 600
 HEARTBEAT_INTERVAL_S = 1.0
 
 
@@ -22,7 +24,8 @@ class Housekeeping:
     def __init__(self, spool: Spool, retention_s: float):
         self.spool = spool
         self.retention_s = retention_s  # 0 keeps finished jobs forever
-        self.next_tmp_clean = self.next_retention = self.next_heartbeat = 0.0  # monotonic
+        self.next_tmp_clean = self.next_retention = self.next_heartbeat = self.next_results_check = 0.0  # monotonic
+        self.results_checked_at = 0.0  # Unix s: finished jobs with a status written before it were checked
 
     def due(self, heartbeat) -> None:
         """Do whatever is due now. ``heartbeat()`` builds the heartbeat document when one is due."""
@@ -31,14 +34,40 @@ class Housekeeping:
             self.clean_tmp()
         if now >= self.next_retention:
             self.apply_retention()
+        if now >= self.next_results_check:
+            self.check_finished_results()
         if now >= self.next_heartbeat:
             self.beat(heartbeat())
 
     def clean_tmp(self) -> None:
+        """Leftovers of writes that never finished: tmp/ files, and meta files without their job."""
         self.next_tmp_clean = time.monotonic() + TMP_CLEAN_INTERVAL_S
         removed = self.spool.clean_tmp(older_than_s=TMP_LEFTOVER_AGE_S)
         if removed:
             log.info("removed %d unfinished file(s) left in tmp/ by a crashed writer", removed)
+        orphans = self.spool.orphan_meta_ids(older_than_s=ORPHAN_META_AGE_S)
+        for job_id in orphans:
+            self.spool.meta_path(job_id).unlink(missing_ok=True)
+        if orphans:
+            log.info("removed the meta file of %d submission(s) that never got their job file: %s",
+                     len(orphans), ", ".join(map(str, orphans)))
+
+    def check_finished_results(self) -> None:
+        """A finished job's results files must be whole: one cut short (a disk that lied, a hand) is moved to
+        corrupt/ with a .why note, and the API then names the gap instead of serving fewer results as all.
+        Its status stays as it was (a status never goes back); `retailpulse-ctl requeue` redoes the images.
+        At start-up every finished job is checked; later, the jobs finished since the last check."""
+        self.next_results_check = time.monotonic() + RESULTS_CHECK_INTERVAL_S
+        since, self.results_checked_at = self.results_checked_at, time.time() - 1
+        for job_id in self.spool.finished_before(float("inf"), since=since):
+            total = (self.spool.read_status(job_id) or {}).get("images_total")
+            damage = self.spool.results_damage(job_id, total if isinstance(total, int) else None)
+            if damage is None:
+                continue
+            path, why = damage
+            log.error("job %d: %s; requeue the job to redo its images", job_id, why)
+            if path is not None:
+                self.spool.move_aside(path, f"{why}; the job's other results are intact")
 
     def apply_retention(self) -> None:
         self.next_retention = time.monotonic() + RETENTION_INTERVAL_S

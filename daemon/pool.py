@@ -1,126 +1,140 @@
-"""A ``multiprocessing.Pool`` that notices when a pool process dies in the middle of a task.
+"""LocalPool: the image work on this machine, in the processes of a ``multiprocessing.Pool``.
 
-A plain Pool replaces a dead process but waits forever for the task it held (CPython gh-66587). Here every
-task first tells, over a pipe, which process runs it; the supervisor asks ``lost_tasks()`` now and then,
-and a task whose process no longer exists is reported lost, so the supervisor can hand its images out again.
+The Pool starts the processes, one per core, and starts a new one when one dies; each process runs the
+engine (daemon/worker.py). The work itself does not go through the Pool's task queue, for two reasons
+measured on this service: a task runs to its end before its process takes another, so one slow image held
+a whole process idle; and the queue is one pipe behind one lock, which a process killed while waiting for a
+task keeps for ever, stalling every process. Instead each process connects back over a Unix socket of its
+own (authenticated with a key only the daemon and its children know) and tasks and outcomes travel on it:
 
-A process could die after taking a task and before saying so. The Pool's task queue is first in, first out,
-so a task that has not started while a later one has (for longer than ``STARTED_GRACE_S``) was taken by a
-process that died before it could say so: it is reported lost too. A wrong guess costs a second download of
-the task's images, never a second result: the supervisor records only the dispatch it is still waiting for.
+    supervisor --("task", id, items, isolated)--> process      process --("done", id, outcomes)--> supervisor
+                                                               process --("lost", id, why)-------> supervisor
+
+A process that dies closes its socket, so its tasks are reported lost at once (no polling, no guessing);
+a supervisor that dies closes the other end, and every process exits at once instead of downloading on.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import secrets
+import shutil
+import tempfile
 import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener
 
-from daemon.worker import WorkerSettings, init_process, run_task
-from spool import pid_exists
+from daemon.engine import EngineSettings
+from daemon.runner import Items, OnEvent, TaskDone, TaskLost
+from daemon.worker import serve
 
 log = logging.getLogger("retailpulse.daemon")
 
-STARTED_GRACE_S = 2.0
-TERMINATE_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
 
 
 @dataclass
-class _Task:
-    dispatched_at: float
-    pid: int | None = None
-    started_at: float | None = None
+class _Process:
+    pid: int
+    conn: Connection
+    tasks: dict[int, int] = field(default_factory=dict)  # task id -> images, for every task not answered yet
+
+    @property
+    def images(self) -> int:
+        return sum(self.tasks.values())
 
 
-class WatchedPool:
-    def __init__(self, processes: int, settings: WorkerSettings):
+class LocalPool:
+    """A TaskRunner (daemon/runner.py) on this machine."""
+
+    def __init__(self, processes: int, settings: EngineSettings, on_event: OnEvent, images_per_process: int):
+        self.processes, self.images_per_process = processes, images_per_process
+        self._on_event = on_event
+        self._lock = threading.Lock()  # guards _connected, shared by the accept, reader and main threads
+        self._connected: dict[int, _Process] = {}
+        self._folder = tempfile.mkdtemp(prefix="retailpulse-pool-")  # 0700: only we reach the socket
+        authkey = secrets.token_bytes(32)
+        self._listener = Listener(os.path.join(self._folder, "pool.sock"), family="AF_UNIX", authkey=authkey)
+        threading.Thread(target=self._accept_forever, name="pool-accept", daemon=True).start()
         # forkserver: pool processes start from a clean interpreter, not a fork of a threaded supervisor.
         context = multiprocessing.get_context("forkserver")
-        self._started, started_writer = context.Pipe(duplex=False)
-        # The writer stays open here: the Pool passes it to every process it starts, replacements included.
-        self._started_writer = started_writer
-        self._pool = context.Pool(processes, initializer=init_process, initargs=(settings, started_writer))
-        self._tasks: dict[int, _Task] = {}
-        self.processes = processes
+        self._pool = context.Pool(processes, initializer=serve, initargs=(self._listener.address, authkey, settings))
 
-    def submit(self, task_id: int, items: list[tuple[int, str]], done: Callable[[object], None]) -> None:
-        """Run run_task(task_id, items); ``done`` gets its outcome (on the pool's result thread)."""
-        self._tasks[task_id] = _Task(dispatched_at=time.monotonic())
-        self._pool.apply_async(run_task, (task_id, items), callback=done, error_callback=done)
+    # ------------------------------------------------------------- TaskRunner
+    def room(self) -> int:
+        with self._lock:
+            return sum(max(0, self.images_per_process - p.images) for p in self._connected.values())
 
-    def forget(self, task_id: int) -> None:
-        """The supervisor has the task's outcome (or gave up on it)."""
-        self._tasks.pop(task_id, None)
+    def workers(self) -> int:
+        with self._lock:
+            return len(self._connected)
 
-    def _read_started(self) -> None:
-        now = time.monotonic()
-        while self._started.poll():
-            task_id_text, pid_text = self._started.recv_bytes().decode().split()
-            task = self._tasks.get(int(task_id_text))
-            if task is not None:
-                task.pid, task.started_at = int(pid_text), now
+    def describe(self) -> dict:
+        return {"executor": "local", "processes": self.processes, "workers": self.workers()}
 
-    def _unjam_task_queue(self, now: float) -> None:
-        """Give back the task queue's read lock if a dead pool process took it with it.
+    def submit(self, task_id: int, items: Items, isolated: bool = False) -> None:
+        with self._lock:
+            target = max(self._connected.values(), key=lambda p: self.images_per_process - p.images, default=None)
+            if target is None:
+                raise RuntimeError("no pool process is connected; check room() first")
+            target.tasks[task_id] = len(items)
+        try:
+            target.conn.send(("task", task_id, list(items), isolated))
+        except OSError:
+            pass  # it just died: its reader reports the task lost with the others
 
-        An idle pool process waits for a task holding that lock (multiprocessing's SimpleQueue.get); killed
-        there (kill -9, the OOM killer), it never releases it and no process gets a task again. The lock is
-        free whenever every process is busy, and a live holder reads the next task within microseconds; so
-        tasks waiting unstarted for STARTED_GRACE_S, none started meanwhile, and the lock taken, mean its
-        holder is dead. This reaches into the Pool (``_inqueue``): there is no public way to it.
-        """
-        waiting = [t for t in self._tasks.values() if t.pid is None and now - t.dispatched_at > STARTED_GRACE_S]
-        recent = [t for t in self._tasks.values() if t.started_at and now - t.started_at < STARTED_GRACE_S]
-        if not waiting or recent:
-            return
-        lock = self._pool._inqueue._rlock
-        if lock._semlock._get_value() == 0:
-            log.warning("pool: %d task(s) waiting and the task queue lock held by no live reader; releasing it",
-                        len(waiting))
+    def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop the processes: no replacements, then close their sockets (they exit on that), then join."""
+        self._pool.close()
+        self._listener.close()
+        with self._lock:
+            for process in self._connected.values():
+                process.conn.close()
+        joiner = threading.Thread(target=self._pool.join, name="pool-join", daemon=True)
+        joiner.start()
+        joiner.join(timeout_s)
+        if joiner.is_alive():
+            log.warning("pool processes did not stop within %g s; terminating them", timeout_s)
+            stopper = threading.Thread(target=self._pool.terminate, name="pool-terminate", daemon=True)
+            stopper.start()
+            stopper.join(timeout_s)
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    # ------------------------------------------------------------ connections
+    def _accept_forever(self) -> None:
+        while True:
             try:
-                lock.release()
-            except ValueError:  # released meanwhile
-                pass
-            for task in waiting:
-                task.dispatched_at = now  # give the next check a fresh grace period
+                conn = self._listener.accept()  # checks the key; a stranger gets an error here
+                kind, pid = conn.recv()
+            except OSError:
+                return  # closed: we are stopping
+            except Exception as exc:  # a peer without the key, or one that said nothing sensible
+                log.warning("pool: refused a connection: %s", exc)
+                continue
+            if kind != "hello":
+                conn.close()
+                continue
+            process = _Process(pid, conn)
+            with self._lock:
+                self._connected[pid] = process
+            log.debug("pool: process %d connected", pid)
+            threading.Thread(target=self._read_forever, args=(process,), name=f"pool-{pid}", daemon=True).start()
 
-    def lost_tasks(self) -> list[tuple[int, int | None]]:
-        """(task_id, pid) of the tasks whose process died; they are forgotten here and will never complete."""
-        self._read_started()
-        now = time.monotonic()
-        self._unjam_task_queue(now)
-        latest_start = {}  # task_id -> started_at, for the ordering rule
-        for task_id, task in self._tasks.items():
-            if task.started_at is not None:
-                latest_start[task_id] = task.started_at
-        lost = []
-        for task_id, task in self._tasks.items():
-            if task.pid is not None:
-                if not pid_exists(task.pid):
-                    lost.append((task_id, task.pid))
-            elif any(later > task_id and now - started > STARTED_GRACE_S for later, started in latest_start.items()):
-                lost.append((task_id, None))
-        for task_id, _pid in lost:
-            del self._tasks[task_id]
-        return lost
-
-    def terminate(self, timeout_s: float = TERMINATE_TIMEOUT_S) -> None:
-        """Stop the pool processes, waiting timeout_s at most.
-
-        Pool.terminate() first takes the task queue's read lock, which an idle pool process holds while it
-        waits for a task; if that process was killed (a SIGTERM to the whole process group, the OOM killer),
-        the lock is never released and terminate() waits forever. So it runs on a thread we stop waiting
-        for; the processes left behind see their forkserver go with us and exit on their own.
-        """
-        stopper = threading.Thread(target=self._pool.terminate, name="pool-terminate", daemon=True)
-        stopper.start()
-        stopper.join(timeout_s)
-        if stopper.is_alive():
-            log.warning("pool did not stop within %g s (a pool process died holding the task queue lock); "
-                        "exiting without it", timeout_s)
-            return
-        self._pool.join()
-        self._started.close()
-        self._started_writer.close()
+    def _read_forever(self, process: _Process) -> None:
+        while True:
+            try:
+                kind, task_id, payload = process.conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                known = process.tasks.pop(task_id, None) is not None
+            if known:
+                self._on_event(TaskDone(task_id, payload) if kind == "done" else TaskLost(task_id, payload))
+        with self._lock:
+            self._connected.pop(process.pid, None)
+            lost, process.tasks = list(process.tasks), {}
+        if lost:
+            log.warning("pool: process %d died with %d task(s)", process.pid, len(lost))
+        for task_id in lost:
+            self._on_event(TaskLost(task_id, f"pool process {process.pid} died"))

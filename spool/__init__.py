@@ -144,6 +144,8 @@ def utc_now() -> str:
 
 def pid_exists(pid: int) -> bool:
     """Whether a process with this pid exists on this machine (signal 0 checks without sending)."""
+    if not 0 < pid <= 2**22:  # the kernel's largest pid (pid_max); 0 and negatives mean process groups
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -262,18 +264,34 @@ class Spool:
         self.write_atomic(self.meta_path(job_id), json.dumps(
             {"job_id": job_id, "images": images, "owner": owner}, separators=(",", ":")).encode())
         doc = {"job_id": job_id, "submitted_at": utc_now(), "count": count, "visits": visits}
-        self.write_atomic(self.job_path(Folder.INCOMING, job_id), json.dumps(doc, separators=(",", ":")).encode())
+        try:
+            self.write_atomic(self.job_path(Folder.INCOMING, job_id), json.dumps(doc, separators=(",", ":")).encode())
+        except BaseException:
+            self.meta_path(job_id).unlink(missing_ok=True)  # no half-made job (a kill here: orphan_meta_ids)
+            raise
         return job_id
 
     def read_status(self, job_id: int) -> dict | None:
-        """The status the daemon last wrote, the queued status if it has not started, or None if unknown."""
+        """The status the daemon last wrote, the queued status if it has not started, or None if unknown.
+
+        Raises OSError when the spool cannot be read (permissions): that is the operator's to fix, and no
+        answer may be guessed from it."""
         doc = self._status_file(job_id)
         if doc is not None:
             return doc
-        if any(self.job_path(folder, job_id).exists() for folder in self.JOB_FOLDERS):
-            # The daemon may have written the status between the two looks.
-            return self._status_file(job_id) or status_document(job_id, Status.ONGOING, Phase.QUEUED)
-        return None
+        folder = self.job_folder(job_id)
+        if folder is None:
+            return None
+        doc = self._status_file(job_id)  # the daemon may have written it between the two looks
+        if doc is not None:
+            return doc
+        if folder in self.FINISHED_FOLDERS:
+            # The status file is unreadable (the daemon moves it aside and rebuilds it); the folder alone
+            # says the job is finished, and a status never goes back to ongoing.
+            status = Status.COMPLETED if folder is Folder.DONE else Status.FAILED
+            return status_document(job_id, status, Phase.FINISHED,
+                                   note="status file unreadable; the daemon rebuilds it from the results")
+        return status_document(job_id, Status.ONGOING, Phase.QUEUED)
 
     def _status_file(self, job_id: int) -> dict | None:
         try:
@@ -281,7 +299,7 @@ class Spool:
         except FileNotFoundError:
             return None
         except CorruptFile:
-            return None  # the daemon moves it aside and rewrites it; until then the job reads as unknown-state
+            return None
 
     def read_meta(self, job_id: int) -> dict | None:
         """The job's meta file, or None when it has none (or an unreadable one)."""
@@ -345,13 +363,14 @@ class Spool:
                 found.append((job_id, Control(verb), Path(entry.path)))
         return sorted(found)
 
-    def finished_before(self, cutoff: float) -> list[int]:
-        """Ids of the finished jobs (done/, failed/) whose final status was written before ``cutoff`` (Unix s)."""
+    def finished_before(self, cutoff: float, since: float = 0.0) -> list[int]:
+        """Ids of the finished jobs (done/, failed/) whose final status was written before ``cutoff`` (Unix s)
+        and not before ``since``."""
         ids = []
         for folder in self.FINISHED_FOLDERS:
             for job_id in self.job_ids(folder):
                 try:
-                    if self.status_path(job_id).stat().st_mtime < cutoff:
+                    if since <= self.status_path(job_id).stat().st_mtime < cutoff:
                         ids.append(job_id)
                 except FileNotFoundError:
                     continue
@@ -378,6 +397,38 @@ class Spool:
         self.meta_path(job_id).unlink(missing_ok=True)
         self.status_path(job_id).unlink(missing_ok=True)
         return True
+
+    def results_damage(self, job_id: int, total: int | None = None) -> tuple[Path | None, str] | None:
+        """(the damaged file or None, why) if the job's results files are not whole, else None.
+
+        Each file must hold exactly its images' lines, the last one complete (a file cut short by a disk
+        that lied, or by a hand, fails this); with ``total`` (a finished job) the files must also cover
+        images 0..total-1 without a gap. Cheap: no line but the first and the last is parsed."""
+        expected = 0
+        for first, stop, path in self.result_chunks(job_id):
+            name = f"results/{job_id}/{path.name}"
+            if total is not None and first != expected:
+                return None, f"results/{job_id}: images {expected}..{first - 1} have no results file"
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # requeued or purged meanwhile
+            if not data.endswith(b"\n"):
+                return path, f"{name}: cut short (it ends in the middle of a line)"
+            lines = data.count(b"\n")
+            if lines != stop - first:
+                return path, f"{name}: {lines} lines for the {stop - first} images it must hold"
+            try:
+                ends = json.loads(data[:data.index(b"\n")])["index"], json.loads(data[data.rindex(b"\n", 0, -1) + 1:
+                                                                               ] if lines > 1 else data)["index"]
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                return path, f"{name}: unreadable ({exc})"
+            if ends != (first, stop - 1):
+                return path, f"{name}: holds images {ends[0]}..{ends[1]}, not {first}..{stop - 1}"
+            expected = stop
+        if total is not None and expected != total:
+            return None, f"results/{job_id}: images {expected}..{total - 1} have no results file"
+        return None
 
     def iter_result_lines(self, job_id: int) -> Iterator[bytes]:
         """Each recorded result line (JSON, no newline), in image order. Streams; never loads a whole job."""
@@ -479,19 +530,37 @@ class Spool:
 
         A file is a leftover when the process that wrote it no longer exists (the pid in its name; the spool
         is on one machine), or, should that pid have been reused, when it is older than ``older_than_s``.
+        Anything else found there (a folder, a link) is moved to corrupt/ for a human: never fatal.
         """
         cutoff = time.time() - older_than_s
         removed = 0
         for entry in os.scandir(self.root / Folder.TMP):
             parts = entry.name.rsplit(".", 2)
-            writer = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+            pid_text = parts[1] if len(parts) == 3 else ""
+            writer = int(pid_text) if pid_text.isascii() and pid_text.isdigit() and len(pid_text) < 12 else None
             try:
-                if (writer is not None and not pid_exists(writer)) or entry.stat().st_mtime < cutoff:
+                if not entry.is_file(follow_symlinks=False):
+                    self.move_aside(Path(entry.path), "not a file: tmp/ holds only files being written")
+                elif (writer is not None and not pid_exists(writer)) or entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1
             except FileNotFoundError:
                 continue
         return removed
+
+    def orphan_meta_ids(self, older_than_s: float) -> list[int]:
+        """Ids with a meta file but no job file and no status, older than ``older_than_s``: what a submit
+        that failed (full disk) or was killed between its two writes left behind."""
+        cutoff = time.time() - older_than_s
+        orphans = []
+        for job_id in self.job_ids(Folder.META):
+            try:
+                if (self.meta_path(job_id).stat().st_mtime < cutoff and self.job_folder(job_id) is None
+                        and not self.status_path(job_id).exists()):
+                    orphans.append(job_id)
+            except FileNotFoundError:
+                continue
+        return orphans
 
     def unreadable_status_ids(self) -> list[int]:
         """Ids whose status file exists but does not parse (a disk that lied about a write, a human edit)."""

@@ -1,0 +1,148 @@
+"""The spool under damage: whatever is found in it, nothing half-made stays, nothing is fatal, and a status
+never goes back."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from daemon.housekeeping import Housekeeping
+from spool import Status
+from tests.conftest import REPO, SAMPLE_STORE_MASTER, visit
+
+
+def test_tmp_leftovers_of_any_shape_are_never_fatal(spool):
+    tmp = spool.root / "tmp"
+    (tmp / "a-folder").mkdir()
+    (tmp / "a-folder" / "inside").write_text("x")
+    (tmp / f"7.json.{'9' * 40}.aa").write_text("a pid too large for a C int")
+    (tmp / "8.json.²³.bb").write_text("digits that are not ASCII")
+    (tmp / "9.json.-5.cc").write_text("a negative pid")
+    os.symlink("/etc/passwd", tmp / "a-link")
+    for name in os.listdir(tmp):
+        os.utime(tmp / name, (time.time() - 7200,) * 2, follow_symlinks=False)
+
+    Housekeeping(spool, retention_s=0).clean_tmp()
+
+    assert os.listdir(tmp) == []
+    moved = sorted(os.listdir(spool.root / "corrupt"))
+    assert [name.split(".")[0] for name in moved] == ["tmp-a-folder", "tmp-a-folder", "tmp-a-link", "tmp-a-link"]
+    assert os.path.exists("/etc/passwd")
+
+
+def test_meta_file_of_a_submission_that_never_got_its_job_file_is_removed(spool):
+    kept = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
+    orphan = kept + 1  # what a kill -9 between the two writes of a submit leaves
+    spool.write_atomic(spool.meta_path(orphan), b'{"job_id": 2, "images": 1, "owner": null}')
+    recent = kept + 2
+    spool.write_atomic(spool.meta_path(recent), b'{"job_id": 3, "images": 1, "owner": null}')
+    os.utime(spool.meta_path(orphan), (time.time() - 120,) * 2)
+    os.utime(spool.meta_path(kept), (time.time() - 120,) * 2)
+
+    Housekeeping(spool, retention_s=0).clean_tmp()
+
+    assert not spool.meta_path(orphan).exists()
+    assert spool.meta_path(kept).exists() and spool.meta_path(recent).exists()  # a submit may be writing it
+
+
+def test_failed_submit_leaves_no_meta_file(spool, monkeypatch):
+    real = spool.write_atomic
+
+    def no_space_for_jobs(dest, data, durable=True):
+        if dest.parent.name == "incoming":
+            raise OSError(28, "No space left on device")
+        return real(dest, data, durable)
+
+    monkeypatch.setattr(spool, "write_atomic", no_space_for_jobs)
+    with pytest.raises(OSError):
+        spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
+    assert os.listdir(spool.root / "meta") == [] and os.listdir(spool.root / "incoming") == []
+
+
+@pytest.mark.parametrize("folder, status", [("done", Status.COMPLETED), ("failed", Status.FAILED)])
+def test_finished_job_with_unreadable_status_still_reads_as_finished(spool, folder, status):
+    job_id = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
+    spool.claim(job_id)
+    spool.write_status(job_id, {"job_id": str(job_id), "status": status.value})
+    spool.finish(job_id, status)
+    spool.status_path(job_id).write_bytes(b'{"job_id": "1", "sta')  # a disk that lied, a hand edit
+    doc = spool.read_status(job_id)
+    assert doc["status"] == status.value and "unreadable" in doc["note"]
+
+
+@pytest.fixture
+def read_only_spool(tmp_path):
+    """A spool on a file system mounted read-only (root may write anything else); skipped where mount is
+    not allowed."""
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        for name in ("tmp", "meta", "control", "incoming", "active", "done", "failed", "corrupt", "status",
+                     "results"):
+            (mount_point / "spool" / name).mkdir(parents=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        yield mount_point / "spool"
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+@pytest.mark.parametrize("program", ["daemon", "webapi"])
+def test_read_only_spool_stops_start_up_with_one_line_and_exit_2(read_only_spool, program):
+    result = subprocess.run([sys.executable, "-m", program, "--spool-dir", str(read_only_spool),
+                             "--store-master", str(SAMPLE_STORE_MASTER)] if program == "daemon" else
+                            [sys.executable, "-m", program, "--spool-dir", str(read_only_spool)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "RETAILPULSE_CONFIG": os.devnull})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"spool_dir (--spool-dir): {read_only_spool}" in result.stderr
+    assert "read-only file system" in result.stderr
+
+
+def finished_with_results(spool, n=6, per_file=3):
+    job_id = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"] * n)])
+    spool.claim(job_id)
+    for first in range(0, n, per_file):
+        spool.write_results(job_id, first, first + per_file,
+                            [{"index": i, "perimeter": 4, "error": None} for i in range(first, first + per_file)])
+    spool.finish(job_id, Status.COMPLETED)
+    return job_id
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda data: data[:-5], "cut short"),
+    (lambda data: data[:data.index(b"\n") + 1], "1 lines for the 3 images"),
+    (lambda data: b"", "cut short"),
+    (lambda data: data.replace(b'"index":5', b'"index":9'), "holds images 3..9, not 3..5"),
+])
+def test_a_damaged_results_file_is_named(spool, damage, why):
+    job_id = finished_with_results(spool)
+    assert spool.results_damage(job_id, total=6) is None
+    path = spool.results_dir(job_id) / "00000003-00000006.jsonl"
+    path.write_bytes(damage(path.read_bytes()))
+    found, message = spool.results_damage(job_id, total=6)
+    assert found == path and message.startswith(f"results/{job_id}/00000003-00000006.jsonl: ") and why in message
+
+
+def test_a_missing_results_file_of_a_finished_job_is_named(spool):
+    job_id = finished_with_results(spool)
+    (spool.results_dir(job_id) / "00000000-00000003.jsonl").unlink()
+    assert spool.results_damage(job_id, total=6) == (None, f"results/{job_id}: images 0..2 have no results file")
+    assert spool.results_damage(job_id) is None  # a running job has gaps
+
+
+def test_the_daemon_moves_a_damaged_results_file_of_a_finished_job_aside(spool):
+    job_id = finished_with_results(spool)
+    spool.write_status(job_id, {"job_id": str(job_id), "status": "completed", "images_total": 6})
+    path = spool.results_dir(job_id) / "00000003-00000006.jsonl"
+    path.write_bytes(path.read_bytes()[:-7])
+    Housekeeping(spool, retention_s=0).check_finished_results()
+    assert not path.exists()
+    [why] = [p for p in (spool.root / "corrupt").iterdir() if p.suffix == ".why"]
+    assert "cut short" in why.read_text()
+    assert spool.read_status(job_id)["status"] == "completed"  # a status never goes back
+    assert spool.results_damage(job_id, total=6) == (None, f"results/{job_id}: images 3..5 have no results file")
