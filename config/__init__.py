@@ -41,6 +41,13 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r} (use true or false)")
 
 
+def _executor(text: str) -> str:
+    executor = text.strip().lower()
+    if executor not in ("local", "dask"):
+        raise ValueError("not one of local, dask")
+    return executor
+
+
 def _log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -84,25 +91,29 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", "common", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     # --- daemon
     Setting("store_master", "daemon", Path, DEFAULT_STORE_MASTER, "CSV with AreaCode,StoreName,StoreID"),
-    Setting("processes", "daemon", int, 0, "pool processes; 0 means one per core", 0, 256),
-    Setting("threads_per_process", "daemon", int, 512, "images in progress at once per pool process (each "
-            "thread downloads, measures, then sleeps the GPU wait)", 1, 4096),
+    Setting("executor", "daemon", _executor, "local", "where images are measured: local (a process pool on "
+            "this machine) or dask (the Dask cluster at dask_scheduler; needs retail-pulse[dask])"),
+    Setting("processes", "daemon", int, 0, "local pool processes; 0 means one per core", 0, 256),
+    Setting("images_per_process", "daemon", int, 1024, "images in flight at once per pool process or Dask "
+            "worker (downloading or in their GPU wait), on one libcurl event loop", 1, 65536),
+    Setting("dask_scheduler", "daemon", str, "", "the Dask scheduler's address, e.g. tls://10.0.0.5:8786 "
+            "(executor = dask)"),
+    Setting("dask_tls_ca_file", "daemon", str, "", "CA certificate that signed the scheduler's and workers' "
+            "certificates (PEM); with the two below, the daemon talks TLS to the cluster"),
+    Setting("dask_tls_cert_file", "daemon", str, "", "the daemon's own certificate for the cluster (PEM)"),
+    Setting("dask_tls_key_file", "daemon", str, "", "the key of dask_tls_cert_file (PEM)"),
     Setting("chunk_images", "daemon", int, 64, "images per chunk: the unit of fairness between jobs, of "
             "results files and of work redone after a crash", 1, 100_000),
-    Setting("task_chunks", "daemon", int, 8, "chunks per pool task, taken round-robin from the running jobs; "
-            "task_chunks x chunk_images should match threads_per_process", 1, 1000),
-    Setting("max_inflight_tasks", "daemon", int, 0, "pool tasks queued or running at once; 0 means one per "
-            "process (measured: more only queues, and a new job waits behind the queue). Bounds memory, and "
-            "the images redone after a crash", 0, 10_000),
-    Setting("max_active_jobs", "daemon", int, 32, "jobs progressing at once; more wait in incoming/", 1, 100_000),
+    Setting("max_active_jobs", "daemon", int, 32, "jobs progressing at once (their images share the pool "
+            "chunk by chunk); more wait in incoming/, except small ones", 1, 100_000),
+    Setting("small_job_images", "daemon", int, 1000, "a job of at most this many images starts at once, "
+            "however many jobs run: it never waits behind a crowd of big ones", 0, 1_000_000),
     Setting("gpu_sleep_min_s", "daemon", float, 0.1, "simulated GPU work per image, lower bound", 0, 60),
     Setting("gpu_sleep_max_s", "daemon", float, 0.4, "simulated GPU work per image, upper bound", 0, 60),
     Setting("drain_timeout_s", "daemon", float, 60.0, "on SIGTERM, how long in-flight images may take to finish; "
             "the rest is redone after the restart", 0, 3600),
-    Setting("worker_check_interval_s", "daemon", float, 0.5, "how often the daemon looks for pool processes "
-            "that died with a task", 0.05, 60),
-    Setting("max_worker_deaths", "daemon", int, 3, "an image whose pool process dies this many times is "
-            "failed (a poison image)", 1, 100),
+    Setting("max_worker_deaths", "daemon", int, 3, "an image whose process dies this many times is failed "
+            "(a poison image)", 1, 100),
     Setting("retention_days", "daemon", float, 7.0, "finished jobs (files, status, results) older than this "
             "are deleted, checked every 10 minutes; 0 keeps them forever", 0),
     # --- download (read by the daemon)

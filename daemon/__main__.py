@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -12,14 +13,16 @@ import filelock
 from config import Config
 from config.startup import StartupError, open_spool, run_main, start
 from daemon.download import DownloadLimits
+from daemon.engine import EngineSettings
 from daemon.netguard import AddressPolicy, parse_networks
 from daemon.notify import Notifier
-from daemon.pool import WatchedPool
+from daemon.pool import LocalPool
+from daemon.runner import TaskRunner
 from daemon.stores import StoreMasterError, load_store_master
 from daemon.supervisor import Supervisor, SupervisorSettings
-from daemon.worker import WorkerSettings
 
 SECTIONS = ("daemon", "download")
+FILES_BESIDE_SOCKETS = 64
 log = logging.getLogger("retailpulse.daemon")
 
 
@@ -29,6 +32,11 @@ def load_config(argv: list[str] | None) -> Config:
     if config.gpu_sleep_min_s > config.gpu_sleep_max_s:
         raise StartupError(f"gpu_sleep_min_s ({config.source('gpu_sleep_min_s')}): must not exceed "
                            f"gpu_sleep_max_s ({config.gpu_sleep_max_s})")
+    if config.executor == "dask" and not config.dask_scheduler:
+        raise StartupError(f"dask_scheduler ({config.source('dask_scheduler')}): must be set when executor is dask")
+    tls_files = [config.dask_tls_ca_file, config.dask_tls_cert_file, config.dask_tls_key_file]
+    if any(tls_files) and not all(tls_files):
+        raise StartupError("dask_tls_ca_file, dask_tls_cert_file, dask_tls_key_file: set all three or none")
     try:
         parse_networks(config.download_allowed_networks)
     except ValueError as exc:
@@ -37,9 +45,9 @@ def load_config(argv: list[str] | None) -> Config:
     return config
 
 
-def worker_settings(config: Config) -> WorkerSettings:
-    return WorkerSettings(
-        threads_per_process=config.threads_per_process,
+def engine_settings(config: Config, max_transfers: int) -> EngineSettings:
+    return EngineSettings(
+        max_transfers=max_transfers,
         gpu_sleep_min_s=config.gpu_sleep_min_s, gpu_sleep_max_s=config.gpu_sleep_max_s,
         limits=DownloadLimits(connect_timeout_s=config.download_connect_timeout_s,
                               read_timeout_s=config.download_read_timeout_s,
@@ -49,6 +57,35 @@ def worker_settings(config: Config) -> WorkerSettings:
                               max_redirects=config.max_redirects),
         addresses=AddressPolicy(allow_private=config.allow_private_addresses,
                                 allowed_networks=parse_networks(config.download_allowed_networks)))
+
+
+def raise_open_file_limit(wanted: int) -> int:
+    """Raise our soft limit on open files to the hard one (children inherit it); the files we may open.
+
+    Each download in flight holds a socket; the usual soft limit (1,024) is below what a pool process keeps
+    in flight. The systemd unit raises the hard limit (LimitNOFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted and (hard == resource.RLIM_INFINITY or soft < hard):
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
+def make_runner(config: Config, processes: int, settings: EngineSettings, on_event) -> TaskRunner:
+    """Where tasks run: the local pool, or the Dask cluster (imported only then: an optional extra)."""
+    if config.executor == "local":
+        return LocalPool(processes, settings, on_event, config.images_per_process)
+    try:
+        from daemon.dask_runner import DaskRunner, security
+    except ImportError as exc:
+        raise StartupError(f"executor ({config.source('executor')}): dask needs the dask extra "
+                           f"(pip install 'retail-pulse[dask]'): {exc}") from None
+    tls = security(config.dask_tls_ca_file, config.dask_tls_cert_file, config.dask_tls_key_file)
+    try:
+        return DaskRunner(config.dask_scheduler, settings, on_event, config.images_per_process, tls)
+    except (OSError, TimeoutError) as exc:
+        # Not exit 2: the scheduler may be on its way up; systemd tries again (Restart=on-failure).
+        raise SystemExit(f"retailpulse-daemon: cannot reach the Dask scheduler {config.dask_scheduler}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +106,16 @@ def serve(argv: list[str] | None) -> int:
         raise StartupError(f"another daemon is working on {spool.root} (it holds {lock.lock_file})") from None
     processes = config.processes or os.cpu_count() or 1
     settings = SupervisorSettings(
-        chunk_images=config.chunk_images, task_chunks=config.task_chunks,
-        max_inflight_tasks=config.max_inflight_tasks or processes,
-        max_active_jobs=config.max_active_jobs, drain_timeout_s=config.drain_timeout_s,
-        worker_check_interval_s=config.worker_check_interval_s, max_worker_deaths=config.max_worker_deaths,
+        chunk_images=config.chunk_images, max_active_jobs=config.max_active_jobs,
+        small_job_images=config.small_job_images,
+        drain_timeout_s=config.drain_timeout_s, max_worker_deaths=config.max_worker_deaths,
         retention_s=config.retention_days * 86400)
+    # Sockets in flight, plus room for the files and pipes a process has anyway.
+    open_files = raise_open_file_limit(config.images_per_process + FILES_BESIDE_SOCKETS)
+    max_transfers = max(1, min(config.images_per_process, open_files - FILES_BESIDE_SOCKETS))
+    if max_transfers < config.images_per_process:
+        log.warning("open-file limit %d: at most %d downloads at once per process (images_per_process is %d); "
+                    "raise LimitNOFILE", open_files, max_transfers, config.images_per_process)
 
     stop = threading.Event()
     # Handlers only set the flag; the main loop notices it within poll_interval_s and drains.
@@ -81,25 +123,26 @@ def serve(argv: list[str] | None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     notifier = Notifier()
-    # glibc gives each thread its own malloc arena; with hundreds of download threads per pool process the
-    # arenas, not the data, make up most of the memory. Two arenas: measured RSS per pool process drops by
-    # more than half, CPU unchanged (bench/README.md). Read by the forkserver when it starts, so set first.
+    # glibc gives each thread its own malloc arena; two are plenty for a pool process (an engine thread and
+    # a reader), and fewer arenas keep its memory flat. Read by the forkserver when it starts, so set first.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    pool = WatchedPool(processes, worker_settings(config))
+    supervisor = Supervisor(spool, stores, settings, notifier)
+    supervisor.attach(make_runner(config, processes, engine_settings(config, max_transfers), supervisor.events.put))
+    runner = supervisor.runner
     try:
         def ready() -> None:  # after the recovery scan: systemd starts counting us up only now
-            log.info("daemon ready: spool %s, %d stores, %d processes x %d threads",
-                     spool.root, len(stores), processes, config.threads_per_process)
-            notifier.send(READY=1, STATUS=f"ready: {processes} processes x {config.threads_per_process} threads")
+            log.info("daemon ready: spool %s, %d stores, %d processes x %d images in flight",
+                     spool.root, len(stores), processes, config.images_per_process)
+            notifier.send(READY=1, STATUS=f"ready: {processes} processes x {config.images_per_process} images")
 
         def stopping() -> bool:
             if stop.is_set():
                 notifier.send(STOPPING=1, STATUS="stopping: recording the images in flight")
             return stop.is_set()
 
-        Supervisor(spool, stores, pool, settings, notifier).run(stopping, ready)
+        supervisor.run(stopping, ready)
     finally:
-        pool.terminate()
+        runner.close()
         lock.release()
     log.info("daemon stopped")
     return 0

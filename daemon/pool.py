@@ -20,6 +20,8 @@ import multiprocessing
 import os
 import secrets
 import shutil
+import signal
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -45,6 +47,17 @@ class _Process:
         return sum(self.tasks.values())
 
 
+def _hang_up(conn: Connection) -> None:
+    """Close a connection that another thread may be reading: close() alone would leave that read blocked
+    and the socket open (the read holds it), so the process at the other end would never see the end."""
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+    conn.close()
+
+
 class LocalPool:
     """A TaskRunner (daemon/runner.py) on this machine."""
 
@@ -62,9 +75,10 @@ class LocalPool:
         self._pool = context.Pool(processes, initializer=serve, initargs=(self._listener.address, authkey, settings))
 
     # ------------------------------------------------------------- TaskRunner
-    def room(self) -> int:
+    def has_room(self, images: int) -> bool:
         with self._lock:
-            return sum(max(0, self.images_per_process - p.images) for p in self._connected.values())
+            return any(p.images == 0 or p.images + images <= self.images_per_process
+                       for p in self._connected.values())
 
     def workers(self) -> int:
         with self._lock:
@@ -77,7 +91,7 @@ class LocalPool:
         with self._lock:
             target = max(self._connected.values(), key=lambda p: self.images_per_process - p.images, default=None)
             if target is None:
-                raise RuntimeError("no pool process is connected; check room() first")
+                raise RuntimeError("no pool process is connected; check has_room() first")
             target.tasks[task_id] = len(items)
         try:
             target.conn.send(("task", task_id, list(items), isolated))
@@ -90,15 +104,20 @@ class LocalPool:
         self._listener.close()
         with self._lock:
             for process in self._connected.values():
-                process.conn.close()
+                _hang_up(process.conn)
         joiner = threading.Thread(target=self._pool.join, name="pool-join", daemon=True)
         joiner.start()
         joiner.join(timeout_s)
-        if joiner.is_alive():
-            log.warning("pool processes did not stop within %g s; terminating them", timeout_s)
-            stopper = threading.Thread(target=self._pool.terminate, name="pool-terminate", daemon=True)
-            stopper.start()
-            stopper.join(timeout_s)
+        if joiner.is_alive():  # a process stuck (SIGSTOP, a hung system call): they ignore SIGTERM
+            log.warning("pool processes did not stop within %g s; killing them", timeout_s)
+            with self._lock:
+                pids = list(self._connected)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            joiner.join(timeout_s)
         shutil.rmtree(self._folder, ignore_errors=True)
 
     # ------------------------------------------------------------ connections
@@ -118,7 +137,7 @@ class LocalPool:
             process = _Process(pid, conn)
             with self._lock:
                 self._connected[pid] = process
-            log.debug("pool: process %d connected", pid)
+            log.info("pool: process %d connected", pid)
             threading.Thread(target=self._read_forever, args=(process,), name=f"pool-{pid}", daemon=True).start()
 
     def _read_forever(self, process: _Process) -> None:

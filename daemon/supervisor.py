@@ -1,16 +1,17 @@
-"""The supervisor: claims jobs from the spool, hands their images to the pool in chunks, records results.
+"""The supervisor: claims jobs from the spool, hands their images to the runner in chunks, records results.
 
-One thread (the caller of ``Supervisor.run``) owns every job's bookkeeping. The pool's result thread only
-puts finished tasks on a queue, so nothing is shared between threads but that queue.
+One thread (the caller of ``Supervisor.run``) owns every job's bookkeeping. The runner's threads only put
+TaskDone and TaskLost events on a queue, so nothing is shared between threads but that queue.
 
-Fairness: chunks are taken round-robin over the active jobs into pool tasks, and at most
-``max_inflight_tasks`` tasks are in the pool at once, so a small job submitted behind a huge one waits for a
-few tasks, not for the job, and many jobs progress together.
+Fairness: whenever the runner has room, the next chunk is taken from the next active job in turn, so a
+small job submitted behind a huge one waits for one chunk's worth of room, not for the job, and many jobs
+progress together. Each chunk is recorded as soon as its own images are done.
 Resumption: a job found in active/ at start-up keeps its recorded results; only images with no results
 file are dispatched again.
-Dead pool processes: a chunk whose process died (kill -9, OOM) is split in two and both halves are
-dispatched again, so an image that kills its process every time ends up alone in a chunk; alone, it is
-failed once its process has died ``max_worker_deaths`` times with it.
+Dead processes: the chunks a dead process (kill -9, OOM) held are dispatched again, isolated: each alone in
+a throw-away process (daemon/sandbox.py). An isolated chunk that dies again is split in two, so an image
+that kills whatever measures it ends up alone; alone, it is failed once ``max_worker_deaths`` processes
+have died with it. Innocent images never share a process with it again, so they are never failed for it.
 Recording and disk trouble: daemon/recording.py. Chores on a clock: daemon/housekeeping.py.
 """
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from daemon.housekeeping import Housekeeping
@@ -29,8 +29,8 @@ from daemon.jobs import ActiveJob, Chunk, cancelled, uncovered, unknown_store
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.outcome import ErrorKind, ImageOutcome
-from daemon.pool import WatchedPool
 from daemon.recording import Recorder
+from daemon.runner import TaskDone, TaskLost, TaskRunner
 from daemon.stores import Store
 from spool import Control, CorruptFile, Folder, Phase, Spool, Status, status_document, utc_now
 
@@ -39,52 +39,50 @@ log = logging.getLogger("retailpulse.daemon")
 
 @dataclass
 class Task:
-    """One pool task: its chunks, and for each item handed to the pool the (chunk, image index) it is."""
+    """A chunk handed to the runner, and which of its images it measures (not those of unknown stores)."""
 
     task_id: int
-    chunks: list[Chunk]
-    keys: list[tuple[Chunk, int]]
+    chunk: Chunk
+    measured: list[int]
 
 
 @dataclass(frozen=True)
 class SupervisorSettings:
     chunk_images: int = 64  # images per chunk: the unit of fairness, of results files and of redoing
-    task_chunks: int = 8  # chunks per pool task, from different jobs where there are several
-    max_inflight_tasks: int = 2  # pool tasks queued or running at once: bounds memory and queueing delay
-    max_active_jobs: int = 32  # jobs progressing at once; more wait in incoming/
+    max_active_jobs: int = 32  # jobs progressing at once; more wait in incoming/, but for small ones
+    small_job_images: int = 1000  # a job this small is started at once, however many jobs run
     poll_interval_s: float = 0.1  # how often incoming/ is looked at while idle
     drain_timeout_s: float = 60.0  # on stop, how long in-flight chunks may take to finish and be recorded
-    worker_check_interval_s: float = 0.5  # how often dead pool processes are looked for
     max_worker_deaths: int = 3  # an image alone in a chunk whose process died this often is failed
     disk_retry_interval_s: float = 5.0  # while writes fail (disk full), how often they are tried again
     retention_s: float = 7 * 86400  # finished jobs older than this are deleted; 0 keeps them forever
 
 
 class Supervisor:
-    def __init__(self, spool: Spool, stores: dict[str, Store], pool: WatchedPool, settings: SupervisorSettings,
+    def __init__(self, spool: Spool, stores: dict[str, Store], settings: SupervisorSettings,
                  notifier: Notifier | None = None):
         self.spool = spool
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
         self.stores = stores
-        self.pool = pool
         self.settings = settings
         self.recorder = Recorder(spool, stores, self.metrics, settings.disk_retry_interval_s)
         self.housekeeping = Housekeeping(spool, settings.retention_s)
         self.jobs: dict[int, ActiveJob] = {}
         self.rotation: deque[int] = deque()  # job ids, next to dispatch from first
-        self.dispatched: dict[int, Task] = {}  # task id -> task, for every pool task we still wait for
+        self.dispatched: dict[int, Task] = {}  # task id -> task, for every task we still wait for
         self.next_task_id = 1
-        self.finished_tasks: queue.Queue = queue.Queue()  # (task id, outcomes or the exception), from the pool
-        self.next_worker_check = 0.0
+        self.events: queue.Queue[TaskDone | TaskLost] = queue.Queue()  # from the runner's threads
+        self.runner: TaskRunner | None = None
+        self.queued_images: dict[int, int] = {}  # job id -> images, of the jobs waiting in incoming/
 
-    @property
-    def tasks_in_flight(self) -> int:
-        return len(self.dispatched)
+    def attach(self, runner: TaskRunner) -> None:
+        """The runner reports to ``self.events.put``; it is made with that callback, then attached here."""
+        self.runner = runner
 
     @property
     def images_in_flight(self) -> int:
-        return sum(chunk.images for task in self.dispatched.values() for chunk in task.chunks)
+        return sum(task.chunk.images for task in self.dispatched.values())
 
     # ------------------------------------------------------------ main loop
     def run(self, stop_requested: Callable[[], bool], ready: Callable[[], None] = lambda: None) -> None:
@@ -110,31 +108,29 @@ class Supervisor:
         self.handle_requests()
         self.forget_finished(self.recorder.retry())
         if self.recorder.paused:
-            self.wait_for_tasks(min(self.settings.poll_interval_s, self.recorder.retry_at - time.monotonic()))
+            self.wait_for_events(min(self.settings.poll_interval_s, self.recorder.retry_at - time.monotonic()))
         else:
             self.admit_incoming()
             self.dispatch()
-            self.wait_for_tasks(self.settings.poll_interval_s)
-        self.check_workers()
+            self.wait_for_events(self.settings.poll_interval_s)
         self.housekeeping.due(self.heartbeat)
         self.notifier.progress(self.status_line())
 
     def drain(self) -> None:
         """Record what is in flight, for drain_timeout_s at most in all; the rest is redone after a restart."""
-        log.info("stopping: waiting for %d task(s) in flight", self.tasks_in_flight)
+        log.info("stopping: waiting for %d chunk(s) in flight", len(self.dispatched))
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while (self.tasks_in_flight or self.recorder.paused) and time.monotonic() < deadline:
+        while (self.dispatched or self.recorder.paused) and time.monotonic() < deadline:
             self.forget_finished(self.recorder.retry())
-            self.wait_for_tasks(min(deadline - time.monotonic(), self.settings.worker_check_interval_s))
-            self.check_workers(requeue=False)
-        if self.tasks_in_flight or self.recorder.paused:
-            log.warning("stopping with %d task(s) and %d chunk(s) unrecorded; they are redone on restart",
-                        self.tasks_in_flight, len(self.recorder.unrecorded))
+            self.wait_for_events(min(deadline - time.monotonic(), self.settings.poll_interval_s), stopping=True)
+        if self.dispatched or self.recorder.paused:
+            log.warning("stopping with %d chunk(s) unrecorded; they are redone on restart",
+                        len(self.dispatched) + len(self.recorder.unrecorded))
 
     def heartbeat(self) -> dict:
         """The fields of daemon.json (spool/__init__.py documents them)."""
-        return {"processes": self.pool.processes, "jobs_active": len(self.jobs),
-                "tasks_in_flight": self.tasks_in_flight, "images_in_flight": self.images_in_flight,
+        return {**self.runner.describe(), "jobs_active": len(self.jobs),
+                "tasks_in_flight": len(self.dispatched), "images_in_flight": self.images_in_flight,
                 "images_remaining_active": sum(job.total - job.done for job in self.jobs.values()),
                 "paused": self.recorder.paused, "metrics": self.metrics.snapshot()}
 
@@ -186,15 +182,25 @@ class Supervisor:
 
     # ------------------------------------------------------------- admitting
     def admit_incoming(self) -> None:
-        free = self.settings.max_active_jobs - len(self.jobs)
-        if free <= 0:
-            return
-        for job_id in self.spool.job_ids(Folder.INCOMING)[:free]:
+        """Claim queued jobs, oldest first, while fewer than max_active_jobs run; a small job (at most
+        small_job_images) is claimed at once whatever runs, so it never waits behind a crowd of big ones."""
+        for job_id in self.spool.job_ids(Folder.INCOMING):
+            crowded = len(self.jobs) >= self.settings.max_active_jobs
+            if crowded and self.images_of(job_id) > self.settings.small_job_images:
+                continue
+            self.queued_images.pop(job_id, None)
             try:
                 path = self.spool.claim(job_id)
             except FileNotFoundError:
-                continue  # another daemon took it
+                continue  # cancelled and claimed meanwhile
             self.load(job_id, path)
+
+    def images_of(self, job_id: int) -> int:
+        """A queued job's size, from its meta file (read once: it never changes); unknown counts as big."""
+        if job_id not in self.queued_images:
+            images = (self.spool.read_meta(job_id) or {}).get("images")
+            self.queued_images[job_id] = images if isinstance(images, int) else 2**62
+        return self.queued_images[job_id]
 
     def read_recorded(self, job: ActiveJob) -> list[tuple[int, int]]:
         """Count the job's recorded results; move unreadable results files aside. The (first, stop) covered."""
@@ -255,119 +261,95 @@ class Supervisor:
 
     # ------------------------------------------------------------ dispatching
     def dispatch(self) -> None:
-        """Fill pool tasks with chunks taken one job after another, until the in-flight bound is reached.
+        """While the runner has room, hand it the next chunk of the next job in turn.
 
-        A task holds up to task_chunks chunks, from as many jobs as there are: a process works on all of them
-        at once, so twenty small jobs progress together instead of a few at a time. A chunk whose process
-        died travels alone, so that halving it finds the image that kills (see check_workers)."""
-        while self.tasks_in_flight < self.settings.max_inflight_tasks:
-            task: list[tuple[ActiveJob, Chunk]] = []
-            idle_turns = 0
-            while len(task) < self.settings.task_chunks and idle_turns < len(self.rotation):
-                job = self.jobs[self.rotation[0]]
-                if not job.pending:
-                    self.rotation.rotate(-1)
-                    idle_turns += 1
-                    continue
-                if job.pending[0].deaths and task:
-                    break
-                chunk = job.pending.popleft()
-                self.rotation.rotate(-1)
-                idle_turns = 0
-                task.append((job, chunk))
-                if chunk.deaths:
-                    break
-            if not task:
+        A chunk whose process died goes out isolated (see the module's docstring)."""
+        while True:
+            job = self.next_job()
+            if job is None or not self.runner.has_room(job.pending[0].images):
                 return
-            self.submit_task(task)
-
-    def submit_task(self, task: list[tuple[ActiveJob, Chunk]]) -> None:
-        items, keys = [], []  # items[k] = (k, url); keys[k] = (chunk, image index) it belongs to
-        for job, chunk in task:
+            chunk = job.pending.popleft()
+            self.rotation.rotate(-1)
             job.chunks_in_flight += 1
-            for index in range(chunk.first, chunk.stop):
-                store_id, _visit_time, url = job.images[index]
-                if store_id in self.stores:
-                    keys.append((chunk, index))
-                    items.append((len(items), url))
-        task_id, self.next_task_id = self.next_task_id, self.next_task_id + 1
-        self.dispatched[task_id] = Task(task_id, [chunk for _, chunk in task], keys)
-        if not items:  # every store unknown: nothing to download
-            self.finished_tasks.put((task_id, []))
-            return
-        self.pool.submit(task_id, items, partial(self._task_finished, task_id))
+            measured = [i for i in range(chunk.first, chunk.stop) if job.images[i][0] in self.stores]
+            if not measured:  # every store unknown: nothing to download
+                self.record_chunk(job, chunk, {})
+                continue
+            task_id, self.next_task_id = self.next_task_id, self.next_task_id + 1
+            self.dispatched[task_id] = Task(task_id, chunk, measured)
+            self.runner.submit(task_id, [(i, job.images[i][2]) for i in measured], isolated=chunk.deaths > 0)
 
-    def _task_finished(self, task_id: int, outcome: list[ImageOutcome] | BaseException) -> None:
-        """Runs on the pool's result thread: only hands the outcome to the main loop."""
-        self.finished_tasks.put((task_id, outcome))
+    def next_job(self) -> ActiveJob | None:
+        """The next job in turn that has a chunk waiting (it stays first until its chunk is taken)."""
+        for _ in range(len(self.rotation)):
+            job = self.jobs[self.rotation[0]]
+            if job.pending:
+                return job
+            self.rotation.rotate(-1)
+        return None
 
-    def wait_for_tasks(self, timeout_s: float) -> None:
-        """Record finished tasks: wait up to timeout_s for the first, then take whatever else is ready."""
+    def wait_for_events(self, timeout_s: float, stopping: bool = False) -> None:
+        """Handle the runner's events: wait up to timeout_s for the first, then take whatever else is ready."""
         try:
-            event = self.finished_tasks.get(timeout=max(timeout_s, 0))
+            event = self.events.get(timeout=max(timeout_s, 0))
             while True:
-                self.task_returned(*event)
-                event = self.finished_tasks.get_nowait()
+                if isinstance(event, TaskDone):
+                    self.task_done(event)
+                else:
+                    self.task_lost(event, requeue=not stopping)
+                event = self.events.get_nowait()
         except queue.Empty:
             return
 
-    def check_workers(self, requeue: bool = True) -> None:
-        """Every worker_check_interval_s: chunks whose pool process died are split and dispatched again."""
-        now = time.monotonic()
-        if now < self.next_worker_check:
+    def task_lost(self, event: TaskLost, requeue: bool) -> None:
+        """The process holding a task died: dispatch its chunk again, isolated; halve it if it was already."""
+        task = self.dispatched.pop(event.task_id, None)
+        if task is None:
             return
-        self.next_worker_check = now + self.settings.worker_check_interval_s
-        for task_id, pid in self.pool.lost_tasks():
-            task = self.dispatched.pop(task_id, None)
-            if task is None:
-                continue
-            for chunk in task.chunks:
-                self.chunk_lost(chunk, pid, requeue)
-
-    def chunk_lost(self, chunk: Chunk, pid: int | None, requeue: bool) -> None:
-        job = self.jobs[chunk.job_id]
+        chunk, job = task.chunk, self.jobs[task.chunk.job_id]
+        if not event.suspect:
+            log.warning("job %d: images %d..%d: %s; dispatched again", chunk.job_id, chunk.first, chunk.stop - 1,
+                        event.why)
+            job.chunks_in_flight -= 1
+            job.pending.appendleft(chunk)
+            return
         deaths = chunk.deaths + 1
-        log.warning("job %d: images %d..%d: pool process %s died with them (death %d)",
-                    chunk.job_id, chunk.first, chunk.stop - 1, pid or "(unknown)", deaths)
+        log.warning("job %d: images %d..%d: %s (death %d)", chunk.job_id, chunk.first, chunk.stop - 1, event.why,
+                    deaths)
         if not requeue:
             job.chunks_in_flight -= 1
             return  # stopping: a restart redoes them
-        if chunk.images == 1 and deaths >= self.settings.max_worker_deaths:
-            why = f"the pool process died each time this image was processed ({deaths} attempts)"
+        if chunk.images == 1 and chunk.deaths and deaths >= self.settings.max_worker_deaths:
+            why = f"the process measuring this image died each time ({deaths} attempts)"
             self.record(job, chunk, [ImageOutcome.failed(chunk.first, why, ErrorKind.WORKER_DIED)])
             return
         job.chunks_in_flight -= 1
+        if chunk.deaths == 0:  # it shared a process that died: alone, it will tell whether it was the cause
+            job.pending.appendleft(Chunk(chunk.job_id, chunk.first, chunk.stop, deaths))
+            return
         middle = (chunk.first + chunk.stop) // 2
         halves = [Chunk(chunk.job_id, chunk.first, middle, deaths), Chunk(chunk.job_id, middle, chunk.stop, deaths)]
         job.pending.extendleft(reversed([h for h in halves if h.images]))
 
     # -------------------------------------------------------------- recording
-    def task_returned(self, task_id: int, outcome: list[ImageOutcome] | BaseException) -> None:
-        task = self.dispatched.pop(task_id, None)
-        self.pool.forget(task_id)
+    def task_done(self, event: TaskDone) -> None:
+        task = self.dispatched.pop(event.task_id, None)
         if task is None:
-            return  # given up as lost, and dispatched again: that dispatch's result is the one recorded
-        measured: dict[Chunk, dict[int, ImageOutcome]] = {chunk: {} for chunk in task.chunks}
-        if not isinstance(outcome, BaseException):
-            for item in outcome:
-                chunk, index = task.keys[item.index]
-                measured[chunk][index] = item
-        for chunk in task.chunks:
-            job = self.jobs[chunk.job_id]
-            self.record(job, chunk, [self.outcome_of(job, index, measured[chunk], outcome)
-                                     for index in range(chunk.first, chunk.stop)])
+            return
+        self.record_chunk(self.jobs[task.chunk.job_id], task.chunk, {o.index: o for o in event.outcomes})
 
-    def outcome_of(self, job: ActiveJob, index: int, measured: dict[int, ImageOutcome], task_outcome) -> ImageOutcome:
-        """Image ``index``'s outcome: measured, or why not (unknown store; a pool task that raised)."""
-        if job.images[index][0] not in self.stores:
-            return unknown_store(index)
-        if index in measured:
-            item = measured[index]
-            return ImageOutcome(index, item.width, item.height, item.perimeter, item.error, item.kind,
-                                item.seconds, item.bytes)
-        # The pool task itself failed (it is written never to, so this is a bug worth its text).
-        why = f"internal error: {type(task_outcome).__name__}: {task_outcome}"
-        return ImageOutcome.failed(index, why, ErrorKind.INTERNAL)
+    def record_chunk(self, job: ActiveJob, chunk: Chunk, measured: dict[int, ImageOutcome]) -> None:
+        """Record one outcome per image of the chunk: measured, or why not (unknown store)."""
+        outcomes = []
+        for index in range(chunk.first, chunk.stop):
+            if job.images[index][0] not in self.stores:
+                outcomes.append(unknown_store(index))
+            elif index in measured:
+                outcomes.append(measured[index])
+            else:  # the engine answers every item; a gap is a bug, and worth its own text
+                outcomes.append(ImageOutcome.failed(index, "internal error: no outcome for this image",
+                                                    ErrorKind.INTERNAL))
+        self.record(job, chunk, outcomes)
 
     def record(self, job: ActiveJob, chunk: Chunk, outcomes: list[ImageOutcome]) -> None:
         self.forget_finished([job] if self.recorder.record(job, chunk, outcomes) else [])

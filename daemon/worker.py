@@ -1,101 +1,71 @@
-"""What runs inside a pool process: one chunk of images at a time, many images of it at once on threads.
+"""What runs inside a pool process: the engine, fed over the process's own connection to the supervisor.
 
-A pool task that waited through each image's download and 0.1-0.4 s sleep in turn would keep a core idle;
-threads overlap the waits, and the process pool spreads the CPU part (HTTP, header parsing) over the cores.
+``serve`` is the Pool's initializer, and it never returns: it connects, starts the engine, and reads tasks
+until its connection closes, then exits. So the Pool's own task loop never runs here, and no pool process
+ever holds the Pool's task-queue lock (a process killed holding it would stall the Pool's shutdown).
+Nothing here is global: the threads hold what they need.
 """
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing.connection import Client, Connection
 
-import requests
+from daemon.engine import Engine, EngineSettings
+from daemon.outcome import ImageOutcome
+from daemon.sandbox import run_isolated
 
-from daemon.download import DownloadLimits, fetch_with_retries, make_session
-from daemon.measure import ImageError, image_size, perimeter
-from daemon.metrics import failure_reason
-from daemon.netguard import AddressPolicy
-from daemon.outcome import ErrorKind, ImageOutcome
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    threads_per_process: int = 512
-    gpu_sleep_min_s: float = 0.1
-    gpu_sleep_max_s: float = 0.4
-    limits: DownloadLimits = field(default_factory=DownloadLimits)
-    addresses: AddressPolicy = field(default_factory=AddressPolicy)  # public addresses only, by default
+#: Isolated tasks (daemon/sandbox.py) one pool process runs at once, each in a process of its own.
+ISOLATED_AT_ONCE = 4
+#: How much lower than the supervisor's the pool processes' CPU priority is (nice(2)).
+POOL_NICE_INCREMENT = 5
 
 
-def process_image(session: requests.Session, index: int, url: str, settings: WorkerSettings) -> ImageOutcome:
-    """Download, measure, then the simulated GPU work."""
-    started = time.perf_counter()
-    size = 0
-    try:
-        body = fetch_with_retries(session, url, settings.limits)
-        size = body.size
-        width, height = image_size(body)
-    except ImageError as exc:
-        kind = ErrorKind(failure_reason(str(exc)))
-        return ImageOutcome.failed(index, str(exc), kind, time.perf_counter() - started, size)
-    time.sleep(random.uniform(settings.gpu_sleep_min_s, settings.gpu_sleep_max_s))
-    return ImageOutcome(index, width, height, perimeter(width, height), None, None, time.perf_counter() - started,
-                        size)
+class _ProcessWorker:
+    def __init__(self, conn: Connection, settings: EngineSettings):
+        self.conn, self.settings = conn, settings
+        self.send_lock = threading.Lock()  # the engine thread and the isolation threads both answer
+        self.engine = Engine(settings)
+        self.isolated = ThreadPoolExecutor(ISOLATED_AT_ONCE, thread_name_prefix="isolated")
 
+    def send(self, message: tuple) -> None:
+        try:
+            with self.send_lock:
+                self.conn.send(message)
+        except OSError:
+            os._exit(0)  # the supervisor is gone
 
-class _ProcessState:
-    """The thread pool and HTTP session of one pool process, made once by the pool's initializer."""
-
-    def __init__(self, settings: WorkerSettings, started_writer):
-        self.settings = settings
-        self.started_writer = started_writer
-        self.session = make_session(settings.threads_per_process, settings.addresses, settings.limits.max_redirects)
-        self.executor = ThreadPoolExecutor(settings.threads_per_process, thread_name_prefix="image")
-
-    def run(self, items: list[tuple[int, str]]) -> list[ImageOutcome]:
-        futures = [(index, self.executor.submit(process_image, self.session, index, url, self.settings))
-                   for index, url in items]
-        outcomes = []
-        for index, future in futures:
+    def read_forever(self) -> None:
+        while True:
             try:
-                outcomes.append(future.result())
-            except Exception as exc:  # a bug must fail one image with its cause, not lose the chunk
-                why = f"internal error: {type(exc).__name__}: {exc}"
-                outcomes.append(ImageOutcome.failed(index, why, ErrorKind.INTERNAL))
-        return outcomes
+                _kind, task_id, items, isolated = self.conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the supervisor is gone (stopped, or killed): stop downloading at once
+            if isolated:
+                self.isolated.submit(self.run_isolated, task_id, items)
+            else:
+                self.engine.submit(items, partial(self.done, task_id))
+
+    def done(self, task_id: int, outcomes: list[ImageOutcome]) -> None:
+        self.send(("done", task_id, outcomes))
+
+    def run_isolated(self, task_id: int, items) -> None:
+        result = run_isolated(items, self.settings)
+        self.send(("lost", task_id, result) if isinstance(result, str) else ("done", task_id, result))
 
 
-# Pool tasks receive nothing but their arguments, so each pool process keeps its one _ProcessState here.
-_state: _ProcessState | None = None
-
-ORPHAN_CHECK_INTERVAL_S = 0.5
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    """If the supervisor is killed (-9, OOM), its forkserver exits and we are re-parented: stop downloading."""
-    while os.getppid() == parent:
-        time.sleep(ORPHAN_CHECK_INTERVAL_S)
-    os._exit(1)
-
-
-def init_process(settings: WorkerSettings, started_writer) -> None:
-    """Pool initializer. Ctrl-C goes to the supervisor, which decides how to stop; children ignore it."""
-    global _state
+def serve(address: str, authkey: bytes, settings: EngineSettings) -> None:
+    """Pool initializer; never returns. Ctrl-C and a SIGTERM to the whole process group go to the supervisor
+    too, which decides how to stop (drain, then close our connection): pool processes ignore both. The
+    pool runs below the supervisor's and the API's priority: the API must stay quick while we saturate."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _state = _ProcessState(settings, started_writer)
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), name="orphan-check", daemon=True).start()
-
-
-def run_task(task_id: int, items: list[tuple[int, str]]) -> list[ImageOutcome]:
-    """Pool task: measure each (index, url). Never raises; each failure is in its image's outcome.
-
-    It first says which process runs it (one write of a few bytes to a pipe is atomic, so the pool's
-    processes share the pipe without a lock a dying process could leave held).
-    """
-    assert _state is not None, "init_process did not run in this process"
-    _state.started_writer.send_bytes(f"{task_id} {os.getpid()}".encode())
-    return _state.run(items)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.nice(POOL_NICE_INCREMENT)
+    conn = Client(address, family="AF_UNIX", authkey=authkey)
+    worker = _ProcessWorker(conn, settings)
+    worker.engine.start()
+    conn.send(("hello", os.getpid()))
+    worker.read_forever()

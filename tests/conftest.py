@@ -180,9 +180,13 @@ class Service:
             [sys.executable, "-m", "webapi", "--spool-dir", str(spool_dir), "--port", "0", "--api-workers", "2",
              *api_args],
             cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.base = self._read_address(self.api, timeout_s=30)
         self.http = requests.Session()
-        self.wait_for_daemon(timeout_s=30)
+        try:
+            self.base = self._read_address(self.api, timeout_s=30)
+            self.wait_for_daemon(timeout_s=30)
+        except BaseException:
+            self.stop()  # a half-started service must not outlive the test
+            raise
 
     def start_daemon(self) -> None:
         self._daemon_log_offset = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0

@@ -9,19 +9,19 @@ import requests
 import responses
 
 from daemon.download import MAX_BACKOFF_S, DownloadLimits, fetch, fetch_with_retries, make_session
+from daemon.engine import EngineSettings, measure
 from daemon.measure import HEAD_BYTES, TAIL_BYTES, image_size
 from daemon.netguard import AddressPolicy
-from daemon.worker import WorkerSettings, process_image
 from tests.conftest import image_bytes
 
 URL = "http://images.example/shelf.jpg"
 def measured(session, url, settings):
     """(width, height, perimeter, error, seconds, bytes) of one image processed as a pool process does."""
-    o = process_image(session, 0, url, settings)
+    o = measure([(0, url)], settings)[0]
     return o.width, o.height, o.perimeter, o.error, o.seconds, o.bytes
 
 
-NO_SLEEP = WorkerSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, limits=DownloadLimits(backoff_s=0))
+NO_SLEEP = EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, limits=DownloadLimits(backoff_s=0))
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_image_is_measured(session):
 @responses.activate
 def test_simulated_gpu_work_happens_for_every_measured_image(session):
     responses.get(URL, body=image_bytes("PNG", 8, 8))
-    settings = WorkerSettings(gpu_sleep_min_s=0.2, gpu_sleep_max_s=0.2)
+    settings = EngineSettings(gpu_sleep_min_s=0.2, gpu_sleep_max_s=0.2)
     started = time.monotonic()
     assert measured(session, URL, settings)[3] is None
     assert time.monotonic() - started >= 0.2

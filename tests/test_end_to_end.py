@@ -64,7 +64,7 @@ def test_image_that_cannot_be_downloaded_fails_the_job_naming_its_store(start_se
 
 
 def test_results_keep_submission_order_across_many_chunks(start_service, images):
-    service = start_service("--chunk-images", "7", "--threads-per-process", "8")
+    service = start_service("--chunk-images", "7", "--images-per-process", "14")
     urls = list(images)
     visits = [visit(f"RP0000{1 + v % 9}", [urls[(v + i) % len(urls)] for i in range(v % 5 + 1)]) for v in range(60)]
     expected = [url for v in visits for url in v["image_url"]]

@@ -15,7 +15,7 @@ from tests.conftest import REPO, call_wsgi, image_bytes, visit, wait_until
 from webapi.app import make_app
 
 SLOW = ["--gpu-sleep-min-s", "0.2", "--gpu-sleep-max-s", "0.3", "--chunk-images", "4",
-        "--threads-per-process", "4", "--max-inflight-tasks", "2", "--task-chunks", "1", "--processes", "1"]
+        "--images-per-process", "8", "--processes", "1"]
 
 
 def ctl(service, *args):

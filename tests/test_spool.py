@@ -152,7 +152,7 @@ def test_results_are_durable_before_the_status_counts_them(spool, syscalls):
     from daemon.supervisor import Supervisor, SupervisorSettings
     from tests.conftest import SAMPLE_STORE_MASTER
     job_id = spool.submit(1, [{"store_id": "RP00001", "visit_time": "t", "image_url": ["http://x/a.jpg"]}])
-    supervisor = Supervisor(spool, load_store_master(SAMPLE_STORE_MASTER), None, SupervisorSettings())
+    supervisor = Supervisor(spool, load_store_master(SAMPLE_STORE_MASTER), SupervisorSettings())
     supervisor.load(job_id, spool.claim(job_id))
     job = supervisor.jobs[job_id]
     del syscalls[:]

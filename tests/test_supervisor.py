@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-from daemon.jobs import uncovered
+from daemon.engine import EngineSettings
+from daemon.jobs import Chunk, uncovered
 from daemon.netguard import AddressPolicy
-from daemon.pool import WatchedPool
+from daemon.pool import LocalPool
 from daemon.stores import load_store_master
 from daemon.supervisor import Supervisor, SupervisorSettings
-from daemon.worker import WorkerSettings
 from spool import Spool, Status
-from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes
+from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes, wait_until
 from webapi.app import make_app
 
 STORES = load_store_master(SAMPLE_STORE_MASTER)
@@ -34,16 +34,27 @@ def test_uncovered_images_are_cut_into_chunks(total, covered, size, expected):
 
 
 @pytest.fixture
-def pool():
-    settings = WorkerSettings(threads_per_process=4, gpu_sleep_min_s=0, gpu_sleep_max_s=0,
-                              addresses=AddressPolicy(allow_private=True))
-    pool = WatchedPool(1, settings)
-    yield pool
-    pool.terminate()
+def supervised(spool):
+    """make(settings) -> a Supervisor on ``spool`` with a real LocalPool of one process (stopped afterwards)."""
+    runners = []
+
+    def make(settings: SupervisorSettings = SupervisorSettings(poll_interval_s=0.02), target=None):
+        supervisor = Supervisor(target or spool, STORES, settings)
+        engine = EngineSettings(max_transfers=16, gpu_sleep_min_s=0, gpu_sleep_max_s=0,
+                                addresses=AddressPolicy(allow_private=True))
+        runner = LocalPool(1, engine, supervisor.events.put, images_per_process=16)
+        runners.append(runner)
+        supervisor.attach(runner)
+        wait_until(lambda: runner.workers() == 1, what="the pool process to connect")
+        return supervisor
+
+    yield make
+    for runner in runners:
+        runner.close()
 
 
-def run_until_finished(spool, pool, chunk_images=3):
-    supervisor = Supervisor(spool, STORES, pool, SupervisorSettings(chunk_images=chunk_images, poll_interval_s=0.02))
+def run_until_finished(spool, supervised, chunk_images=3):
+    supervisor = supervised(SupervisorSettings(chunk_images=chunk_images, poll_interval_s=0.02))
     supervisor.run(lambda: bool(spool.job_ids("done") or spool.job_ids("failed")) and not supervisor.jobs)
 
 
@@ -53,7 +64,7 @@ def put_active_job(spool, urls):
     return job_id
 
 
-def test_restarted_daemon_keeps_recorded_results_and_does_only_the_rest(spool, pool, image_server):
+def test_restarted_daemon_keeps_recorded_results_and_does_only_the_rest(spool, supervised, image_server):
     base, folder = image_server
     (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
     job_id = put_active_job(spool, [f"{base}/a.png"] * 7)
@@ -62,7 +73,7 @@ def test_restarted_daemon_keeps_recorded_results_and_does_only_the_rest(spool, p
                 for i in range(3)]
     spool.write_results(job_id, 0, 3, recorded)
 
-    run_until_finished(spool, pool)
+    run_until_finished(spool, supervised)
 
     results = [json.loads(line) for line in spool.iter_result_lines(job_id)]
     assert [r["index"] for r in results] == list(range(7))
@@ -71,22 +82,22 @@ def test_restarted_daemon_keeps_recorded_results_and_does_only_the_rest(spool, p
     assert spool.job_ids("done") == [job_id]
 
 
-def test_unreadable_results_file_is_moved_aside_and_its_images_redone(spool, pool, image_server):
+def test_unreadable_results_file_is_moved_aside_and_its_images_redone(spool, supervised, image_server):
     base, folder = image_server
     (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
     job_id = put_active_job(spool, [f"{base}/a.png"] * 4)
     (spool.results_dir(job_id)).mkdir()
     (spool.results_dir(job_id) / "00000000-00000003.jsonl").write_bytes(b'{"index": 0}\n{"ind')
 
-    run_until_finished(spool, pool)
+    run_until_finished(spool, supervised)
 
     assert [json.loads(line)["perimeter"] for line in spool.iter_result_lines(job_id)] == [60] * 4
     assert [p.name for p in (spool.root / "corrupt").iterdir() if p.suffix == ".why"]
 
 
-def test_unreadable_job_file_fails_that_job_with_the_reason(spool, pool):
+def test_unreadable_job_file_fails_that_job_with_the_reason(spool, supervised):
     (spool.root / "incoming" / "5.json").write_bytes(b"\x00not json")
-    supervisor = Supervisor(spool, STORES, pool, SupervisorSettings(poll_interval_s=0.02))
+    supervisor = supervised()
     supervisor.admit_incoming()
     status = spool.read_status(5)
     assert status["status"] == "failed"
@@ -100,14 +111,14 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_start_up_removes_leftovers_of_dead_writers_but_not_a_write_in_progress(spool, pool):
+def test_start_up_removes_leftovers_of_dead_writers_but_not_a_write_in_progress(spool, supervised):
     tmp = spool.root / "tmp"
     dead_writer, old = tmp / f"7.json.{dead_pid()}.aa", tmp / "9.json.x.cc"
     live_writer = tmp / f"8.json.{os.getpid()}.bb"
     for path in (dead_writer, old, live_writer):
         path.write_text("half")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
-    Supervisor(spool, STORES, pool, SupervisorSettings()).run(lambda: True)
+    supervised().run(lambda: True)
     assert [p.name for p in tmp.iterdir()] == [live_writer.name]
 
 
@@ -120,23 +131,23 @@ def finished_job(spool, base, n):
     return job_id
 
 
-def test_garbage_status_of_finished_job_is_moved_aside_and_rebuilt(spool, pool, image_server):
+def test_garbage_status_of_finished_job_is_moved_aside_and_rebuilt(spool, supervised, image_server):
     job_id = finished_job(spool, image_server.base, 3)
     spool.status_path(job_id).write_bytes(b'{"job_id": "1", "sta')
-    Supervisor(spool, STORES, pool, SupervisorSettings()).run(lambda: True)
+    supervised().run(lambda: True)
     status = spool.read_status(job_id)
     assert (status["status"], status["images_done"]) == ("completed", 3)
     moved = sorted(p.name for p in (spool.root / "corrupt").iterdir())
     assert len(moved) == 2 and moved[0].startswith(f"status-{job_id}.json.") and moved[1].endswith(".why")
 
 
-def test_finished_job_with_garbage_status_and_results_goes_back_and_is_redone(spool, pool, image_server):
+def test_finished_job_with_garbage_status_and_results_goes_back_and_is_redone(spool, supervised, image_server):
     base, folder = image_server
     (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
     job_id = finished_job(spool, base, 3)
     spool.status_path(job_id).write_bytes(b"\x00")
     next(spool.results_dir(job_id).iterdir()).write_bytes(b"{trunc")
-    run_until_finished(spool, pool)
+    run_until_finished(spool, supervised)
     assert spool.read_status(job_id)["status"] == "completed"
     assert [json.loads(line)["index"] for line in spool.iter_result_lines(job_id)] == [0, 1, 2]
 
@@ -166,15 +177,15 @@ def fill(folder):
     return filler
 
 
-def test_full_disk_pauses_the_job_and_never_finishes_it_without_results(small_disk, pool, image_server):
+def test_full_disk_pauses_the_job_and_never_finishes_it_without_results(small_disk, supervised, image_server):
     base, folder = image_server
     (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
     spool = Spool(small_disk / "spool").create()
     release = threading.Event()
     image_server.on("/a.png", lambda handler: release.wait(20) and http.server.SimpleHTTPRequestHandler.do_GET(handler))
     job_id = put_active_job(spool, [f"{base}/a.png"] * 7)
-    supervisor = Supervisor(spool, STORES, pool, SupervisorSettings(chunk_images=3, poll_interval_s=0.02,
-                                                                    disk_retry_interval_s=0.2))
+    supervisor = supervised(SupervisorSettings(chunk_images=3, poll_interval_s=0.02, disk_retry_interval_s=0.2),
+                            target=spool)
     stop = threading.Event()
     thread = threading.Thread(target=supervisor.run, args=(stop.is_set,))
     thread.start()
@@ -189,7 +200,7 @@ def test_full_disk_pauses_the_job_and_never_finishes_it_without_results(small_di
         assert supervisor.recorder.unrecorded, "the daemon never hit the full disk"
         time.sleep(0.3)
         assert spool.job_ids("active") == [job_id] and not spool.job_ids("done")
-        assert supervisor.tasks_in_flight == 0  # paused: nothing new dispatched while results are owed
+        assert not supervisor.dispatched  # paused: nothing new dispatched while results are owed
         filler.unlink()
         deadline = time.monotonic() + 20
         while not spool.job_ids("done") and time.monotonic() < deadline:
@@ -213,30 +224,27 @@ def test_full_disk_submit_is_503_and_leaves_no_partial_job(small_disk):
     assert spool.job_ids("incoming") == [] and list((spool.root / "tmp").iterdir()) == []
 
 
-class RecordingPool:
-    """Stands in for the pool only to see how tasks are packed; nothing is measured through it."""
+class RecordingRunner:
+    """Stands in for the pool only to see the order chunks go out in; nothing is measured through it."""
 
-    processes = 1
+    def __init__(self, room_for_tasks: int):
+        self.room_for_tasks, self.tasks = room_for_tasks, []
 
-    def __init__(self):
-        self.tasks = []
+    def has_room(self, images):
+        return len(self.tasks) < self.room_for_tasks
 
-    def submit(self, task_id, items, done):
-        self.tasks.append(items)
+    def submit(self, task_id, items, isolated=False):
+        self.tasks.append(([url.rsplit("/", 1)[1] for _, url in items], isolated))
 
 
-def test_tasks_mix_chunks_of_all_running_jobs_and_a_chunk_that_saw_a_death_travels_alone(spool):
-    from daemon.jobs import Chunk
-    pool = RecordingPool()
-    supervisor = Supervisor(spool, STORES, pool, SupervisorSettings(chunk_images=2, task_chunks=3,
-                                                                    max_inflight_tasks=3))
+def test_chunks_go_out_one_job_after_another_and_a_chunk_that_saw_a_death_goes_isolated(spool):
+    supervisor = Supervisor(spool, STORES, SupervisorSettings(chunk_images=2))
+    runner = RecordingRunner(room_for_tasks=5)
+    supervisor.attach(runner)
     ids = [put_active_job(spool, [f"http://x/{j}-{i}.jpg" for i in range(4)]) for j in range(3)]
     for job_id in ids:
         supervisor.load(job_id, spool.job_path("active", job_id))
-    job = supervisor.jobs[ids[1]]
-    job.pending.appendleft(Chunk(ids[1], 0, 1, deaths=1))
+    supervisor.jobs[ids[1]].pending.appendleft(Chunk(ids[1], 0, 1, deaths=1))
     supervisor.dispatch()
-    first, second, third = ([url.rsplit("/", 1)[1] for _, url in items] for items in pool.tasks)
-    assert first == ["0-0.jpg", "0-1.jpg"]  # job 2's next chunk has seen a death: it is not packed with others
-    assert second == ["1-0.jpg"]  # alone
-    assert {name.split("-")[0] for name in third} == {"0", "1", "2"}  # one chunk of every job
+    assert runner.tasks == [(["0-0.jpg", "0-1.jpg"], False), (["1-0.jpg"], True), (["2-0.jpg", "2-1.jpg"], False),
+                            (["0-2.jpg", "0-3.jpg"], False), (["1-0.jpg", "1-1.jpg"], False)]

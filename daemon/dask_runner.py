@@ -1,0 +1,155 @@
+"""DaskRunner: the image work on a Dask cluster (``executor = dask``), for when one machine is not enough.
+
+The API, the spool and the supervisor stay on their machine and keep every guarantee; only tasks travel.
+Each Dask worker process runs the same engine as a local pool process (daemon/engine.py), made once per
+worker by a worker plugin, so the address policy and every download limit apply on the workers. A task is
+one chunk: it runs on a worker thread that hands its images to the worker's engine and waits, so a worker
+with ``--nthreads 16`` keeps 16 chunks (about 1,000 images) in flight on one event loop.
+
+Failures, mapped onto the supervisor's (daemon/supervisor.py):
+- a worker dies (kill -9, OOM, its machine): the scheduler must be run with
+  ``distributed.scheduler.allowed-failures = 0`` (the shipped unit sets it), so each task it held ends at
+  once in KilledWorker instead of being retried blindly on the next worker; that is a TaskLost, and the
+  supervisor sends the chunk out again isolated (daemon/sandbox.py on a worker), halving it if it kills
+  again, exactly as locally;
+- the scheduler goes away: every task in flight is lost, but through no fault of its images (TaskLost with
+  ``suspect=False``): they go out again as they were once the client has reconnected, and meanwhile
+  ``has_room`` is false, so nothing piles up.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Sequence
+
+from distributed import Client, KilledWorker, Security, WorkerPlugin, get_worker
+
+from daemon.engine import Engine, EngineSettings
+from daemon.outcome import ImageOutcome
+from daemon.runner import Items, OnEvent, TaskDone, TaskLost
+from daemon.sandbox import run_isolated
+
+log = logging.getLogger("retailpulse.daemon")
+
+PLUGIN_NAME = "retailpulse-engine"
+CONNECT_TIMEOUT_S = 30
+
+
+class EnginePlugin(WorkerPlugin):
+    """Runs on every worker (those that join later too): one engine per worker process, on its own thread."""
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.engine: Engine | None = None
+
+    def setup(self, worker) -> None:
+        self.engine = Engine(self.settings)
+        self.engine.start()
+
+    def teardown(self, worker) -> None:
+        if self.engine is not None:
+            self.engine.close(timeout_s=5)
+
+
+def measure_task(items: Sequence[tuple[int, str]], isolated: bool) -> tuple[str, list[ImageOutcome] | str]:
+    """The Dask task: ("done", outcomes), ("lost", why), or ("retry", why) when this worker has no engine yet
+    (it joined a restarted scheduler before the daemon gave it the plugin). Never raises for an image's sake."""
+    plugin: EnginePlugin | None = get_worker().plugins.get(PLUGIN_NAME)
+    if plugin is None or plugin.engine is None:
+        return "retry", "the Dask worker has no engine yet"
+    if isolated:
+        result = run_isolated(items, plugin.settings)
+        return ("lost", result) if isinstance(result, str) else ("done", result)
+    finished = threading.Event()
+    outcomes: list[ImageOutcome] = []
+
+    def done(measured: list[ImageOutcome]) -> None:
+        outcomes.extend(measured)
+        finished.set()
+
+    plugin.engine.submit(items, done)
+    finished.wait()
+    return "done", outcomes
+
+
+def security(ca_file: str, cert_file: str, key_file: str) -> Security | None:
+    """Dask's TLS settings from ours: all three files, or none (plain TCP, for a private network or tests)."""
+    if not (ca_file or cert_file or key_file):
+        return None
+    return Security(tls_ca_file=ca_file, tls_client_cert=cert_file, tls_client_key=key_file,
+                    require_encryption=True)
+
+
+class DaskRunner:
+    """A TaskRunner (daemon/runner.py) on a Dask cluster."""
+
+    def __init__(self, scheduler: str, settings: EngineSettings, on_event: OnEvent, images_per_worker: int,
+                 tls: Security | None = None):
+        self.scheduler, self.images_per_worker = scheduler, images_per_worker
+        self._on_event = on_event
+        self._lock = threading.Lock()  # guards _tasks: the main thread submits, the client's thread completes
+        self._tasks: dict[int, tuple[object, int]] = {}  # task id -> (future, images)
+        self._plugin = EnginePlugin(settings)
+        self._client = Client(scheduler, security=tls, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        self._scheduler_id: str | None = None
+        self.workers()
+
+    # ------------------------------------------------------------- TaskRunner
+    def workers(self) -> int:
+        """Workers the scheduler knows now; 0 while the scheduler is away (the client reconnects by itself)."""
+        if self._client.status != "running":
+            return 0
+        info = self._client.scheduler_info(n_workers=-1)
+        if info.get("id") != self._scheduler_id:
+            # A new scheduler (first contact, or a restart) knows no plugin: give it ours, for every worker,
+            # those that join later included.
+            self._client.register_plugin(self._plugin, name=PLUGIN_NAME)
+            self._scheduler_id = info.get("id")
+        return len(info.get("workers", {}))
+
+    def has_room(self, images: int) -> bool:
+        workers = self.workers()
+        with self._lock:
+            in_flight = sum(n for _, n in self._tasks.values())
+        return workers > 0 and (in_flight == 0 or in_flight + images <= workers * self.images_per_worker)
+
+    def describe(self) -> dict:
+        return {"executor": "dask", "scheduler": self.scheduler, "workers": self.workers()}
+
+    def submit(self, task_id: int, items: Items, isolated: bool = False) -> None:
+        future = self._client.submit(measure_task, list(items), isolated, key=f"retailpulse-{task_id}-{uuid.uuid4()}",
+                                     pure=False, retries=0)
+        with self._lock:
+            self._tasks[task_id] = (future, len(items))
+        future.add_done_callback(lambda f: self._finished(task_id, f))
+
+    def close(self, timeout_s: float = 10) -> None:
+        with self._lock:
+            futures = [future for future, _ in self._tasks.values()]
+            self._tasks.clear()
+        self._client.cancel(futures)
+        self._client.close(timeout=timeout_s)
+
+    # -------------------------------------------------------------- outcomes
+    def _finished(self, task_id: int, future) -> None:
+        with self._lock:
+            if self._tasks.pop(task_id, None) is None:
+                return  # closed meanwhile
+        if future.status == "finished":
+            kind, payload = future.result()
+            if kind == "done":
+                self._on_event(TaskDone(task_id, payload))
+            else:
+                self._on_event(TaskLost(task_id, payload, suspect=kind == "lost"))
+            return
+        if future.status == "cancelled":
+            self._on_event(TaskLost(task_id, "the Dask scheduler went away", suspect=False))
+            return
+        error = future.exception()
+        if isinstance(error, KilledWorker):
+            self._on_event(TaskLost(task_id, f"Dask worker {error.last_worker.address} died"
+                                    if getattr(error, "last_worker", None) else "a Dask worker died"))
+        else:  # the task itself raised: infrastructure (it never raises for an image), not the images' doing
+            log.error("dask: task %d failed: %s: %s", task_id, type(error).__name__, error)
+            self._on_event(TaskLost(task_id, f"Dask task failed: {type(error).__name__}: {error}", suspect=False))

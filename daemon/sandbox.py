@@ -1,0 +1,50 @@
+"""``python -m daemon.sandbox``: measure one isolated task in a process of its own.
+
+A task whose images were in flight when their process died may hold an image that kills whatever measures
+it (a decoder crash, the OOM killer, a hostile server's doing). Run alone here, its death costs this one
+process, not a pool process and its other tasks, and says exactly which images were in it. The parent hands
+the settings and items over stdin and reads the outcomes from stdout (pickles between the same program).
+"""
+from __future__ import annotations
+
+import pickle
+import signal
+import subprocess
+import sys
+
+from daemon.download import MAX_BACKOFF_S
+from daemon.engine import EngineSettings, measure
+from daemon.outcome import ImageOutcome
+from daemon.runner import Items
+
+
+def deadline_s(settings: EngineSettings) -> float:
+    """Longest an isolated task can take when nothing is wrong with the process measuring it."""
+    limits = settings.limits
+    return limits.attempts * (limits.total_timeout_s + MAX_BACKOFF_S) + settings.gpu_sleep_max_s + 30
+
+
+def run_isolated(items: Items, settings: EngineSettings) -> list[ImageOutcome] | str:
+    """The outcomes, or why the process died (a string): the caller treats that as a death of the task."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "daemon.sandbox"], input=pickle.dumps((settings, list(items))),
+                              capture_output=True, timeout=deadline_s(settings))
+    except subprocess.TimeoutExpired:
+        return f"the isolated process did not finish within {deadline_s(settings):g} s"
+    if proc.returncode < 0:
+        return f"the isolated process was killed by {signal.Signals(-proc.returncode).name}"
+    if proc.returncode != 0:
+        return f"the isolated process exited with {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}"
+    return pickle.loads(proc.stdout)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides how to stop
+    settings, items = pickle.load(sys.stdin.buffer)
+    outcomes = measure(items, settings)
+    sys.stdout.buffer.write(pickle.dumps(outcomes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
