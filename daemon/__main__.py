@@ -124,7 +124,7 @@ def serve(argv: list[str] | None) -> int:
 
     notifier = Notifier()
     # glibc gives each thread its own malloc arena; two are plenty for a pool process (an engine thread and
-    # a reader), and fewer arenas keep its memory flat. Read by the forkserver when it starts, so set first.
+    # a reader), and fewer arenas keep its memory flat. Inherited by the pool processes, so set first.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     supervisor = Supervisor(spool, stores, settings, notifier)
     supervisor.attach(make_runner(config, processes, engine_settings(config, max_transfers), supervisor.events.put))

@@ -14,7 +14,9 @@ Failures, mapped onto the supervisor's (daemon/supervisor.py):
   again, exactly as locally;
 - the scheduler goes away: every task in flight is lost, but through no fault of its images (TaskLost with
   ``suspect=False``): they go out again as they were once the client has reconnected, and meanwhile
-  ``has_room`` is false, so nothing piles up.
+  ``has_room`` is false, so nothing piles up. Dask's client gives up reconnecting after its timeout and
+  closes; the runner then connects a new client in the background, every second, for as long as it takes
+  (a scheduler that systemd restarts may be away for minutes).
 """
 from __future__ import annotations
 
@@ -91,16 +93,44 @@ class DaskRunner:
         self._lock = threading.Lock()  # guards _tasks: the main thread submits, the client's thread completes
         self._tasks: dict[int, tuple[object, int]] = {}  # task id -> (future, images)
         self._plugin = EnginePlugin(settings)
-        self._client = Client(scheduler, security=tls, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        self._tls = tls
+        self._client = self._connect()
         self._scheduler_id: str | None = None
+        self._reconnecting: threading.Thread | None = None
+        self._closing = threading.Event()
         self.workers()
+
+    def _connect(self) -> Client:
+        return Client(self.scheduler, security=self._tls, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+
+    def _reconnect(self) -> None:
+        """A new client once the old one gave up (the background thread's body)."""
+        log.warning("dask: the client gave up on %s; connecting again every second", self.scheduler)
+        while not self._closing.is_set():
+            try:
+                client = self._connect()
+            except (OSError, TimeoutError) as exc:
+                log.debug("dask: %s still unreachable: %s", self.scheduler, exc)
+                self._closing.wait(1)
+                continue
+            old, self._client = self._client, client
+            old.close(timeout=1)
+            log.warning("dask: connected to %s again", self.scheduler)
+            return
 
     # ------------------------------------------------------------- TaskRunner
     def workers(self) -> int:
         """Workers the scheduler knows now; 0 while the scheduler is away (the client reconnects by itself)."""
         if self._client.status != "running":
+            if self._client.status == "closed" and not self._closing.is_set() and \
+                    (self._reconnecting is None or not self._reconnecting.is_alive()):
+                self._reconnecting = threading.Thread(target=self._reconnect, name="dask-reconnect", daemon=True)
+                self._reconnecting.start()
             return 0
-        info = self._client.scheduler_info(n_workers=-1)
+        try:
+            info = self._client.scheduler_info(n_workers=-1)
+        except (OSError, TimeoutError):  # the connection dropped since the status check: away, for now
+            return 0
         if info.get("id") != self._scheduler_id:
             # A new scheduler (first contact, or a restart) knows no plugin: give it ours, for every worker,
             # those that join later included.
@@ -125,6 +155,7 @@ class DaskRunner:
         future.add_done_callback(lambda f: self._finished(task_id, f))
 
     def close(self, timeout_s: float = 10) -> None:
+        self._closing.set()
         with self._lock:
             futures = [future for future, _ in self._tasks.values()]
             self._tasks.clear()

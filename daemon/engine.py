@@ -1,78 +1,273 @@
-"""TEMPORARY stand-in with the engine's interface (threads + requests), until the libcurl engine lands."""
+"""The engine: measure many images at once on one thread, with libcurl's multi interface.
+
+``Engine.submit(items, done)`` takes a batch of ``(index, url)`` and calls ``done(outcomes)`` once every item
+has its ImageOutcome (in item order). It knows nothing of pool processes or Dask: a local pool process and
+a Dask worker each run one Engine, and ``measure()`` runs one for a single batch (tests, isolated tasks).
+
+One loop serves everything: libcurl's sockets (its socket and timer callbacks drive an epoll selector), a
+wake-up socket for batches handed in by other threads, and a heap of deadlines. An image's simulated GPU
+work (0.1-0.4 s) is such a deadline: its outcome is released only when the wait is over, so the wait stays
+real for every image but costs no thread. A retry's backoff is a deadline too. At most ``max_transfers``
+downloads run at once; the rest wait in arrival order, whichever batch they came in.
+"""
 from __future__ import annotations
 
+import heapq
+import itertools
+import logging
 import random
+import selectors
+import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from daemon.download import DownloadLimits, fetch_with_retries, make_session
+import pycurl
+
+from daemon.download import MAX_BACKOFF_S, DownloadLimits
 from daemon.measure import ImageError, image_size, perimeter
-from daemon.metrics import failure_reason
 from daemon.netguard import AddressPolicy
 from daemon.outcome import ErrorKind, ImageOutcome
+from daemon.transfer import Failure, Transfer
+
+log = logging.getLogger("retailpulse.engine")
+
+Done = Callable[[list[ImageOutcome]], None]
 
 
 @dataclass(frozen=True)
 class EngineSettings:
-    max_transfers: int = 1024
+    max_transfers: int = 1024  # downloads in flight at once (images in their GPU wait do not count)
     gpu_sleep_min_s: float = 0.1
     gpu_sleep_max_s: float = 0.4
     limits: DownloadLimits = field(default_factory=DownloadLimits)
-    addresses: AddressPolicy = field(default_factory=AddressPolicy)
+    addresses: AddressPolicy = field(default_factory=AddressPolicy)  # public addresses only, by default
+
+
+class _Batch:
+    def __init__(self, size: int, done: Done):
+        self.outcomes: list[ImageOutcome | None] = [None] * size
+        self.left, self.done = size, done
+
+
+@dataclass
+class _Image:
+    batch: _Batch
+    position: int
+    index: int
+    url: str
+    started: float = 0.0  # perf_counter at its first attempt
+    attempt: int = 0
 
 
 class Engine:
     def __init__(self, settings: EngineSettings):
         self.settings = settings
-        self.session = make_session(min(settings.max_transfers, 256), settings.addresses, settings.limits.max_redirects)
-        self.executor = ThreadPoolExecutor(min(settings.max_transfers, 256))
+        self._multi = pycurl.CurlMulti()
+        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self._selector = selectors.EpollSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._inbox: deque[tuple[Sequence[tuple[int, str]], Done]] = deque()  # from other threads
+        self._inbox_lock = threading.Lock()
+        self._waiting: deque[_Image] = deque()  # to download, in arrival order
+        self._idle: list[Transfer] = []  # easy handles ready for reuse
+        self._running: dict[int, Transfer] = {}  # id(curl) -> transfer
+        self._deadlines: list[tuple[float, int, Callable[[], None]]] = []  # (monotonic, seq, action)
+        self._seq = itertools.count()
+        self._curl_timer_at: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._in_flight = 0  # images submitted and not yet answered, for images_in_flight
 
-    def start(self):
-        pass
+    # ----------------------------------------------------------- interface
+    def submit(self, items: Sequence[tuple[int, str]], done: Done) -> None:
+        """Hand a batch in (from any thread). ``done`` is called on the engine's thread."""
+        with self._inbox_lock:
+            self._inbox.append((items, done))
+        self._wake()
 
-    def close(self, timeout_s: float = 5):
-        self.executor.shutdown(wait=False)
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
+        self._thread.start()
 
-    def _one(self, index, url):
-        s = self.settings
-        started = time.perf_counter()
-        size = 0
+    def close(self, timeout_s: float = 5) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def images_in_flight(self) -> int:
+        return self._in_flight
+
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """The loop. Runs until close(), or until ``until()`` is true after a turn."""
+        while not self._stop.is_set() and not until():
+            self._turn()
+        for transfer in [*self._running.values(), *self._idle]:
+            transfer.close()
+        self._multi.close()
+
+    # ----------------------------------------------------------- the loop
+    def _turn(self) -> None:
+        now = time.monotonic()
+        wakes = [at for at in (self._curl_timer_at, self._deadlines[0][0] if self._deadlines else None) if at]
+        timeout = max(0.0, min(wakes) - now) if wakes else 1.0
+        if self._waiting and len(self._running) < self.settings.max_transfers:
+            timeout = 0.0  # work that can start now
+        for key, mask in self._selector.select(min(timeout, 1.0)):
+            if key.fileobj is self._wake_reader:
+                self._drain_wake()
+                continue
+            action = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | \
+                     (pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0)
+            self._multi.socket_action(key.fd, action)
+        if self._curl_timer_at is not None and time.monotonic() >= self._curl_timer_at:
+            self._curl_timer_at = None
+            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        self._fire_deadlines()
+        self._take_inbox()
+        self._start_waiting()
+        self._finish_transfers()  # after every socket_action of this turn, the kick of new ones included
+
+    def _on_socket(self, what: int, fd: int, multi, data) -> None:
+        """libcurl says which sockets to watch for what."""
+        if what == pycurl.POLL_REMOVE:
+            if fd in self._selector.get_map():
+                self._selector.unregister(fd)
+            return
+        events = {pycurl.POLL_IN: selectors.EVENT_READ, pycurl.POLL_OUT: selectors.EVENT_WRITE,
+                  pycurl.POLL_INOUT: selectors.EVENT_READ | selectors.EVENT_WRITE}[what]
+        if fd in self._selector.get_map():
+            self._selector.modify(fd, events)
+        else:
+            self._selector.register(fd, events)
+
+    def _on_timer(self, timeout_ms: int) -> None:
+        self._curl_timer_at = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+
+    def _wake(self) -> None:
         try:
-            body = fetch_with_retries(self.session, url, s.limits)
-            size = body.size
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            batches, self._inbox = self._inbox, deque()
+        for items, done in batches:
+            batch = _Batch(len(items), done)
+            self._in_flight += len(items)
+            if not items:
+                self._answer(batch)
+            for position, (index, url) in enumerate(items):
+                self._waiting.append(_Image(batch, position, index, url))
+
+    def _start_waiting(self) -> None:
+        while self._waiting and len(self._running) < self.settings.max_transfers:
+            image = self._waiting.popleft()
+            if not image.attempt:
+                image.started = time.perf_counter()
+            image.attempt += 1
+            transfer = self._idle.pop() if self._idle else Transfer(self.settings.limits, self.settings.addresses)
+            transfer.begin(image.url, image)
+            self._running[id(transfer.curl)] = transfer
+            self._multi.add_handle(transfer.curl)
+        if self._running:
+            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)  # let libcurl start the new ones
+
+    def _finish_transfers(self) -> None:
+        while True:
+            queued, succeeded, failed = self._multi.info_read()
+            for curl in succeeded:
+                self._transfer_ended(curl, 0, "")
+            for curl, code, message in failed:
+                self._transfer_ended(curl, code, message)
+            if not queued:
+                return
+
+    def _transfer_ended(self, curl, code: int, message: str) -> None:
+        transfer = self._running.pop(id(curl))
+        self._multi.remove_handle(curl)
+        image, attempt = transfer.job, transfer.attempt
+        failure = transfer.failure(code, message)
+        self._idle.append(transfer)
+        if failure is None:
+            self._measured(image, attempt.body())
+        else:  # an error page is no image body: only bytes of bodies that could have been images count
+            http_error = failure.kind in (ErrorKind.HTTP_4XX, ErrorKind.HTTP_5XX, ErrorKind.HTTP_OTHER)
+            self._failed_attempt(image, failure, 0 if http_error else attempt.size)
+
+    def _fire_deadlines(self) -> None:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, action = heapq.heappop(self._deadlines)
+            action()
+
+    def _after(self, delay_s: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._deadlines, (time.monotonic() + delay_s, next(self._seq), action))
+
+    # ----------------------------------------------------------- outcomes
+    def _measured(self, image: _Image, body) -> None:
+        try:
             width, height = image_size(body)
         except ImageError as exc:
-            return ImageOutcome.failed(index, str(exc), ErrorKind(failure_reason(str(exc))),
-                                       time.perf_counter() - started, size)
-        time.sleep(random.uniform(s.gpu_sleep_min_s, s.gpu_sleep_max_s))
-        return ImageOutcome(index, width, height, perimeter(width, height), None, None,
-                            time.perf_counter() - started, size)
+            self._record(image, ImageOutcome.failed(image.index, str(exc), exc.kind, self._age(image), body.size))
+            return
+        wait_s = random.uniform(self.settings.gpu_sleep_min_s, self.settings.gpu_sleep_max_s)
+        self._after(wait_s, lambda: self._record(image, ImageOutcome(
+            image.index, width, height, perimeter(width, height), None, None, self._age(image), body.size)))
 
-    def submit(self, items, done):
-        items = list(items)
-        results = [None] * len(items)
-        left = [len(items)]
-        lock = threading.Lock()
+    def _failed_attempt(self, image: _Image, failure: Failure, nbytes: int) -> None:
+        limits = self.settings.limits
+        if failure.transient and image.attempt < limits.attempts:
+            wait = limits.backoff_s * 2 ** (image.attempt - 1) * random.uniform(0.5, 1.5)
+            self._after(min(max(wait, failure.retry_after_s or 0), MAX_BACKOFF_S),
+                        lambda: self._waiting.appendleft(image))
+            return
+        if failure.transient:
+            reason = f"{failure.reason} (transient, gave up after {image.attempt} attempts)"
+        else:
+            tries = "1 attempt" if image.attempt == 1 else f"after {image.attempt} attempts"
+            reason = f"{failure.reason} (permanent, {tries})"
+        self._record(image, ImageOutcome.failed(image.index, reason, failure.kind, self._age(image), nbytes))
 
-        def finish(position, future):
-            results[position] = future.result()
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                done(results)
+    @staticmethod
+    def _age(image: _Image) -> float:
+        return time.perf_counter() - image.started
 
-        for position, (index, url) in enumerate(items):
-            self.executor.submit(self._one, index, url).add_done_callback(lambda f, p=position: finish(p, f))
+    def _record(self, image: _Image, outcome: ImageOutcome) -> None:
+        batch = image.batch
+        batch.outcomes[image.position] = outcome
+        batch.left -= 1
+        self._in_flight -= 1
+        if batch.left == 0:
+            self._answer(batch)
+
+    @staticmethod
+    def _answer(batch: _Batch) -> None:
+        try:
+            batch.done(batch.outcomes)
+        except Exception:  # the caller's bug must not stop the loop that serves every other batch
+            log.exception("engine: a batch's done callback failed")
 
 
-def measure(items, settings):
+def measure(items: Sequence[tuple[int, str]], settings: EngineSettings) -> list[ImageOutcome]:
+    """Measure one batch on the calling thread; its outcomes, in item order."""
     engine = Engine(settings)
-    out = []
-    ev = threading.Event()
-    engine.submit(items, lambda r: (out.extend(r), ev.set()))
-    ev.wait()
-    engine.close()
-    return out
+    outcomes: list[ImageOutcome] = []
+    engine.submit(items, outcomes.extend)
+    engine.run(until=lambda: len(outcomes) == len(items) and not engine._inbox)
+    return outcomes

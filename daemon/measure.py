@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from daemon.outcome import ErrorKind
+
 #: Pillow format names we open; anything else is refused before a decoder looks at it.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 #: Magic numbers: ours, then some others we name in the error. Checked before Pillow sees a byte.
@@ -18,7 +20,12 @@ _JPEG_END = b"\xff\xd9"
 
 
 class ImageError(Exception):
-    """This image cannot be measured; the message says why, for the job's error list."""
+    """This image cannot be measured; the message says why, for the job's error list, and ``kind`` names the
+    reason for the metrics."""
+
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.NOT_AN_IMAGE):
+        super().__init__(message)
+        self.kind = kind
 
 
 #: What is kept of a body: its head (the header is there, EXIF and all) and its tail (the end markers). The
@@ -52,23 +59,23 @@ def sniff_format(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     if data[:4] == b"RIFF" or data[4:8] == b"ftyp":
-        raise ImageError("format not allowed: JPEG, PNG and WebP are")
+        raise ImageError("format not allowed: JPEG, PNG and WebP are", ErrorKind.FORMAT)
     for magic, name in _OTHER_MAGIC:
         if data.startswith(magic):
-            raise ImageError(f"format not allowed: {name} (JPEG, PNG and WebP are)")
+            raise ImageError(f"format not allowed: {name} (JPEG, PNG and WebP are)", ErrorKind.FORMAT)
     raise ImageError("not an image: " + ("looks like HTML" if data.lstrip()[:1] == b"<" else "unknown bytes"))
 
 
 def check_complete(body: ImageBytes, fmt: str) -> None:
     """Refuse a file cut short (a dropped connection, a full disk upstream) without decoding its pixels."""
     if fmt == "PNG" and not body.tail.endswith(_PNG_END):
-        raise ImageError("truncated image: PNG has no IEND chunk at its end")
+        raise ImageError("truncated image: PNG has no IEND chunk at its end", ErrorKind.TRUNCATED)
     if fmt == "JPEG" and _JPEG_END not in body.tail[-1024:]:  # some cameras write a few bytes after EOI
-        raise ImageError("truncated image: JPEG has no end-of-image marker")
+        raise ImageError("truncated image: JPEG has no end-of-image marker", ErrorKind.TRUNCATED)
     if fmt == "WEBP":
         declared = int.from_bytes(body.head[4:8], "little") + 8
         if body.size < declared:
-            raise ImageError(f"truncated image: WebP declares {declared} bytes, got {body.size}")
+            raise ImageError(f"truncated image: WebP declares {declared} bytes, got {body.size}", ErrorKind.TRUNCATED)
 
 
 def image_size(data: bytes | ImageBytes) -> tuple[int, int]:
@@ -85,7 +92,7 @@ def image_size(data: bytes | ImageBytes) -> tuple[int, int]:
     except UnidentifiedImageError:
         raise ImageError(f"not an image: starts like {fmt} but its header does not parse") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image too large in pixels: {exc}") from None
+        raise ImageError(f"image too large in pixels: {exc}", ErrorKind.TOO_LARGE) from None
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow's ways of saying "broken header"
         raise ImageError(f"unreadable image: {exc}") from None
     if width <= 0 or height <= 0:

@@ -7,30 +7,10 @@ from __future__ import annotations
 
 import bisect
 
-from daemon.outcome import ImageOutcome
+from daemon.outcome import ErrorKind, ImageOutcome
 
 #: Upper bounds (seconds) of the per-image processing time histogram: download + measure + GPU wait.
 SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-#: error text prefix -> reason label. One small, fixed set of labels, so the series stay few.
-_REASONS = (
-    ("HTTP 4", "http_4xx"), ("HTTP 5", "http_5xx"), ("HTTP ", "http_other"), ("timed out", "timeout"),
-    ("connection failed", "connection"), ("download failed", "connection"), ("too large", "too_large"),
-    ("too many redirects", "redirects"), ("invalid URL", "invalid_url"), ("address not allowed", "address"),
-    ("format not allowed", "format"), ("truncated image", "truncated"), ("empty body", "not_an_image"),
-    ("not an image", "not_an_image"), ("unreadable image", "not_an_image"), ("image too large", "too_large"),
-    ("image has no area", "not_an_image"), ("store_id not in", "unknown_store"),
-    ("the pool process died", "worker_died"), ("cancelled", "cancelled"),
-)
-
-
-def failure_reason(error: str) -> str:
-    """The reason label of an image error, e.g. "HTTP 404 (permanent, 1 attempt)" -> "http_4xx"."""
-    for prefix, label in _REASONS:
-        if error.startswith(prefix):
-            return label
-    return "other"
-
 
 class Metrics:
     def __init__(self):
@@ -45,7 +25,7 @@ class Metrics:
         if outcome.error is None:
             self.images_ok += 1
         else:
-            reason = str(outcome.kind or failure_reason(outcome.error))
+            reason = str(outcome.kind or ErrorKind.OTHER)  # the kind travels with the outcome: no wording parsed
             self.images_failed[reason] = self.images_failed.get(reason, 0) + 1
         self.download_bytes += outcome.bytes
         if outcome.seconds:  # images that were never processed (unknown store, cancelled) took no time

@@ -1,22 +1,16 @@
 """Where downloads may connect: public addresses only, checked on the address actually connected to.
 
 Clients choose the URLs, so without this a job could make the daemon fetch http://169.254.169.254/ (cloud
-metadata) or an internal admin page. The check runs inside the HTTP connection, after the name is resolved
-and before the socket connects, and the socket connects to the very address that was checked: a DNS answer
-that changes between two lookups (rebinding) cannot get around it, and every redirect hop opens its
-connection through the same code. Numeric spellings of an address (2130706433, 0x7f000001, 0177.0.0.1,
-::ffff:127.0.0.1) are covered because the check sees what the resolver made of them.
+metadata) or an internal admin page. The check runs in libcurl's open-socket callback (daemon/transfer.py),
+after the name is resolved and before the socket connects, and the socket connects to the very address that
+was checked: a DNS answer that changes between two lookups (rebinding) cannot get around it, and every
+redirect hop opens its connection through the same callback. Numeric spellings of an address (2130706433,
+0x7f000001, 0177.0.0.1, ::ffff:127.0.0.1) are covered because the check sees what the resolver made of them.
 """
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass, field
-
-import requests.adapters
-import urllib3.connection
-import urllib3.connectionpool
-from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 _CARRIER_GRADE_NAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -70,55 +64,3 @@ class AddressPolicy:
 def parse_networks(text: str) -> tuple:
     """"10.1.0.0/16, 192.0.2.7" -> networks; ValueError names the bad one."""
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
-
-
-class ForbiddenAddress(NewConnectionError):
-    """The name resolved only to addresses downloads may not connect to."""
-
-
-class _GuardedConnection:
-    """Mixed into urllib3's connection classes: resolve, check, then connect to the checked address."""
-
-    policy: AddressPolicy = AddressPolicy()
-
-    def _new_conn(self) -> socket.socket:
-        try:
-            infos = socket.getaddrinfo(self._dns_host, self.port, 0, socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise NameResolutionError(self.host, self, exc) from exc
-        refusals = []
-        for *_rest, sockaddr in infos:
-            reason = self.policy.refuses(sockaddr[0])
-            if reason is None:
-                self._dns_host = sockaddr[0]  # connect to this address, the one that was checked
-                return super()._new_conn()
-            refusals.append(f"{sockaddr[0]} is {reason}")
-        raise ForbiddenAddress(self, "address not allowed: " + "; ".join(dict.fromkeys(refusals)))
-
-
-class GuardedAdapter(requests.adapters.HTTPAdapter):
-    """A requests adapter whose every connection (redirect hops included) goes through the policy."""
-
-    def __init__(self, policy: AddressPolicy, **kwargs):
-        self.policy = policy
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        policy = self.policy
-
-        class HTTPConnection(_GuardedConnection, urllib3.connection.HTTPConnection):
-            pass
-
-        class HTTPSConnection(_GuardedConnection, urllib3.connection.HTTPSConnection):
-            pass
-
-        HTTPConnection.policy = HTTPSConnection.policy = policy
-
-        class HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
-            ConnectionCls = HTTPConnection
-
-        class HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
-            ConnectionCls = HTTPSConnection
-
-        self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}

@@ -70,8 +70,10 @@ class LocalPool:
         authkey = secrets.token_bytes(32)
         self._listener = Listener(os.path.join(self._folder, "pool.sock"), family="AF_UNIX", authkey=authkey)
         threading.Thread(target=self._accept_forever, name="pool-accept", daemon=True).start()
-        # forkserver: pool processes start from a clean interpreter, not a fork of a threaded supervisor.
-        context = multiprocessing.get_context("forkserver")
+        # spawn: pool processes start from a clean interpreter, not a fork of a threaded supervisor, and with
+        # no forkserver in between, whose death (a SIGTERM to the process group) would leave the Pool unable
+        # to start or stop processes.
+        context = multiprocessing.get_context("spawn")
         self._pool = context.Pool(processes, initializer=serve, initargs=(self._listener.address, authkey, settings))
 
     # ------------------------------------------------------------- TaskRunner

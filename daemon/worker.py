@@ -64,7 +64,10 @@ def serve(address: str, authkey: bytes, settings: EngineSettings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.nice(POOL_NICE_INCREMENT)
-    conn = Client(address, family="AF_UNIX", authkey=authkey)
+    try:
+        conn = Client(address, family="AF_UNIX", authkey=authkey)
+    except OSError:
+        os._exit(0)  # the supervisor is stopping (its socket is gone): nothing to do
     worker = _ProcessWorker(conn, settings)
     worker.engine.start()
     conn.send(("hello", os.getpid()))

@@ -127,13 +127,17 @@ class _CountingHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 1024  # the engine opens hundreds of connections at once; 5 would drop most SYNs
+
+
 class ImageServer:
     """Real image files over HTTP on 127.0.0.1, port 0. Unpacks as (base_url, folder) for brevity."""
 
     def __init__(self, folder: Path, host: str = "127.0.0.1"):
         self.folder = folder
         handler = functools.partial(_CountingHandler, directory=str(folder))
-        self.httpd = http.server.ThreadingHTTPServer((host, 0), handler)
+        self.httpd = _Server((host, 0), handler)
         self.httpd.daemon_threads = True
         self.httpd.hits, self.httpd.lock, self.httpd.hooks = collections.Counter(), threading.Lock(), {}
         self.base = f"http://{host}:{self.httpd.server_address[1]}"
@@ -298,8 +302,15 @@ def children(pid: int) -> list[int]:
 
 
 def pool_worker_pids(daemon_pid: int) -> list[int]:
-    """The daemon's pool processes: the children of its forkserver (grandchildren of the daemon)."""
-    return sorted(grandchild for child in children(daemon_pid) for grandchild in children(child))
+    """The daemon's pool processes: its children started by multiprocessing's spawn (not its resource tracker)."""
+    pids = []
+    for pid in children(daemon_pid):
+        try:
+            if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return sorted(pids)
 
 
 def pid_of_peer(local_port: int) -> int | None:

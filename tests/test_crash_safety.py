@@ -139,7 +139,9 @@ def test_poison_image_fails_alone_after_bounded_attempts(start_service, image_se
     # One pool process dies; the chunk of 16 runs isolated and dies; halving it down to the image takes 4
     # more deaths, the last one alone: 1 + 1 + log2(16), and only the first of them a pool process.
     assert error["error"] == "the process measuring this image died each time (6 attempts)"
-    assert image_server.hits["/poison.jpg"] == 6
+    # Each death is one download; the test server finds its victim through /proc, and when that look-up
+    # races the connection the download gets no answer and is retried once (a transient failure).
+    assert 6 <= image_server.hits["/poison.jpg"] <= 8
     results = assert_one_result_per_image(service, job_id, total)
     assert all(r["perimeter"] == 224 for r in results if r["image_url"] != poison)
     assert service.daemon_output().count("pool: process") - service.daemon_output().count("connected") == 1
@@ -234,8 +236,8 @@ def _post_ignoring_errors(base, body):
 
 
 def test_daemon_stops_in_bounded_time_after_its_whole_process_group_got_sigterm(tmp_path):
-    """What `timeout make run` or a SIGTERM to the process group does: the forkserver and the pool
-    processes die too. The daemon must still exit, within its stop timeout (10 s)."""
+    """What `timeout make run` or a SIGTERM to the process group does: the pool processes get it too. They
+    ignore it; the daemon drains, closes their sockets, and exits within its stop timeout."""
     log = tmp_path / "daemon.log"
     with log.open("wb") as err:
         daemon = subprocess.Popen(

@@ -1,0 +1,183 @@
+"""One image's download on libcurl: the options that carry every download rule, what is kept of the body,
+and the translation of libcurl's outcome into our wording and kinds. No event loop here (daemon/engine.py).
+
+Each rule and the libcurl option that enforces it:
+    connect within connect_timeout_s             CONNECTTIMEOUT_MS
+    no silence longer than read_timeout_s        LOW_SPEED_LIMIT 1 byte/s over LOW_SPEED_TIME
+    the whole attempt (connect, headers, body)   TIMEOUT_MS  (a server sending its headers a byte at a time
+      within total_timeout_s                                  is cut off too)
+    at most max_image_bytes                      MAXFILESIZE (a declared length) and the write callback (the
+                                                 bytes that really come)
+    http and https only, redirects too           PROTOCOLS, REDIR_PROTOCOLS
+    at most max_redirects redirects              FOLLOWLOCATION, MAXREDIRS
+    no proxy, no .netrc, no decompression        PROXY "", NOPROXY "*", NETRC_IGNORED, HTTP_CONTENT_DECODING 0
+    public addresses only, on the address        OPENSOCKETFUNCTION: called for every new connection, each
+      actually connected to                      redirect hop included, with the resolved address
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+import pycurl
+
+from daemon.download import DownloadLimits
+from daemon.measure import HEAD_BYTES, TAIL_BYTES, ImageBytes
+from daemon.netguard import AddressPolicy
+from daemon.outcome import ErrorKind
+
+try:
+    import certifi
+    CA_BUNDLE: str | None = certifi.where()
+except ImportError:  # libcurl's own default then
+    CA_BUNDLE = None
+
+#: libcurl error codes we word ourselves (curl/curl.h).
+_UNSUPPORTED_PROTOCOL, _URL_MALFORMAT, _COULDNT_RESOLVE_HOST, _COULDNT_CONNECT = 1, 3, 6, 7
+_PARTIAL_FILE, _WRITE_ERROR, _OPERATION_TIMEDOUT, _TOO_MANY_REDIRECTS = 18, 23, 28, 47
+_FILESIZE_EXCEEDED = 63
+#: TLS: handshake, certificate, key and CA problems. Permanent: trying again gives the same answer.
+_TLS_ERRORS = {35, 51, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91, 98}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one attempt gave no image body. ``transient``: the same request may work in a moment."""
+
+    reason: str
+    kind: ErrorKind
+    transient: bool
+    retry_after_s: float | None = None
+
+
+@dataclass
+class Attempt:
+    """What one attempt collects while it runs, fed by libcurl's callbacks."""
+
+    max_bytes: int
+    head: bytearray = field(default_factory=bytearray)
+    tail: bytes = b""
+    size: int = 0
+    too_large: bool = False
+    refused: list[str] = field(default_factory=list)  # addresses the policy refused, with why
+    retry_after: str | None = None
+    declared_bytes: int | None = None  # the last response's Content-Length
+
+    def body(self) -> ImageBytes:
+        return ImageBytes(bytes(self.head), self.tail, self.size)
+
+
+class Transfer:
+    """A reusable easy handle and the attempt it is running. Callbacks are bound once, when it is made."""
+
+    def __init__(self, limits: DownloadLimits, policy: AddressPolicy):
+        self.limits, self.policy = limits, policy
+        self.attempt = Attempt(limits.max_image_bytes)
+        self.job = None  # the engine's bookkeeping for the image being downloaded
+        curl = self.curl = pycurl.Curl()
+        curl.setopt(pycurl.NOSIGNAL, 1)
+        curl.setopt(pycurl.CONNECTTIMEOUT_MS, int(limits.connect_timeout_s * 1000))
+        curl.setopt(pycurl.TIMEOUT_MS, int(limits.total_timeout_s * 1000))
+        curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+        curl.setopt(pycurl.LOW_SPEED_TIME, max(1, round(limits.read_timeout_s)))
+        curl.setopt(pycurl.MAXFILESIZE, limits.max_image_bytes)
+        curl.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        curl.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        curl.setopt(pycurl.FOLLOWLOCATION, 1)
+        curl.setopt(pycurl.MAXREDIRS, limits.max_redirects)
+        curl.setopt(pycurl.PROXY, "")
+        curl.setopt(pycurl.NOPROXY, "*")
+        curl.setopt(pycurl.NETRC, pycurl.NETRC_IGNORED)
+        curl.setopt(pycurl.HTTP_CONTENT_DECODING, 0)
+        curl.setopt(pycurl.HTTPHEADER, ["Accept-Encoding: identity"])
+        curl.setopt(pycurl.USERAGENT, "retail-pulse/1")
+        if CA_BUNDLE:
+            curl.setopt(pycurl.CAINFO, CA_BUNDLE)
+        curl.setopt(pycurl.WRITEFUNCTION, self._write)
+        curl.setopt(pycurl.HEADERFUNCTION, self._header)
+        curl.setopt(pycurl.OPENSOCKETFUNCTION, self._open_socket)
+
+    def begin(self, url: str, job) -> None:
+        """Point the handle at ``url`` for a new attempt; the engine then adds it to its multi handle."""
+        self.attempt, self.job = Attempt(self.limits.max_image_bytes), job
+        self.curl.setopt(pycurl.URL, url)
+
+    # ------------------------------------------------------------ callbacks
+    def _write(self, data: bytes) -> int | None:
+        attempt = self.attempt
+        attempt.size += len(data)
+        if attempt.size > attempt.max_bytes:
+            attempt.too_large = True
+            return 0  # libcurl stops the transfer: CURLE_WRITE_ERROR
+        if len(attempt.head) < HEAD_BYTES:
+            attempt.head += data[:HEAD_BYTES - len(attempt.head)]
+        attempt.tail = (attempt.tail + data)[-TAIL_BYTES:] if len(data) < TAIL_BYTES else data[-TAIL_BYTES:]
+        return None
+
+    def _header(self, line: bytes) -> None:
+        if line.startswith(b"HTTP/"):  # a new response (after a redirect): forget the last one's headers
+            self.attempt.retry_after = self.attempt.declared_bytes = None
+        elif line[:12].lower() == b"retry-after:":
+            self.attempt.retry_after = line[12:].strip().decode("latin-1")
+        elif line[:15].lower() == b"content-length:":
+            value = line[15:].strip()
+            self.attempt.declared_bytes = int(value) if value.isdigit() and len(value) < 20 else None
+
+    def _open_socket(self, purpose, address) -> socket.socket | int:
+        """Every new connection, redirect hops included, after name resolution: the address it would go to."""
+        ip = address.addr[0]
+        reason = self.policy.refuses(ip)
+        if reason is not None:
+            self.attempt.refused.append(f"{ip} is {reason}")
+            return pycurl.SOCKET_BAD
+        return socket.socket(address.family, address.socktype, address.protocol)
+
+    # ------------------------------------------------------------- outcome
+    def failure(self, code: int, message: str) -> Failure | None:
+        """None if the attempt gave a body to measure (HTTP 200), else why not."""
+        limits, attempt = self.limits, self.attempt
+        if code == 0:
+            status = self.curl.getinfo(pycurl.RESPONSE_CODE)
+            if status == 200:
+                return None
+            transient = status == 429 or 500 <= status <= 599
+            kind = (ErrorKind.HTTP_4XX if 400 <= status <= 499 else
+                    ErrorKind.HTTP_5XX if 500 <= status <= 599 else ErrorKind.HTTP_OTHER)
+            return Failure(f"HTTP {status}", kind, transient, _retry_after_s(attempt.retry_after))
+        if attempt.refused and code == _COULDNT_CONNECT:
+            return Failure("address not allowed: " + "; ".join(dict.fromkeys(attempt.refused)), ErrorKind.ADDRESS,
+                           False)
+        if code == _FILESIZE_EXCEEDED and (attempt.declared_bytes or 0) > limits.max_image_bytes:
+            return Failure(f"too large: {attempt.declared_bytes} bytes (limit {limits.max_image_bytes})",
+                           ErrorKind.TOO_LARGE, False)
+        if code == _FILESIZE_EXCEEDED or (code == _WRITE_ERROR and attempt.too_large):
+            return Failure(f"too large: over {limits.max_image_bytes} bytes", ErrorKind.TOO_LARGE, False)
+        if code == _OPERATION_TIMEDOUT:
+            return Failure(self._timeout_reason(message), ErrorKind.TIMEOUT, True)
+        if code == _TOO_MANY_REDIRECTS:
+            return Failure(f"too many redirects (more than {limits.max_redirects})", ErrorKind.REDIRECTS, False)
+        if code in (_UNSUPPORTED_PROTOCOL, _URL_MALFORMAT):
+            return Failure(f"invalid URL: {message[:200]}", ErrorKind.INVALID_URL, False)
+        if code in _TLS_ERRORS:
+            return Failure(f"TLS error: {message[:200]}", ErrorKind.TLS, False)
+        if code in (_COULDNT_RESOLVE_HOST, _COULDNT_CONNECT):
+            return Failure(f"connection failed: {message[:200]}", ErrorKind.CONNECTION, True)
+        if code == _PARTIAL_FILE:  # fewer bytes than Content-Length said: cut off, or a server that lies
+            return Failure(f"download failed: {message[:200]}", ErrorKind.CONNECTION, True)
+        return Failure(f"download failed: {message[:200]}", ErrorKind.CONNECTION, True)
+
+    def _timeout_reason(self, message: str) -> str:
+        limits = self.limits
+        if "too slow" in message.lower():
+            return f"timed out: no data for {max(1, round(limits.read_timeout_s)):g} s"
+        connected = self.curl.getinfo(pycurl.CONNECT_TIME) > 0
+        if not connected and self.curl.getinfo(pycurl.TOTAL_TIME) < limits.total_timeout_s:
+            return f"timed out: no connection within {limits.connect_timeout_s:g} s"
+        return f"timed out: not complete within {limits.total_timeout_s:g} s"
+
+    def close(self) -> None:
+        self.curl.close()
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    return float(value) if value and value.isdigit() else None  # the HTTP-date form is rare; not parsed

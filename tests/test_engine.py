@@ -1,0 +1,385 @@
+"""The libcurl engine against real servers on 127.0.0.1: every download rule, the GPU wait, batches that do
+not hold each other up. Hostile servers are raw sockets that misbehave on purpose; nothing is mocked."""
+import gzip
+import io
+import socket
+import socketserver
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from daemon.download import MAX_BACKOFF_S, DownloadLimits
+from daemon.engine import Engine, EngineSettings, measure
+from daemon.measure import HEAD_BYTES
+from daemon.netguard import AddressPolicy
+from daemon.outcome import ErrorKind
+from tests.conftest import image_bytes, wait_until
+
+JPEG = image_bytes("JPEG", 64, 48)
+LOCAL = AddressPolicy(allow_private=True)  # the servers are on 127.0.0.1
+FAST = DownloadLimits(connect_timeout_s=2, read_timeout_s=1, total_timeout_s=3, backoff_s=0.01)
+NO_WAIT = EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, limits=FAST, addresses=LOCAL)
+
+
+class HostileServer:
+    """HTTP on 127.0.0.1, port 0: ``routes[path](conn)`` writes whatever it likes on the raw socket.
+
+    Counts requests per path and bytes sent, so a test can tell what the client really did."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None):
+        self.routes, self.hits, self.sent = {}, {}, {}
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                conn = self.request
+                if tls is not None:
+                    try:
+                        conn = tls.wrap_socket(conn, server_side=True)
+                    except (ssl.SSLError, OSError):
+                        return
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    part = conn.recv(65536)
+                    if not part:
+                        return
+                    request += part
+                path = request.split(b" ", 2)[1].decode()
+                with outer.lock:
+                    outer.hits[path] = outer.hits.get(path, 0) + 1
+                route = outer.routes.get(path.split("?")[0])
+                try:
+                    route(conn, outer) if route else conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads, allow_reuse_address, request_queue_size = True, True, 1024
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        scheme = "https" if tls else "http"
+        self.base = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def send(self, conn, path, data: bytes):
+        conn.sendall(data)
+        with self.lock:
+            self.sent[path] = self.sent.get(path, 0) + len(data)
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def ok(body: bytes, headers: str = "") -> callable:
+    return lambda conn, srv: conn.sendall(
+        f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode() + body)
+
+
+def status(code: int, headers: str = "") -> callable:
+    return lambda conn, srv: conn.sendall(f"HTTP/1.1 {code} X\r\nContent-Length: 0\r\n{headers}\r\n".encode())
+
+
+@pytest.fixture
+def server():
+    srv = HostileServer()
+    yield srv
+    srv.close()
+
+
+def one(url, settings=NO_WAIT):
+    return measure([(0, url)], settings)[0]
+
+
+# ---------------------------------------------------------------- measuring and the GPU wait
+def test_images_are_measured_and_the_gpu_wait_is_real_for_each_but_they_overlap(server):
+    server.routes["/a.jpg"] = ok(JPEG)
+    settings = EngineSettings(gpu_sleep_min_s=0.2, gpu_sleep_max_s=0.2, limits=FAST, addresses=LOCAL)
+    started = time.monotonic()
+    outcomes = measure([(i, f"{server.base}/a.jpg?n={i}") for i in range(200)], settings)
+    elapsed = time.monotonic() - started
+    assert [(o.index, o.width, o.height, o.perimeter, o.error) for o in outcomes] == \
+        [(i, 64, 48, 224, None) for i in range(200)]
+    assert all(o.seconds >= 0.2 for o in outcomes)  # no outcome before its wait was over
+    assert elapsed < 200 * 0.2 / 10  # the waits overlapped
+    assert all(o.bytes == len(JPEG) for o in outcomes)
+
+
+def test_a_slow_image_holds_only_its_own_batch(server):
+    server.routes["/a.jpg"] = ok(JPEG)
+    release = threading.Event()
+    server.routes["/slow.jpg"] = lambda conn, srv: release.wait(10) and ok(JPEG)(conn, srv)
+    engine = Engine(NO_WAIT)
+    engine.start()
+    finished = {}
+    try:
+        engine.submit([(0, f"{server.base}/slow.jpg"), (1, f"{server.base}/a.jpg")],
+                      lambda outs: finished.setdefault("first", outs))
+        engine.submit([(2, f"{server.base}/a.jpg?x")], lambda outs: finished.setdefault("second", outs))
+        wait_until(lambda: "second" in finished, timeout_s=5, what="the second batch")
+        assert "first" not in finished
+        release.set()
+        wait_until(lambda: "first" in finished, timeout_s=5, what="the first batch")
+        assert [o.perimeter for o in finished["first"]] == [224, 224]
+    finally:
+        release.set()
+        engine.close()
+
+
+def test_big_image_is_measured_from_its_head_and_tail(server):
+    noise = io.BytesIO()
+    Image.effect_noise((1600, 1200), 80).convert("RGB").save(noise, format="JPEG", quality=95)
+    big = noise.getvalue()
+    assert len(big) > 4 * HEAD_BYTES
+    server.routes["/big.jpg"] = ok(big)
+    outcome = one(f"{server.base}/big.jpg")
+    assert (outcome.width, outcome.height, outcome.bytes) == (1600, 1200, len(big))
+
+
+# ---------------------------------------------------------------- HTTP status and retries
+@pytest.mark.parametrize("code", [404, 403, 410])
+def test_permanent_http_error_fails_at_once(server, code):
+    server.routes["/x.jpg"] = status(code)
+    outcome = one(f"{server.base}/x.jpg")
+    assert (outcome.error, outcome.kind) == (f"HTTP {code} (permanent, 1 attempt)", ErrorKind.HTTP_4XX)
+    assert server.hits["/x.jpg"] == 1
+
+
+@pytest.mark.parametrize("code, kind", [(429, ErrorKind.HTTP_4XX), (500, ErrorKind.HTTP_5XX),
+                                        (503, ErrorKind.HTTP_5XX)])
+def test_transient_http_error_is_tried_three_times(server, code, kind):
+    server.routes["/x.jpg"] = status(code)
+    outcome = one(f"{server.base}/x.jpg")
+    assert (outcome.error, outcome.kind) == (f"HTTP {code} (transient, gave up after 3 attempts)", kind)
+    assert server.hits["/x.jpg"] == 3
+
+
+def test_transient_failures_then_success_measure_the_image(server):
+    answers = iter([lambda conn, srv: conn.close(), status(503), ok(JPEG)])
+    server.routes["/x.jpg"] = lambda conn, srv: next(answers)(conn, srv)
+    assert one(f"{server.base}/x.jpg").perimeter == 224
+    assert server.hits["/x.jpg"] == 3
+
+
+def test_permanent_failure_after_a_transient_one_counts_both_attempts(server):
+    answers = iter([status(502), status(404)])
+    server.routes["/x.jpg"] = lambda conn, srv: next(answers)(conn, srv)
+    assert one(f"{server.base}/x.jpg").error == "HTTP 404 (permanent, after 2 attempts)"
+
+
+def test_retry_after_is_honoured_and_capped(server):
+    seen = []
+    answers = iter([status(429, "Retry-After: 1\r\n"), status(503, "Retry-After: 3600\r\n"), ok(JPEG)])
+
+    def route(conn, srv):
+        seen.append(time.monotonic())
+        next(answers)(conn, srv)
+
+    server.routes["/x.jpg"] = route
+    settings = EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, addresses=LOCAL,
+                              limits=DownloadLimits(backoff_s=0.01, attempts=3, total_timeout_s=30))
+    started = time.monotonic()
+    outcome = one(f"{server.base}/x.jpg", settings)
+    assert outcome.perimeter == 224
+    assert seen[1] - seen[0] >= 1.0  # Retry-After: 1, not the 0.01 s backoff
+    assert seen[2] - seen[1] >= MAX_BACKOFF_S - 0.1  # an hour's Retry-After is capped
+    assert time.monotonic() - started < MAX_BACKOFF_S + 5
+
+
+# ---------------------------------------------------------------- time limits
+def test_a_server_that_never_answers_is_cut_off_after_the_silence_limit(server):
+    server.routes["/x.jpg"] = lambda conn, srv: srv.stop.wait(30)
+    started = time.monotonic()
+    outcome = one(f"{server.base}/x.jpg", EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, addresses=LOCAL,
+                                                          limits=DownloadLimits(read_timeout_s=1, attempts=1)))
+    assert (outcome.error, outcome.kind) == ("timed out: no data for 1 s (transient, gave up after 1 attempts)",
+                                             ErrorKind.TIMEOUT)
+    assert time.monotonic() - started < 4
+
+
+def trickle(head: bytes, every_s: float):
+    def route(conn, srv):
+        for byte in head:
+            if srv.stop.wait(every_s):
+                return
+            conn.sendall(bytes([byte]))
+        while not srv.stop.wait(every_s):
+            conn.sendall(b"x")
+    return route
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off_by_the_whole_attempt_deadline(server):
+    server.routes["/x.jpg"] = trickle(b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 10_000, every_s=0.05)
+    started = time.monotonic()
+    outcome = one(f"{server.base}/x.jpg", EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, addresses=LOCAL,
+                                                          limits=DownloadLimits(total_timeout_s=1.5, attempts=1)))
+    assert outcome.error == "timed out: not complete within 1.5 s (transient, gave up after 1 attempts)"
+    assert time.monotonic() - started < 4
+
+
+def test_a_trickled_body_is_cut_off_at_the_deadline(server):
+    server.routes["/x.jpg"] = trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", every_s=0.01)
+    outcome = one(f"{server.base}/x.jpg", EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, addresses=LOCAL,
+                                                          limits=DownloadLimits(total_timeout_s=1.5, attempts=1)))
+    assert outcome.error.startswith("timed out: not complete within 1.5 s")
+
+
+def test_connect_timeout_is_its_own_reason():
+    # A listening socket whose backlog is full never completes a handshake.
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(0)
+        fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(blocker.getsockname())
+            fillers.append(filler)
+        try:
+            url = f"http://127.0.0.1:{blocker.getsockname()[1]}/x.jpg"
+            outcome = one(url, EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, addresses=LOCAL,
+                                              limits=DownloadLimits(connect_timeout_s=0.5, attempts=1)))
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert outcome.error.startswith(("timed out: no connection within 0.5 s", "connection failed"))
+
+
+# ---------------------------------------------------------------- sizes and bodies
+def test_declared_size_over_the_cap_is_refused_before_reading(server):
+    server.routes["/x.jpg"] = lambda conn, srv: srv.send(conn, "/x.jpg", b"HTTP/1.1 200 OK\r\nContent-Length: "
+                                                         b"100000000\r\n\r\n" + b"x" * 65536)
+    outcome = one(f"{server.base}/x.jpg", EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, addresses=LOCAL,
+                                                          limits=DownloadLimits(max_image_bytes=1000)))
+    assert (outcome.error, outcome.kind) == ("too large: 100000000 bytes (limit 1000) (permanent, 1 attempt)",
+                                             ErrorKind.TOO_LARGE)
+
+
+def test_undeclared_body_over_the_cap_is_cut_off_while_streaming(server):
+    def endless(conn, srv):
+        srv.send(conn, "/x.jpg", b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        for _ in range(2000):  # 128 MB if nobody stops reading
+            srv.send(conn, "/x.jpg", b"x" * 65536)
+
+    server.routes["/x.jpg"] = endless
+    outcome = one(f"{server.base}/x.jpg", EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, addresses=LOCAL,
+                                                          limits=DownloadLimits(max_image_bytes=1_000_000)))
+    assert outcome.error == "too large: over 1000000 bytes (permanent, 1 attempt)"
+    assert server.sent["/x.jpg"] < 20_000_000  # the client hung up, it did not read on
+
+
+def test_a_body_shorter_than_its_content_length_is_not_measured(server):
+    server.routes["/x.jpg"] = lambda conn, srv: conn.sendall(
+        f"HTTP/1.1 200 OK\r\nContent-Length: {len(JPEG) + 500}\r\n\r\n".encode() + JPEG)
+    outcome = one(f"{server.base}/x.jpg")
+    assert outcome.perimeter is None and outcome.error.startswith("download failed")
+    assert outcome.error.endswith("(transient, gave up after 3 attempts)")
+
+
+def test_gzip_content_encoding_is_not_decompressed(server):
+    server.routes["/x.jpg"] = ok(gzip.compress(JPEG), "Content-Encoding: gzip\r\n")
+    outcome = one(f"{server.base}/x.jpg")
+    assert outcome.error == "not an image: unknown bytes"  # the download worked; the bytes are no image
+    assert outcome.kind == ErrorKind.NOT_AN_IMAGE
+
+
+def test_html_served_as_jpeg_is_not_an_image(server):
+    server.routes["/x.jpg"] = ok(b"<html>login</html>", "Content-Type: image/jpeg\r\n")
+    assert one(f"{server.base}/x.jpg").error.startswith("not an image: looks like HTML")
+
+
+# ---------------------------------------------------------------- redirects and addresses
+def test_redirects_are_followed_up_to_the_cap(server):
+    server.routes["/a.jpg"] = ok(JPEG)
+    server.routes["/r1"] = status(302, "Location: /a.jpg\r\n")
+    server.routes["/loop"] = status(302, "Location: /loop\r\n")
+    assert one(f"{server.base}/r1").perimeter == 224
+    outcome = one(f"{server.base}/loop")
+    assert (outcome.error, outcome.kind) == ("too many redirects (more than 3) (permanent, 1 attempt)",
+                                             ErrorKind.REDIRECTS)
+    assert server.hits["/loop"] == 4
+
+
+def test_a_redirect_to_another_scheme_is_refused(server):
+    server.routes["/r"] = status(302, "Location: file:///etc/passwd\r\n")
+    outcome = one(f"{server.base}/r")
+    assert outcome.kind == ErrorKind.INVALID_URL and outcome.error.startswith("invalid URL")
+
+
+@pytest.fixture
+def watched_listener():
+    """A socket on 127.0.0.1 that records every connection made to it."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    accepted = []
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+                accepted.append(conn)
+            except (TimeoutError, OSError):
+                continue
+
+    threading.Thread(target=run, daemon=True).start()
+    yield sock.getsockname()[1], accepted
+    stop.set()
+    sock.close()
+
+
+PUBLIC_ONLY = EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, limits=FAST)
+
+
+def test_loopback_is_refused_without_a_connection(watched_listener):
+    port, accepted = watched_listener
+    for host in ("127.0.0.1", "localhost", "2130706433", "[::ffff:127.0.0.1]"):
+        outcome = one(f"http://{host}:{port}/x.jpg", PUBLIC_ONLY)
+        assert outcome.kind in (ErrorKind.ADDRESS, ErrorKind.CONNECTION, ErrorKind.INVALID_URL), outcome
+        if outcome.kind == ErrorKind.ADDRESS:
+            assert outcome.error.startswith("address not allowed: ") and "loopback" in outcome.error
+    assert one(f"http://127.0.0.1:{port}/x.jpg", PUBLIC_ONLY).error == \
+        "address not allowed: 127.0.0.1 is loopback (permanent, 1 attempt)"
+    assert accepted == []
+
+
+def test_every_redirect_hop_is_checked(server, watched_listener):
+    """The first hop is allowed (a named exception), the second goes to loopback or cloud metadata."""
+    port, accepted = watched_listener
+    server.routes["/to-loopback"] = status(302, f"Location: http://127.0.0.2:{port}/x.jpg\r\n")
+    server.routes["/to-metadata"] = status(302, "Location: http://169.254.169.254/latest/meta-data/\r\n")
+    from daemon.netguard import parse_networks
+    settings = EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, limits=FAST,
+                              addresses=AddressPolicy(allowed_networks=parse_networks("127.0.0.1/32")))
+    outcome = one(f"{server.base}/to-loopback", settings)
+    assert outcome.error == "address not allowed: 127.0.0.2 is loopback (permanent, 1 attempt)"
+    outcome = one(f"{server.base}/to-metadata", settings)
+    assert outcome.error == "address not allowed: 169.254.169.254 is link-local (permanent, 1 attempt)"
+    assert accepted == []
+
+
+# ---------------------------------------------------------------- TLS
+@pytest.fixture
+def tls_server(tmp_path):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    srv = HostileServer(tls=context)
+    srv.routes["/a.jpg"] = ok(JPEG)
+    yield srv
+    srv.close()
+
+
+def test_a_certificate_nobody_vouches_for_fails_permanently_at_once(tls_server):
+    outcome = one(f"{tls_server.base}/a.jpg")
+    assert outcome.kind == ErrorKind.TLS and outcome.error.startswith("TLS error: ")
+    assert outcome.error.endswith("(permanent, 1 attempt)")
+    assert tls_server.hits.get("/a.jpg", 0) == 0
