@@ -308,3 +308,33 @@ def test_plain_http_is_refused_with_json(nginx):
                                           b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert (status, headers["content-type"]) == (400, "application/json")
     assert "use https" in doc["error"]
+
+
+def _contrast() -> None:
+    """``python -m tests.test_front_door``: /healthz latency under 50 slow uploads, through nginx and direct."""
+    import contextlib
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
+        tmp = Path(folder)
+        address = stack.enter_context(contextlib.contextmanager(api.__wrapped__)(tmp))
+        front = Nginx(tmp, address).start()
+        stack.callback(stop, front.proc)
+        port = int(address.rsplit(":", 1)[1])
+        for name, base, slow_port, context, verify in [
+                ("through nginx", front.base, front.https_port, front.tls(), str(front.cert)),
+                ("direct to gunicorn", address, port, None, True)]:
+            slow = SlowUploads(slow_port, 50, context)
+            try:
+                # direct: every request may wait its full timeout, so fewer of them and a shorter timeout
+                count, timeout_s = (200, 10) if context else (20, 2)
+                latencies = healthz_latencies(base, count, verify, timeout_s=timeout_s)
+            finally:
+                slow.close()
+            print(f"{name}: {count} x GET /healthz, p50 {latencies[len(latencies) // 2] * 1000:.1f} ms, "
+                  f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:.1f} ms, "
+                  f"{sum(t >= timeout_s for t in latencies)} timed out after {timeout_s} s")
+
+
+if __name__ == "__main__":
+    _contrast()
