@@ -156,7 +156,19 @@ def read_all(conn, timeout_s: float) -> bytes:
         if not chunk:
             break
         chunks.append(chunk)
+        if complete(b"".join(chunks)):  # nginx may keep the connection open a while (lingering close)
+            break
     return b"".join(chunks)
+
+
+def complete(raw: bytes) -> bool:
+    """Whether raw holds a whole response: headers and Content-Length bytes of body."""
+    head, found, body = raw.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if found and name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
 
 
 def parse(raw: bytes) -> tuple[int, dict, dict]:
@@ -290,6 +302,11 @@ def test_api_json_errors_pass_through_unchanged(nginx):
 def test_over_long_request_line_gets_json_from_nginx(nginx):
     status, headers, doc = parse(nginx.raw(b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert (status, headers["content-type"], doc) == (414, "application/json", {"error": "request line too long"})
+
+
+def test_over_large_header_gets_431_json_from_nginx(nginx):
+    status, headers, doc = parse(nginx.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"))
+    assert (status, headers["content-type"], doc) == (431, "application/json", {"error": "request headers too large"})
 
 
 def test_body_over_the_cap_gets_413_json_from_nginx(nginx):
