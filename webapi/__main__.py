@@ -62,7 +62,8 @@ def serve(argv: list[str] | None) -> int:
         "bind": f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}",
         "workers": config.api_workers,
         "threads": config.api_threads,
-        "worker_class": "gthread",
+        # gunicorn's gthread worker, whose own error answers (bad request line, 414, 431) are JSON too
+        "worker_class": "webapi.server.JsonErrorThreadWorker",
         "when_ready": _announce,
         "graceful_timeout": 30,  # SIGTERM: requests in flight get this long to finish
         # gunicorn's own request limits, set on purpose: request line (path + query) and headers are small
