@@ -438,3 +438,25 @@ class Spool:
     def reopen(self, job_id: int, folder: str) -> None:
         """Move a finished job back to active/, for the daemon to redo the images that lost their results."""
         self._rename(self.job_path(folder, job_id), self.job_path("active", job_id))
+
+
+# ---------------------------------------------------------- read-only views for the API's paged routes
+def job_ids_newest_first(spool: Spool) -> list[int]:
+    """Every job the API ever accepted (each has a meta file), newest (largest id) first."""
+    return spool.job_ids("meta")[::-1]
+
+
+def iter_result_lines_from(spool: Spool, job_id: int, first_index: int) -> Iterator[bytes]:
+    """Result lines of images first_index onwards, in order: whole results files before it are skipped
+    unread (a file's name says which images it holds), so page 1,000 of a big job costs one file."""
+    for first, stop, path in spool.result_chunks(job_id):
+        if stop <= first_index:
+            continue
+        try:
+            with path.open("rb") as f:
+                for position, line in enumerate(f):
+                    line = line.rstrip(b"\n")
+                    if line and first + position >= first_index:
+                        yield line
+        except FileNotFoundError:
+            continue

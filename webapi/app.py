@@ -12,6 +12,7 @@ from spool import Spool, parse_job_id, pid_exists
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webapi.metrics import render as render_metrics
+from webapi import pages
 from webapi.validate import InvalidSubmission, SubmitLimits, parse_submission
 
 log = logging.getLogger("retailpulse.webapi")
@@ -125,8 +126,25 @@ class _Api:
     def results(self):
         job_id, doc = self.known_job()
         head = {"job_id": doc["job_id"], "status": doc["status"]}
+        if pages.is_paged():
+            offset, limit = pages.page_window(json_response)
+            return pages.results_page(self.spool, job_id, head, offset, limit)
         return HTTPResponse(stream_results(self.spool, job_id, head), status=200,
                             headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
+
+    def results_csv(self):
+        return pages.results_csv(self.spool, self.known_job()[0])
+
+    def jobs(self):
+        """The caller's jobs (everyone's with tokens off), newest first, a page at a time."""
+        owner = self.caller()
+        offset, limit = pages.page_window(json_response)
+        doc = pages.jobs_page(self.spool, lambda job_id: self.owns(job_id, owner), offset, limit)
+        return json_response(200, doc)
+
+    def page(self, name: str = "index.html"):
+        """The status page's files. Public like any static file: the data behind it needs the token."""
+        return pages.static_file(name, json_response)
 
     def cancel(self):
         """Ask the daemon to stop a job: images not yet started get "cancelled by request"."""
@@ -221,6 +239,10 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | 
     app.route("/api/submit/", "POST", api.submit)
     app.route("/api/status", "GET", api.status)
     app.route("/api/results", "GET", api.results)
+    app.route("/api/results.csv", "GET", api.results_csv)
+    app.route("/api/jobs", "GET", api.jobs)
+    app.route("/", "GET", api.page)
+    app.route("/ui/<name>", "GET", api.page)
     app.route("/api/cancel", "POST", api.cancel)
     app.route("/api/job", "DELETE", api.purge_one)
     app.route("/api/purge", "POST", api.purge_old)
