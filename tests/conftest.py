@@ -20,6 +20,7 @@ import requests
 from PIL import Image
 
 from spool import Spool, Status
+from tests import openapi_check
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_STORE_MASTER = REPO / "data" / "stores.csv"
@@ -92,7 +93,9 @@ def call_wsgi(app, method: str, path: str, body: bytes | None = None, query: str
         data = b"".join(chunks)
     finally:
         getattr(chunks, "close", lambda: None)()
-    return WsgiResponse(captured["status"], captured["headers"], data)
+    response = WsgiResponse(captured["status"], captured["headers"], data)
+    openapi_check.check(method, path, response.status_code, response.headers.get("content-type", ""), data)
+    return response
 
 
 # ------------------------------------------------------------------ image server
@@ -166,6 +169,7 @@ class Service:
             cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.base = self._read_address(self.api, timeout_s=30)
         self.http = requests.Session()
+        self.http.hooks["response"].append(openapi_check.check_requests_response)
         self.wait_for_daemon(timeout_s=30)
 
     def start_daemon(self) -> None:

@@ -12,7 +12,7 @@ from spool import Spool, parse_job_id, pid_exists
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webapi.metrics import render as render_metrics
-from webapi import pages
+from webapi import openapi, pages
 from webapi.validate import InvalidSubmission, SubmitLimits, parse_submission
 
 log = logging.getLogger("retailpulse.webapi")
@@ -146,6 +146,10 @@ class _Api:
         """The status page's files. Public like any static file: the data behind it needs the token."""
         return pages.static_file(name, json_response)
 
+    def openapi(self):
+        """The contract, public like /healthz: it says nothing about anyone's jobs."""
+        return json_response(200, openapi.document())
+
     def cancel(self):
         """Ask the daemon to stop a job: images not yet started get "cancelled by request"."""
         job_id, _doc = self.known_job()
@@ -241,6 +245,7 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | 
     app.route("/api/results", "GET", api.results)
     app.route("/api/results.csv", "GET", api.results_csv)
     app.route("/api/jobs", "GET", api.jobs)
+    app.route("/api/openapi.json", "GET", api.openapi)
     app.route("/", "GET", api.page)
     app.route("/ui/<name>", "GET", api.page)
     app.route("/api/cancel", "POST", api.cancel)
