@@ -101,7 +101,9 @@ async function refreshJob() {
   const doc = await statusResponse.json();
   if (!statusResponse.ok) return showProblem(doc.error || `no job ${view.jobId}`);
   document.getElementById("job-title").textContent = "Job " + doc.job_id;
-  document.getElementById("job-summary").replaceChildren(jobCard(doc));
+  const summary = el("ol", null, "jobs");
+  summary.append(jobCard(doc));
+  document.getElementById("job-summary").replaceChildren(summary);
   const failures = (doc.error || []).map((f) => {
     const row = el("tr");
     row.append(el("td", f.store_id), el("td", f.images_failed ?? ""), el("td", f.error), el("td", f.image_url || "", "url"));
