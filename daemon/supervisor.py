@@ -32,7 +32,7 @@ from daemon.outcome import ErrorKind, ImageOutcome
 from daemon.recording import Recorder
 from daemon.runner import TaskDone, TaskLost, TaskRunner
 from daemon.stores import Store
-from spool import Control, CorruptFile, Folder, Phase, Spool, Status, status_document, utc_now
+from spool import Control, CorruptFile, DamagedResults, Folder, Phase, Spool, Status, status_document, utc_now
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -148,7 +148,7 @@ class Supervisor:
                     self.cancel(job_id)
                 else:
                     self.requeue(job_id, failed_only=verb is Control.REQUEUE_FAILED)
-            except (OSError, CorruptFile) as exc:
+            except (OSError, CorruptFile, DamagedResults) as exc:
                 log.error("job %d: %s: %s; will try again", job_id, verb, exc)
                 continue
             path.unlink(missing_ok=True)
@@ -207,8 +207,8 @@ class Supervisor:
         covered = []
         for first, stop, path in self.spool.result_chunks(job.job_id):
             try:
-                records = self.spool.read_results(first, stop, path)
-            except CorruptFile as exc:
+                records = self.spool.read_results(job.job_id, first, stop, path)
+            except DamagedResults as exc:
                 self.spool.move_aside(path, f"results file unreadable, images redone: {exc}")
                 continue
             for record in records:

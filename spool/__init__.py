@@ -2,7 +2,8 @@
 
 Everything below lives under one root folder (the ``spool_dir`` setting; folder names: the Folder enum).
 The folder a job file is in *is* the job's state; every change is a write under ``tmp/`` + fsync +
-``os.replace`` + fsync of the folder, so a reader never sees half a file and after a crash the state is whatever the last rename said (as in Maildir).
+``os.replace`` + fsync of the folder, so a reader never sees half a file and after a crash the state is
+whatever the last rename said (as in Maildir).
 
     daemon.lock            held (filelock) by the one daemon working on this spool; a second one refuses to start.
     next_job_id            text, one integer: the id the next submission gets. Written by the API under
@@ -37,6 +38,9 @@ The folder a job file is in *is* the job's state; every change is a write under 
     results/<id>/<first>-<stop>.jsonl
                            results of images first .. stop-1 (zero-padded, half-open), one JSON object a
                            line, in submission order. Written by the daemon once per finished chunk.
+                           Checked by every reader: exactly stop-first whole lines, the first and last
+                           of images first and stop-1; a finished job's files cover 0..N-1 with no gap
+                           (spool/results.py).
 
 Job file (incoming/, active/, done/, failed/):
     {"job_id": 7, "submitted_at": "2026-11-23T11:00:00Z", "count": 1,
@@ -64,19 +68,18 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 
 import filelock
 
-__all__ = ["Spool", "Status", "Phase", "Folder", "Control", "CorruptFile", "parse_job_id", "pid_exists",
-           "status_document",
-           "utc_now"]
+from spool.results import DamagedResults, ResultFiles
+
+__all__ = ["Spool", "Status", "Phase", "Folder", "Control", "CorruptFile", "DamagedResults", "parse_job_id",
+           "pid_exists", "status_document", "utc_now"]
 
 #: The one job-id check. Applied to every id before it becomes part of a path.
 JOB_ID_PATTERN = re.compile(r"[1-9][0-9]{0,15}")
-_RESULT_NAME = re.compile(r"([0-9]{8})-([0-9]{8})\.jsonl")
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 
@@ -163,7 +166,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class Spool:
+class Spool(ResultFiles):
     """Paths and atomic operations on one spool folder. Holds no state but its root."""
 
     FOLDERS = tuple(Folder)
@@ -398,50 +401,6 @@ class Spool:
         self.status_path(job_id).unlink(missing_ok=True)
         return True
 
-    def results_damage(self, job_id: int, total: int | None = None) -> tuple[Path | None, str] | None:
-        """(the damaged file or None, why) if the job's results files are not whole, else None.
-
-        Each file must hold exactly its images' lines, the last one complete (a file cut short by a disk
-        that lied, or by a hand, fails this); with ``total`` (a finished job) the files must also cover
-        images 0..total-1 without a gap. Cheap: no line but the first and the last is parsed."""
-        expected = 0
-        for first, stop, path in self.result_chunks(job_id):
-            name = f"results/{job_id}/{path.name}"
-            if total is not None and first != expected:
-                return None, f"results/{job_id}: images {expected}..{first - 1} have no results file"
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue  # requeued or purged meanwhile
-            if not data.endswith(b"\n"):
-                return path, f"{name}: cut short (it ends in the middle of a line)"
-            lines = data.count(b"\n")
-            if lines != stop - first:
-                return path, f"{name}: {lines} lines for the {stop - first} images it must hold"
-            try:
-                ends = json.loads(data[:data.index(b"\n")])["index"], json.loads(data[data.rindex(b"\n", 0, -1) + 1:
-                                                                               ] if lines > 1 else data)["index"]
-            except (ValueError, KeyError, TypeError, RecursionError) as exc:
-                return path, f"{name}: unreadable ({exc})"
-            if ends != (first, stop - 1):
-                return path, f"{name}: holds images {ends[0]}..{ends[1]}, not {first}..{stop - 1}"
-            expected = stop
-        if total is not None and expected != total:
-            return None, f"results/{job_id}: images {expected}..{total - 1} have no results file"
-        return None
-
-    def iter_result_lines(self, job_id: int) -> Iterator[bytes]:
-        """Each recorded result line (JSON, no newline), in image order. Streams; never loads a whole job."""
-        for _first, _stop, path in self.result_chunks(job_id):
-            try:
-                with path.open("rb") as f:
-                    for line in f:
-                        line = line.rstrip(b"\n")
-                        if line:
-                            yield line
-            except FileNotFoundError:
-                continue
-
     # ---------------------------------------------------------- daemon side
     def job_ids(self, folder: str) -> list[int]:
         """Ids of the well-named job files in ``folder``, oldest (smallest) first."""
@@ -467,58 +426,6 @@ class Spool:
 
     def write_status(self, job_id: int, doc: dict) -> None:
         self.write_atomic(self.status_path(job_id), json.dumps(doc, separators=(",", ":")).encode())
-
-    def write_results(self, job_id: int, first: int, stop: int, lines: Iterable[dict]) -> None:
-        """Record the results of images first..stop-1 as one file. Durable when this returns."""
-        folder = self.results_dir(job_id)
-        folder.mkdir(mode=_DIR_MODE, exist_ok=True)
-        body = b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in lines)
-        self.write_atomic(folder / f"{first:08d}-{stop:08d}.jsonl", body)
-
-    def result_chunks(self, job_id: int) -> list[tuple[int, int, Path]]:
-        """(first, stop, path) of each results file of a job, in image order."""
-        try:
-            entries = list(os.scandir(self.results_dir(job_id)))
-        except FileNotFoundError:
-            return []
-        chunks = []
-        for entry in entries:
-            match = _RESULT_NAME.fullmatch(entry.name)
-            if match:
-                chunks.append((int(match[1]), int(match[2]), Path(entry.path)))
-        return sorted(chunks)
-
-    def read_results(self, first: int, stop: int, path: Path) -> list[dict]:
-        """The result lines of one results file; CorruptFile unless it holds exactly images first..stop-1."""
-        try:
-            records = [json.loads(line) for line in path.read_bytes().splitlines()]
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise CorruptFile(f"{path.name}: {exc}") from exc
-        if [r.get("index") if isinstance(r, dict) else None for r in records] != list(range(first, stop)):
-            raise CorruptFile(f"{path.name}: {len(records)} lines, not the results of images {first}..{stop - 1}")
-        return records
-
-    def forget_results(self, job_id: int, redo) -> int:
-        """Delete the results for which ``redo(line)`` is true, keeping the others; the number deleted.
-
-        A file with some lines to redo is removed first, then its good runs are written back as smaller
-        files: a crash in between redoes good images, never counts one twice."""
-        redone = 0
-        for first, stop, path in self.result_chunks(job_id):
-            records = self.read_results(first, stop, path)
-            keep = [not redo(record) for record in records]
-            if all(keep):
-                continue
-            path.unlink()
-            run_start = None
-            for offset, ok in enumerate(keep + [False]):
-                if ok and run_start is None:
-                    run_start = offset
-                elif not ok and run_start is not None:
-                    self.write_results(job_id, first + run_start, first + offset, records[run_start:offset])
-                    run_start = None
-            redone += keep.count(False)
-        return redone
 
     def finish(self, job_id: int, status: Status) -> None:
         """Move a job out of active/ once its final status and every result are on disk."""
@@ -577,3 +484,4 @@ class Spool:
     def reopen(self, job_id: int, folder: str) -> None:
         """Move a finished job back to active/, for the daemon to redo the images that lost their results."""
         self._rename(self.job_path(folder, job_id), self.job_path(Folder.ACTIVE, job_id))
+

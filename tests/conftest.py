@@ -7,23 +7,18 @@ import http.server
 import io
 import json
 import os
-import selectors
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
 import pytest
-import requests
 from PIL import Image
 
-from spool import Spool, Status
+from spool import Spool
+from tests import openapi_check
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_STORE_MASTER = REPO / "data" / "stores.csv"
-REAL_STORE_MASTER = REPO.parent / "shared" / "data" / "StoreMasterAssignment.csv"
+from tests.service import REAL_STORE_MASTER, REPO, SAMPLE_STORE_MASTER, Service  # noqa: F401 (re-exported)
 
 
 def visit(store_id: str, urls: list[str], visit_time: str = "2026-11-23T10:00:00") -> dict:
@@ -108,7 +103,9 @@ def call_wsgi(app, method: str, path: str, body: bytes | None = None, query: str
         data = b"".join(chunks)
     finally:
         getattr(chunks, "close", lambda: None)()
-    return WsgiResponse(captured["status"], captured["headers"], data)
+    response = WsgiResponse(captured["status"], captured["headers"], data)
+    openapi_check.check(method, path, response.status_code, response.headers.get("content-type", ""), data)
+    return response
 
 
 # ------------------------------------------------------------------ image server
@@ -167,106 +164,6 @@ def image_server(tmp_path):
     server = ImageServer(folder)
     yield server
     server.close()
-
-
-# ------------------------------------------------------------------ real processes
-class Service:
-    """The API and the daemon as two real processes on one spool."""
-
-    def __init__(self, spool_dir: Path, daemon_args: list[str], api_args: list[str] = ()):
-        self.spool = Spool(spool_dir)
-        self.spool_dir, self.daemon_args = spool_dir, daemon_args
-        # The tests' settings only: never a configuration file of the machine they run on.
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETAILPULSE_CONFIG": os.devnull}
-        self.daemon_log = spool_dir.parent / "daemon.log"  # a file, not a pipe: a full pipe would block it
-        self.start_daemon()
-        self.api = subprocess.Popen(
-            [sys.executable, "-m", "webapi", "--spool-dir", str(spool_dir), "--port", "0", "--api-workers", "2",
-             *api_args],
-            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.http = requests.Session()
-        try:
-            self.base = self._read_address(self.api, timeout_s=30)
-            self.wait_for_daemon(timeout_s=30)
-        except BaseException:
-            self.stop()  # a half-started service must not outlive the test
-            raise
-
-    def start_daemon(self) -> None:
-        self._daemon_log_offset = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0
-        with self.daemon_log.open("ab") as log:
-            self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "--spool-dir", str(self.spool_dir),
-                 "--store-master", str(SAMPLE_STORE_MASTER), *self.daemon_args],
-                cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=log)
-
-    def daemon_output(self) -> str:
-        """What the current daemon process has logged so far."""
-        with self.daemon_log.open("rb") as f:
-            f.seek(self._daemon_log_offset)
-            return f.read().decode(errors="replace")
-
-    def wait_for_daemon(self, timeout_s: float = 30) -> None:
-        """Wait for the daemon's "daemon ready" log line: it holds the spool lock and its pool is up."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if "daemon ready" in self.daemon_output():
-                return
-            if self.daemon.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"daemon did not start (exit code {self.daemon.poll()}): {self.daemon_output()[-2000:]}")
-
-    @staticmethod
-    def _read_address(proc: subprocess.Popen, timeout_s: float) -> str:
-        selector = selectors.DefaultSelector()
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if selector.select(timeout=deadline - time.monotonic()):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                if "listening on " in line:
-                    return line.strip().rsplit(" ", 1)[-1]
-        raise RuntimeError(f"API did not start (exit code {proc.poll()})")
-
-    def submit(self, visits: list[dict]) -> int:
-        r = self.http.post(f"{self.base}/api/submit/", json={"count": len(visits), "visits": visits}, timeout=30)
-        assert r.status_code == 201, r.text
-        return r.json()["job_id"]
-
-    def status(self, job_id) -> dict:
-        return self.http.get(f"{self.base}/api/status", params={"jobid": job_id}, timeout=30).json()
-
-    def wait(self, job_id: int, timeout_s: float = 60) -> dict:
-        """Poll until the job is completed or failed; the job's final status."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            doc = self.status(job_id)
-            if doc["status"] in (Status.COMPLETED.value, Status.FAILED.value):
-                return doc
-            time.sleep(0.05)
-        raise AssertionError(f"job {job_id} not finished after {timeout_s} s: {doc}")
-
-    def results(self, job_id: int) -> dict:
-        r = self.http.get(f"{self.base}/api/results", params={"jobid": job_id}, timeout=30)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def stop(self) -> None:
-        self.http.close()  # an idle keep-alive connection would hold the API's graceful stop for 2 s
-        for proc in (self.api, self.daemon):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in (self.api, self.daemon):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.http.close()
-        self.api.stdout.close()
 
 
 @pytest.fixture

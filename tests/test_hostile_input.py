@@ -185,3 +185,36 @@ def test_api_refuses_a_world_writable_spool(tmp_path, capsys):
     os.chmod(spool_dir, 0o777)
     assert main(["--spool-dir", str(spool_dir)]) == 2
     assert "writable by every user" in capsys.readouterr().err
+
+
+HUGE_INT_BODIES = [b'{"count": 1' + b"0" * 5000 + b', "visits": []}',
+                   b'{"count": 1, "visits": [{"store_id": "RP00001", "x": -' + b"9" * 4301 + b"}]}",
+                   b"[" + b"7" * 100_000 + b"]"]
+
+
+@pytest.mark.parametrize("body", HUGE_INT_BODIES)
+def test_integer_too_long_to_convert_is_400_naming_why(spool, body):
+    r = call_wsgi(make_app(spool), "POST", "/api/submit/", body)
+    assert (r.status_code, r.headers["content-type"]) == (400, "application/json")
+    assert "more than 4300 digits" in r.json()["error"]
+    assert spool.job_ids("incoming") == []
+
+
+def test_integer_at_the_limit_still_parses_to_the_usual_field_error(spool):
+    r = call_wsgi(make_app(spool), "POST", "/api/submit/", b'{"count": ' + b"1" * 4300 + b', "visits": [1]}')
+    assert r.status_code == 400 and r.json()["error"].startswith("count: is 1111")
+
+
+def test_integer_too_long_over_real_http_is_400_json(api_only):
+    import requests
+    for body in HUGE_INT_BODIES:
+        r = requests.post(f"{api_only}/api/submit/", data=body, timeout=30)
+        assert (r.status_code, r.headers["content-type"]) == (400, "application/json"), r.text[:200]
+        assert "more than 4300 digits" in r.json()["error"]
+
+
+@pytest.fixture
+def api_only(tmp_path):
+    from tests.api_process import running_api
+    with running_api(tmp_path / "spool") as base:
+        yield base

@@ -104,6 +104,10 @@ def test_installed_service_runs_a_job_and_every_ctl_command_of_the_readme_works(
         def status(job_id):
             return http.get(f"{base}/api/status", params={"jobid": job_id}, timeout=30).json()["status"]
 
+        page = http.get(f"{base}/", timeout=30)  # the status page's files are in the package
+        assert page.status_code == 200 and "<html" in page.text.lower(), page.text[:200]
+        assert http.get(f"{base}/ui/app.js", timeout=30).status_code == 200
+
         done = submit([shelf, f"{shelf}?n=2"])
         wait_until(lambda: status(done) == Status.COMPLETED, what="the job to complete")
         assert (spool_dir / "done" / f"{done}.json").exists(), "the INI file's spool_dir is the one used"

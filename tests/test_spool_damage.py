@@ -8,8 +8,9 @@ import time
 import pytest
 
 from daemon.housekeeping import Housekeeping
-from spool import Status
-from tests.conftest import REPO, SAMPLE_STORE_MASTER, visit
+from spool import Phase, Status, status_document
+from webapi.app import make_app
+from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, visit
 
 
 def test_tmp_leftovers_of_any_shape_are_never_fatal(spool):
@@ -146,3 +147,28 @@ def test_the_daemon_moves_a_damaged_results_file_of_a_finished_job_aside(spool):
     assert "cut short" in why.read_text()
     assert spool.read_status(job_id)["status"] == "completed"  # a status never goes back
     assert spool.results_damage(job_id, total=6) == (None, f"results/{job_id}: images 3..5 have no results file")
+
+
+def test_the_api_names_damaged_results_instead_of_serving_fewer(spool):
+    job_id = finished_with_results(spool)
+    spool.write_status(job_id, status_document(job_id, Status.COMPLETED, Phase.FINISHED, images_total=6,
+                                               images_done=6, images_failed=0))
+    app = make_app(spool)
+    query = f"jobid={job_id}"
+    assert len(call_wsgi(app, "GET", "/api/results", query=query).json()["results"]) == 6
+    path = spool.results_dir(job_id) / "00000003-00000006.jsonl"
+    path.write_bytes(path.read_bytes()[:-5])  # a disk that lied about the last write
+
+    for route, extra in (("/api/results", ""), ("/api/results", "&offset=4&limit=2"), ("/api/results.csv", "")):
+        r = call_wsgi(app, "GET", route, query=query + extra)
+        assert r.status_code == 503, (route, extra, r.status_code)
+        assert r.json()["error"].startswith(f"results damaged: results/{job_id}/00000003-00000006.jsonl: cut short")
+    # the page before the damage is whole, and is served
+    assert [line["index"] for line in call_wsgi(app, "GET", "/api/results", query=query + "&limit=3").json()[
+        "results"]] == [0, 1, 2]
+    # once the daemon has set the file aside, the gap is named; the status stays completed
+    Housekeeping(spool, retention_s=0).check_finished_results()
+    r = call_wsgi(app, "GET", "/api/results", query=query)
+    assert (r.status_code, r.json()["error"].split(";")[0]) == (
+        503, f"results damaged: results/{job_id}: images 3..5 have no results file")
+    assert call_wsgi(app, "GET", "/api/status", query=query).json()["status"] == Status.COMPLETED

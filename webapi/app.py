@@ -8,10 +8,11 @@ import time
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
-from spool import Spool, parse_job_id, pid_exists
+from spool import Control, DamagedResults, Folder, Phase, Spool, parse_job_id, pid_exists
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webapi.metrics import render as render_metrics
+from webapi import openapi, pages
 from webapi.validate import InvalidSubmission, SubmitLimits, parse_submission
 
 log = logging.getLogger("retailpulse.webapi")
@@ -47,47 +48,58 @@ def read_body(environ: dict, max_bytes: int) -> bytes:
     return body
 
 
-def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | None = None,
-             max_queued_images: int | None = None) -> Bottle:
-    """The WSGI app. ``tokens``: None serves everyone (local use); else every route but /healthz needs one.
-    ``max_queued_images``: above it, submit answers 503 + Retry-After instead of taking more work."""
-    limits = limits or SubmitLimits()
-    app = Bottle()
-    app.config["json.enable"] = False  # every route builds its own JSON response
+class _Api:
+    """The routes over one spool. Checks that refuse a request raise their HTTPResponse (Bottle sends a raised
+    HTTPResponse as it is), so each route reads as its happy path."""
 
-    def caller() -> str | None | HTTPResponse:
-        """The token name of the request (None when tokens are off), or the 401 that refuses it."""
-        if tokens is None:
+    def __init__(self, spool: Spool, limits: SubmitLimits, tokens: Tokens | None, max_queued_images: int | None):
+        self.spool, self.limits, self.tokens, self.max_queued_images = spool, limits, tokens, max_queued_images
+
+    def caller(self) -> str | None:
+        """The token name of the request (None when tokens are off); raises the 401 that refuses it."""
+        if self.tokens is None:
             return None
-        name = tokens.identify(request.get_header("Authorization"))
+        name = self.tokens.identify(request.get_header("Authorization"))
         if name is None:
-            return json_response(401, {"error": "missing or unknown API token (Authorization: Bearer ...)"},
-                                 **{"WWW-Authenticate": 'Bearer realm="retail-pulse"'})
+            raise json_response(401, {"error": "missing or unknown API token (Authorization: Bearer ...)"},
+                                **{"WWW-Authenticate": 'Bearer realm="retail-pulse"'})
         return name
 
-    def submit():
-        owner = caller()
-        if isinstance(owner, HTTPResponse):
-            return owner
+    def owns(self, job_id: int, owner: str | None) -> bool:
+        return self.tokens is None or (self.spool.read_meta(job_id) or {}).get("owner") == owner
+
+    def known_job(self) -> tuple[int, dict]:
+        """The job named by ?jobid= and its status; raises the 400 that explains why there is none.
+
+        With tokens on, another client's job is answered exactly like a job that does not exist."""
+        owner = self.caller()
+        raw = request.query.getunicode("jobid")
+        if raw is None or raw == "":
+            raise json_response(400, {"error": "jobid: missing (use ?jobid=123)"})
+        job_id = parse_job_id(raw)
+        if job_id is None:
+            raise json_response(400, {"error": "jobid: must be a positive integer"})
+        if not self.owns(job_id, owner):
+            raise json_response(400, {})
+        doc = self.spool.read_status(job_id)
+        if doc is None:
+            raise json_response(400, {})
+        return job_id, doc
+
+    def submit(self):
+        owner = self.caller()
         try:
-            body = read_body(request.environ, limits.max_body_bytes)
+            body = read_body(request.environ, self.limits.max_body_bytes)
         except BodyTooLarge:
-            return json_response(413, {"error": f"body larger than {limits.max_body_bytes} bytes"})
+            return json_response(413, {"error": f"body larger than {self.limits.max_body_bytes} bytes"})
         try:
-            count, visits = parse_submission(body, limits)
+            count, visits = parse_submission(body, self.limits)
         except InvalidSubmission as exc:
             return json_response(400, {"error": str(exc)})
         images = sum(len(visit["image_url"]) for visit in visits)
         try:
-            if max_queued_images is not None:
-                queued = spool.queued_images()
-                if queued + images > max_queued_images:
-                    log.warning("submit refused: %d images queued, %d more asked, limit %d",
-                                queued, images, max_queued_images)
-                    return json_response(503, {"error": f"too much work queued ({queued} images waiting, "
-                                                        f"limit {max_queued_images}); try again later"},
-                                         **{"Retry-After": "60"})
-            job_id = spool.submit(count, visits, owner=owner)
+            self.refuse_when_queue_full(images)
+            job_id = self.spool.submit(count, visits, owner=owner)
         except OSError as exc:
             log.error("submit: cannot write to the spool: %s", exc)
             return json_response(503, {"error": f"cannot store the job now: {exc.strerror or exc}"},
@@ -96,79 +108,81 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | 
                  f", by {owner}" if owner else "")
         return json_response(201, {"job_id": job_id})
 
-    app.route("/api/submit", "POST", submit)
-    app.route("/api/submit/", "POST", submit)
+    def refuse_when_queue_full(self, images: int) -> None:
+        """Raises 503 + Retry-After when taking ``images`` more would pass max_queued_images."""
+        if self.max_queued_images is None:
+            return
+        queued = self.spool.queued_images()
+        if queued + images > self.max_queued_images:
+            log.warning("submit refused: %d images queued, %d more asked, limit %d",
+                        queued, images, self.max_queued_images)
+            raise json_response(503, {"error": f"too much work queued ({queued} images waiting, "
+                                               f"limit {self.max_queued_images}); try again later"},
+                                **{"Retry-After": "60"})
 
-    def known_job() -> tuple[int, dict] | HTTPResponse:
-        """The job named by ?jobid= and its status, or the 400 that explains why there is none.
+    def status(self):
+        return json_response(200, self.known_job()[1])
 
-        With tokens on, another client's job is answered exactly like a job that does not exist."""
-        owner = caller()
-        if isinstance(owner, HTTPResponse):
-            return owner
-        raw = request.query.getunicode("jobid")
-        if raw is None or raw == "":
-            return json_response(400, {"error": "jobid: missing (use ?jobid=123)"})
-        job_id = parse_job_id(raw)
-        if job_id is None:
-            return json_response(400, {"error": "jobid: must be a positive integer"})
-        if tokens is not None and (spool.read_meta(job_id) or {}).get("owner") != owner:
-            return json_response(400, {})
-        doc = spool.read_status(job_id)
-        if doc is None:
-            return json_response(400, {})
-        return job_id, doc
-
-    @app.get("/api/status")
-    def status():
-        found = known_job()
-        if isinstance(found, HTTPResponse):
-            return found
-        return json_response(200, found[1])
-
-    @app.get("/api/results")
-    def results():
-        found = known_job()
-        if isinstance(found, HTTPResponse):
-            return found
-        job_id, doc = found
+    def results(self):
+        job_id, doc = self.known_job()
         head = {"job_id": doc["job_id"], "status": doc["status"]}
-        return HTTPResponse(stream_results(spool, job_id, head), status=200,
+        total = finished_total(doc)
+        if pages.is_paged():
+            offset, limit = pages.page_window(json_response)
+            try:
+                return pages.results_page(self.spool, job_id, head, offset, limit, total)
+            except DamagedResults as exc:
+                raise damaged(job_id, exc) from None
+        self.refuse_damaged(job_id, total)
+        return HTTPResponse(stream_results(self.spool, job_id, head), status=200,
                             headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
 
-    def job_of_caller() -> tuple[int, str | None] | HTTPResponse:
-        """For the routes that change a job: its id, after the same checks as status (owner included)."""
-        found = known_job()
-        if isinstance(found, HTTPResponse):
-            return found
-        return found[0], spool.job_folder(found[0])
+    def results_csv(self):
+        job_id, doc = self.known_job()
+        self.refuse_damaged(job_id, finished_total(doc))
+        return pages.results_csv(self.spool, job_id)
 
-    @app.post("/api/cancel")
-    def cancel():
+    def refuse_damaged(self, job_id: int, total: int | None) -> None:
+        """Before a whole-job answer starts streaming: every results file whole, and for a finished job
+        no gap, or the error that names the damage (never fewer results served as all of them)."""
+        damage = self.spool.results_damage(job_id, total)
+        if damage is not None:
+            raise damaged(job_id, DamagedResults(damage[1], damage[0]))
+
+    def jobs(self):
+        """The caller's jobs (everyone's with tokens off), newest first, a page at a time."""
+        owner = self.caller()
+        offset, limit = pages.page_window(json_response)
+        doc = pages.jobs_page(self.spool, lambda job_id: self.owns(job_id, owner), offset, limit)
+        return json_response(200, doc)
+
+    def page(self, name: str = "index.html"):
+        """The status page's files. Public like any static file: the data behind it needs the token."""
+        return pages.static_file(name, json_response)
+
+    def openapi(self):
+        """The contract, public like /healthz: it says nothing about anyone's jobs."""
+        return json_response(200, openapi.document())
+
+    def cancel(self):
         """Ask the daemon to stop a job: images not yet started get "cancelled by request"."""
-        found = job_of_caller()
-        if isinstance(found, HTTPResponse):
-            return found
-        job_id, folder = found
-        if folder not in ("incoming", "active"):
+        job_id, _doc = self.known_job()
+        folder = self.spool.job_folder(job_id)
+        if folder not in (Folder.INCOMING, Folder.ACTIVE):
             return json_response(409, {"error": f"job {job_id} is not queued or running (it is {folder})"})
         try:
-            spool.request(job_id, "cancel")
+            self.spool.request(job_id, Control.CANCEL)
         except OSError as exc:
             return json_response(503, {"error": f"cannot store the request now: {exc.strerror or exc}"},
                                  **{"Retry-After": "30"})
         log.info("job %d: cancel requested", job_id)
         return json_response(202, {"job_id": str(job_id), "cancel": "requested"})
 
-    @app.delete("/api/job")
-    def purge_one():
+    def purge_one(self):
         """Delete a finished job: its file, status and results. 409 while it is queued or running."""
-        found = job_of_caller()
-        if isinstance(found, HTTPResponse):
-            return found
-        job_id, _folder = found
+        job_id, _doc = self.known_job()
         try:
-            purged = spool.purge(job_id)
+            purged = self.spool.purge(job_id)
         except OSError as exc:
             return json_response(503, {"error": f"cannot delete now: {exc.strerror or exc}"}, **{"Retry-After": "30"})
         if not purged:
@@ -176,12 +190,9 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | 
         log.info("job %d: purged", job_id)
         return json_response(200, {"job_id": str(job_id), "purged": True})
 
-    @app.post("/api/purge")
-    def purge_old():
+    def purge_old(self):
         """Delete every finished job older than ?older_than_days= (the caller's own, with tokens on)."""
-        owner = caller()
-        if isinstance(owner, HTTPResponse):
-            return owner
+        owner = self.caller()
         raw = request.query.getunicode("older_than_days") or ""
         try:
             days = float(raw)
@@ -189,54 +200,90 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | 
                 raise ValueError
         except ValueError:
             return json_response(400, {"error": "older_than_days: must be a number of days, 0 to 36500"})
-        purged = [job_id for job_id in spool.finished_before(time.time() - days * 86400)
-                  if (tokens is None or (spool.read_meta(job_id) or {}).get("owner") == owner)
-                  and spool.purge(job_id)]
+        purged = [job_id for job_id in self.spool.finished_before(time.time() - days * 86400)
+                  if self.owns(job_id, owner) and self.spool.purge(job_id)]
         log.info("purged %d finished job(s) older than %g days", len(purged), days)
         return json_response(200, {"purged": sorted(purged)})
 
-    @app.get("/healthz")
-    def healthz():
+    def healthz(self):
         """200 when the API can write the spool and the daemon's heartbeat is fresh; 503 naming what is not."""
-        checks = {"api": "ok", "spool_writable": "ok", "daemon": "ok"}
+        checks = {"api": "ok", "spool_writable": "ok", "daemon": daemon_health(self.spool)}
         try:
-            spool.write_atomic(spool.root / "tmp" / "healthz", b"ok\n", durable=False)
+            self.spool.write_atomic(self.spool.root / "tmp" / "healthz", b"ok\n", durable=False)
         except OSError as exc:
             checks["spool_writable"] = f"cannot write: {exc.strerror or exc}"
-        beat = spool.read_heartbeat()
-        if beat is None:
-            checks["daemon"] = "no heartbeat (daemon.json missing): daemon not running"
-        else:
-            age = time.time() - beat.get("heartbeat_at", 0)
-            if age > HEARTBEAT_STALE_S:
-                checks["daemon"] = f"last heartbeat {age:.0f} s ago"
-            elif not pid_exists(int(beat.get("pid", 0))):
-                checks["daemon"] = f"process {beat.get('pid')} is gone"
-            elif beat.get("paused"):
-                checks["daemon"] = "paused: cannot write results (disk full?)"
         healthy = all(value == "ok" for value in checks.values())
         return json_response(200 if healthy else 503, {"ok": healthy, "checks": checks})
 
-    @app.get("/metrics")
-    def metrics():
-        owner = caller()
-        if isinstance(owner, HTTPResponse):
-            return owner
-        return HTTPResponse(render_metrics(spool), status=200, headers={"Content-Type": METRICS_CONTENT_TYPE})
+    def metrics(self):
+        self.caller()
+        return HTTPResponse(render_metrics(self.spool), status=200, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
-    def json_error(err: bottle.HTTPError) -> str:
-        bottle.response.content_type = "application/json"
-        bottle.response.set_header("Cache-Control", "no-store")
-        if err.status_code >= 500:
-            log.error("%s %s: %s", request.method, request.path, err.exception or err.body)
-        reason = {400: "bad request", 404: "no such route", 405: "method not allowed",
-                  413: "request too large"}.get(
-            err.status_code, "internal error")
-        return json.dumps({"error": reason})
 
+def daemon_health(spool: Spool) -> str:
+    """"ok", or what is wrong with the daemon as its heartbeat file tells."""
+    beat = spool.read_heartbeat()
+    if beat is None:
+        return "no heartbeat (daemon.json missing): daemon not running"
+    age = time.time() - beat.get("heartbeat_at", 0)
+    if age > HEARTBEAT_STALE_S:
+        return f"last heartbeat {age:.0f} s ago"
+    if not pid_exists(int(beat.get("pid", 0))):
+        return f"process {beat.get('pid')} is gone"
+    if beat.get("paused"):
+        return "paused: cannot write results (disk full?)"
+    return "ok"
+
+
+def json_error(err: bottle.HTTPError) -> str:
+    """Bottle's own errors (no route, wrong method, a crash) as JSON instead of its HTML page."""
+    bottle.response.content_type = "application/json"
+    bottle.response.set_header("Cache-Control", "no-store")
+    if err.status_code >= 500:
+        log.error("%s %s: %s", request.method, request.path, err.exception or err.body)
+    reason = {400: "bad request", 404: "no such route", 405: "method not allowed",
+              413: "request too large"}.get(err.status_code, "internal error")
+    return json.dumps({"error": reason})
+
+
+def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | None = None,
+             max_queued_images: int | None = None) -> Bottle:
+    """The WSGI app. ``tokens``: None serves everyone (local use); else every route but /healthz needs one.
+    ``max_queued_images``: above it, submit answers 503 + Retry-After instead of taking more work."""
+    api = _Api(spool, limits or SubmitLimits(), tokens, max_queued_images)
+    app = Bottle()
+    app.config["json.enable"] = False  # every route builds its own JSON response
+    app.route("/api/submit", "POST", api.submit)
+    app.route("/api/submit/", "POST", api.submit)
+    app.route("/api/status", "GET", api.status)
+    app.route("/api/results", "GET", api.results)
+    app.route("/api/results.csv", "GET", api.results_csv)
+    app.route("/api/jobs", "GET", api.jobs)
+    app.route("/api/openapi.json", "GET", api.openapi)
+    app.route("/", "GET", api.page)
+    app.route("/ui/<name>", "GET", api.page)
+    app.route("/api/cancel", "POST", api.cancel)
+    app.route("/api/job", "DELETE", api.purge_one)
+    app.route("/api/purge", "POST", api.purge_old)
+    app.route("/healthz", "GET", api.healthz)
+    app.route("/metrics", "GET", api.metrics)
     for code in (400, 404, 405, 413, 500):
         app.error_handler[code] = json_error
     return app
+
+
+def finished_total(doc: dict) -> int | None:
+    """A finished job's image count (its results must cover every image), None while it runs."""
+    total = doc.get("images_total")
+    return total if doc.get("phase") == Phase.FINISHED and isinstance(total, int) else None
+
+
+def damaged(job_id: int, exc: DamagedResults) -> HTTPResponse:
+    """503 naming the damaged results: the daemon has moved the file to corrupt/ (or does at its next
+    check); `retailpulse-ctl requeue` redoes the job's images."""
+    log.error("job %d: results damaged: %s", job_id, exc.why)
+    return json_response(503, {"error": f"results damaged: {exc.why}; an operator can redo the images with "
+                                        f"`retailpulse-ctl requeue {job_id}`"})
 
 
 def stream_results(spool: Spool, job_id: int, head: dict):

@@ -31,17 +31,34 @@ def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return doc
 
 
+#: Python refuses to convert longer digit strings to int (sys.get_int_max_str_digits(), CVE-2020-10735).
+MAX_INT_DIGITS = 4300
+
+
+def _bounded_int(literal: str) -> int:
+    """An integer literal the parser can hold, or InvalidSubmission naming why not (never a bare ValueError)."""
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise InvalidSubmission(f"body is not valid JSON: an integer of more than {MAX_INT_DIGITS} digits")
+    return int(literal)
+
+
 def parse_json(body: bytes) -> object:
-    """Strict JSON: no NaN/Infinity, no duplicate keys, no nesting deep enough to crash the parser."""
+    """Strict JSON: no NaN/Infinity, no duplicate keys, no nesting deep enough to crash the parser, no number
+    too long to convert. Whatever the parser cannot hold becomes InvalidSubmission, so the client gets a 400."""
     try:
         text = body.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicates)
+        return json.loads(text, parse_constant=_reject_constant, parse_int=_bounded_int,
+                          object_pairs_hook=_object_without_duplicates)
     except UnicodeDecodeError:
         raise InvalidSubmission("body is not UTF-8 text") from None
     except RecursionError:
         raise InvalidSubmission("body is not valid JSON: nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise InvalidSubmission(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except InvalidSubmission:
+        raise
+    except (ValueError, OverflowError, MemoryError) as exc:  # any other value the parser cannot hold
+        raise InvalidSubmission(f"body is not valid JSON: {exc}") from None
 
 
 def _string(value: object, where: str, max_chars: int) -> str:

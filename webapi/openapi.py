@@ -1,0 +1,152 @@
+"""The API's contract as an OpenAPI 3.1 document, served at /api/openapi.json.
+
+Kept true by the tests: every response the suite sees (in-process and over HTTP) is checked against it
+(tests/openapi_check.py), and Schemathesis fuzzes the running API with it (tests/test_openapi.py)."""
+from __future__ import annotations
+
+JSON = "application/json"
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string", "minLength": 1}}}
+_EMPTY = {"type": "object", "maxProperties": 0, "description": "unknown job (or another token's job)"}
+_FAILURE = {"type": "object", "required": ["store_id", "error"], "properties": {
+    "store_id": {"type": "string"}, "error": {"type": "string"}, "image_url": {"type": "string"},
+    "images_failed": {"type": "integer", "minimum": 0}}}
+_STATUS = {"type": "object", "required": ["job_id", "status"], "properties": {
+    "job_id": {"type": "string", "pattern": "^[1-9][0-9]{0,15}$"},
+    "status": {"enum": ["ongoing", "completed", "failed"]},
+    "phase": {"enum": ["queued", "running", "finished"]},
+    "images_total": {"type": "integer", "minimum": 0}, "images_done": {"type": "integer", "minimum": 0},
+    "images_failed": {"type": "integer", "minimum": 0},
+    "submitted_at": {"type": "string"}, "updated_at": {"type": "string"},
+    "error": {"type": "array", "items": {"$ref": "#/components/schemas/StoreFailure"}}}}
+_RESULT = {"type": "object", "required": ["index"], "properties": {
+    "index": {"type": "integer", "minimum": 0}, "store_id": {"type": "string"},
+    "store_name": {"type": ["string", "null"]}, "area_code": {"type": ["string", "null"]},
+    "visit_time": {"type": "string"}, "image_url": {"type": "string"},
+    "width": {"type": ["integer", "null"]}, "height": {"type": ["integer", "null"]},
+    "perimeter": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]}}}
+_RESULTS = {"type": "object", "required": ["job_id", "status", "results"], "properties": {
+    "job_id": {"type": "string"}, "status": {"enum": ["ongoing", "completed", "failed"]},
+    "offset": {"type": "integer", "minimum": 0}, "limit": {"type": "integer", "minimum": 1},
+    "results": {"type": "array", "items": {"$ref": "#/components/schemas/Result"}}}}
+_JOBS = {"type": "object", "required": ["total", "offset", "limit", "jobs"], "properties": {
+    "total": {"type": "integer", "minimum": 0}, "offset": {"type": "integer", "minimum": 0},
+    "limit": {"type": "integer", "minimum": 1},
+    "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Status"}}}}
+_SUBMISSION = {"type": "object", "required": ["count", "visits"], "properties": {
+    "count": {"type": "integer", "minimum": 1},
+    "visits": {"type": "array", "minItems": 1, "items": {"type": "object",
+               "required": ["store_id", "visit_time", "image_url"], "properties": {
+                   "store_id": {"type": "string", "minLength": 1, "maxLength": 256},
+                   "visit_time": {"type": "string", "minLength": 1, "maxLength": 256},
+                   "image_url": {"type": "array", "minItems": 1,
+                                 "items": {"type": "string", "format": "uri", "maxLength": 2048}}}}}}}
+_HEALTH = {"type": "object", "required": ["ok", "checks"], "properties": {
+    "ok": {"type": "boolean"}, "checks": {"type": "object", "additionalProperties": {"type": "string"}}}}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(description: str, schema: dict, **headers: str) -> dict:
+    answer = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        answer["headers"] = {name: {"description": why, "schema": {"type": "string"}} for name, why in headers.items()}
+    return answer
+
+
+def _text(description: str, media_type: str) -> dict:
+    return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+
+
+_UNAUTHORIZED = _json("API tokens are on and this request has none, or an unknown one", _ref("Error"),
+                      **{"WWW-Authenticate": "Bearer realm"})
+_BAD_JOB = _json("jobid missing or malformed ({error}), or no such job visible to the caller ({})",
+                 {"oneOf": [_ref("Error"), _ref("Empty")]})
+_UNAVAILABLE = _json("the spool cannot be written now; nothing changed", _ref("Error"), **{"Retry-After": "seconds"})
+_DAMAGED = _json("a results file of this job is damaged (cut short, lines lost) or missing; the message names it",
+                 _ref("Error"))
+_JOBID = {"name": "jobid", "in": "query", "required": True, "schema": {"type": "string"},
+          "description": "a job id, [1-9][0-9]{0,15}"}
+_OFFSET = {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10**9}}
+_LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
+_PAGE_ERROR = _json("offset or limit out of range, or a jobid problem", {"oneOf": [_ref("Error"), _ref("Empty")]})
+
+
+def _submit() -> dict:
+    return {"summary": "Submit a job", "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Submission")}}},
+            "responses": {"201": _json("stored on disk", {"type": "object", "required": ["job_id"], "properties": {
+                "job_id": {"type": "integer", "minimum": 1}}}),
+                "400": _json("not a valid submission; the message names the field", _ref("Error")),
+                "401": _UNAUTHORIZED, "413": _json("body or job too large", _ref("Error")),
+                "503": _UNAVAILABLE}}
+
+
+def _static(summary: str, media_type: str) -> dict:
+    return {"get": {"summary": summary, "security": [], "responses": {"200": _text("the file", media_type)}}}
+
+
+def document() -> dict:
+    """The whole document. A function, not a module constant: callers may change their copy freely."""
+    job_routes = {
+        "/api/status": {"get": {"summary": "A job's status", "parameters": [_JOBID], "responses": {
+            "200": _json("the status document", _ref("Status")), "400": _BAD_JOB, "401": _UNAUTHORIZED}}},
+        "/api/results": {"get": {"summary": "A job's results; paged when offset or limit is given",
+                                 "parameters": [_JOBID, _OFFSET, _LIMIT], "responses": {
+            "200": _json("results recorded so far, in image order", _ref("Results")), "400": _PAGE_ERROR,
+            "401": _UNAUTHORIZED, "503": _DAMAGED}}},
+        "/api/results.csv": {"get": {"summary": "A job's results as CSV, one line per image, with a header",
+                                     "parameters": [_JOBID], "responses": {
+            "200": _text("CSV, streamed", "text/csv"), "400": _BAD_JOB, "401": _UNAUTHORIZED,
+            "503": _DAMAGED}}},
+        "/api/jobs": {"get": {"summary": "The caller's jobs, newest first", "parameters": [_OFFSET, _LIMIT],
+                              "responses": {"200": _json("a page of status documents", _ref("Jobs")),
+                                            "400": _json("offset or limit out of range", _ref("Error")),
+                                            "401": _UNAUTHORIZED}}},
+        "/api/cancel": {"post": {"summary": "Cancel a queued or running job", "parameters": [_JOBID], "responses": {
+            "202": _json("requested", {"type": "object", "required": ["job_id", "cancel"]}),
+            "400": _BAD_JOB, "401": _UNAUTHORIZED, "409": _json("the job is finished", _ref("Error")),
+            "503": _UNAVAILABLE}}},
+        "/api/job": {"delete": {"summary": "Delete a finished job", "parameters": [_JOBID], "responses": {
+            "200": _json("deleted", {"type": "object", "required": ["job_id", "purged"]}),
+            "400": _BAD_JOB, "401": _UNAUTHORIZED, "409": _json("queued or running", _ref("Error")),
+            "503": _UNAVAILABLE}}},
+        "/api/purge": {"post": {"summary": "Delete finished jobs older than some days", "parameters": [
+            {"name": "older_than_days", "in": "query", "required": True,
+             "schema": {"type": "number", "minimum": 0, "maximum": 36500}}], "responses": {
+            "200": _json("the ids deleted", {"type": "object", "required": ["purged"], "properties": {
+                "purged": {"type": "array", "items": {"type": "integer"}}}}),
+            "400": _json("older_than_days out of range", _ref("Error")), "401": _UNAUTHORIZED}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Retail Pulse", "version": "1",
+                 "description": "Every JSON route answers JSON, errors included. Unknown routes: 404 "
+                                "{error}; wrong methods: 405 {error}."},
+        "paths": {
+            "/api/submit/": {"post": _submit()}, "/api/submit": {"post": _submit()}, **job_routes,
+            "/healthz": {"get": {"summary": "Health", "security": [], "responses": {
+                "200": _json("API, spool and daemon fine", _ref("Health")),
+                "503": _json("something is wrong, named in checks (e.g. no daemon running)", _ref("Health"))}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": _text("Prometheus text format", "text/plain"), "401": _UNAUTHORIZED}}},
+            "/api/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {
+                "200": _json("OpenAPI 3.1", {"type": "object"})}}},
+            "/": _static("The status page", "text/html"),
+            "/ui/{name}": {"get": {"summary": "The status page's files", "security": [], "parameters": [
+                {"name": "name", "in": "path", "required": True,
+                 "schema": {"enum": ["index.html", "app.js", "style.css"]}}],
+                "responses": {"200": {"description": "HTML, JavaScript or CSS", "content": {
+                    media_type: {"schema": {"type": "string"}}
+                    for media_type in ("text/html", "text/javascript", "text/css")}},
+                              "404": _json("no such file", _ref("Error"))}}},
+        },
+        "components": {
+            "schemas": {"Error": _ERROR, "Empty": _EMPTY, "StoreFailure": _FAILURE, "Status": _STATUS,
+                        "Result": _RESULT, "Results": _RESULTS, "Jobs": _JOBS, "Submission": _SUBMISSION,
+                        "Health": _HEALTH},
+            "securitySchemes": {"token": {"type": "http", "scheme": "bearer",
+                                          "description": "only when the API is started with a tokens file"}},
+        },
+        "security": [{}, {"token": []}],
+    }
