@@ -96,6 +96,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("processes", "daemon", int, 0, "local pool processes; 0 means one per core", 0, 256),
     Setting("images_per_process", "daemon", int, 1024, "images in flight at once per pool process or Dask "
             "worker (downloading or in their GPU wait), on one libcurl event loop", 1, 65536),
+    Setting("downloads_per_process", "daemon", int, 256, "of those, downloads running at once (the others wait "
+            "for one to end, or are in their GPU wait); bounds memory: a download keeps at most 257 KiB of its "
+            "body", 1, 65536),
     Setting("dask_scheduler", "daemon", str, "", "the Dask scheduler's address, e.g. tls://10.0.0.5:8786 "
             "(executor = dask)"),
     Setting("dask_tls_ca_file", "daemon", str, "", "CA certificate that signed the scheduler's and workers' "

@@ -111,11 +111,12 @@ def serve(argv: list[str] | None) -> int:
         drain_timeout_s=config.drain_timeout_s, max_worker_deaths=config.max_worker_deaths,
         retention_s=config.retention_days * 86400)
     # Sockets in flight, plus room for the files and pipes a process has anyway.
-    open_files = raise_open_file_limit(config.images_per_process + FILES_BESIDE_SOCKETS)
-    max_transfers = max(1, min(config.images_per_process, open_files - FILES_BESIDE_SOCKETS))
-    if max_transfers < config.images_per_process:
-        log.warning("open-file limit %d: at most %d downloads at once per process (images_per_process is %d); "
-                    "raise LimitNOFILE", open_files, max_transfers, config.images_per_process)
+    downloads = min(config.downloads_per_process, config.images_per_process)
+    open_files = raise_open_file_limit(downloads + FILES_BESIDE_SOCKETS)
+    max_transfers = max(1, min(downloads, open_files - FILES_BESIDE_SOCKETS))
+    if max_transfers < downloads:
+        log.warning("open-file limit %d: at most %d downloads at once per process (downloads_per_process is %d); "
+                    "raise LimitNOFILE", open_files, max_transfers, downloads)
 
     stop = threading.Event()
     # Handlers only set the flag; the main loop notices it within poll_interval_s and drains.

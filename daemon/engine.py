@@ -8,7 +8,9 @@ One loop serves everything: libcurl's sockets (its socket and timer callbacks dr
 wake-up socket for batches handed in by other threads, and a heap of deadlines. An image's simulated GPU
 work (0.1-0.4 s) is such a deadline: its outcome is released only when the wait is over, so the wait stays
 real for every image but costs no thread. A retry's backoff is a deadline too. At most ``max_transfers``
-downloads run at once; the rest wait in arrival order, whichever batch they came in.
+downloads run at once; the rest wait, and a free slot goes to the next batch in turn (one image from each
+batch with images waiting), so a batch that arrives behind big ones starts at once instead of queueing
+behind their images: the supervisor's chunks of different jobs share the process fairly.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class _Batch:
     def __init__(self, size: int, done: Done):
         self.outcomes: list[ImageOutcome | None] = [None] * size
         self.left, self.done = size, done
+        self.todo: deque[_Image] = deque()  # images not yet started (or back for a retry)
 
 
 @dataclass
@@ -74,7 +77,7 @@ class Engine:
         self._selector.register(self._wake_reader, selectors.EVENT_READ)
         self._inbox: deque[tuple[Sequence[tuple[int, str]], Done]] = deque()  # from other threads
         self._inbox_lock = threading.Lock()
-        self._waiting: deque[_Image] = deque()  # to download, in arrival order
+        self._waiting: deque[_Batch] = deque()  # batches with images to start, served in turn
         self._idle: list[Transfer] = []  # easy handles ready for reuse
         self._running: dict[int, Transfer] = {}  # id(curl) -> transfer
         self._deadlines: list[tuple[float, int, Callable[[], None]]] = []  # (monotonic, seq, action)
@@ -172,12 +175,18 @@ class Engine:
             self._in_flight += len(items)
             if not items:
                 self._answer(batch)
-            for position, (index, url) in enumerate(items):
-                self._waiting.append(_Image(batch, position, index, url))
+            batch.todo.extend(_Image(batch, position, index, url) for position, (index, url) in enumerate(items))
+            if batch.todo:
+                self._waiting.append(batch)
 
     def _start_waiting(self) -> None:
         while self._waiting and len(self._running) < self.settings.max_transfers:
-            image = self._waiting.popleft()
+            batch = self._waiting[0]
+            image = batch.todo.popleft()
+            if batch.todo:
+                self._waiting.rotate(-1)  # the next image goes to the next batch
+            else:
+                self._waiting.popleft()
             if not image.attempt:
                 image.started = time.perf_counter()
             image.attempt += 1
@@ -234,8 +243,7 @@ class Engine:
         limits = self.settings.limits
         if failure.transient and image.attempt < limits.attempts:
             wait = limits.backoff_s * 2 ** (image.attempt - 1) * random.uniform(0.5, 1.5)
-            self._after(min(max(wait, failure.retry_after_s or 0), MAX_BACKOFF_S),
-                        lambda: self._waiting.appendleft(image))
+            self._after(min(max(wait, failure.retry_after_s or 0), MAX_BACKOFF_S), lambda: self._retry(image))
             return
         if failure.transient:
             reason = f"{failure.reason} (transient, gave up after {image.attempt} attempts)"
@@ -243,6 +251,13 @@ class Engine:
             tries = "1 attempt" if image.attempt == 1 else f"after {image.attempt} attempts"
             reason = f"{failure.reason} (permanent, {tries})"
         self._record(image, ImageOutcome.failed(image.index, reason, failure.kind, self._age(image), nbytes))
+
+    def _retry(self, image: _Image) -> None:
+        """Back to the front of its batch's queue once its backoff is over; its batch's turn comes next."""
+        batch = image.batch
+        if not batch.todo:
+            self._waiting.appendleft(batch)
+        batch.todo.appendleft(image)
 
     @staticmethod
     def _age(image: _Image) -> float:

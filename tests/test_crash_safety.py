@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import requests
 
@@ -76,9 +77,15 @@ def test_daemon_killed_mid_job_resumes_and_redoes_at_most_the_images_in_flight(s
     watcher = StatusWatcher(service, job_id)
     wait_until(lambda: watcher.latest_done() >= 120, what="a third of the job")
 
+    pool = pool_worker_pids(service.daemon.pid)
     service.daemon.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
     service.daemon.wait()
     done_at_kill = watcher.latest_done()
+    # The pool processes see their socket to the daemon close and exit: none outlives it for long.
+    wait_until(lambda: not any(running(pid) for pid in pool), timeout_s=2, interval_s=0.005,
+               what="the orphaned pool processes to exit")
+    orphans_exit_s = time.monotonic() - killed_at
     service.start_daemon()
     service.wait_for_daemon()
     final = service.wait(job_id)
@@ -94,7 +101,15 @@ def test_daemon_killed_mid_job_resumes_and_redoes_at_most_the_images_in_flight(s
     assert len(hits) == total
     assert downloaded_twice <= IN_FLIGHT
     print(f"\nkill -9 at {done_at_kill}/{total} images recorded: {downloaded_twice} images downloaded twice "
-          f"(bound {IN_FLIGHT})")
+          f"(bound {IN_FLIGHT}); its {len(pool)} pool processes exited within {orphans_exit_s:.3f} s")
+
+
+def running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an orphan's zombie waits for whoever adopts it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def test_killed_pool_process_is_detected_and_its_images_redone(start_service, image_server):
