@@ -1,8 +1,11 @@
-"""The throughput benchmark of issue 5: starts the service as a user would, runs targets 1-5, prints one table.
+"""The benchmark: the real service (API and daemon processes, production defaults, the real 0.1-0.4 s wait
+per image) on real images served by nginx on 127.0.0.1, loaded the way clients load it.
 
-Run through bench/run (which sets up the venv, nginx and the image corpus). Reuses the shared kit's corpus,
-payload builder and client (../shared/bench/drive.py) and adds what it does not measure: a status load at a
-fixed rate, RSS and CPU of every process of the service (sampled from /proc), a small job behind a huge one.
+Run it with ``bench/run`` (which sets up what it needs); ``bench/run --help`` lists the workloads. Images,
+payloads and ground truth come from the shared kit (``../shared/bench``); this adds what the kit does not
+measure: CPU and RSS of every process of the service (from /proc), status latency at a fixed request rate,
+a small job behind big ones, a soak, and the Dask executor. One JSON row per run goes to
+``bench/out/bench.jsonl``; the table at the end gives medians over runs.
 """
 from __future__ import annotations
 
@@ -11,320 +14,557 @@ import importlib.util
 import json
 import os
 import random
-import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-KIT = REPO.parent / "shared" / "bench"
+from tests.service import REAL_STORE_MASTER, REPO, SAMPLE_STORE_MASTER, SHARED_BENCH_KIT, Service
+
+OUT = REPO / "bench" / "out"
+IMAGE_BASE = "http://127.0.0.1:18080"  # where the kit's imgserver.py serves the corpus
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+TERMINAL = ("completed", "failed")
 
 
+# ------------------------------------------------------------------ the shared kit
 def load_kit():
-    spec = importlib.util.spec_from_file_location("drive", KIT / "drive.py")
+    """drive.py of the shared kit (corpus, payload builder, ground truth), or exit naming what is missing."""
+    drive = SHARED_BENCH_KIT / "drive.py"
+    if not drive.is_file():
+        sys.exit(f"bench: the shared benchmark kit is missing: expected {drive} "
+                 "(the ../shared folder beside this repository)")
+    spec = importlib.util.spec_from_file_location("drive", drive)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def pct(values, p):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] if values else float("nan")
+def serve_corpus() -> Path:
+    """Generate the corpus once into bench/out/images, and serve it with the kit's nginx on 127.0.0.1:18080."""
+    images = OUT / "images"
+    if not (images / "manifest.json").is_file():
+        subprocess.run([sys.executable, str(SHARED_BENCH_KIT / "gen_images.py"), "--out", str(images)], check=True)
+    subprocess.run([sys.executable, str(SHARED_BENCH_KIT / "imgserver.py"), "start", "--root", str(images)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return images
 
 
-# ----------------------------------------------------------------- /proc sampling
-def _stat(pid: int) -> tuple[int, float, int] | None:
-    """(parent pid, cpu seconds, rss bytes)."""
+def stop_corpus_server() -> None:
+    subprocess.run([sys.executable, str(SHARED_BENCH_KIT / "imgserver.py"), "stop"], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+# ------------------------------------------------------------------ /proc
+def proc_stat(pid: int) -> tuple[int, float, int] | None:
+    """(parent pid, CPU seconds, RSS bytes) of a process, None once it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         rss_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
     except (OSError, IndexError, ValueError):
         return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) * TICK_S, rss_pages * os.sysconf("SC_PAGE_SIZE")
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) * TICK_S, rss_pages * PAGE_BYTES
 
 
 class Sampler:
-    """Every interval: RSS and CPU of each process under the given roots (a program and its children)."""
+    """Every interval: RSS and CPU of each process tree (a program and all its children), by name.
 
-    def __init__(self, roots: dict[str, int], interval_s: float = 0.25):
+    CPU of a process that has exited is kept at its last sample, so a tree's CPU only grows."""
+
+    def __init__(self, roots: dict[str, list[int]], interval_s: float = 0.25):
         self.roots, self.interval_s = roots, interval_s
-        self.peak_total = {name: 0 for name in roots}  # peak of the sum over a program's processes
-        self.peak_process: dict[tuple[str, int], int] = {}
-        self.cpu: dict[tuple[str, int], float] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
+        self.rss_peak = dict.fromkeys(roots, 0)
+        self.rss_now = dict.fromkeys(roots, 0)
+        self._cpu: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
-    def snapshot(self):
-        stats = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                st = _stat(int(entry.name))
-                if st:
-                    stats[int(entry.name)] = st
-        for name, root in self.roots.items():
-            members, frontier = {root}, [root]
-            while frontier:
-                parent = frontier.pop()
-                for pid, (ppid, _, _) in stats.items():
-                    if ppid == parent and pid not in members:
-                        members.add(pid)
-                        frontier.append(pid)
-            total = 0
-            for pid in members:
-                if pid in stats:
-                    _, cpu, rss = stats[pid]
-                    total += rss
-                    self.peak_process[(name, pid)] = max(self.peak_process.get((name, pid), 0), rss)
-                    self.cpu[(name, pid)] = cpu
-            self.peak_total[name] = max(self.peak_total[name], total)
+    def _snapshot(self) -> None:
+        stats = {int(e.name): s for e in os.scandir("/proc") if e.name.isdigit() and (s := proc_stat(int(e.name)))}
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        with self._lock:
+            for name, roots in self.roots.items():
+                members, frontier = set(), [r for r in roots if r in stats]
+                while frontier:
+                    pid = frontier.pop()
+                    members.add(pid)
+                    frontier.extend(c for c in children.get(pid, ()) if c not in members)
+                rss = sum(stats[pid][2] for pid in members)
+                self.rss_now[name] = rss
+                self.rss_peak[name] = max(self.rss_peak[name], rss)
+                for pid in members:
+                    self._cpu[(name, pid)] = stats[pid][1]
 
-    def run(self):
-        while not self.stop.wait(self.interval_s):
-            self.snapshot()
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._snapshot()
 
-    def cpu_s(self, name: str) -> float:
-        self.snapshot()
-        return sum(cpu for (n, _), cpu in self.cpu.items() if n == name)
+    def cpu_s(self, *names: str) -> float:
+        self._snapshot()
+        with self._lock:
+            return sum(cpu for (name, _), cpu in self._cpu.items() if name in names)
 
-    def reset_peaks(self):
-        self.peak_total = {name: 0 for name in self.roots}
-        self.peak_process = {}
+    def add(self, name: str, pid: int) -> None:
+        with self._lock:
+            self.roots.setdefault(name, []).append(pid)
+            self.rss_peak.setdefault(name, 0)
+            self.rss_now.setdefault(name, 0)
 
+    def reset_peaks(self) -> None:
+        with self._lock:
+            self.rss_peak = dict(self.rss_now)
 
-# ----------------------------------------------------------------- the service
-class Service:
-    def __init__(self, spool: Path, stores: Path, port: int, daemon_args: list[str], log_dir: Path):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        py = sys.executable
-        self.daemon_log = log_dir / "daemon.log"
-        self.daemon = subprocess.Popen(
-            [py, "-m", "daemon", "--spool-dir", str(spool), "--store-master", str(stores),
-             "--allow-private-addresses", "true", *daemon_args],
-            cwd=REPO, env=env, stderr=self.daemon_log.open("wb"))
-        self.api = subprocess.Popen([py, "-m", "webapi", "--spool-dir", str(spool), "--port", str(port)],
-                                    cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=(log_dir / "api.log").open("wb"))
-        self.base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.base + "/healthz", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("service did not become healthy; see " + str(log_dir))
-
-    def stop(self):
-        for proc in (self.api, self.daemon):
-            proc.terminate()
-        for proc in (self.api, self.daemon):
-            proc.wait(timeout=120)
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
-# ----------------------------------------------------------------- workloads
+# ------------------------------------------------------------------ clients
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))] if values else float("nan")
+
+
 class StatusLoad:
-    """GET /api/status for one job at a fixed rate from a few threads; keeps every latency."""
+    """GET /api/status for one job at a fixed total rate from a few threads; keeps every latency."""
 
     def __init__(self, base: str, job_id: int, rate_per_s: float, threads: int = 4):
-        self.latencies, self.errors = [], 0
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
         period = threads / rate_per_s
-        self.threads = [threading.Thread(target=self.run, args=(base, job_id, period, i * period / threads),
-                                         daemon=True) for i in range(threads)]
-        for t in self.threads:
-            t.start()
+        self._threads = [threading.Thread(target=self._run, args=(base, job_id, period, i * period / threads),
+                                          daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
-    def run(self, base, job_id, period, offset):
+    def _run(self, base: str, job_id: int, period: float, offset: float) -> None:
         session = requests.Session()
         next_at = time.monotonic() + offset
-        while not self.stop.is_set():
+        while not self._stop.is_set():
             next_at += period
-            t = time.perf_counter()
+            started = time.perf_counter()
             try:
                 ok = session.get(base + "/api/status", params={"jobid": job_id}, timeout=10).status_code == 200
             except requests.RequestException:
                 ok = False
-            dt = time.perf_counter() - t
-            with self.lock:
-                self.latencies.append(dt)
+            with self._lock:
+                self.latencies.append(time.perf_counter() - started)
                 self.errors += not ok
             time.sleep(max(0.0, next_at - time.monotonic()))
 
-    def finish(self):
-        self.stop.set()
-        for t in self.threads:
-            t.join()
+    def finish(self) -> list[float]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
         return self.latencies
 
 
-def wait_done(base: str, job_id: int, timeout_s: float, poll_s: float = 0.05) -> tuple[float, str]:
-    session = requests.Session()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        doc = session.get(base + "/api/status", params={"jobid": job_id}, timeout=10).json()
-        if doc["status"] in ("completed", "failed"):
-            return time.monotonic(), doc["status"]
-        time.sleep(poll_s)
-    raise RuntimeError(f"job {job_id} not done after {timeout_s} s")
+class Bench:
+    """One service on a fresh spool, the kit, and the helpers every workload uses."""
+
+    def __init__(self, args, kit, daemon_args: list[str], name: str):
+        self.args, self.kit = args, kit
+        self.corpus = kit.Corpus(str(OUT / "images"), IMAGE_BASE)
+        self.store_ids = kit.load_store_ids(str(args.store_master))
+        self.rng = random.Random(1)
+        spool = OUT / "spool" / name
+        shutil.rmtree(spool.parent, ignore_errors=True)
+        spool.parent.mkdir(parents=True)
+        self.service = Service(spool, ["--allow-private-addresses", "true", *daemon_args],
+                               store_master=args.store_master, check_contract=False)
+        self.base = self.service.base
+        self.http = requests.Session()
+        self.sampler = Sampler({"daemon": [self.service.daemon.pid], "api": [self.service.api.pid]})
+
+    def payload(self, images: int, tier: str, tag: str, visits: int | None = None) -> dict:
+        visits = visits or max(1, images // 20)
+        return self.kit.make_payload(self.corpus, self.rng, self.store_ids, images, visits, tier, ["jpeg"],
+                                     f"{tag}-{time.time_ns()}")[0]
+
+    def submit(self, payload: dict) -> tuple[int, float]:
+        """(job id, monotonic time the request started)."""
+        started = time.monotonic()
+        r = requests.post(self.base + "/api/submit/", json=payload, timeout=120)
+        if r.status_code != 201:
+            raise RuntimeError(f"submit: {r.status_code} {r.text[:300]}")
+        return r.json()["job_id"], started
+
+    def status(self, job_id: int, session: requests.Session | None = None) -> dict:
+        return (session or self.http).get(self.base + "/api/status", params={"jobid": job_id}, timeout=30).json()
+
+    def wait(self, job_id: int, timeout_s: float, poll_s: float = 0.05) -> tuple[float, dict]:
+        """(monotonic time the job was seen finished, its final status)."""
+        session = requests.Session()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            doc = self.status(job_id, session)
+            if doc["status"] in TERMINAL:
+                return time.monotonic(), doc
+            time.sleep(poll_s)
+        raise RuntimeError(f"job {job_id} not finished after {timeout_s} s")
+
+    def correct(self, job_id: int) -> str:
+        """"right/total": perimeters in the results that match the corpus's ground truth."""
+        check = self.kit.check_results(self.corpus, self.http.get(
+            self.base + "/api/results", params={"jobid": job_id}, timeout=120).json())
+        return f"{check['correct']}/{check['exposed']}" if check else "0/0"
+
+    def close(self) -> None:
+        self.sampler.stop()
+        self.service.stop()
 
 
-def submit(base: str, payload: dict) -> tuple[int, float, float]:
-    """(job id, monotonic time of the request, seconds it took)."""
+# ------------------------------------------------------------------ workloads
+def one_job(bench: Bench, workload: str, images: int, tier: str, status_rate: float = 0.0) -> dict:
+    """W1 / W2: one job, submit to completed; with status_rate, GET /api/status at that rate meanwhile."""
+    payload = bench.payload(images, tier, workload)
+    bench.sampler.reset_peaks()
+    cpu0 = bench.sampler.cpu_s("daemon")
+    job_id, t0 = bench.submit(payload)
+    submit_ms = (time.monotonic() - t0) * 1000
+    load = StatusLoad(bench.base, job_id, status_rate) if status_rate else None
+    t1, doc = bench.wait(job_id, 1800)
+    latencies = load.finish() if load else []
+    cpu_s = bench.sampler.cpu_s("daemon") - cpu0
+    row = dict(workload=workload, images=images, status=doc["status"], wall_s=t1 - t0, images_per_s=images / (t1 - t0),
+               submit_ms=submit_ms, daemon_cpu_ms_per_image=cpu_s * 1000 / images,
+               daemon_rss_peak_mb=bench.sampler.rss_peak["daemon"] / 2**20, correct=bench.correct(job_id))
+    if latencies:
+        row.update(status_rate_per_s=len(latencies) / (t1 - t0), status_p50_ms=pct(latencies, 50) * 1000,
+                   status_p99_ms=pct(latencies, 99) * 1000, status_errors=load.errors)
+    return row
+
+
+def many_jobs(bench: Bench, jobs: int = 20, images: int = 200) -> dict:
+    """W3: jobs submitted at once; total images/s and the slowest job over the fastest."""
+    payloads = [bench.payload(images, "mixed", f"W3j{j}", visits=10) for j in range(jobs)]
+    cpu0 = bench.sampler.cpu_s("daemon")
     started = time.monotonic()
-    r = requests.post(base + "/api/submit/", json=payload, timeout=60)
-    r.raise_for_status()
-    return r.json()["job_id"], started, time.monotonic() - started
+
+    def run(payload):
+        job_id, t0 = bench.submit(payload)
+        t1, doc = bench.wait(job_id, 1800, poll_s=0.2)
+        return t0, t1, doc["status"]
+
+    with ThreadPoolExecutor(jobs) as pool:
+        finished = list(pool.map(run, payloads))
+    wall = max(t1 for _, t1, _ in finished) - started
+    durations = [t1 - t0 for t0, t1, _ in finished]
+    total = jobs * images
+    return dict(workload="W3", images=total, wall_s=wall, images_per_s=total / wall,
+                job_min_s=min(durations), job_max_s=max(durations),
+                slowest_over_fastest=max(durations) / min(durations), statuses=sorted({s for *_, s in finished}),
+                daemon_cpu_ms_per_image=(bench.sampler.cpu_s("daemon") - cpu0) * 1000 / total)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--images-root", default=str(HERE / "out" / "images"))
-    ap.add_argument("--stores", default=str(REPO.parent / "shared" / "data" / "StoreMasterAssignment.csv"))
-    ap.add_argument("--out", default=str(HERE / "out"))
-    ap.add_argument("--port", type=int, default=18600)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--targets", default="1,2,3", help="1: 10k mixed + status load + submit latency; "
-                    "2: 20 x 200; 3: 10 images behind a huge job (also target 4's memory)")
-    ap.add_argument("--big-images", type=int, default=100_000, help="size of target 3's huge job")
-    ap.add_argument("--daemon-args", default="", help="extra daemon options, e.g. '--processes 4'")
-    args = ap.parse_args()
-    kit = load_kit()
-    corpus = kit.Corpus(args.images_root, "http://127.0.0.1:18080")
-    store_ids = kit.load_store_ids(args.stores)
-    rng = random.Random(1)
-    out = Path(args.out)
-    spool = out / "spool"
-    subprocess.run(["rm", "-rf", str(spool)], check=True)
-    service = Service(spool, Path(args.stores), args.port, shlex.split(args.daemon_args), out)
-    sampler = Sampler({"daemon": service.daemon.pid, "api": service.api.pid})
-    rows = []
+def small_behind_big(bench: Bench, big_images: int) -> dict:
+    """BIG: a job of big_images small images; 5 s later a job of 10 images (its time); RSS of the daemon
+    through the whole big job, sampled every 5 s; one status request on the big job and on the small one."""
+    big_id, big_t0 = bench.submit(bench.payload(big_images, "small", "BIG"))
+    submit_s = time.monotonic() - big_t0
+    bench.sampler.reset_peaks()
+    time.sleep(5)
+    small_id, small_t0 = bench.submit(bench.payload(10, "small", "BIGsmall", visits=2))
+    small_t1, small_doc = bench.wait(small_id, 300)
+
+    def status_ms(job_id: int, n: int = 200) -> float:
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            bench.status(job_id)
+            times.append(time.perf_counter() - started)
+        return pct(times, 50) * 1000
+
+    status_big_ms, status_small_ms = status_ms(big_id), status_ms(small_id)
+    trace, next_sample = [], 0.0
+    while True:
+        doc = bench.status(big_id)
+        if time.monotonic() >= next_sample or doc["status"] in TERMINAL:
+            trace.append((round(time.monotonic() - big_t0), doc.get("images_done", 0),
+                          round(bench.sampler.rss_now["daemon"] / 2**20)))
+            next_sample = time.monotonic() + 5
+        if doc["status"] in TERMINAL:
+            break
+        time.sleep(0.5)
+    wall = time.monotonic() - big_t0
+    return dict(workload="BIG", images=big_images, big_submit_s=submit_s, big_wall_s=wall,
+                big_images_per_s=big_images / wall, small_job_s=small_t1 - small_t0, small_status=small_doc["status"],
+                status_p50_ms_big_job=status_big_ms, status_p50_ms_small_job=status_small_ms,
+                daemon_rss_peak_mb=bench.sampler.rss_peak["daemon"] / 2**20,
+                api_rss_peak_mb=bench.sampler.rss_peak["api"] / 2**20,
+                rss_trace_s_done_mb=trace)
+
+
+def crowd(bench: Bench, jobs: int, images: int) -> dict:
+    """CROWD: ``jobs`` jobs of ``images`` submitted at once, then a job of 5 images: its time, and how
+    evenly the crowd progressed meanwhile. The crowd is cancelled at the end."""
+    payloads = [bench.payload(images, "small", f"CROWD{j}") for j in range(jobs)]
+    with ThreadPoolExecutor(8) as pool:
+        ids = [job_id for job_id, _ in pool.map(bench.submit, payloads)]
+    time.sleep(5)
+    small_id, small_t0 = bench.submit(bench.payload(5, "small", "CROWDsmall", visits=1))
+    small_t1, small_doc = bench.wait(small_id, 600)
+    done = [bench.status(job_id).get("images_done", 0) for job_id in ids]
+    running = [d for d in done if d]
+    for job_id in ids:
+        bench.http.post(bench.base + "/api/cancel", params={"jobid": job_id}, timeout=30)
+    cancel_t0 = time.monotonic()
+    for job_id in ids:
+        bench.wait(job_id, 1800, poll_s=0.2)
+    return dict(workload="CROWD", jobs=jobs, images_per_job=images, small_job_s=small_t1 - small_t0,
+                small_status=small_doc["status"], crowd_jobs_started=len(running),
+                crowd_done_min=min(running, default=0), crowd_done_max=max(running, default=0),
+                crowd_all_finished_after_cancel_s=time.monotonic() - cancel_t0)
+
+
+def soak(bench: Bench, minutes: float) -> dict:
+    """SOAK: W3-like rounds (20 jobs of 200) back to back for ``minutes``; the daemon's RSS after each."""
+    trace, started, rounds = [], time.monotonic(), 0
+    while time.monotonic() - started < minutes * 60:
+        many_jobs(bench)
+        rounds += 1
+        trace.append((round((time.monotonic() - started) / 60, 1), round(bench.sampler.rss_now["daemon"] / 2**20)))
+        print(f"  soak: round {rounds}, {trace[-1][0]} min, daemon RSS {trace[-1][1]} MB", flush=True)
+    return dict(workload="SOAK", minutes=minutes, rounds=rounds, jobs=rounds * 20,
+                rss_first_mb=trace[0][1], rss_last_mb=trace[-1][1], rss_max_mb=max(mb for _, mb in trace),
+                rss_trace_min_mb=trace)
+
+
+# ------------------------------------------------------------------ Dask
+class DaskCluster:
+    """`dask scheduler` and `dask worker` processes on 127.0.0.1, as the shipped units run them."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir, self.port, self.workers = log_dir, free_port(), []
+        dask = str(Path(sys.executable).with_name("dask"))
+        self._dask = dask
+        self.scheduler = self._start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--dashboard-address", "127.0.0.1:0"], "scheduler")
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self._wait_for(lambda: port_open(self.port), "the scheduler")
+
+    def _start(self, command: list[str], name: str) -> subprocess.Popen:
+        env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+
+    @staticmethod
+    def _wait_for(predicate, what: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bench: {what} did not start")
+            time.sleep(0.1)
+
+    def add_workers(self, n: int, threads: int) -> None:
+        for _ in range(n):
+            self.workers.append(self._start([self._dask, "worker", self.address, "--no-nanny", "--nthreads",
+                                             str(threads), "--dashboard-address", "127.0.0.1:0"],
+                                            f"worker{len(self.workers)}"))
+
+    def close(self) -> None:
+        for proc in [*self.workers, self.scheduler]:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in [*self.workers, self.scheduler]:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    import socket
     try:
-        targets = set(args.targets.split(","))
-        if "1" in targets:
-            for run in range(args.repeat):
-                payload, _ = kit.make_payload(corpus, rng, store_ids, 10_000, 500, "mixed", ["jpeg"], f"t1r{run}x")
-                sampler.reset_peaks()
-                cpu0, api_cpu0 = sampler.cpu_s("daemon"), sampler.cpu_s("api")
-                job_id, t0, submit_s = submit(service.base, payload)
-                load = StatusLoad(service.base, job_id, rate_per_s=200)
-                t1, status = wait_done(service.base, job_id, 900)
-                latencies = load.finish()
-                cpu = sampler.cpu_s("daemon") - cpu0
-                rows.append(dict(target=1, run=run, images=10_000, status=status, wall_s=t1 - t0,
-                                 images_per_s=10_000 / (t1 - t0), submit_ms=submit_s * 1000,
-                                 status_rate=len(latencies) / (t1 - t0),
-                                 status_p50_ms=pct(latencies, 50) * 1000, status_p99_ms=pct(latencies, 99) * 1000,
-                                 status_errors=load.errors, cpu_ms_per_image=cpu * 1000 / 10_000,
-                                 api_cpu_s=sampler.cpu_s("api") - api_cpu0,
-                                 daemon_rss_peak_mb=sampler.peak_total["daemon"] / 2**20,
-                                 api_rss_peak_mb=sampler.peak_total["api"] / 2**20))
-                print(json.dumps(rows[-1]), flush=True)
-        if "2" in targets:
-            for run in range(args.repeat):
-                payloads = [kit.make_payload(corpus, rng, store_ids, 200, 10, "mixed", ["jpeg"], f"t2r{run}j{j}x")[0]
-                            for j in range(20)]
-                sampler.reset_peaks()
-                cpu0 = sampler.cpu_s("daemon")
-                results, lock = [], threading.Lock()
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
 
-                def one(payload, results=results, lock=lock):
-                    job_id, t0, _ = submit(service.base, payload)
-                    t1, status = wait_done(service.base, job_id, 900, poll_s=0.2)
-                    with lock:
-                        results.append((t0, t1, status))
 
-                started = time.monotonic()
-                workers = [threading.Thread(target=one, args=(p,)) for p in payloads]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.join()
-                wall = max(t1 for _, t1, _ in results) - started
-                durations = [t1 - t0 for t0, t1, _ in results]
-                rows.append(dict(target=2, run=run, images=4000, wall_s=wall, images_per_s=4000 / wall,
-                                 job_p50_s=statistics.median(durations), job_min_s=min(durations),
-                                 job_max_s=max(durations), slowest_over_fastest=max(durations) / min(durations),
-                                 statuses=sorted({s for *_, s in results}),
-                                 cpu_ms_per_image=(sampler.cpu_s("daemon") - cpu0) * 1000 / 4000,
-                                 daemon_rss_peak_mb=sampler.peak_total["daemon"] / 2**20))
-                print(json.dumps(rows[-1]), flush=True)
-        if "3" in targets:
-            sampler.reset_peaks()
-            big, _ = kit.make_payload(corpus, rng, store_ids, args.big_images, max(1, args.big_images // 20),
-                                      "small", ["jpeg"], "t3big")
-            big_id, big_t0, big_submit_s = submit(service.base, big)
-            time.sleep(5)
-            small, _ = kit.make_payload(corpus, rng, store_ids, 10, 2, "small", ["jpeg"], "t3small")
-            small_id, small_t0, _ = submit(service.base, small)
-            small_t1, small_status = wait_done(service.base, small_id, 300)
-            # the cost of one status request on the huge job vs on the small one
-            session = requests.Session()
-            def status_ms(job_id, n=200):
-                times = []
-                for _ in range(n):
-                    t = time.perf_counter()
-                    session.get(service.base + "/api/status", params={"jobid": job_id}, timeout=10)
-                    times.append(time.perf_counter() - t)
-                return pct(times, 50) * 1000
-            big_status_ms, small_status_ms = status_ms(big_id), status_ms(small_id)
-            rss_trace = []
-            done_at = None
-            while done_at is None:
-                doc = session.get(service.base + "/api/status", params={"jobid": big_id}, timeout=10).json()
-                rss_trace.append((doc.get("images_done", 0), sampler.peak_total["daemon"] / 2**20))
-                if doc["status"] in ("completed", "failed"):
-                    done_at = time.monotonic()
-                time.sleep(1)
-            rows.append(dict(target=3, small_job_s=small_t1 - small_t0, small_status=small_status,
-                             big_images=args.big_images, big_wall_s=done_at - big_t0,
-                             big_images_per_s=args.big_images / (done_at - big_t0), big_submit_ms=big_submit_s * 1000,
-                             status_ms_big_job=big_status_ms, status_ms_small_job=small_status_ms,
-                             daemon_rss_peak_mb=sampler.peak_total["daemon"] / 2**20,
-                             api_rss_peak_mb=sampler.peak_total["api"] / 2**20,
-                             rss_peak_by_process_mb={f"{name}:{pid}": round(rss / 2**20, 1)
-                                                     for (name, pid), rss in sampler.peak_process.items()},
-                             rss_trace=rss_trace[:: max(1, len(rss_trace) // 10)]))
-            print(json.dumps(rows[-1]), flush=True)
+def dask_bench(args, kit, workers: int, threads: int, daemon_args: list[str], name: str) -> tuple[Bench, DaskCluster]:
+    cluster_dir = OUT / "dask" / name
+    shutil.rmtree(cluster_dir, ignore_errors=True)
+    cluster_dir.mkdir(parents=True)
+    cluster = DaskCluster(cluster_dir)
+    cluster.add_workers(workers, threads)
+    try:
+        bench = Bench(args, kit, ["--executor", "dask", "--dask-scheduler", cluster.address, *daemon_args], name)
+    except BaseException:
+        cluster.close()
+        raise
+    bench.sampler.add("dask", cluster.scheduler.pid)
+    for worker in cluster.workers:
+        bench.sampler.add("dask", worker.pid)
+    deadline = time.monotonic() + 60
+    while (bench.service.spool.read_heartbeat() or {}).get("workers") != workers:
+        if time.monotonic() > deadline:
+            bench.close()
+            cluster.close()
+            raise RuntimeError(f"bench: the daemon does not see {workers} Dask workers")
+        time.sleep(0.2)
+    return bench, cluster
+
+
+def dask_scaling(args, kit, workers: int, images: int) -> dict:
+    """DASK-SCALING: images/s against the number of Dask worker processes while the work is bound by the
+    GPU wait: each worker holds at most 64 images (4 threads x chunks of 16), so one cannot fill 2 cores."""
+    bench, cluster = dask_bench(args, kit, workers, 4, ["--images-per-process", "64", "--chunk-images", "16"],
+                                f"dask{workers}")
+    try:
+        payload = bench.payload(images, "small", f"DASK{workers}")
+        cpu0 = bench.sampler.cpu_s("daemon", "dask")
+        job_id, t0 = bench.submit(payload)
+        t1, doc = bench.wait(job_id, 1800)
+        cpu_s = bench.sampler.cpu_s("daemon", "dask") - cpu0
+        return dict(workload="DASK-SCALING", workers=workers, images=images, status=doc["status"],
+                    wall_s=t1 - t0, images_per_s=images / (t1 - t0), cpu_ms_per_image=cpu_s * 1000 / images,
+                    ceiling_images_per_s=workers * 64 / 0.25, correct=bench.correct(job_id))
     finally:
-        sampler.stop.set()
-        service.stop()
-    with (out / "bench.jsonl").open("a") as f:
-        for row in rows:
-            f.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "daemon_args": args.daemon_args, **row}) + "\n")
+        bench.close()
+        cluster.close()
+
+
+def dask_w2(args, kit) -> dict:
+    """DASK-W2: W2 on two Dask workers (the local pool's shape: 2 processes, 1,024 images each) instead of
+    the local pool; CPU of the daemon, scheduler and workers together."""
+    bench, cluster = dask_bench(args, kit, 2, 16, [], "daskW2")
+    try:
+        payload = bench.payload(10_000, "mixed", "DASKW2")
+        cpu0 = bench.sampler.cpu_s("daemon", "dask")
+        job_id, t0 = bench.submit(payload)
+        t1, doc = bench.wait(job_id, 1800)
+        cpu_s = bench.sampler.cpu_s("daemon", "dask") - cpu0
+        tasks = -(-10_000 // 64)
+        return dict(workload="DASK-W2", images=10_000, status=doc["status"], wall_s=t1 - t0,
+                    images_per_s=10_000 / (t1 - t0), cpu_ms_per_image=cpu_s * 1000 / 10_000,
+                    cpu_ms_per_task=cpu_s * 1000 / tasks, tasks=tasks, correct=bench.correct(job_id))
+    finally:
+        bench.close()
+        cluster.close()
+
+
+# ------------------------------------------------------------------ main
+WORKLOADS = ("W1", "W2", "W3", "BIG", "CROWD", "DASK-SCALING", "DASK-W2", "SOAK")
+DEFAULT = ("W1", "W2", "W3", "BIG", "CROWD", "DASK-SCALING", "DASK-W2")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workloads", nargs="*", default=list(DEFAULT), metavar="WORKLOAD",
+                    help=f"any of {', '.join(WORKLOADS)} (default: all but SOAK). W1: 1,000 small images; "
+                         "W2: 10,000 mixed with status at 200 req/s; W3: 20 x 200 mixed at once; BIG: a huge job "
+                         "and a small one behind it; CROWD: 50 x 10,000 at once and a small one behind them; "
+                         "DASK-SCALING: 1, 2, 4, 8 Dask workers; DASK-W2: W2 on Dask; SOAK: rounds of W3")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of W1, W2, W3, DASK-W2 (medians are reported)")
+    ap.add_argument("--big-images", type=int, default=100_000)
+    ap.add_argument("--crowd-jobs", type=int, default=50)
+    ap.add_argument("--crowd-images", type=int, default=10_000)
+    ap.add_argument("--dask-workers", default="1,2,4,8")
+    ap.add_argument("--dask-images", type=int, default=8_000)
+    ap.add_argument("--soak-minutes", type=float, default=30)
+    ap.add_argument("--daemon-args", default="", help="extra daemon options for the local runs")
+    ap.add_argument("--store-master", type=Path,
+                    default=REAL_STORE_MASTER if REAL_STORE_MASTER.is_file() else SAMPLE_STORE_MASTER)
+    args = ap.parse_args(argv)
+    unknown = set(args.workloads) - set(WORKLOADS)
+    if unknown:
+        ap.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    kit = load_kit()
+    OUT.mkdir(exist_ok=True)
+    serve_corpus()
+    rows: list[dict] = []
+
+    def keep(row: dict) -> None:
+        row = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **row}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with (OUT / "bench.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    local = [w for w in args.workloads if not w.startswith("DASK")]
+    try:
+        if local:
+            bench = Bench(args, kit, args.daemon_args.split(), "local")
+            try:
+                for run in range(args.repeat):
+                    if "W1" in local:
+                        keep({"run": run, **one_job(bench, "W1", 1_000, "small")})
+                    if "W2" in local:
+                        keep({"run": run, **one_job(bench, "W2", 10_000, "mixed", status_rate=200)})
+                    if "W3" in local:
+                        keep({"run": run, **many_jobs(bench)})
+                if "BIG" in local:
+                    keep(small_behind_big(bench, args.big_images))
+                if "CROWD" in local:
+                    keep(crowd(bench, args.crowd_jobs, args.crowd_images))
+                if "SOAK" in local:
+                    keep(soak(bench, args.soak_minutes))
+            finally:
+                bench.close()
+        if "DASK-SCALING" in args.workloads:
+            for workers in map(int, args.dask_workers.split(",")):
+                keep(dask_scaling(args, kit, workers, args.dask_images))
+        if "DASK-W2" in args.workloads:
+            for run in range(args.repeat):
+                keep({"run": run, **dask_w2(args, kit)})
+    finally:
+        stop_corpus_server()
     print_table(rows)
     return 0
 
 
-def print_table(rows):
-    def median(target, key):
-        values = [r[key] for r in rows if r["target"] == target]
-        return statistics.median(values) if values else float("nan")
-    print("\n| target | measure | median |")
-    print("| --- | --- | --- |")
-    if any(r["target"] == 1 for r in rows):
-        for key in ("images_per_s", "wall_s", "cpu_ms_per_image", "status_p50_ms", "status_p99_ms", "status_rate",
-                    "submit_ms", "daemon_rss_peak_mb", "api_rss_peak_mb"):
-            print(f"| 1: 10,000 mixed | {key} | {median(1, key):.1f} |")
-    if any(r["target"] == 2 for r in rows):
-        for key in ("images_per_s", "job_min_s", "job_max_s", "slowest_over_fastest", "cpu_ms_per_image",
-                    "daemon_rss_peak_mb"):
-            print(f"| 2: 20 x 200 mixed | {key} | {median(2, key):.2f} |")
-    for r in rows:
-        if r["target"] == 3:
-            for key in ("small_job_s", "big_images_per_s", "big_submit_ms", "status_ms_big_job",
-                        "status_ms_small_job", "daemon_rss_peak_mb", "api_rss_peak_mb"):
-                print(f"| 3/4: 10 behind {r['big_images']:,} | {key} | {r[key]:.1f} |")
+def number(value: float) -> str:
+    """Three significant digits, without exponents: 2,633 / 0.35 / 12.4."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def print_table(rows: list[dict]) -> None:
+    """Medians over runs, with every run's value, per workload and figure."""
+    skip = {"at", "run", "workload", "images", "status", "statuses", "correct", "small_status"}
+    print("\n| workload | figure | median | runs |\n| --- | --- | --- | --- |")
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["workload"], row.get("workers")), []).append(row)
+    for (workload, workers), group in groups.items():
+        label = f"{workload} ({workers} workers)" if workers else workload
+        for key, value in group[0].items():
+            if key in skip or not isinstance(value, (int, float)) or key == "workers":
+                continue
+            values = [row[key] for row in group]
+            runs = " / ".join(number(v) for v in values) if len(values) > 1 else ""
+            print(f"| {label} | {key} | {number(statistics.median(values))} | {runs} |")
+        print(f"| {label} | correct perimeters | {', '.join(str(r.get('correct', '')) for r in group)} | |")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ def test_a_job_runs_on_the_cluster_and_survives_a_killed_worker(start_service, c
     downloaded_twice = sum(count - 1 for count in image_server.hits.values())
     assert len(image_server.hits) == total and downloaded_twice <= 2 * PER_WORKER
     wait_until(lambda: heartbeat(service).get("workers") == 1, what="the heartbeat to count one worker")
+    health = service.http.get(f"{service.base}/healthz", timeout=30).json()
+    assert (health["ok"], health["executor"], health["workers"]) == (True, "dask", 1), health
+    assert "\nretailpulse_workers 1.0\n" in service.http.get(f"{service.base}/metrics", timeout=30).text
 
 
 def test_a_scheduler_that_goes_away_and_comes_back_costs_a_redo_not_a_stuck_job(start_service, cluster,
@@ -143,6 +146,9 @@ def test_a_scheduler_that_goes_away_and_comes_back_costs_a_redo_not_a_stuck_job(
     cluster.scheduler.send_signal(signal.SIGKILL)
     cluster.scheduler.wait()
     wait_until(lambda: heartbeat(service).get("workers") == 0, what="the daemon to notice")
+    health = wait_until(lambda: (r := service.http.get(f"{service.base}/healthz", timeout=30)).status_code == 503
+                        and r.json(), what="/healthz to say no worker is seen")
+    assert health["workers"] == 0 and "the daemon sees no Dask worker" in health["checks"]["workers"], health
     # A worker whose scheduler goes away stops; systemd starts it again (Restart=always) and it joins the
     # scheduler that systemd started again meanwhile.
     wait_until(lambda: all(worker.poll() is not None for worker in cluster.workers), what="the workers to stop")

@@ -207,13 +207,19 @@ class _Api:
 
     def healthz(self):
         """200 when the API can write the spool and the daemon's heartbeat is fresh; 503 naming what is not."""
+        beat = self.spool.read_heartbeat() or {}
         checks = {"api": "ok", "spool_writable": "ok", "daemon": daemon_health(self.spool)}
+        if beat.get("executor") == "dask" and not beat.get("workers"):
+            checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.get('scheduler')}): nothing runs"
         try:
             self.spool.write_atomic(self.spool.root / "tmp" / "healthz", b"ok\n", durable=False)
         except OSError as exc:
             checks["spool_writable"] = f"cannot write: {exc.strerror or exc}"
         healthy = all(value == "ok" for value in checks.values())
-        return json_response(200 if healthy else 503, {"ok": healthy, "checks": checks})
+        doc = {"ok": healthy, "checks": checks}
+        if beat.get("executor") in ("local", "dask") and isinstance(beat.get("workers"), int):
+            doc.update(executor=beat["executor"], workers=beat["workers"])
+        return json_response(200 if healthy else 503, doc)
 
     def metrics(self):
         self.caller()

@@ -29,7 +29,9 @@ class SpoolCollector:
         age.add_metric([], time.time() - beat["heartbeat_at"] if "heartbeat_at" in beat else float("inf"))
         yield age
         for name, key, help_text in (
-                ("retailpulse_pool_processes", "processes", "Pool processes of the daemon"),
+                ("retailpulse_pool_processes", "processes", "Pool processes of the daemon (executor = local)"),
+                ("retailpulse_workers", "workers", "Processes the daemon can hand work to now: its connected pool "
+                 "processes, or the Dask workers it sees"),
                 ("retailpulse_images_in_flight", "images_in_flight", "Images handed to the pool, not yet recorded"),
                 ("retailpulse_images_remaining_active", "images_remaining_active",
                  "Images of running jobs without a result yet")):

@@ -41,7 +41,10 @@ _SUBMISSION = {"type": "object", "required": ["count", "visits"], "properties": 
                    "image_url": {"type": "array", "minItems": 1,
                                  "items": {"type": "string", "format": "uri", "maxLength": 2048}}}}}}}
 _HEALTH = {"type": "object", "required": ["ok", "checks"], "properties": {
-    "ok": {"type": "boolean"}, "checks": {"type": "object", "additionalProperties": {"type": "string"}}}}
+    "ok": {"type": "boolean"}, "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+    "executor": {"enum": ["local", "dask"], "description": "where the daemon runs the image work"},
+    "workers": {"type": "integer", "minimum": 0,
+                "description": "processes the daemon can hand work to: its pool processes, or the Dask workers it sees"}}}
 
 
 def _ref(name: str) -> dict:
