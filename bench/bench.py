@@ -448,9 +448,9 @@ def dask_scaling(args, kit, workers: int, images: int) -> dict:
 
 
 def dask_w2(args, kit) -> dict:
-    """DASK-W2: W2 on two Dask workers (the local pool's shape: 2 processes, 1,024 images each) instead of
-    the local pool; CPU of the daemon, scheduler and workers together."""
-    bench, cluster = dask_bench(args, kit, 2, 16, [], "daskW2")
+    """DASK-W2: W2 on two Dask workers (the local pool's shape, and the shipped worker unit's 64 threads)
+    instead of the local pool; CPU of the daemon, scheduler and workers together."""
+    bench, cluster = dask_bench(args, kit, 2, 64, [], "daskW2")
     try:
         payload = bench.payload(10_000, "mixed", "DASKW2")
         cpu0 = bench.sampler.cpu_s("daemon", "dask")

@@ -94,8 +94,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("executor", "daemon", _executor, "local", "where images are measured: local (a process pool on "
             "this machine) or dask (the Dask cluster at dask_scheduler; needs retail-pulse[dask])"),
     Setting("processes", "daemon", int, 0, "local pool processes; 0 means one per core", 0, 256),
-    Setting("images_per_process", "daemon", int, 1024, "images in flight at once per pool process or Dask "
-            "worker (downloading or in their GPU wait), on one libcurl event loop", 1, 65536),
+    Setting("images_per_process", "daemon", int, 4096, "images in flight at once per pool process or Dask "
+            "worker (waiting for a download slot, downloading, or in their GPU wait), on one libcurl event loop; "
+            "also the most a crash makes it download again", 1, 65536),
     Setting("downloads_per_process", "daemon", int, 256, "of those, downloads running at once (the others wait "
             "for one to end, or are in their GPU wait); bounds memory: a download keeps at most 257 KiB of its "
             "body", 1, 65536),

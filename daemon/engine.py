@@ -41,7 +41,7 @@ Done = Callable[[list[ImageOutcome]], None]
 
 @dataclass(frozen=True)
 class EngineSettings:
-    max_transfers: int = 1024  # downloads in flight at once (images in their GPU wait do not count)
+    max_transfers: int = 256  # downloads at once (images in their GPU wait, or waiting for a slot, do not count)
     gpu_sleep_min_s: float = 0.1
     gpu_sleep_max_s: float = 0.4
     limits: DownloadLimits = field(default_factory=DownloadLimits)
@@ -212,6 +212,7 @@ class Engine:
         self._multi.remove_handle(curl)
         image, attempt = transfer.job, transfer.attempt
         failure = transfer.failure(code, message)
+        transfer.release()  # an idle handle keeps no body
         self._idle.append(transfer)
         if failure is None:
             self._measured(image, attempt.body())
@@ -236,8 +237,9 @@ class Engine:
             self._record(image, ImageOutcome.failed(image.index, str(exc), exc.kind, self._age(image), body.size))
             return
         wait_s = random.uniform(self.settings.gpu_sleep_min_s, self.settings.gpu_sleep_max_s)
+        nbytes = body.size  # the wait keeps numbers only: the body's bytes are freed now, not after the wait
         self._after(wait_s, lambda: self._record(image, ImageOutcome(
-            image.index, width, height, perimeter(width, height), None, None, self._age(image), body.size)))
+            image.index, width, height, perimeter(width, height), None, None, self._age(image), nbytes)))
 
     def _failed_attempt(self, image: _Image, failure: Failure, nbytes: int) -> None:
         limits = self.settings.limits

@@ -102,6 +102,10 @@ class Transfer:
         self.attempt, self.job = Attempt(self.limits.max_image_bytes), job
         self.curl.setopt(pycurl.URL, url)
 
+    def release(self) -> None:
+        """Forget the finished attempt (the engine has taken what it needs), so an idle handle holds no body."""
+        self.attempt, self.job = Attempt(self.limits.max_image_bytes), None
+
     # ------------------------------------------------------------ callbacks
     def _write(self, data: bytes) -> int | None:
         attempt = self.attempt
