@@ -8,7 +8,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.conftest import REPO, Service
+from tests.service import REPO, Service, stop_processes
 
 
 @contextmanager
@@ -21,10 +21,5 @@ def running_api(spool_dir: Path, *api_args: str):
     try:
         yield Service._read_address(proc, timeout_s=30)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes(proc)
         proc.stdout.close()

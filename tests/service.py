@@ -112,14 +112,18 @@ class Service:
 
     def stop(self) -> None:
         self.http.close()  # an idle keep-alive connection would hold the API's graceful stop for 2 s
-        for proc in (self.api, self.daemon):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in (self.api, self.daemon):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.http.close()
+        stop_processes(self.api, self.daemon)
         self.api.stdout.close()
+
+
+def stop_processes(*procs: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM to each (they stop together), then wait; SIGKILL whatever has not exited after timeout_s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -6,7 +6,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,10 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Service
+from tests.api_process import running_api
+from tests.service import REPO, stop_processes
 from webapi.auth import digest
 
-REPO = Path(__file__).resolve().parent.parent
 SITE = REPO / "systemd" / "nginx" / "retail-pulse.conf"
 TOKENS = {"acme": "token-of-acme", "globex": "token-of-globex"}
 
@@ -42,31 +41,13 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 10) -> N
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture
 def api(tmp_path):
     """The real API alone (no daemon: /healthz answers 503, which is fine for latency), with two tokens."""
     tokens_file = tmp_path / "tokens"
     tokens_file.write_text("".join(f"{name} {digest(token)}\n" for name, token in TOKENS.items()))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETAILPULSE_CONFIG": os.devnull}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "webapi", "--spool-dir", str(tmp_path / "spool"), "--port", "0",
-         "--api-workers", "2", "--api-tokens-file", str(tokens_file)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        yield Service._read_address(proc, timeout_s=30)
-    finally:
-        stop(proc)
-        proc.stdout.close()
+    with running_api(tmp_path / "spool", "--api-tokens-file", str(tokens_file)) as base:
+        yield base
 
 
 def nginx_binary() -> str:
@@ -131,7 +112,7 @@ class Nginx:
             wait_for_port(self.https_port, self.proc)
             wait_for_port(self.http_port, self.proc)
         except RuntimeError as exc:
-            stop(self.proc)
+            stop_processes(self.proc)
             raise RuntimeError(f"nginx did not start ({exc}): {self.error_log.read_text()[-2000:]}") from exc
         return self
 
@@ -182,7 +163,7 @@ def parse(raw: bytes) -> tuple[int, dict, dict]:
 def nginx(tmp_path, api):
     front = Nginx(tmp_path, api).start()
     yield front
-    stop(front.proc)
+    stop_processes(front.proc)
 
 
 # ------------------------------------------------------------------ gunicorn alone: its own errors are JSON
@@ -336,7 +317,7 @@ def _contrast() -> None:
         tmp = Path(folder)
         address = stack.enter_context(contextlib.contextmanager(api.__wrapped__)(tmp))
         front = Nginx(tmp, address).start()
-        stack.callback(stop, front.proc)
+        stack.callback(stop_processes, front.proc)
         port = int(address.rsplit(":", 1)[1])
         for name, base, slow_port, context, verify in [
                 ("through nginx", front.base, front.https_port, front.tls(), str(front.cert)),
