@@ -18,17 +18,19 @@ whatever the last rename said (as in Maildir).
     daemon.json            the daemon's heartbeat, rewritten every second while its main loop runs (not
                            fsynced: after a crash it is stale anyway, and says so by its age). The API's
                            /healthz, /metrics and backpressure read it:
-                           {"pid": 123, "heartbeat_at": 1795000000.5 (Unix seconds), "processes": 2,
+                           {"pid": 123, "heartbeat_at": 1795000000.5 (Unix seconds),
+                            "executor": "local" | "dask", "workers": 2 (pool processes connected, or Dask
+                            workers seen), "processes": 2 (local) | "scheduler": "tls://..." (dask),
                             "jobs_active": 3, "tasks_in_flight": 2, "images_in_flight": 512,
                             "images_remaining_active": 9000 (images of active jobs without a result),
                             "paused": false (true while results cannot be written: disk full),
-                            "metrics": {"images_ok", "images_failed": {reason: n}, "download_bytes",
+                            "metrics": {"images_ok", "images_failed": {kind: n} (daemon/outcome.py ErrorKind), "download_bytes",
                                         "seconds_buckets", "seconds_counts", "seconds_sum",
                                         "jobs_finished": {status: n}}  (counters since the daemon started)}
     control/<id>.<verb>    a request to the daemon about a job (verbs: the Control enum): cancel, requeue (all
                            its images) or requeue-failed (only its failed images). Written by the API
-                           (cancel) or the operator CLI; the daemon carries it out and removes it. Only the daemon moves
-                           job files, so requests never race with the work.
+                           (cancel) or the operator CLI; the daemon carries it out and removes it. Only
+                           the daemon moves job files, so requests never race with the work.
     incoming/<id>.json     a submitted job, complete, not yet claimed. Written by the API.
     active/<id>.json       the same file, claimed (renamed) by the daemon, which is working on it.
     done/<id>.json         the job file once every image has a result and none failed.

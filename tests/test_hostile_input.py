@@ -2,12 +2,14 @@
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import call_wsgi
+from tests.conftest import REPO, call_wsgi
 from webapi.app import make_app
 from webapi.auth import TokenFileError, Tokens, digest
 from webapi.validate import SubmitLimits
@@ -91,8 +93,15 @@ def call_as(app, token, method, path, body=None, query=""):
     return call_wsgi(app, method, path, body, query=query, extra=environ_extra)
 
 
-def test_tokens_file_holds_digests_not_tokens(tmp_path, tokens):
-    assert "acme-secret" not in (tmp_path / "tokens").read_text()
+def test_the_token_maker_prints_a_token_and_a_line_holding_only_its_digest(tmp_path):
+    made = subprocess.run([sys.executable, "-m", "webapi.auth", "acme"], capture_output=True, text=True,
+                          check=True, cwd=REPO).stdout
+    token = made.split("(shown once): ", 1)[1].split()[0]
+    line = made.split("line for the tokens file:", 1)[1].strip()
+    assert token not in line and line == f"acme {digest(token)}"
+    (tmp_path / "tokens").write_text(line + "\n")
+    tokens = Tokens.load(tmp_path / "tokens")
+    assert tokens.identify(f"Bearer {token}") == "acme" and tokens.identify(f"Bearer {token}x") is None
 
 
 @pytest.mark.parametrize("token", [None, "wrong", "acme-secre", "acme-secret2"])

@@ -5,15 +5,11 @@ import json
 
 import pytest
 
-from tests.conftest import call_wsgi
+from tests.conftest import call_wsgi, visit
 from webapi.app import make_app
 from webapi.auth import Tokens, digest
 
 SCRIPT_URL = "http://127.0.0.1:9/<script>alert(1)</script>.jpg"
-
-
-def visit(store_id="RP00001", urls=("http://img.example/a.jpg",)):
-    return {"store_id": store_id, "visit_time": "2026-11-23T10:00:00Z", "image_url": list(urls)}
 
 
 def submit(app, visits, extra=None):
@@ -35,7 +31,7 @@ def app(spool):
 
 
 def test_jobs_are_listed_newest_first_a_page_at_a_time(app):
-    ids = [submit(app, [visit()]) for _ in range(5)]
+    ids = [submit(app, [visit("RP00001", ["http://img.example/a.jpg"])]) for _ in range(5)]
     first = call_wsgi(app, "GET", "/api/jobs", query="limit=2").json()
     second = call_wsgi(app, "GET", "/api/jobs", query="offset=2&limit=2").json()
     assert (first["total"], first["offset"], first["limit"]) == (5, 0, 2)
@@ -45,7 +41,7 @@ def test_jobs_are_listed_newest_first_a_page_at_a_time(app):
 
 @pytest.mark.parametrize("query", ["offset=-1", "limit=0", "limit=1001", "offset=x", "limit=1e3", "offset=%EF%BC%91"])
 def test_bad_page_window_is_400_naming_the_parameter(app, query):
-    submit(app, [visit()])
+    submit(app, [visit("RP00001", ["http://img.example/a.jpg"])])
     for path, extra in (("/api/jobs", ""), ("/api/results", "jobid=1&")):
         r = call_wsgi(app, "GET", path, query=extra + query)
         assert r.status_code == 400 and r.json()["error"].startswith(query.split("=")[0] + ":"), r.body
@@ -55,15 +51,15 @@ def test_with_tokens_the_list_shows_only_the_callers_jobs(spool, tmp_path):
     (tmp_path / "tokens").write_text(f"acme {digest('acme-secret')}\nzeta {digest('zeta-secret')}\n")
     app = make_app(spool, tokens=Tokens.load(tmp_path / "tokens"))
     as_acme, as_zeta = ({"HTTP_AUTHORIZATION": f"Bearer {who}-secret"} for who in ("acme", "zeta"))
-    mine = submit(app, [visit()], extra=as_acme)
-    submit(app, [visit()], extra=as_zeta)
+    mine = submit(app, [visit("RP00001", ["http://img.example/a.jpg"])], extra=as_acme)
+    submit(app, [visit("RP00001", ["http://img.example/a.jpg"])], extra=as_zeta)
     listed = call_wsgi(app, "GET", "/api/jobs", extra=as_acme).json()
     assert (listed["total"], [doc["job_id"] for doc in listed["jobs"]]) == (1, [str(mine)])
     assert call_wsgi(app, "GET", "/api/jobs").status_code == 401
 
 
 def test_results_page_holds_the_asked_images_and_unpaged_stays_whole(app, spool):
-    job_id = submit(app, [visit(urls=[f"http://img.example/{i}.jpg" for i in range(6)])])
+    job_id = submit(app, [visit("RP00001", [f"http://img.example/{i}.jpg" for i in range(6)])])
     spool.write_results(job_id, 0, 3, [result(i, f"u{i}") for i in range(3)])
     spool.write_results(job_id, 3, 6, [result(i, f"u{i}") for i in range(3, 6)])
     page = call_wsgi(app, "GET", "/api/results", query=f"jobid={job_id}&offset=2&limit=3").json()
@@ -73,7 +69,7 @@ def test_results_page_holds_the_asked_images_and_unpaged_stays_whole(app, spool)
 
 
 def test_csv_has_a_header_and_one_line_per_image_quoted(app, spool):
-    job_id = submit(app, [visit(urls=["http://img.example/a.jpg", SCRIPT_URL])])
+    job_id = submit(app, [visit("RP00001", ["http://img.example/a.jpg", SCRIPT_URL])])
     spool.write_results(job_id, 0, 2, [result(0, "http://img.example/a.jpg"), result(1, SCRIPT_URL, "HTTP 404")])
     r = call_wsgi(app, "GET", "/api/results.csv", query=f"jobid={job_id}")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, wait_until
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -42,19 +41,8 @@ def browser():
             driver.quit()
 
 
-def wait_for(condition, what: str, timeout_s: float = 30):
-    """condition()'s first truthy value, or a failure naming what never happened."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not seen within {timeout_s} s: {what}")
-
-
 def test_a_person_watches_a_failing_job_finish_and_downloads_its_results(start_service, image_server, browser):
-    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     base_url, folder = image_server
@@ -70,20 +58,28 @@ def test_a_person_watches_a_failing_job_finish_and_downloads_its_results(start_s
 
     browser.get(service.base + "/")
     card = f'li.job[data-job-id="{job_id}"]'
-    wait_for(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, f"{card} .bar")
-                      if e.get_attribute("aria-valuenow") == "100"], "the progress bar at 100 %")
-    failures = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f"{card} .failure"), "the failures")
-    texts = [f.text for f in failures]
+
+    def read(css: str, attribute: str | None = None) -> list[str]:
+        """Text (or an attribute) of each element the page shows now; [] while a live update replaces them."""
+        try:
+            return [e.get_attribute(attribute) if attribute else e.text
+                    for e in browser.find_elements(By.CSS_SELECTOR, css)]
+        except StaleElementReferenceException:
+            return []
+
+    wait_until(lambda: "100" in read(f"{card} .bar", "aria-valuenow"), what="the progress bar at 100 %",
+               interval_s=0.1)
+    texts = wait_until(lambda: read(f"{card} .failure"), what="the failures", interval_s=0.1)
     assert any("RP99999" in t and "store_id not in the store master" in t for t in texts), texts
     assert any("RP00002" in t and "HTTP 404" in t for t in texts), texts
-    assert browser.find_element(By.CSS_SELECTOR, f"{card} .state").text.lower() == "failed"
-    assert "4 / 4 images (100 %)" in browser.find_element(By.CSS_SELECTOR, f"{card} .progress").text
+    assert wait_until(lambda: read(f"{card} .state"), what="the state", interval_s=0.1)[0].lower() == "failed"
+    assert "4 / 4 images (100 %)" in wait_until(lambda: read(f"{card} .progress"), what="the progress",
+                                                interval_s=0.1)[0]
     browser.save_screenshot(str(ARTIFACTS / "status-page-jobs.png"))
 
     browser.get(f"{service.base}/?job={job_id}")
-    rows = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#results tbody tr")[3:] and
-                    browser.find_elements(By.CSS_SELECTOR, "#results tbody tr"), "the job's four images")
-    urls = [row.find_element(By.CSS_SELECTOR, "td.url").text for row in rows]
+    urls = wait_until(lambda: len(found := read("#results tbody tr td.url")) == 4 and found,
+                      what="the job's four images", interval_s=0.1)
     assert script_url in urls  # shown as text ...
     assert browser.find_elements(By.CSS_SELECTOR, "#results script") == []  # ... never made an element
     with pytest.raises(NoAlertPresentException):
