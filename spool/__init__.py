@@ -24,8 +24,8 @@ whatever the last rename said (as in Maildir).
                             "jobs_active": 3, "tasks_in_flight": 2, "images_in_flight": 512,
                             "images_remaining_active": 9000 (images of active jobs without a result),
                             "paused": false (true while results cannot be written: disk full),
-                            "metrics": {"images_ok", "images_failed": {kind: n} (daemon/outcome.py ErrorKind), "download_bytes",
-                                        "seconds_buckets", "seconds_counts", "seconds_sum",
+                            "metrics": {"images_ok", "images_failed": {kind: n} (ErrorKind, daemon/outcome.py),
+                                        "download_bytes", "seconds_buckets", "seconds_counts", "seconds_sum",
                                         "jobs_finished": {status: n}}  (counters since the daemon started)}
     control/<id>.<verb>    a request to the daemon about a job (verbs: the Control enum): cancel, requeue (all
                            its images) or requeue-failed (only its failed images). Written by the API
