@@ -13,7 +13,4 @@ class DownloadLimits:
     max_redirects: int = 3
     attempts: int = 3  # tries for transient failures; permanent ones are tried once
     backoff_s: float = 0.5  # wait before the 2nd try, doubled before each later one, with jitter
-
-
-#: Longest wait between two tries, whatever Retry-After or the doubling say.
-MAX_BACKOFF_S = 10.0
+    max_backoff_s: float = 10.0  # longest wait between two tries, whatever Retry-After or the doubling say

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import pycurl
 
-from daemon.download import MAX_BACKOFF_S, DownloadLimits
+from daemon.download import DownloadLimits
 from daemon.measure import ImageError, image_size, perimeter
 from daemon.netguard import AddressPolicy
 from daemon.outcome import ErrorKind, ImageOutcome
@@ -245,7 +245,7 @@ class Engine:
         limits = self.settings.limits
         if failure.transient and image.attempt < limits.attempts:
             wait = limits.backoff_s * 2 ** (image.attempt - 1) * random.uniform(0.5, 1.5)
-            self._after(min(max(wait, failure.retry_after_s or 0), MAX_BACKOFF_S), lambda: self._retry(image))
+            self._after(min(max(wait, failure.retry_after_s or 0), limits.max_backoff_s), lambda: self._retry(image))
             return
         if failure.transient:
             reason = f"{failure.reason} (transient, gave up after {image.attempt} attempts)"

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 
-from daemon.download import MAX_BACKOFF_S
 from daemon.engine import EngineSettings, measure
 from daemon.outcome import ImageOutcome
 from daemon.runner import Items
@@ -21,7 +20,7 @@ from daemon.runner import Items
 def deadline_s(settings: EngineSettings) -> float:
     """Longest an isolated task can take when nothing is wrong with the process measuring it."""
     limits = settings.limits
-    return limits.attempts * (limits.total_timeout_s + MAX_BACKOFF_S) + settings.gpu_sleep_max_s + 30
+    return limits.attempts * (limits.total_timeout_s + limits.max_backoff_s) + settings.gpu_sleep_max_s + 30
 
 
 def run_isolated(items: Items, settings: EngineSettings) -> list[ImageOutcome] | str:
