@@ -249,6 +249,25 @@ def one_job(bench: Bench, workload: str, images: int, tier: str, status_rate: fl
     return row
 
 
+def killed_process(bench: Bench, images: int = 10_000, after_s: float = 1.0) -> dict:
+    """KILL: W2's job with one pool process SIGKILLed ``after_s`` into it: what the redo costs."""
+    bench.sampler.reset_peaks()
+    job_id, t0 = bench.submit(bench.payload(images, "mixed", "KILL"))
+    time.sleep(after_s)
+    pool = sorted(pid for pid in _children(bench.service.daemon.pid)
+                  if "multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+    os.kill(pool[0], signal.SIGKILL)
+    t1, doc = bench.wait(job_id, 1800)
+    return dict(workload="KILL", images=images, status=doc["status"], wall_s=t1 - t0,
+                images_per_s=images / (t1 - t0), killed_after_s=after_s,
+                daemon_rss_peak_mb=bench.sampler.rss_peak["daemon"] / 2**20, correct=bench.correct(job_id))
+
+
+def _children(pid: int) -> list[int]:
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit() and (s := proc_stat(int(e.name)))
+            and s[0] == pid]
+
+
 def many_jobs(bench: Bench, jobs: int = 20, images: int = 200) -> dict:
     """W3: jobs submitted at once; total images/s and the slowest job over the fastest."""
     payloads = [bench.payload(images, "mixed", f"W3j{j}", visits=10) for j in range(jobs)]
@@ -473,8 +492,8 @@ def dask_w2(args, kit) -> dict:
 
 
 # ------------------------------------------------------------------ main
-WORKLOADS = ("W1", "W2", "W3", "BIG", "CROWD", "DASK-SCALING", "DASK-W2", "SOAK")
-DEFAULT = ("W1", "W2", "W3", "BIG", "CROWD", "DASK-SCALING", "DASK-W2")
+WORKLOADS = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "DASK-SCALING", "DASK-W2", "SOAK")
+DEFAULT = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "DASK-SCALING", "DASK-W2")
 
 
 def parse_args(argv=None):
@@ -482,7 +501,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workloads", nargs="*", default=list(DEFAULT), metavar="WORKLOAD",
                     help=f"any of {', '.join(WORKLOADS)} (default: all but SOAK). W1: 1,000 small images; "
-                         "W2: 10,000 mixed with status at 200 req/s; W3: 20 x 200 mixed at once; BIG: a huge job "
+                         "W2: 10,000 mixed with status at 200 req/s; W3: 20 x 200 mixed at once; KILL: W2's job "
+                         "with a pool process SIGKILLed 1 s in; BIG: a huge job "
                          "and a small one behind it; CROWD: 50 x 10,000 at once and a small one behind them; "
                          "DASK-SCALING: 1, 2, 4, 8 Dask workers; DASK-W2: W2 on Dask; SOAK: rounds of W3")
     ap.add_argument("--repeat", type=int, default=3, help="runs of W1, W2, W3, DASK-W2 (medians are reported)")
@@ -528,6 +548,8 @@ def main(argv=None) -> int:
                         keep({"run": run, **one_job(bench, "W2", 10_000, "mixed", status_rate=200)})
                     if "W3" in local:
                         keep({"run": run, **many_jobs(bench)})
+                    if "KILL" in local:
+                        keep({"run": run, **killed_process(bench)})
                 if "BIG" in local:
                     keep(small_behind_big(bench, args.big_images))
                 if "CROWD" in local:

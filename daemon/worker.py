@@ -19,7 +19,7 @@ from daemon.outcome import ImageOutcome
 from daemon.sandbox import run_isolated
 
 #: Isolated tasks (daemon/sandbox.py) one pool process runs at once, each in a process of its own.
-ISOLATED_AT_ONCE = 4
+ISOLATED_AT_ONCE = 8
 #: How much lower than the supervisor's the pool processes' CPU priority is (nice(2)).
 POOL_NICE_INCREMENT = 10
 
