@@ -172,3 +172,11 @@ def test_the_api_names_damaged_results_instead_of_serving_fewer(spool):
     assert (r.status_code, r.json()["error"].split(";")[0]) == (
         503, f"results damaged: results/{job_id}: images 3..5 have no results file")
     assert call_wsgi(app, "GET", "/api/status", query=query).json()["status"] == Status.COMPLETED
+
+
+def test_a_status_the_api_cannot_read_is_a_503_naming_it_not_a_500(spool):
+    job_id = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
+    spool.status_path(job_id).mkdir()  # what the API meets when it may not read status/ (root may read all)
+    r = call_wsgi(make_app(spool), "GET", "/api/status", query=f"jobid={job_id}")
+    assert r.status_code == 503 and r.headers["retry-after"] == "30"
+    assert r.json()["error"].startswith(f"cannot read job {job_id}'s status from the spool: ")

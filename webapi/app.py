@@ -81,7 +81,12 @@ class _Api:
             raise json_response(400, {"error": "jobid: must be a positive integer"})
         if not self.owns(job_id, owner):
             raise json_response(400, {})
-        doc = self.spool.read_status(job_id)
+        try:
+            doc = self.spool.read_status(job_id)
+        except OSError as exc:  # permissions, a folder where a file should be: the operator's to fix
+            log.error("job %d: cannot read its status: %s", job_id, exc)
+            raise json_response(503, {"error": f"cannot read job {job_id}'s status from the spool: "
+                                               f"{exc.strerror or exc}"}, **{"Retry-After": "30"}) from None
         if doc is None:
             raise json_response(400, {})
         return job_id, doc
@@ -208,7 +213,8 @@ class _Api:
     def healthz(self):
         """200 when the API can write the spool and the daemon's heartbeat is fresh; 503 naming what is not."""
         beat = self.spool.read_heartbeat() or {}
-        checks = {"api": "ok", "spool_writable": "ok", "daemon": daemon_health(self.spool)}
+        checks = {"api": "ok", "spool_writable": "ok", "spool_readable": self.spool.access_problem() or "ok",
+                  "daemon": daemon_health(self.spool)}
         if beat.get("executor") == "dask" and not beat.get("workers"):
             checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.get('scheduler')}): nothing runs"
         try:

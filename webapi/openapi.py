@@ -69,6 +69,8 @@ _BAD_JOB = _json("jobid missing or malformed ({error}), or no such job visible t
 _UNAVAILABLE = _json("the spool cannot be written now; nothing changed", _ref("Error"), **{"Retry-After": "seconds"})
 _DAMAGED = _json("a results file of this job is damaged (cut short, lines lost) or missing; the message names it",
                  _ref("Error"))
+_SPOOL_UNREADABLE = _json("the job's status cannot be read from the spool (permissions): the operator's to fix",
+                          _ref("Error"), **{"Retry-After": "seconds"})
 _JOBID = {"name": "jobid", "in": "query", "required": True, "schema": {"type": "string"},
           "description": "a job id, [1-9][0-9]{0,15}"}
 _OFFSET = {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10**9}}
@@ -93,7 +95,8 @@ def document() -> dict:
     """The whole document. A function, not a module constant: callers may change their copy freely."""
     job_routes = {
         "/api/status": {"get": {"summary": "A job's status", "parameters": [_JOBID], "responses": {
-            "200": _json("the status document", _ref("Status")), "400": _BAD_JOB, "401": _UNAUTHORIZED}}},
+            "200": _json("the status document", _ref("Status")), "400": _BAD_JOB, "401": _UNAUTHORIZED,
+            "503": _SPOOL_UNREADABLE}}},
         "/api/results": {"get": {"summary": "A job's results; paged when offset or limit is given",
                                  "parameters": [_JOBID, _OFFSET, _LIMIT], "responses": {
             "200": _json("results recorded so far, in image order", _ref("Results")), "400": _PAGE_ERROR,
