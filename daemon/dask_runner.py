@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -36,6 +37,8 @@ log = logging.getLogger("retailpulse.daemon")
 
 PLUGIN_NAME = "retailpulse-engine"
 CONNECT_TIMEOUT_S = 30
+#: How long the number of workers the scheduler reported is used before asking again.
+WORKERS_CHECK_INTERVAL_S = 0.5
 
 
 class EnginePlugin(WorkerPlugin):
@@ -98,6 +101,7 @@ class DaskRunner:
         self._scheduler_id: str | None = None
         self._reconnecting: threading.Thread | None = None
         self._closing = threading.Event()
+        self._workers_seen, self._workers_checked_at = 0, float("-inf")
         self.workers()
 
     def _connect(self) -> Client:
@@ -120,13 +124,21 @@ class DaskRunner:
 
     # ------------------------------------------------------------- TaskRunner
     def workers(self) -> int:
-        """Workers the scheduler knows now; 0 while the scheduler is away (the client reconnects by itself)."""
+        """Workers the scheduler knows; 0 while it is away (the client reconnects by itself, or a new one is
+        made). Asking the scheduler is a round trip, and the supervisor asks before every chunk it
+        dispatches: the answer is kept for WORKERS_CHECK_INTERVAL_S."""
         if self._client.status != "running":
             if self._client.status == "closed" and not self._closing.is_set() and \
                     (self._reconnecting is None or not self._reconnecting.is_alive()):
                 self._reconnecting = threading.Thread(target=self._reconnect, name="dask-reconnect", daemon=True)
                 self._reconnecting.start()
+            self._workers_checked_at = float("-inf")  # ask as soon as it is back
             return 0
+        if time.monotonic() >= self._workers_checked_at + WORKERS_CHECK_INTERVAL_S:
+            self._workers_seen, self._workers_checked_at = self._ask_scheduler(), time.monotonic()
+        return self._workers_seen
+
+    def _ask_scheduler(self) -> int:
         try:
             info = self._client.scheduler_info(n_workers=-1)
         except (OSError, TimeoutError):  # the connection dropped since the status check: away, for now

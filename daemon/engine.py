@@ -180,6 +180,7 @@ class Engine:
                 self._waiting.append(batch)
 
     def _start_waiting(self) -> None:
+        started = False
         while self._waiting and len(self._running) < self.settings.max_transfers:
             batch = self._waiting[0]
             image = batch.todo.popleft()
@@ -194,8 +195,9 @@ class Engine:
             transfer.begin(image.url, image)
             self._running[id(transfer.curl)] = transfer
             self._multi.add_handle(transfer.curl)
-        if self._running:
-            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)  # let libcurl start the new ones
+            started = True
+        if started:
+            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)  # let libcurl start the new ones now
 
     def _finish_transfers(self) -> None:
         while True:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 
 from spool import Spool
 
@@ -17,6 +18,7 @@ ORPHAN_META_AGE_S = 60  # longer than any submit takes between its meta file and
 TMP_CLEAN_INTERVAL_S = 600
 RETENTION_INTERVAL_S = 600
 RESULTS_CHECK_INTERVAL_S = 600
+RESULTS_CHECK_BUDGET_S = 0.05  # per turn of the main loop, which also beats the watchdog
 HEARTBEAT_INTERVAL_S = 1.0
 
 
@@ -25,7 +27,8 @@ class Housekeeping:
         self.spool = spool
         self.retention_s = retention_s  # 0 keeps finished jobs forever
         self.next_tmp_clean = self.next_retention = self.next_heartbeat = self.next_results_check = 0.0  # monotonic
-        self.results_checked_at = 0.0  # Unix s: finished jobs with a status written before it were checked
+        self.results_checked_at = 0.0  # Unix s: finished jobs with a status written before it are queued
+        self.results_to_check: deque[int] = deque()  # finished jobs whose results files are still to check
 
     def due(self, heartbeat) -> None:
         """Do whatever is due now. ``heartbeat()`` builds the heartbeat document when one is due."""
@@ -34,7 +37,7 @@ class Housekeeping:
             self.clean_tmp()
         if now >= self.next_retention:
             self.apply_retention()
-        if now >= self.next_results_check:
+        if self.results_to_check or now >= self.next_results_check:
             self.check_finished_results()
         if now >= self.next_heartbeat:
             self.beat(heartbeat())
@@ -52,22 +55,35 @@ class Housekeeping:
             log.info("removed the meta file of %d submission(s) that never got their job file: %s",
                      len(orphans), ", ".join(map(str, orphans)))
 
-    def check_finished_results(self) -> None:
+    def check_finished_results(self, budget_s: float = RESULTS_CHECK_BUDGET_S) -> None:
         """A finished job's results files must be whole: one cut short (a disk that lied, a hand) is moved to
         corrupt/ with a .why note, and the API then names the gap instead of serving fewer results as all.
         Its status stays as it was (a status never goes back); `retailpulse-ctl requeue` redoes the images.
-        At start-up every finished job is checked; later, the jobs finished since the last check."""
-        self.next_results_check = time.monotonic() + RESULTS_CHECK_INTERVAL_S
-        since, self.results_checked_at = self.results_checked_at, time.time() - 1
-        for job_id in self.spool.finished_before(float("inf"), since=since):
-            total = (self.spool.read_status(job_id) or {}).get("images_total")
-            damage = self.spool.results_damage(job_id, total if isinstance(total, int) else None)
-            if damage is None:
-                continue
-            path, why = damage
-            log.error("job %d: %s; requeue the job to redo its images", job_id, why)
-            if path is not None:
-                self.spool.move_aside(path, f"{why}; the job's other results are intact")
+
+        At start-up every finished job is queued for the check; every RESULTS_CHECK_INTERVAL_S, the jobs
+        finished since. Each call checks for ``budget_s`` at most: a spool holding a week of big jobs is read
+        a slice per turn of the main loop, never holding it (or the watchdog) for the whole read."""
+        if time.monotonic() >= self.next_results_check:
+            self.next_results_check = time.monotonic() + RESULTS_CHECK_INTERVAL_S
+            since, self.results_checked_at = self.results_checked_at, time.time() - 1
+            self.results_to_check.extend(self.spool.finished_before(float("inf"), since=since))
+        deadline = time.monotonic() + budget_s
+        while self.results_to_check:  # one job at least, then as many as the budget allows
+            self.check_results_of(self.results_to_check.popleft())
+            if time.monotonic() >= deadline:
+                return
+
+    def check_results_of(self, job_id: int) -> None:
+        if self.spool.job_folder(job_id) not in Spool.FINISHED_FOLDERS:
+            return  # requeued or purged since it was queued
+        total = (self.spool.read_status(job_id) or {}).get("images_total")
+        damage = self.spool.results_damage(job_id, total if isinstance(total, int) else None)
+        if damage is None:
+            return
+        path, why = damage
+        log.error("job %d: %s; requeue the job to redo its images", job_id, why)
+        if path is not None:
+            self.spool.move_aside(path, f"{why}; the job's other results are intact")
 
     def apply_retention(self) -> None:
         self.next_retention = time.monotonic() + RETENTION_INTERVAL_S

@@ -149,6 +149,20 @@ def test_the_daemon_moves_a_damaged_results_file_of_a_finished_job_aside(spool):
     assert spool.results_damage(job_id, total=6) == (None, f"results/{job_id}: images 3..5 have no results file")
 
 
+def test_many_finished_jobs_are_checked_a_slice_per_turn_not_all_at_once(spool):
+    jobs = [finished_with_results(spool) for _ in range(3)]
+    for job_id in jobs:
+        spool.write_status(job_id, {"job_id": str(job_id), "status": "completed", "images_total": 6})
+        path = spool.results_dir(job_id) / "00000003-00000006.jsonl"
+        path.write_bytes(path.read_bytes()[:-7])
+    housekeeping = Housekeeping(spool, retention_s=0)
+    set_aside = []
+    for _ in jobs:  # a budget of 0 s: one job per turn of the main loop
+        housekeeping.check_finished_results(budget_s=0)
+        set_aside.append(sum(1 for p in (spool.root / "corrupt").iterdir() if p.suffix == ".why"))
+    assert set_aside == [1, 2, 3]
+
+
 def test_the_api_names_damaged_results_instead_of_serving_fewer(spool):
     job_id = finished_with_results(spool)
     spool.write_status(job_id, status_document(job_id, Status.COMPLETED, Phase.FINISHED, images_total=6,

@@ -212,9 +212,10 @@ class _Api:
 
     def healthz(self):
         """200 when the API can write the spool and the daemon's heartbeat is fresh; 503 naming what is not."""
-        beat = self.spool.read_heartbeat() or {}
+        beat = self.spool.read_heartbeat()
         checks = {"api": "ok", "spool_writable": "ok", "spool_readable": self.spool.access_problem() or "ok",
-                  "daemon": daemon_health(self.spool)}
+                  "daemon": daemon_health(beat)}
+        beat = beat or {}
         if beat.get("executor") == "dask" and not beat.get("workers"):
             checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.get('scheduler')}): nothing runs"
         try:
@@ -232,9 +233,8 @@ class _Api:
         return HTTPResponse(render_metrics(self.spool), status=200, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
-def daemon_health(spool: Spool) -> str:
-    """"ok", or what is wrong with the daemon as its heartbeat file tells."""
-    beat = spool.read_heartbeat()
+def daemon_health(beat: dict | None) -> str:
+    """"ok", or what is wrong with the daemon as its heartbeat file (daemon.json) tells."""
     if beat is None:
         return "no heartbeat (daemon.json missing): daemon not running"
     age = time.time() - beat.get("heartbeat_at", 0)
