@@ -18,6 +18,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.engine.limits import DownloadLimits
+from daemon.engine.loop import EngineSettings
+from daemon.supervisor.settings import SupervisorSettings
+from spool import Executor
+from webapi.validate import SubmitLimits
+
 ENV_PREFIX = "RETAILPULSE_"
 #: Defaults are facts of an installation on a VM (the paths the README's steps and the systemd units use),
 #: never paths inside the source tree: an installed package has no source tree. A development checkout
@@ -25,7 +31,6 @@ ENV_PREFIX = "RETAILPULSE_"
 DEFAULT_SPOOL_DIR = Path("/var/lib/retail-pulse/spool")
 DEFAULT_STORE_MASTER = Path("/etc/retail-pulse/stores.csv")
 DEFAULT_CONFIG_FILE = Path("/etc/retail-pulse/retail-pulse.ini")
-MIB = 1024 * 1024
 
 
 class SettingError(Exception):
@@ -43,8 +48,8 @@ def _bool(text: str) -> bool:
 
 def _executor(text: str) -> str:
     executor = text.strip().lower()
-    if executor not in ("local", "dask"):
-        raise ValueError("not one of local, dask")
+    if executor not in tuple(Executor):
+        raise ValueError(f"not one of {', '.join(Executor)}")
     return executor
 
 
@@ -85,19 +90,22 @@ class Setting:
         return value
 
 
+# The defaults of the code's own settings objects are the table's defaults: one place for each number.
+_ENGINE, _DOWNLOAD, _SUPERVISOR, _SUBMIT = EngineSettings, DownloadLimits(), SupervisorSettings, SubmitLimits
+
 SETTINGS: tuple[Setting, ...] = (
     # --- common
     Setting("spool_dir", "common", Path, DEFAULT_SPOOL_DIR, "the spool folder both programs share"),
     Setting("log_level", "common", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     # --- daemon
     Setting("store_master", "daemon", Path, DEFAULT_STORE_MASTER, "CSV with AreaCode,StoreName,StoreID"),
-    Setting("executor", "daemon", _executor, "local", "where images are measured: local (a process pool on "
+    Setting("executor", "daemon", _executor, Executor.LOCAL.value, "where images are measured: local (a process pool on "
             "this machine) or dask (the Dask cluster at dask_scheduler; needs retail-pulse[dask])"),
     Setting("processes", "daemon", int, 0, "local pool processes; 0 means one per core", 0, 256),
     Setting("images_per_process", "daemon", int, 4096, "images in flight at once per pool process or Dask "
             "worker (waiting for a download slot, downloading, or in their GPU wait), on one libcurl event loop; "
             "also the most a crash makes it download again", 1, 65536),
-    Setting("downloads_per_process", "daemon", int, 256, "of those, downloads running at once (the others wait "
+    Setting("downloads_per_process", "daemon", int, _ENGINE.max_transfers, "of those, downloads running at once (the others wait "
             "for one to end, or are in their GPU wait); bounds memory: a download keeps at most 257 KiB of its "
             "body", 1, 65536),
     Setting("dask_scheduler", "daemon", str, "", "the Dask scheduler's address, e.g. tls://10.0.0.5:8786 "
@@ -106,31 +114,31 @@ SETTINGS: tuple[Setting, ...] = (
             "certificates (PEM); with the two below, the daemon talks TLS to the cluster"),
     Setting("dask_tls_cert_file", "daemon", str, "", "the daemon's own certificate for the cluster (PEM)"),
     Setting("dask_tls_key_file", "daemon", str, "", "the key of dask_tls_cert_file (PEM)"),
-    Setting("chunk_images", "daemon", int, 64, "images per chunk: the unit of fairness between jobs, of "
+    Setting("chunk_images", "daemon", int, _SUPERVISOR.chunk_images, "images per chunk: the unit of fairness between jobs, of "
             "results files and of work redone after a crash", 1, 100_000),
-    Setting("max_active_jobs", "daemon", int, 32, "jobs progressing at once (their images share the pool "
+    Setting("max_active_jobs", "daemon", int, _SUPERVISOR.max_active_jobs, "jobs progressing at once (their images share the pool "
             "chunk by chunk); more wait in incoming/, except small ones", 1, 100_000),
-    Setting("small_job_images", "daemon", int, 1000, "a job of at most this many images starts at once, "
+    Setting("small_job_images", "daemon", int, _SUPERVISOR.small_job_images, "a job of at most this many images starts at once, "
             "however many jobs run: it never waits behind a crowd of big ones", 0, 1_000_000),
-    Setting("gpu_sleep_min_s", "daemon", float, 0.1, "simulated GPU work per image, lower bound", 0, 60),
-    Setting("gpu_sleep_max_s", "daemon", float, 0.4, "simulated GPU work per image, upper bound", 0, 60),
-    Setting("drain_timeout_s", "daemon", float, 60.0, "on SIGTERM, how long in-flight images may take to finish; "
+    Setting("gpu_sleep_min_s", "daemon", float, _ENGINE.gpu_sleep_min_s, "simulated GPU work per image, lower bound", 0, 60),
+    Setting("gpu_sleep_max_s", "daemon", float, _ENGINE.gpu_sleep_max_s, "simulated GPU work per image, upper bound", 0, 60),
+    Setting("drain_timeout_s", "daemon", float, _SUPERVISOR.drain_timeout_s, "on SIGTERM, how long in-flight images may take to finish; "
             "the rest is redone after the restart", 0, 3600),
-    Setting("max_worker_deaths", "daemon", int, 3, "an image whose process dies this many times is failed "
+    Setting("max_worker_deaths", "daemon", int, _SUPERVISOR.max_worker_deaths, "an image whose process dies this many times is failed "
             "(a poison image)", 1, 100),
-    Setting("retention_days", "daemon", float, 7.0, "finished jobs (files, status, results) older than this "
+    Setting("retention_days", "daemon", float, _SUPERVISOR.retention_days, "finished jobs (files, status, results) older than this "
             "are deleted, checked every 10 minutes; 0 keeps them forever", 0),
     # --- download (read by the daemon)
-    Setting("download_connect_timeout_s", "download", float, 5.0, "TCP+TLS connect timeout per attempt", 0.01),
-    Setting("download_read_timeout_s", "download", float, 10.0, "longest silence while reading", 0.01),
-    Setting("download_total_timeout_s", "download", float, 30.0, "whole download of one attempt, even if "
+    Setting("download_connect_timeout_s", "download", float, _DOWNLOAD.connect_timeout_s, "TCP+TLS connect timeout per attempt", 0.01),
+    Setting("download_read_timeout_s", "download", float, _DOWNLOAD.read_timeout_s, "longest silence while reading", 0.01),
+    Setting("download_total_timeout_s", "download", float, _DOWNLOAD.total_timeout_s, "whole download of one attempt, even if "
             "the server trickles", 0.01),
-    Setting("max_image_bytes", "download", int, 50 * MIB, "largest image body, enforced while streaming", 1),
-    Setting("download_attempts", "download", int, 3, "tries per image for transient failures (connection "
+    Setting("max_image_bytes", "download", int, _DOWNLOAD.max_image_bytes, "largest image body, enforced while streaming", 1),
+    Setting("download_attempts", "download", int, _DOWNLOAD.attempts, "tries per image for transient failures (connection "
             "refused or reset, timeout, HTTP 429 and 5xx)", 1, 20),
-    Setting("download_backoff_s", "download", float, 0.5, "wait before the 2nd try; doubles each try, "
+    Setting("download_backoff_s", "download", float, _DOWNLOAD.backoff_s, "wait before the 2nd try; doubles each try, "
             "with jitter", 0, 60),
-    Setting("max_redirects", "download", int, 3, "redirects followed per image; each hop is checked", 0, 20),
+    Setting("max_redirects", "download", int, _DOWNLOAD.max_redirects, "redirects followed per image; each hop is checked", 0, 20),
     Setting("allow_private_addresses", "download", _bool, False, "let downloads reach loopback, private, "
             "link-local and other non-public addresses: for development and tests only"),
     Setting("download_allowed_networks", "download", str, "", "comma-separated networks downloads may reach "
@@ -140,9 +148,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", "api", int, 8080, "port the API listens on; 0 picks a free one", 0, 65535),
     Setting("api_workers", "api", int, 2, "gunicorn worker processes", 1, 64),
     Setting("api_threads", "api", int, 8, "threads per gunicorn worker", 1, 256),
-    Setting("max_body_bytes", "api", int, 64 * MIB, "largest submit body (413 above it)", 1),
-    Setting("max_images_per_job", "api", int, 200_000, "most image URLs in one job (413 above it)", 1),
-    Setting("max_url_chars", "api", int, 2048, "longest image URL (400 above it)", 16, 65536),
+    Setting("max_body_bytes", "api", int, _SUBMIT.max_body_bytes, "largest submit body (413 above it)", 1),
+    Setting("max_images_per_job", "api", int, _SUBMIT.max_images_per_job, "most image URLs in one job (413 above it)", 1),
+    Setting("max_url_chars", "api", int, _SUBMIT.max_url_chars, "longest image URL (400 above it)", 16, 65536),
     Setting("max_queued_images", "api", int, 1_000_000, "images waiting or in progress above which submit "
             "answers 503 with Retry-After; 0 turns the check off", 0),
     Setting("api_tokens_file", "api", str, "", "file of '<name> <sha256 of token>' lines; when set, every "

@@ -117,7 +117,7 @@ def cmd_follow(spool: Spool, args, sleep: Callable[[float], None] = time.sleep) 
 def cmd_request(spool: Spool, args) -> int:
     verb = Control.REQUEUE_FAILED if getattr(args, "failed_only", False) else Control(args.command)
     folder = spool.job_folder(args.job_id)
-    wanted = (Folder.INCOMING, Folder.ACTIVE) if verb is Control.CANCEL else Spool.FINISHED_FOLDERS
+    wanted = Spool.UNFINISHED_FOLDERS if verb is Control.CANCEL else Spool.FINISHED_FOLDERS
     if folder not in wanted:
         print(f"retailpulse-ctl: job {args.job_id} is {folder or 'unknown'}; {verb} needs it "
               f"{' or '.join(wanted)}", file=sys.stderr)

@@ -12,14 +12,15 @@ import filelock
 
 from config import Config
 from config.startup import StartupError, open_spool, run_main, start
-from daemon.download import DownloadLimits
-from daemon.engine import EngineSettings
-from daemon.netguard import AddressPolicy, parse_networks
-from daemon.notify import Notifier
-from daemon.pool import LocalPool
-from daemon.runner import TaskRunner
-from daemon.stores import StoreMasterError, load_store_master
-from daemon.supervisor import Supervisor, SupervisorSettings
+from daemon.engine import AddressPolicy, DownloadLimits, EngineSettings
+from daemon.engine.netguard import parse_networks
+from daemon.runners import OnEvent, TaskRunner
+from daemon.runners.pool import LocalPool
+from daemon.supervisor.loop import Events, Supervisor
+from daemon.supervisor.notify import Notifier
+from daemon.supervisor.settings import SupervisorSettings
+from daemon.supervisor.stores import StoreMasterError, load_store_master
+from spool import Executor
 
 SECTIONS = ("daemon", "download")
 FILES_BESIDE_SOCKETS = 64
@@ -32,7 +33,7 @@ def load_config(argv: list[str] | None) -> Config:
     if config.gpu_sleep_min_s > config.gpu_sleep_max_s:
         raise StartupError(f"gpu_sleep_min_s ({config.source('gpu_sleep_min_s')}): must not exceed "
                            f"gpu_sleep_max_s ({config.gpu_sleep_max_s})")
-    if config.executor == "dask" and not config.dask_scheduler:
+    if config.executor == Executor.DASK and not config.dask_scheduler:
         raise StartupError(f"dask_scheduler ({config.source('dask_scheduler')}): must be set when executor is dask")
     tls_files = [config.dask_tls_ca_file, config.dask_tls_cert_file, config.dask_tls_key_file]
     if any(tls_files) and not all(tls_files):
@@ -71,12 +72,12 @@ def raise_open_file_limit(wanted: int) -> int:
     return soft
 
 
-def make_runner(config: Config, processes: int, settings: EngineSettings, on_event) -> TaskRunner:
+def make_runner(config: Config, processes: int, settings: EngineSettings, on_event: OnEvent) -> TaskRunner:
     """Where tasks run: the local pool, or the Dask cluster (imported only then: an optional extra)."""
-    if config.executor == "local":
+    if config.executor == Executor.LOCAL:
         return LocalPool(processes, settings, on_event, config.images_per_process)
     try:
-        from daemon.dask_runner import DaskRunner, security
+        from daemon.runners.dask_cluster import DaskRunner, security
     except ImportError as exc:
         raise StartupError(f"executor ({config.source('executor')}): dask needs the dask extra "
                            f"(pip install 'retail-pulse[dask]'): {exc}") from None
@@ -109,7 +110,7 @@ def serve(argv: list[str] | None) -> int:
         chunk_images=config.chunk_images, max_active_jobs=config.max_active_jobs,
         small_job_images=config.small_job_images,
         drain_timeout_s=config.drain_timeout_s, max_worker_deaths=config.max_worker_deaths,
-        retention_s=config.retention_days * 86400)
+        retention_days=config.retention_days)
     # Sockets in flight, plus room for the files and pipes a process has anyway.
     downloads = min(config.downloads_per_process, config.images_per_process)
     open_files = raise_open_file_limit(downloads + FILES_BESIDE_SOCKETS)
@@ -127,14 +128,16 @@ def serve(argv: list[str] | None) -> int:
     # glibc gives each thread its own malloc arena; two are plenty for a pool process (an engine thread and
     # a reader), and fewer arenas keep its memory flat. Inherited by the pool processes, so set first.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    supervisor = Supervisor(spool, stores, settings, notifier)
-    supervisor.attach(make_runner(config, processes, engine_settings(config, max_transfers), supervisor.events.put))
-    runner = supervisor.runner
+    events: Events = Events()
+    runner = make_runner(config, processes, engine_settings(config, max_transfers), events.put)
+    supervisor = Supervisor(spool, stores, settings, runner, events, Executor(config.executor), notifier)
+    where = (f"{processes} pool processes" if config.executor == Executor.LOCAL
+             else f"Dask workers of {config.dask_scheduler}")
     try:
         def ready() -> None:  # after the recovery scan: systemd starts counting us up only now
-            log.info("daemon ready: spool %s, %d stores, %d processes x %d images in flight",
-                     spool.root, len(stores), processes, config.images_per_process)
-            notifier.send(READY=1, STATUS=f"ready: {processes} processes x {config.images_per_process} images")
+            log.info("daemon ready: spool %s, %d stores, executor %s: %s, %d images in flight each",
+                     spool.root, len(stores), config.executor, where, config.images_per_process)
+            notifier.send(READY=1, STATUS=f"ready: {where}, {config.images_per_process} images each")
 
         def stopping() -> bool:
             if stop.is_set():

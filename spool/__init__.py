@@ -19,12 +19,12 @@ whatever the last rename said (as in Maildir).
                            fsynced: after a crash it is stale anyway, and says so by its age). The API's
                            /healthz, /metrics and backpressure read it:
                            {"pid": 123, "heartbeat_at": 1795000000.5 (Unix seconds),
-                            "executor": "local" | "dask", "workers": 2 (pool processes connected, or Dask
+                            "executor": "local" | "dask" (Executor), "workers": 2 (pool processes connected, or Dask
                             workers seen), "processes": 2 (local) | "scheduler": "tls://..." (dask),
                             "jobs_active": 3, "tasks_in_flight": 2, "images_in_flight": 512,
                             "images_remaining_active": 9000 (images of active jobs without a result),
                             "paused": false (true while results cannot be written: disk full),
-                            "metrics": {"images_ok", "images_failed": {kind: n} (ErrorKind, daemon/outcome.py),
+                            "metrics": {"images_ok", "images_failed": {kind: n} (ErrorKind, daemon/engine/outcome.py),
                                         "download_bytes", "seconds_buckets", "seconds_counts", "seconds_sum",
                                         "jobs_finished": {status: n}}  (counters since the daemon started)}
     control/<id>.<verb>    a request to the daemon about a job (verbs: the Control enum): cancel, requeue (all
@@ -76,7 +76,7 @@ import filelock
 
 from spool.results import DamagedResults, ResultFiles
 
-__all__ = ["Spool", "Status", "Phase", "Folder", "Control", "CorruptFile", "DamagedResults", "parse_job_id",
+__all__ = ["JOB_ID_PATTERN", "Spool", "Status", "Phase", "Folder", "Control", "Executor", "CorruptFile", "DamagedResults", "parse_job_id",
            "pid_exists", "status_document", "utc_now"]
 
 #: The one job-id check. Applied to every id before it becomes part of a path.
@@ -114,6 +114,13 @@ class Control(StrEnum):
     CANCEL = "cancel"
     REQUEUE = "requeue"  # a finished job, all its images again
     REQUEUE_FAILED = "requeue-failed"  # a finished job, only its failed images again
+
+
+class Executor(StrEnum):
+    """Where the daemon runs the image work (the ``executor`` setting; daemon.json's "executor")."""
+
+    LOCAL = "local"  # a process pool on the daemon's machine
+    DASK = "dask"  # a Dask cluster
 
 
 class Phase(StrEnum):
@@ -175,6 +182,7 @@ class Spool(ResultFiles, Upkeep):
 
     FOLDERS = tuple(Folder)
     JOB_FOLDERS = (Folder.INCOMING, Folder.ACTIVE, Folder.DONE, Folder.FAILED)
+    UNFINISHED_FOLDERS = (Folder.INCOMING, Folder.ACTIVE)
     FINISHED_FOLDERS = (Folder.DONE, Folder.FAILED)
 
     def __init__(self, root: str | os.PathLike):
@@ -224,6 +232,12 @@ class Spool(ResultFiles, Upkeep):
             raise
         if durable:
             _fsync_dir(dest.parent)
+
+    def check_writable(self) -> None:
+        """Create and remove a file under tmp/ (named as every tmp/ file is); raises OSError when that fails."""
+        probe = self.root / Folder.TMP / f"write-probe.{os.getpid()}.{secrets.token_hex(4)}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE))
+        probe.unlink()
 
     def _rename(self, src: Path, dest: Path) -> None:
         os.replace(src, dest)

@@ -52,7 +52,7 @@ class Upkeep:
         a status without a job; the status goes last, and purging again finishes the work.
         """
         folder = self.job_folder(job_id)
-        if folder in (Folder.INCOMING, Folder.ACTIVE):
+        if folder in self.UNFINISHED_FOLDERS:
             return False
         if folder is not None:
             self.job_path(folder, job_id).unlink(missing_ok=True)

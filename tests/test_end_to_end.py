@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from daemon.stores import load_store_master
+from daemon.supervisor.stores import load_store_master
 from tests.conftest import REPO, SAMPLE_STORE_MASTER, image_bytes, visit
 
 STORES = load_store_master(SAMPLE_STORE_MASTER)

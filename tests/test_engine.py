@@ -12,11 +12,11 @@ import time
 import pytest
 from PIL import Image
 
-from daemon.download import DownloadLimits
-from daemon.engine import Engine, EngineSettings, measure
-from daemon.measure import HEAD_BYTES
-from daemon.netguard import AddressPolicy
-from daemon.outcome import ErrorKind
+from daemon.engine.limits import DownloadLimits
+from daemon.engine.loop import Engine, EngineSettings, measure
+from daemon.engine.measure import HEAD_BYTES
+from daemon.engine.netguard import AddressPolicy
+from daemon.engine.outcome import ErrorKind
 from tests.conftest import image_bytes, wait_until
 
 JPEG = image_bytes("JPEG", 64, 48)
@@ -352,7 +352,7 @@ def test_every_redirect_hop_is_checked(server, watched_listener):
     port, accepted = watched_listener
     server.routes["/to-loopback"] = status(302, f"Location: http://127.0.0.2:{port}/x.jpg\r\n")
     server.routes["/to-metadata"] = status(302, "Location: http://169.254.169.254/latest/meta-data/\r\n")
-    from daemon.netguard import parse_networks
+    from daemon.engine.netguard import parse_networks
     settings = EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, limits=FAST,
                               addresses=AddressPolicy(allowed_networks=parse_networks("127.0.0.1/32")))
     outcome = one(f"{server.base}/to-loopback", settings)

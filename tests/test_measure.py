@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-from daemon.measure import ImageError, image_size, perimeter
+from daemon.engine.measure import ImageError, image_size, perimeter
 from tests.conftest import image_bytes
 
 

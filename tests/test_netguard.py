@@ -1,9 +1,9 @@
 """Downloads reach public addresses only: checked on the address connected to, on every redirect hop."""
 import pytest
 
-from daemon.download import DownloadLimits
-from daemon.engine import EngineSettings, measure
-from daemon.netguard import AddressPolicy, forbidden_reason, parse_networks
+from daemon.engine.limits import DownloadLimits
+from daemon.engine.loop import EngineSettings, measure
+from daemon.engine.netguard import AddressPolicy, forbidden_reason, parse_networks
 from tests.conftest import ImageServer, image_bytes
 
 LIMITS = DownloadLimits(backoff_s=0)

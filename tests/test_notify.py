@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from daemon.notify import Notifier
+from daemon.supervisor.notify import Notifier
 from tests.conftest import REPO, SAMPLE_STORE_MASTER
 
 
@@ -42,7 +42,7 @@ def test_daemon_says_ready_pings_watchdog_with_status_and_says_stopping(tmp_path
                               cwd=REPO, env=env, stderr=log)
     try:
         first = messages_until(sock, lambda m: True)[0]
-        assert first["READY"] == "1" and first["STATUS"].startswith("ready: 1 processes")
+        assert first["READY"] == "1" and first["STATUS"].startswith("ready: 1 pool processes")
         assert "daemon ready" in (tmp_path / "daemon.log").read_text()  # READY only after recovery
         started = time.monotonic()
         pings = messages_until(sock, lambda m: m.get("WATCHDOG") == "1")

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from daemon.housekeeping import Housekeeping
+from daemon.supervisor.housekeeping import Housekeeping
 from spool import Status
 from tests.conftest import REPO, call_wsgi, image_bytes, visit, wait_until
 from webapi.app import make_app

@@ -147,12 +147,14 @@ def test_submitted_job_is_durable_before_the_api_answers(spool, syscalls):
 
 
 def test_results_are_durable_before_the_status_counts_them(spool, syscalls):
-    from daemon.outcome import ImageOutcome
-    from daemon.stores import load_store_master
-    from daemon.supervisor import Supervisor, SupervisorSettings
+    from daemon.engine.outcome import ImageOutcome
+    from daemon.supervisor.stores import load_store_master
+    from daemon.supervisor.loop import Events, Supervisor
+    from daemon.supervisor.settings import SupervisorSettings
     from tests.conftest import SAMPLE_STORE_MASTER
     job_id = spool.submit(1, [{"store_id": "RP00001", "visit_time": "t", "image_url": ["http://x/a.jpg"]}])
-    supervisor = Supervisor(spool, load_store_master(SAMPLE_STORE_MASTER), SupervisorSettings())
+    supervisor = Supervisor(spool, load_store_master(SAMPLE_STORE_MASTER), SupervisorSettings(), runner=None,
+                            events=Events())  # nothing is dispatched here: no runner needed
     supervisor.load(job_id, spool.claim(job_id))
     job = supervisor.jobs[job_id]
     del syscalls[:]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from daemon.housekeeping import Housekeeping
+from daemon.supervisor.housekeeping import Housekeeping
 from spool import Phase, Status, status_document
 from webapi.app import make_app
 from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, visit

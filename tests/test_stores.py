@@ -1,7 +1,7 @@
 """The store master loader, on our sample and on the real file when it is present."""
 import pytest
 
-from daemon.stores import StoreMasterError, load_store_master
+from daemon.supervisor.stores import StoreMasterError, load_store_master
 from tests.conftest import REAL_STORE_MASTER, SAMPLE_STORE_MASTER
 
 

@@ -9,12 +9,13 @@ import time
 
 import pytest
 
-from daemon.engine import EngineSettings
-from daemon.jobs import Chunk, uncovered
-from daemon.netguard import AddressPolicy
-from daemon.pool import LocalPool
-from daemon.stores import load_store_master
-from daemon.supervisor import Supervisor, SupervisorSettings
+from daemon.engine.loop import EngineSettings
+from daemon.supervisor.jobs import Chunk, uncovered
+from daemon.engine.netguard import AddressPolicy
+from daemon.runners.pool import LocalPool
+from daemon.supervisor.stores import load_store_master
+from daemon.supervisor.loop import Events, Supervisor
+from daemon.supervisor.settings import SupervisorSettings
 from spool import Spool, Status
 from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes, wait_until
 from webapi.app import make_app
@@ -39,12 +40,12 @@ def supervised(spool):
     runners = []
 
     def make(settings: SupervisorSettings = SupervisorSettings(poll_interval_s=0.02), target=None):
-        supervisor = Supervisor(target or spool, STORES, settings)
         engine = EngineSettings(max_transfers=16, gpu_sleep_min_s=0, gpu_sleep_max_s=0,
                                 addresses=AddressPolicy(allow_private=True))
-        runner = LocalPool(1, engine, supervisor.events.put, images_per_process=16)
+        events = Events()
+        runner = LocalPool(1, engine, events.put, images_per_process=16)
         runners.append(runner)
-        supervisor.attach(runner)
+        supervisor = Supervisor(target or spool, STORES, settings, runner, events)
         wait_until(lambda: runner.workers() == 1, what="the pool process to connect")
         return supervisor
 
@@ -233,14 +234,13 @@ class RecordingRunner:
     def has_room(self, images):
         return len(self.tasks) < self.room_for_tasks
 
-    def submit(self, task_id, items, isolated=False):
-        self.tasks.append(([url.rsplit("/", 1)[1] for _, url in items], isolated))
+    def submit(self, task_id, images, isolated=False):
+        self.tasks.append(([url.rsplit("/", 1)[1] for _, url in images], isolated))
 
 
 def test_chunks_go_out_one_job_after_another_and_a_chunk_that_saw_a_death_goes_isolated(spool):
-    supervisor = Supervisor(spool, STORES, SupervisorSettings(chunk_images=2))
     runner = RecordingRunner(room_for_tasks=5)
-    supervisor.attach(runner)
+    supervisor = Supervisor(spool, STORES, SupervisorSettings(chunk_images=2), runner, Events())
     ids = [put_active_job(spool, [f"http://x/{j}-{i}.jpg" for i in range(4)]) for j in range(3)]
     for job_id in ids:
         supervisor.load(job_id, spool.job_path("active", job_id))

@@ -8,7 +8,7 @@ import time
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
-from spool import Control, DamagedResults, Folder, Phase, Spool, parse_job_id, pid_exists
+from spool import Control, DamagedResults, Executor, Folder, Phase, Spool, parse_job_id, pid_exists
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webapi.metrics import render as render_metrics
@@ -173,7 +173,7 @@ class _Api:
         """Ask the daemon to stop a job: images not yet started get "cancelled by request"."""
         job_id, _doc = self.known_job()
         folder = self.spool.job_folder(job_id)
-        if folder not in (Folder.INCOMING, Folder.ACTIVE):
+        if folder not in Spool.UNFINISHED_FOLDERS:
             return json_response(409, {"error": f"job {job_id} is not queued or running (it is {folder})"})
         try:
             self.spool.request(job_id, Control.CANCEL)
@@ -216,15 +216,15 @@ class _Api:
         checks = {"api": "ok", "spool_writable": "ok", "spool_readable": self.spool.access_problem() or "ok",
                   "daemon": daemon_health(beat)}
         beat = beat or {}
-        if beat.get("executor") == "dask" and not beat.get("workers"):
+        if beat.get("executor") == Executor.DASK and not beat.get("workers"):
             checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.get('scheduler')}): nothing runs"
         try:
-            self.spool.write_atomic(self.spool.root / "tmp" / "healthz", b"ok\n", durable=False)
+            self.spool.check_writable()
         except OSError as exc:
             checks["spool_writable"] = f"cannot write: {exc.strerror or exc}"
         healthy = all(value == "ok" for value in checks.values())
         doc = {"ok": healthy, "checks": checks}
-        if beat.get("executor") in ("local", "dask") and isinstance(beat.get("workers"), int):
+        if beat.get("executor") in tuple(Executor) and isinstance(beat.get("workers"), int):
             doc.update(executor=beat["executor"], workers=beat["workers"])
         return json_response(200 if healthy else 503, doc)
 

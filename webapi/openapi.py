@@ -4,6 +4,12 @@ Kept true by the tests: every response the suite sees (in-process and over HTTP)
 (tests/openapi_check.py), and Schemathesis fuzzes the running API with it (tests/test_openapi.py)."""
 from __future__ import annotations
 
+from spool import JOB_ID_PATTERN, Executor, Status
+
+#: The one job-id check (spool.JOB_ID_PATTERN), anchored as JSON Schema's "pattern" wants it.
+_JOB_ID = f"^{JOB_ID_PATTERN.pattern}$"
+_STATUSES = [status.value for status in Status]
+
 JSON = "application/json"
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string", "minLength": 1}}}
 _EMPTY = {"type": "object", "maxProperties": 0, "description": "unknown job (or another token's job)"}
@@ -11,8 +17,8 @@ _FAILURE = {"type": "object", "required": ["store_id", "error"], "properties": {
     "store_id": {"type": "string"}, "error": {"type": "string"}, "image_url": {"type": "string"},
     "images_failed": {"type": "integer", "minimum": 0}}}
 _STATUS = {"type": "object", "required": ["job_id", "status"], "properties": {
-    "job_id": {"type": "string", "pattern": "^[1-9][0-9]{0,15}$"},
-    "status": {"enum": ["ongoing", "completed", "failed"]},
+    "job_id": {"type": "string", "pattern": _JOB_ID},
+    "status": {"enum": _STATUSES},
     "phase": {"enum": ["queued", "running", "finished"]},
     "images_total": {"type": "integer", "minimum": 0}, "images_done": {"type": "integer", "minimum": 0},
     "images_failed": {"type": "integer", "minimum": 0},
@@ -25,7 +31,7 @@ _RESULT = {"type": "object", "required": ["index"], "properties": {
     "width": {"type": ["integer", "null"]}, "height": {"type": ["integer", "null"]},
     "perimeter": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]}}}
 _RESULTS = {"type": "object", "required": ["job_id", "status", "results"], "properties": {
-    "job_id": {"type": "string"}, "status": {"enum": ["ongoing", "completed", "failed"]},
+    "job_id": {"type": "string", "pattern": _JOB_ID}, "status": {"enum": _STATUSES},
     "offset": {"type": "integer", "minimum": 0}, "limit": {"type": "integer", "minimum": 1},
     "results": {"type": "array", "items": {"$ref": "#/components/schemas/Result"}}}}
 _JOBS = {"type": "object", "required": ["total", "offset", "limit", "jobs"], "properties": {
@@ -42,7 +48,7 @@ _SUBMISSION = {"type": "object", "required": ["count", "visits"], "properties": 
                                  "items": {"type": "string", "format": "uri", "maxLength": 2048}}}}}}}
 _HEALTH = {"type": "object", "required": ["ok", "checks"], "properties": {
     "ok": {"type": "boolean"}, "checks": {"type": "object", "additionalProperties": {"type": "string"}},
-    "executor": {"enum": ["local", "dask"], "description": "where the daemon runs the image work"},
+    "executor": {"enum": [executor.value for executor in Executor], "description": "where the daemon runs the image work"},
     "workers": {"type": "integer", "minimum": 0,
                 "description": "processes the daemon can hand work to: its pool processes, or the Dask workers it sees"}}}
 
@@ -71,8 +77,8 @@ _DAMAGED = _json("a results file of this job is damaged (cut short, lines lost) 
                  _ref("Error"))
 _SPOOL_UNREADABLE = _json("the job's status cannot be read from the spool (permissions): the operator's to fix",
                           _ref("Error"), **{"Retry-After": "seconds"})
-_JOBID = {"name": "jobid", "in": "query", "required": True, "schema": {"type": "string"},
-          "description": "a job id, [1-9][0-9]{0,15}"}
+_JOBID = {"name": "jobid", "in": "query", "required": True, "schema": {"type": "string", "pattern": _JOB_ID},
+          "description": "a job id; anything else is a 400 naming jobid"}
 _OFFSET = {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10**9}}
 _LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
 _PAGE_ERROR = _json("offset or limit out of range, or a jobid problem", {"oneOf": [_ref("Error"), _ref("Empty")]})

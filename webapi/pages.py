@@ -1,7 +1,7 @@
 """The status page's routes: paged job and result lists, the CSV download, and the page's own files.
 
 Paged so the page stays fast whatever the spool holds: a list of 1,000 jobs or a job of 100,000 images is
-never sent whole to a browser. The unpaged /api/results (app.py) is unchanged for existing clients."""
+never sent whole to a browser. The unpaged /api/results (app.py) stays as existing clients know it."""
 from __future__ import annotations
 
 import csv

@@ -14,17 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from multiprocessing.connection import Client, Connection
 
-from daemon.engine import Engine, EngineSettings
-from daemon.outcome import ImageOutcome
-from daemon.sandbox import run_isolated
+from daemon.engine import Engine, EngineSettings, ImageOutcome, TaskImages
+from daemon.runners import Message
+from daemon.runners.sandbox import run_isolated
 
-#: Isolated tasks (daemon/sandbox.py) one pool process runs at once, each in a process of its own.
+#: Isolated tasks (sandbox.py) one pool process runs at once, each in a process of its own.
 ISOLATED_AT_ONCE = 8
 #: How much lower than the supervisor's the pool processes' CPU priority is (nice(2)).
 POOL_NICE_INCREMENT = 10
 
 
-class _ProcessWorker:
+class _PoolProcess:
     def __init__(self, conn: Connection, settings: EngineSettings):
         self.conn, self.settings = conn, settings
         self.send_lock = threading.Lock()  # the engine thread and the isolation threads both answer
@@ -41,20 +41,20 @@ class _ProcessWorker:
     def read_forever(self) -> None:
         while True:
             try:
-                _kind, task_id, items, isolated = self.conn.recv()
+                _kind, task_id, images, isolated = self.conn.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the supervisor is gone (stopped, or killed): stop downloading at once
             if isolated:
-                self.isolated.submit(self.run_isolated, task_id, items)
+                self.isolated.submit(self.run_isolated, task_id, images)
             else:
-                self.engine.submit(items, partial(self.done, task_id))
+                self.engine.submit(images, partial(self.done, task_id))
 
     def done(self, task_id: int, outcomes: list[ImageOutcome]) -> None:
-        self.send(("done", task_id, outcomes))
+        self.send((Message.DONE, task_id, outcomes))
 
-    def run_isolated(self, task_id: int, items) -> None:
-        result = run_isolated(items, self.settings)
-        self.send(("lost", task_id, result) if isinstance(result, str) else ("done", task_id, result))
+    def run_isolated(self, task_id: int, images: TaskImages) -> None:
+        result = run_isolated(images, self.settings)
+        self.send((Message.LOST, task_id, result) if isinstance(result, str) else (Message.DONE, task_id, result))
 
 
 def serve(address: str, authkey: bytes, settings: EngineSettings) -> None:
@@ -68,7 +68,7 @@ def serve(address: str, authkey: bytes, settings: EngineSettings) -> None:
         conn = Client(address, family="AF_UNIX", authkey=authkey)
     except OSError:
         os._exit(0)  # the supervisor is stopping (its socket is gone): nothing to do
-    worker = _ProcessWorker(conn, settings)
-    worker.engine.start()
-    conn.send(("hello", os.getpid()))
-    worker.read_forever()
+    process = _PoolProcess(conn, settings)
+    process.engine.start()
+    conn.send((Message.HELLO, os.getpid()))
+    process.read_forever()

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 
 from spool import Spool
 
@@ -23,16 +24,16 @@ HEARTBEAT_INTERVAL_S = 1.0
 
 
 class Housekeeping:
-    def __init__(self, spool: Spool, retention_s: float):
-        self.spool = spool
+    def __init__(self, spool: Spool, retention_s: float, clock: Callable[[], float] = time.monotonic):
+        self.spool, self.clock = spool, clock
         self.retention_s = retention_s  # 0 keeps finished jobs forever
-        self.next_tmp_clean = self.next_retention = self.next_heartbeat = self.next_results_check = 0.0  # monotonic
+        self.next_tmp_clean = self.next_retention = self.next_heartbeat = self.next_results_check = 0.0  # clock()
         self.results_checked_at = 0.0  # Unix s: finished jobs with a status written before it are queued
         self.results_to_check: deque[int] = deque()  # finished jobs whose results files are still to check
 
     def due(self, heartbeat) -> None:
         """Do whatever is due now. ``heartbeat()`` builds the heartbeat document when one is due."""
-        now = time.monotonic()
+        now = self.clock()
         if now >= self.next_tmp_clean:
             self.clean_tmp()
         if now >= self.next_retention:
@@ -44,7 +45,7 @@ class Housekeeping:
 
     def clean_tmp(self) -> None:
         """Leftovers of writes that never finished: tmp/ files, and meta files without their job."""
-        self.next_tmp_clean = time.monotonic() + TMP_CLEAN_INTERVAL_S
+        self.next_tmp_clean = self.clock() + TMP_CLEAN_INTERVAL_S
         removed = self.spool.clean_tmp(older_than_s=TMP_LEFTOVER_AGE_S)
         if removed:
             log.info("removed %d unfinished file(s) left in tmp/ by a crashed writer", removed)
@@ -63,14 +64,14 @@ class Housekeeping:
         At start-up every finished job is queued for the check; every RESULTS_CHECK_INTERVAL_S, the jobs
         finished since. Each call checks for ``budget_s`` at most: a spool holding a week of big jobs is read
         a slice per turn of the main loop, never holding it (or the watchdog) for the whole read."""
-        if time.monotonic() >= self.next_results_check:
-            self.next_results_check = time.monotonic() + RESULTS_CHECK_INTERVAL_S
+        if self.clock() >= self.next_results_check:
+            self.next_results_check = self.clock() + RESULTS_CHECK_INTERVAL_S
             since, self.results_checked_at = self.results_checked_at, time.time() - 1
             self.results_to_check.extend(self.spool.finished_before(float("inf"), since=since))
-        deadline = time.monotonic() + budget_s
+        deadline = self.clock() + budget_s
         while self.results_to_check:  # one job at least, then as many as the budget allows
             self.check_results_of(self.results_to_check.popleft())
-            if time.monotonic() >= deadline:
+            if self.clock() >= deadline:
                 return
 
     def check_results_of(self, job_id: int) -> None:
@@ -86,7 +87,7 @@ class Housekeeping:
             self.spool.move_aside(path, f"{why}; the job's other results are intact")
 
     def apply_retention(self) -> None:
-        self.next_retention = time.monotonic() + RETENTION_INTERVAL_S
+        self.next_retention = self.clock() + RETENTION_INTERVAL_S
         if not self.retention_s:
             return
         old = self.spool.finished_before(time.time() - self.retention_s)
@@ -96,7 +97,7 @@ class Housekeeping:
 
     def beat(self, doc: dict) -> None:
         """Write daemon.json: the API's health check and backpressure read it; operators can cat it."""
-        self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+        self.next_heartbeat = self.clock() + HEARTBEAT_INTERVAL_S
         try:
             self.spool.write_heartbeat({"pid": os.getpid(), "heartbeat_at": round(time.time(), 3), **doc})
         except OSError as exc:

@@ -1,16 +1,16 @@
 """DaskRunner: the image work on a Dask cluster (``executor = dask``), for when one machine is not enough.
 
 The API, the spool and the supervisor stay on their machine and keep every guarantee; only tasks travel.
-Each Dask worker process runs the same engine as a local pool process (daemon/engine.py), made once per
+Each Dask worker process runs the same engine as a local pool process (daemon/engine/), made once per
 worker by a worker plugin, so the address policy and every download limit apply on the workers. A task is
 one chunk: it runs on a worker thread that hands its images to the worker's engine and waits, so a worker
 with ``--nthreads 16`` keeps 16 chunks (about 1,000 images) in flight on one event loop.
 
-Failures, mapped onto the supervisor's (daemon/supervisor.py):
+Failures, mapped onto the supervisor's (daemon/supervisor/jobs.py):
 - a worker dies (kill -9, OOM, its machine): the scheduler must be run with
   ``distributed.scheduler.allowed-failures = 0`` (the shipped unit sets it), so each task it held ends at
   once in KilledWorker instead of being retried blindly on the next worker; that is a TaskLost, and the
-  supervisor sends the chunk out again isolated (daemon/sandbox.py on a worker), halving it if it kills
+  supervisor sends the chunk out again isolated (sandbox.py, on a worker), halving it if it kills
   again, exactly as locally;
 - the scheduler goes away: every task in flight is lost, but through no fault of its images (TaskLost with
   ``suspect=False``): they go out again as they were once the client has reconnected, and meanwhile
@@ -24,14 +24,12 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 
 from distributed import Client, KilledWorker, Security, WorkerPlugin, get_worker
 
-from daemon.engine import Engine, EngineSettings
-from daemon.outcome import ImageOutcome
-from daemon.runner import Items, OnEvent, TaskDone, TaskLost
-from daemon.sandbox import run_isolated
+from daemon.engine import Engine, EngineSettings, ImageOutcome, TaskImages
+from daemon.runners import OnEvent, TaskDone, TaskLost
+from daemon.runners.sandbox import run_isolated
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -57,14 +55,14 @@ class EnginePlugin(WorkerPlugin):
             self.engine.close(timeout_s=5)
 
 
-def measure_task(items: Sequence[tuple[int, str]], isolated: bool) -> tuple[str, list[ImageOutcome] | str]:
+def measure_task(images: TaskImages, isolated: bool) -> tuple[str, list[ImageOutcome] | str]:
     """The Dask task: ("done", outcomes), ("lost", why), or ("retry", why) when this worker has no engine yet
     (it joined a restarted scheduler before the daemon gave it the plugin). Never raises for an image's sake."""
     plugin: EnginePlugin | None = get_worker().plugins.get(PLUGIN_NAME)
     if plugin is None or plugin.engine is None:
         return "retry", "the Dask worker has no engine yet"
     if isolated:
-        result = run_isolated(items, plugin.settings)
+        result = run_isolated(images, plugin.settings)
         return ("lost", result) if isinstance(result, str) else ("done", result)
     finished = threading.Event()
     outcomes: list[ImageOutcome] = []
@@ -73,7 +71,7 @@ def measure_task(items: Sequence[tuple[int, str]], isolated: bool) -> tuple[str,
         outcomes.extend(measured)
         finished.set()
 
-    plugin.engine.submit(items, done)
+    plugin.engine.submit(images, done)
     finished.wait()
     return "done", outcomes
 
@@ -87,7 +85,7 @@ def security(ca_file: str, cert_file: str, key_file: str) -> Security | None:
 
 
 class DaskRunner:
-    """A TaskRunner (daemon/runner.py) on a Dask cluster."""
+    """A TaskRunner (daemon/runners/) on a Dask cluster."""
 
     def __init__(self, scheduler: str, settings: EngineSettings, on_event: OnEvent, images_per_worker: int,
                  tls: Security | None = None):
@@ -157,13 +155,13 @@ class DaskRunner:
         return workers > 0 and (in_flight == 0 or in_flight + images <= workers * self.images_per_worker)
 
     def describe(self) -> dict:
-        return {"executor": "dask", "scheduler": self.scheduler, "workers": self.workers()}
+        return {"scheduler": self.scheduler, "workers": self.workers()}
 
-    def submit(self, task_id: int, items: Items, isolated: bool = False) -> None:
-        future = self._client.submit(measure_task, list(items), isolated, key=f"retailpulse-{task_id}-{uuid.uuid4()}",
+    def submit(self, task_id: int, images: TaskImages, isolated: bool = False) -> None:
+        future = self._client.submit(measure_task, list(images), isolated, key=f"retailpulse-{task_id}-{uuid.uuid4()}",
                                      pure=False, retries=0)
         with self._lock:
-            self._tasks[task_id] = (future, len(items))
+            self._tasks[task_id] = (future, len(images))
         future.add_done_callback(lambda f: self._finished(task_id, f))
 
     def close(self, timeout_s: float = 10) -> None:

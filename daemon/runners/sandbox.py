@@ -1,9 +1,9 @@
-"""``python -m daemon.sandbox``: measure one isolated task in a process of its own.
+"""``python -m daemon.runners.sandbox``: measure one isolated task in a process of its own.
 
 A task whose images were in flight when their process died may hold an image that kills whatever measures
 it (a decoder crash, the OOM killer, a hostile server's doing). Run alone here, its death costs this one
 process, not a pool process and its other tasks, and says exactly which images were in it. The parent hands
-the settings and items over stdin and reads the outcomes from stdout (pickles between the same program).
+the settings and the task's images over stdin and reads the outcomes from stdout (pickles between the same program).
 """
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import signal
 import subprocess
 import sys
 
-from daemon.engine import EngineSettings, measure
-from daemon.outcome import ImageOutcome
-from daemon.runner import Items
+from daemon.engine import EngineSettings, ImageOutcome, TaskImages, measure
 
 
 def deadline_s(settings: EngineSettings) -> float:
@@ -23,11 +21,11 @@ def deadline_s(settings: EngineSettings) -> float:
     return limits.attempts * (limits.total_timeout_s + limits.max_backoff_s) + settings.gpu_sleep_max_s + 30
 
 
-def run_isolated(items: Items, settings: EngineSettings) -> list[ImageOutcome] | str:
+def run_isolated(images: TaskImages, settings: EngineSettings) -> list[ImageOutcome] | str:
     """The outcomes, or why the process died (a string): the caller treats that as a death of the task."""
     try:
-        proc = subprocess.run([sys.executable, "-m", "daemon.sandbox"], input=pickle.dumps((settings, list(items))),
-                              capture_output=True, timeout=deadline_s(settings))
+        proc = subprocess.run([sys.executable, "-m", "daemon.runners.sandbox"],
+                              input=pickle.dumps((settings, list(images))), capture_output=True, timeout=deadline_s(settings))
     except subprocess.TimeoutExpired:
         return f"the isolated process did not finish within {deadline_s(settings):g} s"
     if proc.returncode < 0:
@@ -39,8 +37,8 @@ def run_isolated(items: Items, settings: EngineSettings) -> list[ImageOutcome] |
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides how to stop
-    settings, items = pickle.load(sys.stdin.buffer)
-    outcomes = measure(items, settings)
+    settings, images = pickle.load(sys.stdin.buffer)
+    outcomes = measure(images, settings)
     sys.stdout.buffer.write(pickle.dumps(outcomes))
     return 0
 

@@ -1,14 +1,16 @@
 """LocalPool: the image work on this machine, in the processes of a ``multiprocessing.Pool``.
 
 The Pool starts the processes, one per core, and starts a new one when one dies; each process runs the
-engine (daemon/worker.py). The work itself does not go through the Pool's task queue, for two reasons
+engine (pool_process.py). The work itself does not go through the Pool's task queue, for two reasons
 measured on this service: a task runs to its end before its process takes another, so one slow image held
 a whole process idle; and the queue is one pipe behind one lock, which a process killed while waiting for a
 task keeps for ever, stalling every process. Instead each process connects back over a Unix socket of its
 own (authenticated with a key only the daemon and its children know) and tasks and outcomes travel on it:
 
-    supervisor --("task", id, items, isolated)--> process      process --("done", id, outcomes)--> supervisor
-                                                               process --("lost", id, why)-------> supervisor
+    supervisor --(TASK, id, images, isolated)--> process      process --(DONE, id, outcomes)--> supervisor
+                                                             process --(LOST, id, why)-------> supervisor
+
+(the Message enum, daemon/runners/__init__.py).
 
 A process that dies closes its socket, so its tasks are reported lost at once (no polling, no guessing);
 a supervisor that dies closes the other end, and every process exits at once instead of downloading on.
@@ -27,9 +29,9 @@ import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Listener
 
-from daemon.engine import EngineSettings
-from daemon.runner import Items, OnEvent, TaskDone, TaskLost
-from daemon.worker import serve
+from daemon.engine import EngineSettings, TaskImages
+from daemon.runners import Message, OnEvent, TaskDone, TaskLost
+from daemon.runners.pool_process import serve
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -37,7 +39,7 @@ STOP_TIMEOUT_S = 10.0
 
 
 @dataclass
-class _Process:
+class _Connected:
     pid: int
     conn: Connection
     tasks: dict[int, int] = field(default_factory=dict)  # task id -> images, for every task not answered yet
@@ -59,13 +61,13 @@ def _hang_up(conn: Connection) -> None:
 
 
 class LocalPool:
-    """A TaskRunner (daemon/runner.py) on this machine."""
+    """A TaskRunner (daemon/runners/) on this machine."""
 
     def __init__(self, processes: int, settings: EngineSettings, on_event: OnEvent, images_per_process: int):
         self.processes, self.images_per_process = processes, images_per_process
         self._on_event = on_event
         self._lock = threading.Lock()  # guards _connected, shared by the accept, reader and main threads
-        self._connected: dict[int, _Process] = {}
+        self._connected: dict[int, _Connected] = {}
         self._folder = tempfile.mkdtemp(prefix="retailpulse-pool-")  # 0700: only we reach the socket
         authkey = secrets.token_bytes(32)
         self._listener = Listener(os.path.join(self._folder, "pool.sock"), family="AF_UNIX", authkey=authkey)
@@ -87,16 +89,16 @@ class LocalPool:
             return len(self._connected)
 
     def describe(self) -> dict:
-        return {"executor": "local", "processes": self.processes, "workers": self.workers()}
+        return {"processes": self.processes, "workers": self.workers()}
 
-    def submit(self, task_id: int, items: Items, isolated: bool = False) -> None:
+    def submit(self, task_id: int, images: TaskImages, isolated: bool = False) -> None:
         with self._lock:
             target = max(self._connected.values(), key=lambda p: self.images_per_process - p.images, default=None)
             if target is None:
                 raise RuntimeError("no pool process is connected; check has_room() first")
-            target.tasks[task_id] = len(items)
+            target.tasks[task_id] = len(images)
         try:
-            target.conn.send(("task", task_id, list(items), isolated))
+            target.conn.send((Message.TASK, task_id, list(images), isolated))
         except OSError:
             pass  # it just died: its reader reports the task lost with the others
 
@@ -133,16 +135,16 @@ class LocalPool:
             except Exception as exc:  # a peer without the key, or one that said nothing sensible
                 log.warning("pool: refused a connection: %s", exc)
                 continue
-            if kind != "hello":
+            if kind != Message.HELLO:
                 conn.close()
                 continue
-            process = _Process(pid, conn)
+            process = _Connected(pid, conn)
             with self._lock:
                 self._connected[pid] = process
             log.info("pool: process %d connected", pid)
             threading.Thread(target=self._read_forever, args=(process,), name=f"pool-{pid}", daemon=True).start()
 
-    def _read_forever(self, process: _Process) -> None:
+    def _read_forever(self, process: _Connected) -> None:
         while True:
             try:
                 kind, task_id, payload = process.conn.recv()
@@ -151,7 +153,7 @@ class LocalPool:
             with self._lock:
                 known = process.tasks.pop(task_id, None) is not None
             if known:
-                self._on_event(TaskDone(task_id, payload) if kind == "done" else TaskLost(task_id, payload))
+                self._on_event(TaskDone(task_id, payload) if kind == Message.DONE else TaskLost(task_id, payload))
         with self._lock:
             self._connected.pop(process.pid, None)
             lost, process.tasks = list(process.tasks), {}

@@ -7,12 +7,10 @@ Fairness: whenever the runner has room, the next chunk is taken from the next ac
 small job submitted behind a huge one waits for one chunk's worth of room, not for the job, and many jobs
 progress together. Each chunk is recorded as soon as its own images are done.
 Resumption: a job found in active/ at start-up keeps its recorded results; only images with no results
-file are dispatched again.
-Dead processes: the chunks a dead process (kill -9, OOM) held are dispatched again, isolated: each alone in
-a throw-away process (daemon/sandbox.py). An isolated chunk that dies again is split in two, so an image
-that kills whatever measures it ends up alone; alone, it is failed once ``max_worker_deaths`` processes
-have died with it. Innocent images never share a process with it again, so they are never failed for it.
-Recording and disk trouble: daemon/recording.py. Chores on a clock: daemon/housekeeping.py.
+file are dispatched again (loading.py).
+Lost tasks: what becomes of their chunks is the death policy, ``after_loss`` in jobs.py.
+Recording and disk trouble: recording.py. Chores on a clock: housekeeping.py.
+Time comes from ``clock`` (monotonic seconds), so tests can drive the waits without waiting.
 """
 from __future__ import annotations
 
@@ -24,61 +22,53 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.housekeeping import Housekeeping
-from daemon.jobs import ActiveJob, Chunk, cancelled, uncovered, unknown_store
-from daemon.metrics import Metrics
-from daemon.notify import Notifier
-from daemon.outcome import ErrorKind, ImageOutcome
-from daemon.recording import Recorder
-from daemon.runner import TaskDone, TaskLost, TaskRunner
-from daemon.stores import Store
-from spool import Control, CorruptFile, DamagedResults, Folder, Phase, Spool, Status, status_document, utc_now
+from daemon.engine import ErrorKind, ImageOutcome
+from daemon.runners import TaskDone, TaskLost, TaskRunner
+from daemon.supervisor.housekeeping import Housekeeping
+from daemon.supervisor.jobs import ActiveJob, Chunk, after_loss, cancelled, unknown_store
+from daemon.supervisor.loading import JobLoader
+from daemon.supervisor.metrics import Metrics
+from daemon.supervisor.notify import Notifier
+from daemon.supervisor.recording import Recorder
+from daemon.supervisor.settings import SupervisorSettings
+from daemon.supervisor.stores import Store
+from spool import Control, CorruptFile, DamagedResults, Executor, Folder, Spool
 
 log = logging.getLogger("retailpulse.daemon")
+
+Events = queue.Queue  # of TaskDone | TaskLost, put by the runner's threads, taken by the supervisor's
 
 
 @dataclass
 class Task:
-    """A chunk handed to the runner, and which of its images it measures (not those of unknown stores)."""
+    """A chunk handed to the runner once, and which of its images it measures (not those of unknown stores)."""
 
     task_id: int
     chunk: Chunk
     measured: list[int]
 
 
-@dataclass(frozen=True)
-class SupervisorSettings:
-    chunk_images: int = 64  # images per chunk: the unit of fairness, of results files and of redoing
-    max_active_jobs: int = 32  # jobs progressing at once; more wait in incoming/, but for small ones
-    small_job_images: int = 1000  # a job this small is started at once, however many jobs run
-    poll_interval_s: float = 0.1  # how often incoming/ is looked at while idle
-    drain_timeout_s: float = 60.0  # on stop, how long in-flight chunks may take to finish and be recorded
-    max_worker_deaths: int = 3  # an image alone in a chunk whose process died this often is failed
-    disk_retry_interval_s: float = 5.0  # while writes fail (disk full), how often they are tried again
-    retention_s: float = 7 * 86400  # finished jobs older than this are deleted; 0 keeps them forever
-
-
 class Supervisor:
+    """``events``: the queue the runner was made to report to (``runner = make(on_event=events.put)``)."""
+
     def __init__(self, spool: Spool, stores: dict[str, Store], settings: SupervisorSettings,
-                 notifier: Notifier | None = None):
+                 runner: TaskRunner, events: Events, executor: Executor = Executor.LOCAL,
+                 notifier: Notifier | None = None, clock: Callable[[], float] = time.monotonic):
         self.spool = spool
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
         self.stores = stores
         self.settings = settings
-        self.recorder = Recorder(spool, stores, self.metrics, settings.disk_retry_interval_s)
-        self.housekeeping = Housekeeping(spool, settings.retention_s)
+        self.runner, self.events, self.executor = runner, events, Executor(executor)
+        self.clock = clock
+        self.recorder = Recorder(spool, stores, self.metrics, settings.disk_retry_interval_s, clock)
+        self.housekeeping = Housekeeping(spool, settings.retention_days * 86400, clock)
+        self.loader = JobLoader(spool, settings.chunk_images)
         self.jobs: dict[int, ActiveJob] = {}
         self.rotation: deque[int] = deque()  # job ids, next to dispatch from first
         self.dispatched: dict[int, Task] = {}  # task id -> task, for every task we still wait for
         self.next_task_id = 1
-        self.events: queue.Queue[TaskDone | TaskLost] = queue.Queue()  # from the runner's threads
-        self.runner: TaskRunner | None = None
-        self.queued_images: dict[int, int] = {}  # job id -> images, of the jobs waiting in incoming/
-
-    def attach(self, runner: TaskRunner) -> None:
-        """The runner reports to ``self.events.put``; it is made with that callback, then attached here."""
-        self.runner = runner
+        self.incoming_images: dict[int, int] = {}  # job id -> images, of the jobs waiting in incoming/
 
     @property
     def images_in_flight(self) -> int:
@@ -97,7 +87,7 @@ class Supervisor:
         """Start-up: remove stale tmp/ files, repair unreadable status files, resume the jobs in active/."""
         self.housekeeping.clean_tmp()
         for job_id in self.spool.unreadable_status_ids():
-            self.repair_status(job_id)
+            self.loader.repair_status(job_id)
         for job_id in self.spool.job_ids(Folder.ACTIVE):
             self.load(job_id, self.spool.job_path(Folder.ACTIVE, job_id))
 
@@ -108,7 +98,7 @@ class Supervisor:
         self.handle_requests()
         self.forget_finished(self.recorder.retry())
         if self.recorder.paused:
-            self.wait_for_events(min(self.settings.poll_interval_s, self.recorder.retry_at - time.monotonic()))
+            self.wait_for_events(min(self.settings.poll_interval_s, self.recorder.retry_at - self.clock()))
         else:
             self.admit_incoming()
             self.dispatch()
@@ -119,19 +109,19 @@ class Supervisor:
     def drain(self) -> None:
         """Record what is in flight, for drain_timeout_s at most in all; the rest is redone after a restart."""
         log.info("stopping: waiting for %d chunk(s) in flight", len(self.dispatched))
-        deadline = time.monotonic() + self.settings.drain_timeout_s
-        while (self.dispatched or self.recorder.paused) and time.monotonic() < deadline:
+        deadline = self.clock() + self.settings.drain_timeout_s
+        while (self.dispatched or self.recorder.paused) and self.clock() < deadline:
             self.forget_finished(self.recorder.retry())
-            self.wait_for_events(min(deadline - time.monotonic(), self.settings.poll_interval_s), stopping=True)
+            self.wait_for_events(min(deadline - self.clock(), self.settings.poll_interval_s), stopping=True)
         if self.dispatched or self.recorder.paused:
             log.warning("stopping with %d chunk(s) unrecorded; they are redone on restart",
                         len(self.dispatched) + len(self.recorder.unrecorded))
 
     def heartbeat(self) -> dict:
         """The fields of daemon.json (spool/__init__.py documents them)."""
-        return {**self.runner.describe(), "jobs_active": len(self.jobs),
+        return {"executor": self.executor, **self.runner.describe(), "jobs_active": len(self.jobs),
                 "tasks_in_flight": len(self.dispatched), "images_in_flight": self.images_in_flight,
-                "images_remaining_active": sum(job.total - job.done for job in self.jobs.values()),
+                "images_remaining_active": sum(job.total - job.recorded for job in self.jobs.values()),
                 "paused": self.recorder.paused, "metrics": self.metrics.snapshot()}
 
     def status_line(self) -> str:
@@ -172,7 +162,7 @@ class Supervisor:
     def requeue(self, job_id: int, failed_only: bool) -> None:
         """Send a finished job round again: all its images, or only the failed ones."""
         folder = self.spool.job_folder(job_id)
-        if folder not in (Folder.DONE, Folder.FAILED):
+        if folder not in Spool.FINISHED_FOLDERS:
             log.info("job %d: requeue: not finished; nothing to do", job_id)
             return
         redone = self.spool.forget_results(job_id, lambda line: not failed_only or line["error"] is not None)
@@ -188,7 +178,7 @@ class Supervisor:
             crowded = len(self.jobs) >= self.settings.max_active_jobs
             if crowded and self.images_of(job_id) > self.settings.small_job_images:
                 continue
-            self.queued_images.pop(job_id, None)
+            self.incoming_images.pop(job_id, None)
             try:
                 path = self.spool.claim(job_id)
             except FileNotFoundError:
@@ -197,67 +187,19 @@ class Supervisor:
 
     def images_of(self, job_id: int) -> int:
         """A queued job's size, from its meta file (read once: it never changes); unknown counts as big."""
-        if job_id not in self.queued_images:
+        if job_id not in self.incoming_images:
             images = (self.spool.read_meta(job_id) or {}).get("images")
-            self.queued_images[job_id] = images if isinstance(images, int) else 2**62
-        return self.queued_images[job_id]
-
-    def read_recorded(self, job: ActiveJob) -> list[tuple[int, int]]:
-        """Count the job's recorded results; move unreadable results files aside. The (first, stop) covered."""
-        covered = []
-        for first, stop, path in self.spool.result_chunks(job.job_id):
-            try:
-                records = self.spool.read_results(job.job_id, first, stop, path)
-            except DamagedResults as exc:
-                self.spool.move_aside(path, f"results file unreadable, images redone: {exc}")
-                continue
-            for record in records:
-                job.count(record.get("store_id", ""), record.get("error"), record.get("image_url"))
-            covered.append((first, stop))
-        return covered
+            self.incoming_images[job_id] = images if isinstance(images, int) else 2**62
+        return self.incoming_images[job_id]
 
     def load(self, job_id: int, path: Path) -> None:
-        """Start (or resume) a job: read its file and recorded results, queue the images still to do."""
-        try:
-            job = ActiveJob(job_id, self.spool.read_job(path))
-        except (CorruptFile, KeyError, TypeError) as exc:
-            self.reject(job_id, path, f"job file unreadable: {exc}")
+        """Start (or resume) a job: its recorded results counted, the images still to do queued."""
+        job = self.loader.open(job_id, path)
+        if job is None:
             return
-        covered = self.read_recorded(job)
-        job.pending.extend(Chunk(job_id, first, stop)
-                           for first, stop in uncovered(job.total, covered, self.settings.chunk_images))
         self.jobs[job_id] = job
         self.rotation.append(job_id)
-        log.info("job %d: %s, %d images, %d already recorded", job_id,
-                 "resumed" if covered else "started", job.total, job.done)
         self.forget_finished([job] if self.recorder.publish(job) else [])
-
-    def repair_status(self, job_id: int) -> None:
-        """A status file that does not parse: move it aside; rebuild it from the job's results."""
-        self.spool.move_aside(self.spool.status_path(job_id), "status file unreadable; rebuilt from the results")
-        for folder in (Folder.DONE, Folder.FAILED):
-            path = self.spool.job_path(folder, job_id)
-            if path.exists():
-                try:
-                    job = ActiveJob(job_id, self.spool.read_job(path))
-                except (CorruptFile, KeyError, TypeError):
-                    return  # the job file itself is broken; its status stays unknown
-                self.read_recorded(job)
-                if job.finished:
-                    self.spool.write_status(job_id, job.status_doc())
-                    log.warning("job %d: status file was unreadable; rebuilt from its results", job_id)
-                else:  # results went missing too: do the missing images again
-                    self.spool.reopen(job_id, folder)
-                    log.warning("job %d: status and results incomplete; back to active/ to redo them", job_id)
-                return
-        # incoming/ or active/: load() and the daemon's next write replace it.
-
-    def reject(self, job_id: int, path: Path, why: str) -> None:
-        log.error("job %d: %s", job_id, why)
-        self.spool.move_aside(path, why)
-        self.spool.write_status(job_id, status_document(
-            job_id, Status.FAILED, Phase.FINISHED, images_total=0, images_done=0, images_failed=0,
-            updated_at=utc_now(), error=[{"store_id": "", "error": why}]))
 
     # ------------------------------------------------------------ dispatching
     def dispatch(self) -> None:
@@ -302,34 +244,22 @@ class Supervisor:
             return
 
     def task_lost(self, event: TaskLost, requeue: bool) -> None:
-        """The process holding a task died: dispatch its chunk again, isolated; halve it if it was already."""
+        """The task will not answer: its chunk goes out again as the death policy says (jobs.after_loss)."""
         task = self.dispatched.pop(event.task_id, None)
         if task is None:
             return
         chunk, job = task.chunk, self.jobs[task.chunk.job_id]
-        if not event.suspect:
-            log.warning("job %d: images %d..%d: %s; dispatched again", chunk.job_id, chunk.first, chunk.stop - 1,
-                        event.why)
-            job.chunks_in_flight -= 1
-            job.pending.appendleft(chunk)
-            return
-        deaths = chunk.deaths + 1
-        log.warning("job %d: images %d..%d: %s (death %d)", chunk.job_id, chunk.first, chunk.stop - 1, event.why,
-                    deaths)
-        if not requeue:
+        log.warning("job %d: images %d..%d: %s%s", chunk.job_id, chunk.first, chunk.stop - 1, event.why,
+                    f" (death {chunk.deaths + 1})" if event.suspect else "; dispatched again")
+        if event.suspect and not requeue:
             job.chunks_in_flight -= 1
             return  # stopping: a restart redoes them
-        if chunk.images == 1 and chunk.deaths and deaths >= self.settings.max_worker_deaths:
-            why = f"the process measuring this image died each time ({deaths} attempts)"
-            self.record(job, chunk, [ImageOutcome.failed(chunk.first, why, ErrorKind.WORKER_DIED)])
+        verdict = after_loss(chunk, event.suspect, self.settings.max_worker_deaths)
+        if verdict.give_up is not None:
+            self.record(job, chunk, [ImageOutcome.failed(chunk.first, verdict.give_up, ErrorKind.WORKER_DIED)])
             return
         job.chunks_in_flight -= 1
-        if chunk.deaths == 0:  # it shared a process that died: alone, it will tell whether it was the cause
-            job.pending.appendleft(Chunk(chunk.job_id, chunk.first, chunk.stop, deaths))
-            return
-        middle = (chunk.first + chunk.stop) // 2
-        halves = [Chunk(chunk.job_id, chunk.first, middle, deaths), Chunk(chunk.job_id, middle, chunk.stop, deaths)]
-        job.pending.extendleft(reversed([h for h in halves if h.images]))
+        job.pending.extendleft(reversed(verdict.retry))
 
     # -------------------------------------------------------------- recording
     def task_done(self, event: TaskDone) -> None:

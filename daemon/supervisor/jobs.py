@@ -1,5 +1,6 @@
-"""A claimed job's bookkeeping: its images, which chunks wait, how many are in flight and done, which stores
-failed, and the status document that says so. No I/O: the supervisor reads and writes the spool.
+"""A claimed job's bookkeeping (its images, which chunks wait, how many are in flight and recorded, which
+stores failed, and the status document that says so), and what becomes of a chunk whose task was lost.
+No I/O and no clock: the supervisor reads and writes the spool, so all of this is tested in milliseconds.
 """
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from daemon.outcome import ErrorKind, ImageOutcome
-from daemon.stores import Store
+from daemon.engine import ErrorKind, ImageOutcome
+from daemon.supervisor.stores import Store
 from spool import Phase, Status, status_document, utc_now
 
 UNKNOWN_STORE = "store_id not in the store master"
@@ -19,7 +20,7 @@ CANCELLED = "cancelled by request"
 class Chunk:
     """Images first..stop-1 of a job: the unit of fairness, of results files and of work redone after a crash.
 
-    ``deaths``: pool processes that died while holding these images (see Supervisor.chunk_lost)."""
+    ``deaths``: processes that died while holding these images (see ``after_loss``)."""
 
     job_id: int
     first: int
@@ -53,7 +54,7 @@ class ActiveJob:
                        for visit in doc["visits"] for url in visit["image_url"]]
         self.pending: deque[Chunk] = deque()
         self.chunks_in_flight = 0
-        self.done = 0
+        self.recorded = 0  # images with a result on disk ("images_done" on the wire)
         self.failed = 0
         self.failed_stores: dict[str, list] = {}  # store_id -> [first error, its image_url, images failed]
 
@@ -63,11 +64,11 @@ class ActiveJob:
 
     @property
     def finished(self) -> bool:
-        return self.done >= self.total and not self.pending and not self.chunks_in_flight
+        return self.recorded >= self.total and not self.pending and not self.chunks_in_flight
 
     def count(self, store_id: str, error: str | None, url: str) -> None:
         """One more image with a recorded result."""
-        self.done += 1
+        self.recorded += 1
         if error is not None:
             self.failed += 1
             entry = self.failed_stores.setdefault(store_id, [error, url, 0])
@@ -88,7 +89,7 @@ class ActiveJob:
         else:
             status = Status.FAILED if self.failed_stores else Status.COMPLETED
             phase = Phase.FINISHED
-        doc = status_document(self.job_id, status, phase, images_total=self.total, images_done=self.done,
+        doc = status_document(self.job_id, status, phase, images_total=self.total, images_done=self.recorded,
                               images_failed=self.failed, submitted_at=self.submitted_at, updated_at=utc_now())
         if status is Status.FAILED:
             doc["error"] = [{"store_id": store_id, "error": error, "image_url": url, "images_failed": count}
@@ -102,3 +103,30 @@ def unknown_store(index: int) -> ImageOutcome:
 
 def cancelled(index: int) -> ImageOutcome:
     return ImageOutcome.failed(index, CANCELLED, ErrorKind.CANCELLED)
+
+
+@dataclass(frozen=True)
+class AfterLoss:
+    """What becomes of a chunk whose task was lost: sent out again as ``retry`` (chunks, first first), or, for
+    an image alone whose processes kept dying, failed with ``give_up`` (the reason its result says)."""
+
+    retry: tuple[Chunk, ...] = ()
+    give_up: str | None = None
+
+
+def after_loss(chunk: Chunk, suspect: bool, max_deaths: int) -> AfterLoss:
+    """The death policy. A chunk lost through no fault of its images (``suspect`` false: the Dask scheduler
+    went away) goes out again as it was. Otherwise the death counts against it: the first time it goes out
+    again whole, isolated (it shared a process; alone, it tells whether it was the cause); an isolated chunk
+    that dies again is halved, so an image that kills whatever measures it ends up alone; alone, it is failed
+    once ``max_deaths`` processes have died with it. Innocent images never share a process with it again."""
+    if not suspect:
+        return AfterLoss(retry=(chunk,))
+    deaths = chunk.deaths + 1
+    if chunk.images == 1 and chunk.deaths and deaths >= max_deaths:
+        return AfterLoss(give_up=f"the process measuring this image died each time ({deaths} attempts)")
+    if chunk.deaths == 0:
+        return AfterLoss(retry=(Chunk(chunk.job_id, chunk.first, chunk.stop, deaths),))
+    middle = (chunk.first + chunk.stop) // 2
+    halves = (Chunk(chunk.job_id, chunk.first, middle, deaths), Chunk(chunk.job_id, middle, chunk.stop, deaths))
+    return AfterLoss(retry=tuple(half for half in halves if half.images))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from daemon.outcome import ErrorKind
+from daemon.engine.outcome import ErrorKind
 
 #: Pillow format names we open; anything else is refused before a decoder looks at it.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")

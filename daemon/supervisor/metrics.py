@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 
-from daemon.outcome import ErrorKind, ImageOutcome
+from daemon.engine.outcome import ErrorKind, ImageOutcome
 
 #: Upper bounds (seconds) of the per-image processing time histogram: download + measure + GPU wait.
 SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

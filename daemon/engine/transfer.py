@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import pycurl
 
-from daemon.download import DownloadLimits
-from daemon.measure import HEAD_BYTES, TAIL_BYTES, ImageBytes
-from daemon.netguard import AddressPolicy
-from daemon.outcome import ErrorKind
+from daemon.engine.limits import DownloadLimits
+from daemon.engine.measure import HEAD_BYTES, TAIL_BYTES, ImageBytes
+from daemon.engine.netguard import AddressPolicy
+from daemon.engine.outcome import ErrorKind
 
 try:
     import certifi
@@ -73,7 +73,7 @@ class Transfer:
     def __init__(self, limits: DownloadLimits, policy: AddressPolicy):
         self.limits, self.policy = limits, policy
         self.attempt = Attempt(limits.max_image_bytes)
-        self.job = None  # the engine's bookkeeping for the image being downloaded
+        self.image = None  # the engine's bookkeeping for the image being downloaded
         curl = self.curl = pycurl.Curl()
         curl.setopt(pycurl.NOSIGNAL, 1)
         curl.setopt(pycurl.CONNECTTIMEOUT_MS, int(limits.connect_timeout_s * 1000))
@@ -97,14 +97,14 @@ class Transfer:
         curl.setopt(pycurl.HEADERFUNCTION, self._header)
         curl.setopt(pycurl.OPENSOCKETFUNCTION, self._open_socket)
 
-    def begin(self, url: str, job) -> None:
+    def begin(self, url: str, image) -> None:
         """Point the handle at ``url`` for a new attempt; the engine then adds it to its multi handle."""
-        self.attempt, self.job = Attempt(self.limits.max_image_bytes), job
+        self.attempt, self.image = Attempt(self.limits.max_image_bytes), image
         self.curl.setopt(pycurl.URL, url)
 
     def release(self) -> None:
         """Forget the finished attempt (the engine has taken what it needs), so an idle handle holds no body."""
-        self.attempt, self.job = Attempt(self.limits.max_image_bytes), None
+        self.attempt, self.image = Attempt(self.limits.max_image_bytes), None
 
     # ------------------------------------------------------------ callbacks
     def _write(self, data: bytes) -> int | None:

@@ -1,15 +1,15 @@
 """The engine: measure many images at once on one thread, with libcurl's multi interface.
 
-``Engine.submit(items, done)`` takes a batch of ``(index, url)`` and calls ``done(outcomes)`` once every item
-has its ImageOutcome (in item order). It knows nothing of pool processes or Dask: a local pool process and
-a Dask worker each run one Engine, and ``measure()`` runs one for a single batch (tests, isolated tasks).
+``Engine.submit(images, done)`` takes one task's images, ``(index, url)`` pairs, and calls ``done(outcomes)``
+once every image has its ImageOutcome (in the task's order). It knows nothing of pool processes or Dask: a local pool process and
+a Dask worker each run one Engine, and ``measure()`` runs one for a single task (tests, isolated tasks).
 
 One loop serves everything: libcurl's sockets (its socket and timer callbacks drive an epoll selector), a
-wake-up socket for batches handed in by other threads, and a heap of deadlines. An image's simulated GPU
+wake-up socket for tasks handed in by other threads, and a heap of deadlines. An image's simulated GPU
 work (0.1-0.4 s) is such a deadline: its outcome is released only when the wait is over, so the wait stays
 real for every image but costs no thread. A retry's backoff is a deadline too. At most ``max_transfers``
-downloads run at once; the rest wait, and a free slot goes to the next batch in turn (one image from each
-batch with images waiting), so a batch that arrives behind big ones starts at once instead of queueing
+downloads run at once; the rest wait, and a free slot goes to the next task in turn (one image from each
+task with images waiting), so a task that arrives behind big ones starts at once instead of queueing
 behind their images: the supervisor's chunks of different jobs share the process fairly.
 """
 from __future__ import annotations
@@ -28,15 +28,17 @@ from dataclasses import dataclass, field
 
 import pycurl
 
-from daemon.download import DownloadLimits
-from daemon.measure import ImageError, image_size, perimeter
-from daemon.netguard import AddressPolicy
-from daemon.outcome import ErrorKind, ImageOutcome
-from daemon.transfer import Failure, Transfer
+from daemon.engine.limits import DownloadLimits
+from daemon.engine.measure import ImageError, image_size, perimeter
+from daemon.engine.netguard import AddressPolicy
+from daemon.engine.outcome import ErrorKind, ImageOutcome
+from daemon.engine.transfer import Failure, Transfer
 
 log = logging.getLogger("retailpulse.engine")
 
 Done = Callable[[list[ImageOutcome]], None]
+#: One task's images: (index in the job, url) pairs.
+TaskImages = Sequence[tuple[int, str]]
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class EngineSettings:
     addresses: AddressPolicy = field(default_factory=AddressPolicy)  # public addresses only, by default
 
 
-class _Batch:
+class _Task:
     def __init__(self, size: int, done: Done):
         self.outcomes: list[ImageOutcome | None] = [None] * size
         self.left, self.done = size, done
@@ -57,7 +59,7 @@ class _Batch:
 
 @dataclass
 class _Image:
-    batch: _Batch
+    task: _Task
     position: int
     index: int
     url: str
@@ -66,8 +68,10 @@ class _Image:
 
 
 class Engine:
-    def __init__(self, settings: EngineSettings):
-        self.settings = settings
+    """``clock``: monotonic seconds, for the deadlines (GPU waits, retry backoff); tests may pass their own."""
+
+    def __init__(self, settings: EngineSettings, clock: Callable[[], float] = time.monotonic):
+        self.settings, self.clock = settings, clock
         self._multi = pycurl.CurlMulti()
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
@@ -75,12 +79,12 @@ class Engine:
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._selector.register(self._wake_reader, selectors.EVENT_READ)
-        self._inbox: deque[tuple[Sequence[tuple[int, str]], Done]] = deque()  # from other threads
+        self._inbox: deque[tuple[TaskImages, Done]] = deque()  # from other threads
         self._inbox_lock = threading.Lock()
-        self._waiting: deque[_Batch] = deque()  # batches with images to start, served in turn
+        self._waiting: deque[_Task] = deque()  # tasks with images to start, served in turn
         self._idle: list[Transfer] = []  # easy handles ready for reuse
         self._running: dict[int, Transfer] = {}  # id(curl) -> transfer
-        self._deadlines: list[tuple[float, int, Callable[[], None]]] = []  # (monotonic, seq, action)
+        self._deadlines: list[tuple[float, int, Callable[[], None]]] = []  # (clock(), seq, action)
         self._seq = itertools.count()
         self._curl_timer_at: float | None = None
         self._stop = threading.Event()
@@ -88,10 +92,10 @@ class Engine:
         self._in_flight = 0  # images submitted and not yet answered, for images_in_flight
 
     # ----------------------------------------------------------- interface
-    def submit(self, items: Sequence[tuple[int, str]], done: Done) -> None:
-        """Hand a batch in (from any thread). ``done`` is called on the engine's thread."""
+    def submit(self, images: TaskImages, done: Done) -> None:
+        """Hand a task in (from any thread). ``done`` is called on the engine's thread."""
         with self._inbox_lock:
-            self._inbox.append((items, done))
+            self._inbox.append((images, done))
         self._wake()
 
     def start(self) -> None:
@@ -118,9 +122,12 @@ class Engine:
 
     # ----------------------------------------------------------- the loop
     def _turn(self) -> None:
-        now = time.monotonic()
-        wakes = [at for at in (self._curl_timer_at, self._deadlines[0][0] if self._deadlines else None) if at]
-        timeout = max(0.0, min(wakes) - now) if wakes else 1.0
+        waits = []  # seconds until libcurl's timer (real time) and the first deadline (our clock)
+        if self._curl_timer_at is not None:
+            waits.append(self._curl_timer_at - time.monotonic())
+        if self._deadlines:
+            waits.append(self._deadlines[0][0] - self.clock())
+        timeout = max(0.0, min(waits)) if waits else 1.0
         if self._waiting and len(self._running) < self.settings.max_transfers:
             timeout = 0.0  # work that can start now
         for key, mask in self._selector.select(min(timeout, 1.0)):
@@ -169,23 +176,23 @@ class Engine:
 
     def _take_inbox(self) -> None:
         with self._inbox_lock:
-            batches, self._inbox = self._inbox, deque()
-        for items, done in batches:
-            batch = _Batch(len(items), done)
-            self._in_flight += len(items)
-            if not items:
-                self._answer(batch)
-            batch.todo.extend(_Image(batch, position, index, url) for position, (index, url) in enumerate(items))
-            if batch.todo:
-                self._waiting.append(batch)
+            tasks, self._inbox = self._inbox, deque()
+        for images, done in tasks:
+            task = _Task(len(images), done)
+            self._in_flight += len(images)
+            if not images:
+                self._answer(task)
+            task.todo.extend(_Image(task, position, index, url) for position, (index, url) in enumerate(images))
+            if task.todo:
+                self._waiting.append(task)
 
     def _start_waiting(self) -> None:
         started = False
         while self._waiting and len(self._running) < self.settings.max_transfers:
-            batch = self._waiting[0]
-            image = batch.todo.popleft()
-            if batch.todo:
-                self._waiting.rotate(-1)  # the next image goes to the next batch
+            task = self._waiting[0]
+            image = task.todo.popleft()
+            if task.todo:
+                self._waiting.rotate(-1)  # the next image goes to the next task
             else:
                 self._waiting.popleft()
             if not image.attempt:
@@ -212,7 +219,7 @@ class Engine:
     def _transfer_ended(self, curl, code: int, message: str) -> None:
         transfer = self._running.pop(id(curl))
         self._multi.remove_handle(curl)
-        image, attempt = transfer.job, transfer.attempt
+        image, attempt = transfer.image, transfer.attempt
         failure = transfer.failure(code, message)
         transfer.release()  # an idle handle keeps no body
         self._idle.append(transfer)
@@ -223,13 +230,13 @@ class Engine:
             self._failed_attempt(image, failure, 0 if http_error else attempt.size)
 
     def _fire_deadlines(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, action = heapq.heappop(self._deadlines)
             action()
 
     def _after(self, delay_s: float, action: Callable[[], None]) -> None:
-        heapq.heappush(self._deadlines, (time.monotonic() + delay_s, next(self._seq), action))
+        heapq.heappush(self._deadlines, (self.clock() + delay_s, next(self._seq), action))
 
     # ----------------------------------------------------------- outcomes
     def _measured(self, image: _Image, body) -> None:
@@ -257,36 +264,36 @@ class Engine:
         self._record(image, ImageOutcome.failed(image.index, reason, failure.kind, self._age(image), nbytes))
 
     def _retry(self, image: _Image) -> None:
-        """Back to the front of its batch's queue once its backoff is over; its batch's turn comes next."""
-        batch = image.batch
-        if not batch.todo:
-            self._waiting.appendleft(batch)
-        batch.todo.appendleft(image)
+        """Back to the front of its task's queue once its backoff is over; its task's turn comes next."""
+        task = image.task
+        if not task.todo:
+            self._waiting.appendleft(task)
+        task.todo.appendleft(image)
 
     @staticmethod
     def _age(image: _Image) -> float:
         return time.perf_counter() - image.started
 
     def _record(self, image: _Image, outcome: ImageOutcome) -> None:
-        batch = image.batch
-        batch.outcomes[image.position] = outcome
-        batch.left -= 1
+        task = image.task
+        task.outcomes[image.position] = outcome
+        task.left -= 1
         self._in_flight -= 1
-        if batch.left == 0:
-            self._answer(batch)
+        if task.left == 0:
+            self._answer(task)
 
     @staticmethod
-    def _answer(batch: _Batch) -> None:
+    def _answer(task: _Task) -> None:
         try:
-            batch.done(batch.outcomes)
-        except Exception:  # the caller's bug must not stop the loop that serves every other batch
-            log.exception("engine: a batch's done callback failed")
+            task.done(task.outcomes)
+        except Exception:  # the caller's bug must not stop the loop that serves every other task
+            log.exception("engine: a task's done callback failed")
 
 
-def measure(items: Sequence[tuple[int, str]], settings: EngineSettings) -> list[ImageOutcome]:
-    """Measure one batch on the calling thread; its outcomes, in item order."""
+def measure(images: TaskImages, settings: EngineSettings) -> list[ImageOutcome]:
+    """Measure one task on the calling thread; its outcomes, in the task's order."""
     engine = Engine(settings)
     outcomes: list[ImageOutcome] = []
-    engine.submit(items, outcomes.extend)
-    engine.run(until=lambda: len(outcomes) == len(items) and not engine._inbox)
+    engine.submit(images, outcomes.extend)
+    engine.run(until=lambda: len(outcomes) == len(images) and not engine._inbox)
     return outcomes

@@ -10,23 +10,25 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
-from daemon.jobs import ActiveJob, Chunk
-from daemon.metrics import Metrics
-from daemon.outcome import ImageOutcome
-from daemon.stores import Store
+from daemon.supervisor.jobs import ActiveJob, Chunk
+from daemon.supervisor.metrics import Metrics
+from daemon.engine import ImageOutcome
+from daemon.supervisor.stores import Store
 from spool import Spool, Status
 
 log = logging.getLogger("retailpulse.daemon")
 
 
 class Recorder:
-    def __init__(self, spool: Spool, stores: dict[str, Store], metrics: Metrics, retry_interval_s: float):
-        self.spool, self.stores, self.metrics = spool, stores, metrics
+    def __init__(self, spool: Spool, stores: dict[str, Store], metrics: Metrics, retry_interval_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.spool, self.stores, self.metrics, self.clock = spool, stores, metrics, clock
         self.retry_interval_s = retry_interval_s
         self.unrecorded: deque[tuple[ActiveJob, Chunk, list[ImageOutcome]]] = deque()
         self.unpublished: dict[int, ActiveJob] = {}
-        self.retry_at = 0.0  # monotonic; no writes are tried again before it
+        self.retry_at = 0.0  # clock(); no writes are tried again before it
 
     @property
     def paused(self) -> bool:
@@ -70,7 +72,7 @@ class Recorder:
 
     def retry(self) -> list[ActiveJob]:
         """Try the owed writes again, when it is time. The jobs that finished thereby."""
-        if not self.paused or time.monotonic() < self.retry_at:
+        if not self.paused or self.clock() < self.retry_at:
             return []
         finished = []
         for _ in range(len(self.unrecorded)):
@@ -87,4 +89,4 @@ class Recorder:
     def _failed(self, what: str, exc: OSError) -> None:
         if not self.paused:
             log.error("%s: %s; pausing, retrying every %g s", what, exc, self.retry_interval_s)
-        self.retry_at = time.monotonic() + self.retry_interval_s
+        self.retry_at = self.clock() + self.retry_interval_s

@@ -1,0 +1,75 @@
+"""Reading a claimed job back: its job file and whatever results are already on disk, at claim, at start-up
+and after a requeue; and repairing what a crash or a bad disk left (an unreadable status or results file).
+
+A job whose file cannot be read is failed at once, with the reason in its status, and its file moved to
+corrupt/; an unreadable results file is moved aside and its images are done again.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from daemon.supervisor.jobs import ActiveJob, Chunk, uncovered
+from spool import CorruptFile, DamagedResults, Phase, Spool, Status, status_document, utc_now
+
+log = logging.getLogger("retailpulse.daemon")
+
+
+class JobLoader:
+    def __init__(self, spool: Spool, chunk_images: int):
+        self.spool, self.chunk_images = spool, chunk_images
+
+    def open(self, job_id: int, path: Path) -> ActiveJob | None:
+        """The job at ``path`` with its recorded results counted and the rest queued as chunks; None (and
+        the job failed, naming why) when its file cannot be read."""
+        try:
+            job = ActiveJob(job_id, self.spool.read_job(path))
+        except (CorruptFile, KeyError, TypeError) as exc:
+            self.reject(job_id, path, f"job file unreadable: {exc}")
+            return None
+        covered = self.read_recorded(job)
+        job.pending.extend(Chunk(job_id, first, stop) for first, stop in uncovered(job.total, covered, self.chunk_images))
+        log.info("job %d: %s, %d images, %d already recorded", job_id,
+                 "resumed" if covered else "started", job.total, job.recorded)
+        return job
+
+    def read_recorded(self, job: ActiveJob) -> list[tuple[int, int]]:
+        """Count the job's recorded results; move unreadable results files aside. The (first, stop) covered."""
+        covered = []
+        for first, stop, path in self.spool.result_chunks(job.job_id):
+            try:
+                records = self.spool.read_results(job.job_id, first, stop, path)
+            except DamagedResults as exc:
+                self.spool.move_aside(path, f"results file unreadable, images redone: {exc}")
+                continue
+            for record in records:
+                job.count(record.get("store_id", ""), record.get("error"), record.get("image_url"))
+            covered.append((first, stop))
+        return covered
+
+    def repair_status(self, job_id: int) -> None:
+        """A status file that does not parse: move it aside; rebuild it from the job's results."""
+        self.spool.move_aside(self.spool.status_path(job_id), "status file unreadable; rebuilt from the results")
+        for folder in Spool.FINISHED_FOLDERS:
+            path = self.spool.job_path(folder, job_id)
+            if path.exists():
+                try:
+                    job = ActiveJob(job_id, self.spool.read_job(path))
+                except (CorruptFile, KeyError, TypeError):
+                    return  # the job file itself is broken; its status stays unknown
+                self.read_recorded(job)
+                if job.finished:
+                    self.spool.write_status(job_id, job.status_doc())
+                    log.warning("job %d: status file was unreadable; rebuilt from its results", job_id)
+                else:  # results went missing too: do the missing images again
+                    self.spool.reopen(job_id, folder)
+                    log.warning("job %d: status and results incomplete; back to active/ to redo them", job_id)
+                return
+        # incoming/ or active/: open() and the daemon's next write replace it.
+
+    def reject(self, job_id: int, path: Path, why: str) -> None:
+        log.error("job %d: %s", job_id, why)
+        self.spool.move_aside(path, why)
+        self.spool.write_status(job_id, status_document(
+            job_id, Status.FAILED, Phase.FINISHED, images_total=0, images_done=0, images_failed=0,
+            updated_at=utc_now(), error=[{"store_id": "", "error": why}]))

@@ -1,0 +1,16 @@
+"""The supervisor's settings. The defaults here are the settings table's defaults (config/__init__.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    chunk_images: int = 64  # images per chunk: the unit of fairness, of results files and of redoing
+    max_active_jobs: int = 32  # jobs progressing at once; more wait in incoming/, but for small ones
+    small_job_images: int = 1000  # a job this small is started at once, however many jobs run
+    poll_interval_s: float = 0.1  # how often incoming/ is looked at while idle
+    drain_timeout_s: float = 60.0  # on stop, how long in-flight chunks may take to finish and be recorded
+    max_worker_deaths: int = 3  # an image alone in a chunk whose process died this often is failed
+    disk_retry_interval_s: float = 5.0  # while writes fail (disk full), how often they are tried again
+    retention_days: float = 7.0  # finished jobs older than this are deleted; 0 keeps them forever
