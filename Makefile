@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SPOOL_DIR ?= var/spool
 STORE_MASTER ?= data/stores.csv
 
-.PHONY: run test clean
+.PHONY: run test test-fast clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# The inner loop: everything but the browser, Dask, nginx and install tests (about a minute on 2 cores).
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -m 'not (browser or dask or nginx or install)'
 
 clean:
 	rm -rf $(VENV) var .pytest_cache *.egg-info

@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image
 from spool import Spool
 from tests import openapi_check
 
-from tests.service import REAL_STORE_MASTER, REPO, SAMPLE_STORE_MASTER, Service  # noqa: F401 (re-exported)
+from tests.service import REAL_STORE_MASTER, REPO, SAMPLE_STORE_MASTER, Service, free_port  # noqa: F401 (re-exported)
 
 
 def visit(store_id: str, urls: list[str], visit_time: str = "2026-11-23T10:00:00") -> dict:
@@ -35,6 +36,27 @@ def wait_until(predicate, timeout_s: float = 30, what: str = "condition", interv
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def visits_of(image_server, n: int, extra: list[str] = ()) -> list[dict]:
+    """One visit of n distinct URLs of one real JPEG (64 x 48, perimeter 224); a query string each, so the
+    server counts each image apart. ``extra`` URLs go last."""
+    (image_server.folder / "shelf.jpg").write_bytes(image_bytes("JPEG", 64, 48))
+    urls = [f"{image_server.base}/shelf.jpg?n={i}" for i in range(n)] + list(extra)
+    return [visit("RP00001", urls)]
+
+
+def mount_tmpfs(mount_point: Path, size: str = "1m") -> None:
+    """A real small file system at ``mount_point`` (made here), for full and read-only disks; the test is
+    skipped where this process may not mount (not root, no CAP_SYS_ADMIN). Undo with ``unmount``."""
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+
+
+def unmount(mount_point: Path) -> None:
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 def image_bytes(fmt: str, width: int, height: int) -> bytes:
@@ -138,7 +160,8 @@ class ImageServer:
         self.httpd.daemon_threads = True
         self.httpd.hits, self.httpd.lock, self.httpd.hooks = collections.Counter(), threading.Lock(), {}
         self.base = f"http://{host}:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # A short poll interval: shutdown() waits for one, after every test that used the server.
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
 
     def __iter__(self):
         return iter((self.base, self.folder))
@@ -210,16 +233,16 @@ def pool_worker_pids(daemon_pid: int) -> list[int]:
     return sorted(pids)
 
 
-def pid_of_peer(local_port: int) -> int | None:
-    """The pid of the process on this machine whose TCP socket has local port ``local_port`` (IPv4)."""
-    inode = None
+def _tcp_sockets() -> list[tuple[int, int, str, str]]:
+    """(local port, remote port, state, inode) of every IPv4 TCP socket on this machine (/proc/net/tcp)."""
+    found = []
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if int(fields[1].split(":")[1], 16) == local_port:
-            inode = fields[9]
-            break
-    if inode is None:
-        return None
+        found.append((int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16), fields[3], fields[9]))
+    return found
+
+
+def _pid_holding(inode: str) -> int | None:
     target = f"socket:[{inode}]"
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -231,3 +254,28 @@ def pid_of_peer(local_port: int) -> int | None:
         except OSError:
             continue
     return None
+
+
+def pid_of_peer(local_port: int) -> int | None:
+    """The pid of the process on this machine whose TCP socket has local port ``local_port`` (IPv4)."""
+    inode = next((inode for local, _, _, inode in _tcp_sockets() if local == local_port), None)
+    return None if inode is None else _pid_holding(inode)
+
+
+def pid_serving(client_port: int) -> int | None:
+    """The pid holding the server side of our connection from ``client_port`` (it accepted it), if any."""
+    inode = next((inode for _, remote, _, inode in _tcp_sockets() if remote == client_port), None)
+    return None if inode is None or inode == "0" else _pid_holding(inode)
+
+
+def listener_of(port: int) -> str | None:
+    """The inode of the socket listening on TCP ``port`` (state 0A), shared by every process that inherited it."""
+    return next((inode for local, _, state, inode in _tcp_sockets() if local == port and state == "0A"), None)
+
+
+def holds_socket(pid: int, inode: str) -> bool:
+    """Whether process ``pid`` has socket ``inode`` among its open files."""
+    try:
+        return any(os.readlink(fd.path) == f"socket:[{inode}]" for fd in os.scandir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False

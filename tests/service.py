@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import socket
 import subprocess
 import sys
 import time
@@ -114,6 +115,13 @@ class Service:
         self.http.close()  # an idle keep-alive connection would hold the API's graceful stop for 2 s
         stop_processes(self.api, self.daemon)
         self.api.stdout.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for programs that cannot be told port 0."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def stop_processes(*procs: subprocess.Popen, timeout_s: float = 30) -> None:

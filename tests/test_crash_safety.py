@@ -15,21 +15,15 @@ from pathlib import Path
 
 import requests
 
-from spool import Status
-from tests.conftest import REPO, SAMPLE_STORE_MASTER, image_bytes, pid_of_peer, pool_worker_pids, wait_until
+from spool import Status, pid_exists
+from tests.conftest import (REPO, SAMPLE_STORE_MASTER, children, holds_socket, listener_of,
+                            pid_of_peer, pid_serving, pool_worker_pids, visits_of, wait_until)
 
 CHUNK, PROCESSES, PER_PROCESS = 16, 2, 32
 IN_FLIGHT = PROCESSES * PER_PROCESS  # the bound on images in flight, so on images downloaded twice after a crash
 #: Settings that make a job of a few hundred images last a few seconds, with at most 64 images in flight.
 SLOW = ["--gpu-sleep-min-s", "0.05", "--gpu-sleep-max-s", "0.15", "--chunk-images", str(CHUNK),
         "--images-per-process", str(PER_PROCESS), "--processes", str(PROCESSES)]
-
-
-def job_of(image_server, n: int, extra: list[str] = ()) -> list[dict]:
-    """One visit of n distinct URLs (a query string each, so the server counts each image apart)."""
-    (image_server.folder / "shelf.jpg").write_bytes(image_bytes("JPEG", 64, 48))
-    urls = [f"{image_server.base}/shelf.jpg?n={i}" for i in range(n)] + list(extra)
-    return [{"store_id": "RP00001", "visit_time": "2026-11-23T10:00:00", "image_url": urls}]
 
 
 class StatusWatcher:
@@ -73,7 +67,7 @@ def assert_one_result_per_image(service, job_id, total):
 def test_daemon_killed_mid_job_resumes_and_redoes_at_most_the_images_in_flight(start_service, image_server):
     service = start_service(*SLOW)
     total = 400
-    job_id = service.submit(job_of(image_server, total))
+    job_id = service.submit(visits_of(image_server, total))
     watcher = StatusWatcher(service, job_id)
     wait_until(lambda: watcher.latest_done() >= 120, what="a third of the job")
 
@@ -115,7 +109,7 @@ def running(pid: int) -> bool:
 def test_killed_pool_process_is_detected_and_its_images_redone(start_service, image_server):
     service = start_service(*SLOW)
     total = 300
-    job_id = service.submit(job_of(image_server, total))
+    job_id = service.submit(visits_of(image_server, total))
     wait_until(lambda: service.status(job_id).get("images_done", 0) >= 32, what="work under way")
     victim = pool_worker_pids(service.daemon.pid)[0]
     os.kill(victim, signal.SIGKILL)
@@ -147,7 +141,7 @@ def test_poison_image_fails_alone_after_bounded_attempts(start_service, image_se
     image_server.on("/poison.jpg", kill_the_downloader)
     poison = f"{image_server.base}/poison.jpg"
     total = 48  # the poison is the last image of a full chunk of 16
-    job_id = service.submit(job_of(image_server, total - 1, extra=[poison]))
+    job_id = service.submit(visits_of(image_server, total - 1, extra=[poison]))
     final = service.wait(job_id, timeout_s=90)
 
     assert final["status"] == Status.FAILED
@@ -168,7 +162,7 @@ def test_poison_image_fails_alone_after_bounded_attempts(start_service, image_se
 def test_daemon_sigterm_drains_exits_in_bounded_time_and_restart_continues(start_service, image_server):
     service = start_service(*SLOW, "--drain-timeout-s", "5")
     total = 300
-    job_id = service.submit(job_of(image_server, total))
+    job_id = service.submit(visits_of(image_server, total))
     wait_until(lambda: service.status(job_id).get("images_done", 0) >= 64, what="work under way")
     service.daemon.send_signal(signal.SIGTERM)
     started = time.monotonic()
@@ -189,14 +183,19 @@ def test_daemon_sigterm_drains_exits_in_bounded_time_and_restart_continues(start
 
 def test_api_sigterm_finishes_the_request_in_flight(start_service, image_server):
     service = start_service()
-    body = json.dumps({"count": 1, "visits": job_of(image_server, 3)}).encode()
+    body = json.dumps({"count": 1, "visits": visits_of(image_server, 3)}).encode()
     host, port = service.base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as conn:
         conn.sendall(b"POST /api/submit/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:20])
-        time.sleep(0.5)  # let a worker take the request and block reading the body
+        client_port = conn.getsockname()[1]
+        worker = wait_until(lambda: pid_serving(client_port), what="an API worker to accept the request")
+        assert worker in children(service.api.pid)
+        listener = listener_of(int(port))
         service.api.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        # Gunicorn's arbiter closes its listening socket as it handles SIGTERM, then passes the signal on to
+        # the workers; only then does the rest of the half-sent body go out.
+        wait_until(lambda: not holds_socket(service.api.pid, listener), what="the API to handle SIGTERM")
         conn.sendall(body[20:])
         reply = b""
         while chunk := conn.recv(65536):
@@ -209,7 +208,7 @@ def test_api_sigterm_finishes_the_request_in_flight(start_service, image_server)
 
 def test_api_killed_while_writing_a_job_leaves_no_job_or_a_whole_one(start_service, image_server):
     service = start_service()
-    big = json.dumps({"count": 1, "visits": job_of(image_server, 150_000)}).encode()
+    big = json.dumps({"count": 1, "visits": visits_of(image_server, 150_000)}).encode()
     tmp = service.spool.root / "tmp"
     caught = None
     for _attempt in range(5):
@@ -228,7 +227,8 @@ def test_api_killed_while_writing_a_job_leaves_no_job_or_a_whole_one(start_servi
             break
     assert caught, "never saw a job file being written"
     job_id, tmp_name = caught
-    time.sleep(0.2)
+    killed = int(tmp_name.partition(".json.")[2].split(".")[0])
+    wait_until(lambda: not pid_exists(killed), what="the killed API worker to be gone")
     # Either the rename had happened (a whole job) or there is no job at all; never a partial one.
     for folder in ("incoming", "active", "done", "failed"):
         path = service.spool.job_path(folder, job_id)
@@ -242,7 +242,7 @@ def test_api_killed_while_writing_a_job_leaves_no_job_or_a_whole_one(start_servi
     service.wait_for_daemon()
     assert tmp_name not in os.listdir(tmp)
     # And the API (gunicorn replaced its killed worker) still takes jobs.
-    assert service.wait(service.submit(job_of(image_server, 2)))["status"] == Status.COMPLETED
+    assert service.wait(service.submit(visits_of(image_server, 2)))["status"] == Status.COMPLETED
 
 
 def _post_ignoring_errors(base, body):
@@ -281,7 +281,7 @@ def test_killed_idle_pool_processes_are_replaced_and_take_work(start_service, im
     for pid in old:
         os.kill(pid, signal.SIGKILL)
     wait_until(lambda: service.daemon_output().count("connected") >= 4, what="replacements to connect")
-    job_id = service.submit(job_of(image_server, 20))
+    job_id = service.submit(visits_of(image_server, 20))
     final = service.wait(job_id, timeout_s=30)
     assert final["status"] == Status.COMPLETED
     assert_one_result_per_image(service, job_id, 20)

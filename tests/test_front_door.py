@@ -17,6 +17,8 @@ from tests.api_process import running_api
 from tests.service import REPO, stop_processes
 from webapi.auth import digest
 
+pytestmark = pytest.mark.nginx  # needs a real nginx: left out of `make test-fast`
+
 SITE = REPO / "systemd" / "nginx" / "retail-pulse.conf"
 TOKENS = {"acme": "token-of-acme", "globex": "token-of-globex"}
 

@@ -18,6 +18,8 @@ import requests
 from spool import Status
 from tests.conftest import REPO, SAMPLE_STORE_MASTER, Service, image_bytes, visit, wait_until
 
+pytestmark = pytest.mark.install  # needs a wheel built and installed into a fresh venv: left out of `make test-fast`
+
 WHEELHOUSE = REPO / ".venv" / "wheelhouse"
 
 

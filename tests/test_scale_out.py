@@ -16,6 +16,8 @@ import pytest
 from spool import Status
 from tests.conftest import image_bytes, wait_until
 
+pytestmark = pytest.mark.dask  # needs a real Dask scheduler and workers: left out of `make test-fast`
+
 pytest.importorskip("distributed", reason="the dask extra is not installed (pip install '.[dask]')")
 BIN = Path(sys.executable).parent
 PER_WORKER = 32

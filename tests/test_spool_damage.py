@@ -10,7 +10,7 @@ import pytest
 from daemon.supervisor.housekeeping import Housekeeping
 from spool import Phase, Status, status_document
 from webapi.app import make_app
-from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, visit
+from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, mount_tmpfs, unmount, visit
 
 
 def test_tmp_leftovers_of_any_shape_are_never_fatal(spool):
@@ -77,10 +77,7 @@ def read_only_spool(tmp_path):
     """A spool on a file system mounted read-only (root may write anything else); skipped where mount is
     not allowed."""
     mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
+    mount_tmpfs(mount_point)
     try:
         for name in ("tmp", "meta", "control", "incoming", "active", "done", "failed", "corrupt", "status",
                      "results"):
@@ -88,7 +85,7 @@ def read_only_spool(tmp_path):
         subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
         yield mount_point / "spool"
     finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+        unmount(mount_point)
 
 
 @pytest.mark.parametrize("program", ["daemon", "webapi"])

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import image_bytes, wait_until
 
+pytestmark = pytest.mark.browser  # needs headless Chromium: left out of `make test-fast`
+
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

@@ -1,4 +1,5 @@
-"""The supervisor in-process, with a real process pool and a real image server: resuming and chunking."""
+"""The supervisor in-process, with the real engine and a real image server: resuming, chunking, the death
+policy, a full disk. Time is a clock passed in wherever waiting is not the point."""
 import errno
 import http.server
 import json
@@ -9,15 +10,15 @@ import time
 
 import pytest
 
-from daemon.engine.loop import EngineSettings
-from daemon.supervisor.jobs import Chunk, uncovered
-from daemon.engine.netguard import AddressPolicy
-from daemon.runners.pool import LocalPool
+from daemon.engine import AddressPolicy, Engine, EngineSettings
+from daemon.engine import ImageOutcome
+from daemon.runners import TaskDone, TaskLost
+from daemon.supervisor.jobs import Chunk, after_loss, uncovered
 from daemon.supervisor.stores import load_store_master
 from daemon.supervisor.loop import Events, Supervisor
 from daemon.supervisor.settings import SupervisorSettings
 from spool import Spool, Status
-from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes, wait_until
+from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes, mount_tmpfs, unmount, wait_until
 from webapi.app import make_app
 
 STORES = load_store_master(SAMPLE_STORE_MASTER)
@@ -34,20 +35,49 @@ def test_uncovered_images_are_cut_into_chunks(total, covered, size, expected):
     assert list(uncovered(total, covered, size)) == expected
 
 
+class EngineRunner:
+    """A TaskRunner that measures with the real engine on a thread of this process: the supervisor's logic
+    against real downloads, without starting pool processes for every test (tests/test_crash_safety.py runs
+    the real pool)."""
+
+    def __init__(self, on_event, images_per_process: int = 16):
+        self.on_event, self.images_per_process, self.in_flight = on_event, images_per_process, {}
+        self.engine = Engine(EngineSettings(max_transfers=16, gpu_sleep_min_s=0, gpu_sleep_max_s=0,
+                                            addresses=AddressPolicy(allow_private=True)))
+        self.engine.start()
+
+    def has_room(self, images):
+        return not self.in_flight or sum(self.in_flight.values()) + images <= self.images_per_process
+
+    def submit(self, task_id, images, isolated=False):
+        self.in_flight[task_id] = len(images)
+
+        def done(outcomes):
+            del self.in_flight[task_id]
+            self.on_event(TaskDone(task_id, outcomes))
+
+        self.engine.submit(images, done)
+
+    def workers(self):
+        return 1
+
+    def describe(self):
+        return {"workers": 1}
+
+    def close(self, timeout_s=5):
+        self.engine.close(timeout_s)
+
+
 @pytest.fixture
 def supervised(spool):
-    """make(settings) -> a Supervisor on ``spool`` with a real LocalPool of one process (stopped afterwards)."""
+    """make(settings) -> a Supervisor on ``spool`` measuring with an EngineRunner (closed afterwards)."""
     runners = []
 
-    def make(settings: SupervisorSettings = SupervisorSettings(poll_interval_s=0.02), target=None):
-        engine = EngineSettings(max_transfers=16, gpu_sleep_min_s=0, gpu_sleep_max_s=0,
-                                addresses=AddressPolicy(allow_private=True))
+    def make(settings: SupervisorSettings = SupervisorSettings(poll_interval_s=0.02), target=None, clock=None):
         events = Events()
-        runner = LocalPool(1, engine, events.put, images_per_process=16)
+        runner = EngineRunner(events.put)
         runners.append(runner)
-        supervisor = Supervisor(target or spool, STORES, settings, runner, events)
-        wait_until(lambda: runner.workers() == 1, what="the pool process to connect")
-        return supervisor
+        return Supervisor(target or spool, STORES, settings, runner, events, **({"clock": clock} if clock else {}))
 
     yield make
     for runner in runners:
@@ -156,14 +186,10 @@ def test_finished_job_with_garbage_status_and_results_goes_back_and_is_redone(sp
 # ---------------------------------------------------------------- a full disk, for real
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1 MiB tmpfs, as a full disk; skipped where this process may not mount (not root, no CAP_SYS_ADMIN)."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here; test_api covers ENOSPC with an injected error")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+    """A 1 MiB tmpfs, as a full disk."""
+    mount_tmpfs(tmp_path / "disk")
+    yield tmp_path / "disk"
+    unmount(tmp_path / "disk")
 
 
 def fill(folder):
@@ -178,6 +204,16 @@ def fill(folder):
     return filler
 
 
+class FakeClock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_full_disk_pauses_the_job_and_never_finishes_it_without_results(small_disk, supervised, image_server):
     base, folder = image_server
     (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
@@ -185,30 +221,24 @@ def test_full_disk_pauses_the_job_and_never_finishes_it_without_results(small_di
     release = threading.Event()
     image_server.on("/a.png", lambda handler: release.wait(20) and http.server.SimpleHTTPRequestHandler.do_GET(handler))
     job_id = put_active_job(spool, [f"{base}/a.png"] * 7)
-    supervisor = supervised(SupervisorSettings(chunk_images=3, poll_interval_s=0.02, disk_retry_interval_s=0.2),
-                            target=spool)
-    stop = threading.Event()
-    thread = threading.Thread(target=supervisor.run, args=(stop.is_set,))
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not image_server.hits and time.monotonic() < deadline:
-            time.sleep(0.02)
-        filler = fill(small_disk)  # the disk fills while images are being downloaded
-        release.set()
-        while not supervisor.recorder.unrecorded and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert supervisor.recorder.unrecorded, "the daemon never hit the full disk"
-        time.sleep(0.3)
-        assert spool.job_ids("active") == [job_id] and not spool.job_ids("done")
-        assert not supervisor.dispatched  # paused: nothing new dispatched while results are owed
-        filler.unlink()
-        deadline = time.monotonic() + 20
-        while not spool.job_ids("done") and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join()
+    clock = FakeClock()
+    supervisor = supervised(SupervisorSettings(chunk_images=3, poll_interval_s=0.02, disk_retry_interval_s=5),
+                            target=spool, clock=clock)
+    supervisor.recover()
+    wait_until(lambda: supervisor.step() or image_server.hits, what="the first download")
+    filler = fill(small_disk)  # the disk fills while images are being downloaded
+    release.set()
+    wait_until(lambda: supervisor.step() or supervisor.recorder.unrecorded, what="a write to hit the full disk")
+    for _ in range(20):  # paused: however long the loop turns, nothing moves until the retry is due
+        supervisor.step()
+    assert spool.job_ids("active") == [job_id] and not spool.job_ids("done")
+    assert not supervisor.dispatched  # nothing new dispatched while results are owed
+    filler.unlink()
+    supervisor.step()
+    assert supervisor.recorder.paused, "a write was tried again before disk_retry_interval_s"
+    clock.now += 5
+    wait_until(lambda: supervisor.step() or spool.job_ids("done"), what="the job to finish")
+    supervisor.drain()
     assert spool.read_status(job_id)["status"] == "completed"
     assert [json.loads(line)["index"] for line in spool.iter_result_lines(job_id)] == list(range(7))
 
@@ -226,15 +256,16 @@ def test_full_disk_submit_is_503_and_leaves_no_partial_job(small_disk):
 
 
 class RecordingRunner:
-    """Stands in for the pool only to see the order chunks go out in; nothing is measured through it."""
+    """Stands in for the pool only to see what goes out, in what order; nothing is measured through it."""
 
     def __init__(self, room_for_tasks: int):
-        self.room_for_tasks, self.tasks = room_for_tasks, []
+        self.room_for_tasks, self.tasks, self.images = room_for_tasks, [], {}
 
     def has_room(self, images):
         return len(self.tasks) < self.room_for_tasks
 
     def submit(self, task_id, images, isolated=False):
+        self.images[task_id] = list(images)
         self.tasks.append(([url.rsplit("/", 1)[1] for _, url in images], isolated))
 
 
@@ -248,3 +279,58 @@ def test_chunks_go_out_one_job_after_another_and_a_chunk_that_saw_a_death_goes_i
     supervisor.dispatch()
     assert runner.tasks == [(["0-0.jpg", "0-1.jpg"], False), (["1-0.jpg"], True), (["2-0.jpg", "2-1.jpg"], False),
                             (["0-2.jpg", "0-3.jpg"], False), (["1-0.jpg", "1-1.jpg"], False)]
+
+
+# ---------------------------------------------------------------- the death policy, in milliseconds
+def test_a_chunk_lost_through_no_fault_of_its_images_goes_out_again_as_it_was():
+    chunk = Chunk(1, 0, 64, deaths=1)
+    assert after_loss(chunk, suspect=False, max_deaths=3).retry == (chunk,)
+
+
+def test_a_first_death_sends_the_chunk_out_whole_and_isolated_then_halves_it():
+    first = after_loss(Chunk(1, 0, 64), suspect=True, max_deaths=3)
+    assert first.retry == (Chunk(1, 0, 64, deaths=1),) and first.give_up is None
+    second = after_loss(first.retry[0], suspect=True, max_deaths=3)
+    assert second.retry == (Chunk(1, 0, 32, deaths=2), Chunk(1, 32, 64, deaths=2))
+
+
+@pytest.mark.parametrize("poison", [0, 5, 63])
+def test_a_poison_image_ends_alone_and_failed_and_never_takes_an_innocent_with_it(poison):
+    """Replay the policy against an image that kills whatever measures it: count the deaths it costs."""
+    pending, deaths, failed = [Chunk(1, 0, 64)], 0, {}
+    while pending:
+        chunk = pending.pop(0)
+        if not chunk.first <= poison < chunk.stop:
+            continue  # measured fine: its images get results
+        deaths += 1
+        verdict = after_loss(chunk, suspect=True, max_deaths=3)
+        if verdict.give_up:
+            failed[chunk.first] = verdict.give_up
+        pending[:0] = verdict.retry
+    assert failed == {poison: "the process measuring this image died each time (8 attempts)"}
+    assert deaths == 1 + 1 + 6  # shared, alone whole, then halving 64 -> 1 (log2 64) and dying alone
+
+
+def test_lost_tasks_follow_the_policy_and_the_poison_image_alone_is_failed(spool):
+    runner = RecordingRunner(room_for_tasks=100)
+    events = Events()
+    supervisor = Supervisor(spool, STORES, SupervisorSettings(chunk_images=4, max_worker_deaths=2), runner, events)
+    job_id = put_active_job(spool, [f"http://x/{i}.jpg" for i in range(4)])
+    supervisor.load(job_id, spool.job_path("active", job_id))
+    poison = "2.jpg"
+    while supervisor.jobs:
+        supervisor.dispatch()
+        for task_id, task in list(supervisor.dispatched.items()):
+            names = [url.rsplit("/", 1)[1] for _, url in runner.images[task_id]]
+            if poison in names:
+                events.put(TaskLost(task_id, "pool process 1 died"))
+            else:
+                events.put(TaskDone(task_id, [ImageOutcome(i, 1, 1, 4, None, None, 0.0, 10)
+                                              for i, _ in runner.images[task_id]]))
+        supervisor.wait_for_events(0)
+    results = [json.loads(line) for line in spool.iter_result_lines(job_id)]
+    # 4 deaths: the shared process, the chunk alone, its half, the image alone (max_worker_deaths counts alone).
+    assert [r["error"] for r in results] == [None, None, "the process measuring this image died each time (4 attempts)",
+                                             None]
+    assert runner.tasks == [(["0.jpg", "1.jpg", "2.jpg", "3.jpg"], False), (["0.jpg", "1.jpg", "2.jpg", "3.jpg"], True),
+                            (["0.jpg", "1.jpg"], True), (["2.jpg", "3.jpg"], True), (["2.jpg"], True), (["3.jpg"], True)]

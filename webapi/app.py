@@ -8,7 +8,7 @@ import time
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
-from spool import Control, DamagedResults, Executor, Folder, Phase, Spool, parse_job_id, pid_exists
+from spool import Control, DamagedResults, Executor, Phase, Spool, parse_job_id, pid_exists
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webapi.metrics import render as render_metrics
