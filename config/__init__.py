@@ -20,6 +20,7 @@ from pathlib import Path
 
 from daemon.engine.limits import DownloadLimits
 from daemon.engine.loop import EngineSettings
+from daemon.engine.measure import parse_formats
 from daemon.supervisor.settings import SupervisorSettings
 from spool import Executor
 from webapi.validate import SubmitLimits
@@ -51,6 +52,10 @@ def _executor(text: str) -> str:
     if executor not in tuple(Executor):
         raise ValueError(f"not one of {', '.join(Executor)}")
     return executor
+
+
+def _formats(text: str) -> tuple:
+    return parse_formats(text)
 
 
 def _log_level(text: str) -> str:
@@ -106,8 +111,8 @@ SETTINGS: tuple[Setting, ...] = (
             "worker (waiting for a download slot, downloading, or in their GPU wait), on one libcurl event loop; "
             "also the most a crash makes it download again", 1, 65536),
     Setting("downloads_per_process", "daemon", int, _ENGINE.max_transfers, "of those, downloads running at once (the others wait "
-            "for one to end, or are in their GPU wait); bounds memory: a download keeps at most 257 KiB of its "
-            "body", 1, 65536),
+            "for one to end, or are in their GPU wait); bounds memory: a download keeps only what says its image's "
+            "size (a few bytes; a HEIF or AVIF meta box, at most 1 MiB)", 1, 65536),
     Setting("dask_scheduler", "daemon", str, "", "the Dask scheduler's address, e.g. tls://10.0.0.5:8786 "
             "(executor = dask)"),
     Setting("dask_tls_ca_file", "daemon", str, "", "CA certificate that signed the scheduler's and workers' "
@@ -138,6 +143,11 @@ SETTINGS: tuple[Setting, ...] = (
             "refused or reset, timeout, HTTP 429 and 5xx)", 1, 20),
     Setting("download_backoff_s", "download", float, _DOWNLOAD.backoff_s, "wait before the 2nd try; doubles each try, "
             "with jitter", 0, 60),
+    Setting("image_formats", "download", _formats, ",".join(_DOWNLOAD.image_formats), "the image formats measured, "
+            "comma-separated (JPEG, PNG, WebP, HEIF, AVIF; HEIC is HEIF); any other format fails its image, named"),
+    Setting("max_header_bytes", "download", int, _DOWNLOAD.max_header_bytes, "how far into a body its size may "
+            "be: the metadata before a JPEG's frame header, a HEIF or AVIF file's boxes up to its meta box; "
+            "beyond it the image fails (header too large). Read as it streams, not kept", 64),
     Setting("max_redirects", "download", int, _DOWNLOAD.max_redirects, "redirects followed per image; each hop is checked", 0, 20),
     Setting("allow_private_addresses", "download", _bool, False, "let downloads reach loopback, private, "
             "link-local and other non-public addresses: for development and tests only"),
