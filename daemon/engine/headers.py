@@ -11,8 +11,9 @@ read, and what the body still lacks, for the error when it stops short.
            (EOI): entropy-coded data is searched for markers at C speed (re), never walked byte by byte.
     PNG    chunks by their lengths: IHDR (first) has the size; the image ends with IEND.
     WebP   RIFF: its size field says where the file ends; the first chunk (VP8, VP8L or VP8X) the size.
-    HEIF   ISO base media boxes (HEIC, AVIF): ftyp and meta are kept (a library reads the size from them);
-    AVIF   meta's item locations (iloc) say where the primary item's data ends (and its tiles', for a grid).
+    HEIF   ISO base media boxes (HEIC, AVIF): ftyp says which; meta is kept while it is read: the primary
+    AVIF   item's properties give the size (ispe, clap, irot), the item locations (iloc) and derivations
+           (iref dimg: a grid's tiles) where its data ends. Boxes before meta and after it are skipped.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 #: Structures (JPEG segments, PNG chunks, top-level boxes) one body may have: real photos have tens to a few
 #: thousand; a hostile body of empty chunks would otherwise cost a Python turn every 12 bytes.
 MAX_STRUCTURES = 100_000
-#: The most of a HEIF or AVIF file's header (its ftyp and meta boxes) that is kept for the library reading its
-#: size. A camera's meta is 1-50 KB (a grid of 192 tiles included); a bigger one is refused, not kept.
+#: The largest HEIF or AVIF meta box kept to read it. A camera's is 1-50 KB (a grid of 192 tiles included);
+#: a bigger one is refused, not kept.
 MAX_META_BYTES = 1024 * 1024
 
 
@@ -64,7 +65,6 @@ class _Found:
 
     fmt: str = ""
     size: tuple[int, int] | None = None  # width, height, when the format's own header says it
-    header: bytes = b""  # what a library reads the size from (HEIF, AVIF)
     lacking: str = "its header"  # what is still to come, for "truncated image: ... before <lacking>"
     offset: int = 0  # bytes consumed so far (the reader keeps it current)
     structures: int = 0
@@ -207,10 +207,9 @@ def iso_media(found: _Found):
     elif not brands & _HEIF_BRANDS:
         name = ftyp_payload[:4].decode("latin-1").strip()
         raise ImageError(f"format not allowed: ISO media of brand {name!r}, a video or another kind of file "
-                         f"({_allowed_text(found.allowed)} are)", ErrorKind.FORMAT)
+                         f"({allowed_phrase(found.allowed)})", ErrorKind.FORMAT)
     if found.fmt not in found.allowed:
-        raise ImageError(f"format not allowed: {found.fmt} ({_allowed_text(found.allowed)} are)", ErrorKind.FORMAT)
-    ftyp = struct.pack(">I4s", length + 8, b"ftyp") + ftyp_payload
+        raise ImageError(f"format not allowed: {found.fmt} ({allowed_phrase(found.allowed)})", ErrorKind.FORMAT)
     found.lacking = "its meta box"
     while True:  # top-level boxes until meta; the image data (mdat) usually comes after it
         found.header_bound(f"{found.fmt} meta box")
@@ -221,22 +220,25 @@ def iso_media(found: _Found):
         if length is None:
             raise ImageError(f"not an image: {found.fmt} without a meta box")
         yield Skip(length)
-    if length is None or len(ftyp) + 8 + length > MAX_META_BYTES:
+    if length is None or length > MAX_META_BYTES:
         raise ImageError(f"header too large: {found.fmt} meta box of {length or 0:,} bytes (at most "
                          f"{MAX_META_BYTES:,} are kept)", ErrorKind.TOO_LARGE)
     if found.offset + length > found.max_header_bytes:
         raise ImageError(f"header too large: {found.fmt} meta box ends after the first "
                          f"{found.max_header_bytes:,} bytes (max_header_bytes)", ErrorKind.TOO_LARGE)
     meta = yield Read(length)
-    found.header = ftyp + struct.pack(">I4s", length + 8, b"meta") + meta
+    found.size = primary_size(meta)
     end = primary_end(meta)
     found.lacking = f"the end of its primary image (byte {end:,})" if end else ""
     if end and end > found.offset:
         yield Skip(end - found.offset)
 
 
-def _allowed_text(allowed: tuple[str, ...]) -> str:
-    return " and ".join(", ".join(allowed).rsplit(", ", 1)) if allowed else "none"
+def allowed_phrase(allowed: tuple[str, ...]) -> str:
+    """("JPEG", "PNG", "WebP") -> "JPEG, PNG and WebP are"; ("JPEG",) -> "only JPEG is"."""
+    if len(allowed) == 1:
+        return f"only {allowed[0]} is"
+    return " and ".join(", ".join(allowed).rsplit(", ", 1)) + " are"
 
 
 def _children(data: bytes, start: int = 0):
@@ -255,15 +257,67 @@ def _children(data: bytes, start: int = 0):
         pos += size
 
 
+def _primary_item(boxes: dict) -> int:
+    pitm = boxes[b"pitm"]
+    return struct.unpack_from(">H" if pitm[0] == 0 else ">I", pitm, 4)[0]
+
+
+def primary_size(meta: bytes) -> tuple[int, int]:
+    """The primary item's size as a viewer shows it: its ispe (image spatial extents: for a grid, the whole
+    canvas), cropped by its clean aperture (clap), turned by its rotation (irot)."""
+    boxes = dict(_children(meta, 4))
+    if b"pitm" not in boxes or b"iprp" not in boxes:
+        raise ImageError("not an image: HEIF meta box without its primary item or item properties")
+    primary = _primary_item(boxes)
+    iprp = list(_children(boxes[b"iprp"]))
+    properties = [None] + [child for kind, payload in iprp if kind == b"ipco" for child in _children(payload)]
+    size, turns = None, 0
+    for index in _associations(iprp).get(primary, ()):
+        if not 0 < index < len(properties):
+            raise ImageError(f"not an image: HEIF property {index} does not exist")
+        kind, payload = properties[index]
+        if kind == b"ispe" and len(payload) >= 12:
+            size = struct.unpack_from(">II", payload, 4)
+        elif kind == b"clap" and len(payload) >= 16 and size is not None:
+            width_n, width_d, height_n, height_d = struct.unpack_from(">IIII", payload)
+            if not width_d or not height_d:
+                raise ImageError("not an image: HEIF clean aperture with a zero denominator")
+            size = (round(width_n / width_d), round(height_n / height_d))
+        elif kind == b"irot" and payload:
+            turns = payload[0] & 3
+    if size is None:
+        raise ImageError("not an image: HEIF primary item without its size (ispe)")
+    return (size[1], size[0]) if turns % 2 else size
+
+
+def _associations(iprp: list) -> dict[int, list[int]]:
+    """item -> its property indices (1-based into ipco), in order, from the ipma boxes."""
+    found: dict[int, list[int]] = {}
+    for kind, ipma in iprp:
+        if kind != b"ipma":
+            continue
+        try:
+            version, wide_index = ipma[0], ipma[3] & 1
+            count = struct.unpack_from(">I", ipma, 4)[0]
+            pos = 8
+            for _ in range(count):
+                item, pos = _uint(ipma, pos, 2 if version < 1 else 4)
+                n, pos = _uint(ipma, pos, 1)
+                for _ in range(n):
+                    value, pos = _uint(ipma, pos, 2 if wide_index else 1)
+                    found.setdefault(item, []).append(value & (0x7FFF if wide_index else 0x7F))
+        except (IndexError, struct.error):
+            raise ImageError("not an image: HEIF property associations (ipma) cut short") from None
+    return found
+
+
 def primary_end(meta: bytes) -> int | None:
     """Where the data of the primary item, and of the items it is made of (a grid's tiles), ends in the
     file; None when its data is all inside meta (idat) or runs to the end of the file (extent length 0)."""
     boxes = dict(_children(meta, 4))  # meta is a full box: version and flags first
     if b"pitm" not in boxes or b"iloc" not in boxes:
         raise ImageError("not an image: HEIF meta box without its primary item or item locations")
-    pitm = boxes[b"pitm"]
-    primary = struct.unpack_from(">H" if pitm[0] == 0 else ">I", pitm, 4)[0]
-    needed, todo = set(), [primary]
+    needed, todo = set(), [_primary_item(boxes)]
     refs = _derivations(boxes.get(b"iref", b""))
     while todo:  # the primary item and what it derives from (dimg: a grid's tiles, an overlay's layers)
         item = todo.pop()
