@@ -45,7 +45,8 @@ class Photo:
 
     @property
     def fmt(self) -> str:  # the shared bench kit's manifest vocabulary
-        return {"jpg": "jpeg", "heic": "heif"}.get(self.name.rsplit(".", 1)[1], self.name.rsplit(".", 1)[1])
+        extension = self.name.rsplit(".", 1)[1]
+        return {"jpg": "jpeg", "mpo": "jpeg", "heic": "heif"}.get(extension, extension)
 
 
 # ------------------------------------------------------------------ pixels

@@ -28,7 +28,7 @@ REFUSED_BEFORE = ("webp-large-lossy.webp", "webp-icc-exif.webp", "portrait-depth
 def library_size(photo: Photo) -> tuple[int, int]:
     """The size the reference decoder gives once it has decoded the whole file: libheif for HEIF, Pillow
     (libjpeg, libpng, libwebp, libavif) for the rest."""
-    if photo.fmt == "heif":
+    if photo.name.endswith(".heic"):
         import pillow_heif
         return pillow_heif.open_heif(io.BytesIO(photo.data)).to_pillow().size
     with Image.open(io.BytesIO(photo.data)) as img:
