@@ -139,6 +139,13 @@ def test_metadata_beyond_max_header_bytes_is_refused_by_name():
     assert image_size(photo.data, max_header_bytes=len(photo.data)) == (photo.width, photo.height)
 
 
+def test_a_body_of_countless_empty_chunks_is_refused_before_it_costs_seconds():
+    signature_and_header = image_bytes("PNG", 1, 1)[:33]
+    text_chunk = struct.pack(">I4sI", 0, b"tEXt", 0)  # an empty chunk: 12 bytes, one parser turn each
+    with pytest.raises(ImageError, match="^not an image: more than 100,000 PNG chunks$"):
+        image_size(signature_and_header + text_chunk * 150_000)
+
+
 def test_a_heif_meta_box_over_a_mebibyte_is_refused_not_kept():
     photo = BY_NAME["single.heic"]
     ftyp_end = struct.unpack(">I", photo.data[:4])[0]

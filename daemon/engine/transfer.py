@@ -55,7 +55,7 @@ class Attempt:
     """What one attempt collects while it runs, fed by libcurl's callbacks."""
 
     limits: DownloadLimits
-    body: BodyReader = None  # the body as it arrives: keeps only what says its size and where it ends
+    body: BodyReader = field(init=False)  # the body as it arrives: keeps only what says its size and where it ends
     too_large: bool = False
     refused: list[str] = field(default_factory=list)  # addresses the policy refused, with why
     retry_after: str | None = None
