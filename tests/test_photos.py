@@ -112,6 +112,21 @@ def test_any_split_into_chunks_reads_the_same_as_the_whole(photo, data):
     assert reader.size == len(photo.data)
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(PHOTOS), st.data())
+def test_damaged_headers_give_a_size_or_a_reason_never_a_crash(photo, data):
+    """Bytes of the first KiB (where the structures are) replaced by anything: ImageError or a size."""
+    damaged = bytearray(photo.data)
+    for _ in range(data.draw(st.integers(1, 8), label="bytes changed")):
+        damaged[data.draw(st.integers(0, min(1023, len(damaged) - 1)))] = data.draw(st.integers(0, 255))
+    try:
+        width, height = image_size(bytes(damaged))
+    except ImageError as exc:
+        assert str(exc) and exc.kind in ErrorKind
+    else:
+        assert width > 0 and height > 0
+
+
 # ---------------------------------------------------------------- memory, bounds, formats
 def test_memory_per_image_stays_flat_whatever_its_size_or_metadata():
     """A 20 MB motion photo with 3 MB of metadata before its frame: what the reader keeps is bytes, not MB."""

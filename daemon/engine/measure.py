@@ -20,6 +20,7 @@ perimeter 2 * (width + height) as it is. The decompression-bomb limit is Pillow'
 """
 from __future__ import annotations
 
+import struct
 from enum import StrEnum
 
 from PIL import Image
@@ -135,6 +136,9 @@ class BodyReader:
             self._consume(data, start)
         except ImageError as exc:
             self._fail(exc)
+        except (struct.error, IndexError, ValueError):  # a structure too short for what it says it holds
+            self._fail(ImageError(f"not an image: starts like {self._found.fmt or 'an image'} but its header "
+                                  f"does not parse"))
 
     def _fail(self, exc: ImageError) -> None:
         self._error, self._done, self._parser, self._buf = exc, True, None, bytearray()
