@@ -3,8 +3,8 @@
 Each parser is a generator over one body. It asks for bytes with the requests below and gets them back as
 they arrive, chunk by chunk, so nothing is kept but what it asks to read; it returns once the primary image
 is complete, and whatever follows (a motion photo's video, a maker trailer, a second image) is never looked
-at. It tells the reader what it found through ``found`` (a _Found): the size, the header a library must
-read, and what the body still lacks, for the error when it stops short.
+at. It tells the reader what it found through ``found`` (a Found): the size, and what the body still lacks,
+for the error when it stops short.
 
     JPEG   markers from SOI; metadata segments (APPn: EXIF, XMP and its extensions, ICC, MPF) skipped by
            their lengths; the size from the frame header (SOFn); then scans until the end-of-image marker
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from daemon.engine.outcome import ErrorKind
 
@@ -60,17 +60,16 @@ MAX_META_BYTES = 1024 * 1024
 
 
 @dataclass
-class _Found:
-    """What a parser has learnt so far about its body."""
+class Found:
+    """What a parser has learnt so far about its body, and the bounds it reads within."""
 
     fmt: str = ""
     size: tuple[int, int] | None = None  # width, height, when the format's own header says it
     lacking: str = "its header"  # what is still to come, for "truncated image: ... before <lacking>"
     offset: int = 0  # bytes consumed so far (the reader keeps it current)
-    structures: int = 0
+    structures: int = 0  # JPEG segments, PNG chunks or boxes seen
     max_header_bytes: int = 0
-    allowed: tuple[str, ...] = ()
-    notes: dict = field(default_factory=dict)
+    allowed: tuple[str, ...] = ()  # Format values
 
     def count(self, what: str) -> None:
         self.structures += 1
@@ -90,7 +89,7 @@ _SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0x
 _SOI, _EOI, _SOS, _TEM = 0xD8, 0xD9, 0xDA, 0x01
 
 
-def jpeg(found: _Found):
+def jpeg(found: Found):
     found.fmt = "JPEG"
     yield Skip(2)  # SOI
     scans = 0
@@ -131,7 +130,7 @@ def jpeg(found: _Found):
 
 
 # ------------------------------------------------------------------ PNG (ISO/IEC 15948)
-def png(found: _Found):
+def png(found: Found):
     found.fmt = "PNG"
     yield Skip(8)  # the signature
     length, kind = struct.unpack(">I4s", (yield Read(8)))
@@ -152,15 +151,18 @@ def png(found: _Found):
 
 
 # ------------------------------------------------------------------ WebP (RFC 9649)
-def webp(found: _Found):
+def webp(found: Found):
     found.fmt = "WebP"
-    head = yield Read(30)  # RIFF header (12), the first chunk's header (8) and its first 10 bytes
+    head = yield Read(12)  # RIFF header
     end = 8 + struct.unpack("<I", head[4:8])[0]
+    head += yield Read(min(18, max(0, end - 12)))  # the first chunk's header (8) and up to 10 bytes of it
     chunk = head[12:16]
-    if chunk == b"VP8X":  # extended: the canvas (animated, alpha, ICC, EXIF) is what a viewer shows
+    if len(head) < 25:
+        raise ImageError(f"not an image: WebP of {end} bytes")
+    if chunk == b"VP8X" and len(head) == 30:  # extended: the canvas (animated, alpha, ICC, EXIF) is what a viewer shows
         width = int.from_bytes(head[24:27], "little") + 1
         height = int.from_bytes(head[27:30], "little") + 1
-    elif chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":  # lossy key frame
+    elif chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a" and len(head) == 30:  # lossy key frame
         width, height = (v & 0x3FFF for v in struct.unpack("<HH", head[26:30]))
     elif chunk == b"VP8L" and head[20] == 0x2F:  # lossless
         bits = struct.unpack("<I", head[21:25])[0]
@@ -169,8 +171,7 @@ def webp(found: _Found):
         raise ImageError(f"not an image: WebP whose first chunk is {chunk!r}")
     found.size = (width, height)
     found.lacking = f"its end (the RIFF header says {end:,} bytes)"
-    if end > 30:
-        yield Skip(end - 30)
+    yield Skip(end - len(head))
 
 
 # ------------------------------------------------------------------ HEIF and AVIF (ISO/IEC 14496-12, 23008-12)
@@ -178,15 +179,15 @@ _HEIF_BRANDS = frozenset((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", 
 _AVIF_BRANDS = frozenset((b"avif", b"avis"))
 
 
-def _box_header(found: _Found):
-    """(type, payload length or None for "to the end of the file", header length)."""
+def _box_header():
+    """(type, payload length), the length None for a box that runs to the end of the file."""
     size, kind = struct.unpack(">I4s", (yield Read(8)))
     if size == 1:
         size = struct.unpack(">Q", (yield Read(8)))[0]
-        return kind, _payload(kind, size, 16), 16
+        return kind, _payload(kind, size, 16)
     if size == 0:
-        return kind, None, 8
-    return kind, _payload(kind, size, 8), 8
+        return kind, None
+    return kind, _payload(kind, size, 8)
 
 
 def _payload(kind: bytes, size: int, header: int) -> int:
@@ -195,9 +196,9 @@ def _payload(kind: bytes, size: int, header: int) -> int:
     return size - header
 
 
-def iso_media(found: _Found):
+def iso_media(found: Found):
     found.fmt = "HEIF"
-    kind, length, header = yield from _box_header(found)
+    kind, length = yield from _box_header()
     if kind != b"ftyp" or length is None or not 8 <= length <= 4096:
         raise ImageError("not an image: ISO media file without a proper ftyp box")
     ftyp_payload = yield Read(length)
@@ -213,7 +214,7 @@ def iso_media(found: _Found):
     found.lacking = "its meta box"
     while True:  # top-level boxes until meta; the image data (mdat) usually comes after it
         found.header_bound(f"{found.fmt} meta box")
-        kind, length, header = yield from _box_header(found)
+        kind, length = yield from _box_header()
         found.count("boxes")
         if kind == b"meta":
             break
@@ -229,6 +230,7 @@ def iso_media(found: _Found):
     meta = yield Read(length)
     found.size = primary_size(meta)
     end = primary_end(meta)
+    del meta  # not held while the image data streams by
     found.lacking = f"the end of its primary image (byte {end:,})" if end else ""
     if end and end > found.offset:
         yield Skip(end - found.offset)

@@ -106,7 +106,7 @@ class BodyReader:
 
     def __init__(self, formats: tuple[str, ...] = DEFAULT_FORMATS, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES):
         self.size = 0  # bytes fed: the body's length so far
-        self._found = headers._Found(max_header_bytes=max_header_bytes, allowed=tuple(str(f) for f in formats))
+        self._found = headers.Found(max_header_bytes=max_header_bytes, allowed=tuple(str(f) for f in formats))
         self._parser = None  # the format's generator, once the first bytes have said which
         self._want = None  # what it asked for: Read, Skip or NEXT_MARKER
         self._buf = bytearray()  # a Read's bytes, while they arrive
@@ -115,10 +115,6 @@ class BodyReader:
         self._early = bytearray()  # the first bytes, until there are enough to tell the format
         self._error: ImageError | None = None
         self._done = False  # the primary image is complete, or the body failed: the rest is not looked at
-
-    @property
-    def fmt(self) -> str:
-        return self._found.fmt
 
     def feed(self, data: bytes) -> None:
         start = self.size
