@@ -167,7 +167,8 @@ def heif_boxes(data: bytes) -> dict:
     return {"hvcC": ipco[b"hvcC"], "coded": data[base + offset:base + offset + length]}
 
 
-def heic_grid(picture: Image.Image, tile: int, quality: int = 50, exif: bytes = b"") -> tuple[bytes, int]:
+def heic_grid(picture: Image.Image, tile: int, quality: int = 50, exif: bytes = b"",
+              meta_last: bool = False) -> tuple[bytes, int]:
     """The file, and where its last tile's data ends. ``exif``: Pillow's Exif.tobytes() ("Exif\\0\\0" and
     the TIFF structure); it goes after the tiles in mdat, as an iPhone puts it."""
     """An HEIC as an iPhone writes it: the primary item is a grid (its description in idat), its tiles are
@@ -224,9 +225,10 @@ def heic_grid(picture: Image.Image, tile: int, quality: int = 50, exif: bytes = 
                         + box(b"idat", grid_data) + iloc)
 
     ftyp = box(b"ftyp", b"heic\x00\x00\x00\x00mif1heicmiafMiHB")
-    meta_len = len(meta_box(0))
-    meta = meta_box(len(ftyp) + meta_len + 8)
     mdat = box(b"mdat", b"".join(t["coded"] for t in tiles) + exif_data)
+    if meta_last:  # as streaming writers lay it out: the data first, the boxes that describe it after
+        return ftyp + mdat + meta_box(len(ftyp) + 8), 0
+    meta = meta_box(len(ftyp) + len(meta_box(0)) + 8)
     return ftyp + meta + mdat, len(ftyp + meta + mdat) - len(exif_data)
 
 
@@ -278,6 +280,8 @@ def corpus(scale: str = "test") -> list[Photo]:
     grid, tiles_end = heic_grid(scene(w, h, 14), tile, exif=_camera_exif().tobytes())
     add("iphone-grid.heic", f"HEIC as an iPhone writes it: a grid of {tile}x{tile} tiles, canvas {w}x{h}, Exif",
         grid, w, h, tiles_end)
+    grid, _ = heic_grid(scene(600, 400, 33), 256, meta_last=True)
+    add("meta-after-data.heic", "HEIC whose meta box comes after its image data (mdat first)", grid, 600, 400)
     heif = io.BytesIO()
     pillow_heif.from_pillow(scene(641, 479, 15)).save(heif, quality=60)  # odd size: a clean aperture crops it
     add("single.heic", "HEIC of one image, odd size (clean aperture)", heif.getvalue(), 641, 479)
