@@ -49,10 +49,18 @@ def load_kit():
 
 
 def serve_corpus() -> Path:
-    """Generate the corpus once into bench/out/images, and serve it with the kit's nginx on 127.0.0.1:18080."""
+    """Generate the corpus once into bench/out/images, and serve it with the kit's nginx on 127.0.0.1:18080.
+
+    The kit's images, plus our photo corpus at photo size (tests/photo_corpus.py: motion photos, HEIC grids,
+    AVIF, big metadata...) in images/photos/, added to the kit's manifest with their true sizes."""
     images = OUT / "images"
     if not (images / "manifest.json").is_file():
         subprocess.run([sys.executable, str(SHARED_BENCH_KIT / "gen_images.py"), "--out", str(images)], check=True)
+    manifest = json.loads((images / "manifest.json").read_text())
+    if not any(name.startswith("photos/") for name in manifest):
+        from tests import photo_corpus
+        manifest.update(photo_corpus.write(images / "photos", photo_corpus.corpus("bench"), prefix="photos/"))
+        (images / "manifest.json").write_text(json.dumps(manifest, indent=0, sort_keys=True))
     subprocess.run([sys.executable, str(SHARED_BENCH_KIT / "imgserver.py"), "start", "--root", str(images)],
                    check=True, stdout=subprocess.DEVNULL)
     return images
@@ -192,7 +200,7 @@ class Bench:
 
     def payload(self, images: int, tier: str, tag: str, visits: int | None = None) -> dict:
         visits = visits or max(1, images // 20)
-        return self.kit.make_payload(self.corpus, self.rng, self.store_ids, images, visits, tier, ["jpeg"],
+        return self.kit.make_payload(self.corpus, self.rng, self.store_ids, images, visits, tier, self.args.formats,
                                      f"{tag}-{time.time_ns()}")[0]
 
     def submit(self, payload: dict) -> tuple[int, float]:
@@ -512,6 +520,9 @@ def parse_args(argv=None):
     ap.add_argument("--dask-workers", default="1,2,4,8")
     ap.add_argument("--dask-images", type=int, default=8_000)
     ap.add_argument("--soak-minutes", type=float, default=30)
+    ap.add_argument("--formats", default="jpeg,png,webp,heif,avif", type=lambda text: text.split(","),
+                    help="formats the jobs' images are drawn from (the kit's manifest names: jpeg, png, webp, heif, "
+                         "avif); the photo corpus's variants are among them")
     ap.add_argument("--daemon-args", default="", help="extra daemon options for the local runs")
     ap.add_argument("--store-master", type=Path,
                     default=REAL_STORE_MASTER if REAL_STORE_MASTER.is_file() else SAMPLE_STORE_MASTER)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from daemon.engine.limits import DownloadLimits
 from daemon.engine.loop import EngineSettings
+from daemon.engine.measure import parse_formats
 from daemon.supervisor.settings import SupervisorSettings
 from spool import Executor
 from webapi.validate import SubmitLimits
@@ -51,6 +52,10 @@ def _executor(text: str) -> str:
     if executor not in tuple(Executor):
         raise ValueError(f"not one of {', '.join(Executor)}")
     return executor
+
+
+def _formats(text: str) -> tuple:
+    return parse_formats(text)
 
 
 def _log_level(text: str) -> str:
@@ -99,58 +104,51 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", "common", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     # --- daemon
     Setting("store_master", "daemon", Path, DEFAULT_STORE_MASTER, "CSV with AreaCode,StoreName,StoreID"),
-    Setting("executor", "daemon", _executor, Executor.LOCAL.value,
-            "where images are measured: local (a process pool on this machine) or dask (the Dask cluster at "
-            "dask_scheduler; needs retail-pulse[dask])"),
+    Setting("executor", "daemon", _executor, Executor.LOCAL.value, "where images are measured: local (a process pool on "
+            "this machine) or dask (the Dask cluster at dask_scheduler; needs retail-pulse[dask])"),
     Setting("processes", "daemon", int, 0, "local pool processes; 0 means one per core", 0, 256),
     Setting("images_per_process", "daemon", int, 4096, "images in flight at once per pool process or Dask "
             "worker (waiting for a download slot, downloading, or in their GPU wait), on one libcurl event loop; "
             "also the most a crash makes it download again", 1, 65536),
-    Setting("downloads_per_process", "daemon", int, _ENGINE.max_transfers,
-            "of those, downloads running at once (the others wait for one to end, or are in their GPU wait); bounds "
-            "memory: a download keeps at most 257 KiB of its body", 1, 65536),
+    Setting("downloads_per_process", "daemon", int, _ENGINE.max_transfers, "of those, downloads running at once (the others wait "
+            "for one to end, or are in their GPU wait); bounds memory: a download keeps only what says its image's "
+            "size (a few bytes; a HEIF or AVIF meta box, at most 1 MiB)", 1, 65536),
     Setting("dask_scheduler", "daemon", str, "", "the Dask scheduler's address, e.g. tls://10.0.0.5:8786 "
             "(executor = dask)"),
     Setting("dask_tls_ca_file", "daemon", str, "", "CA certificate that signed the scheduler's and workers' "
             "certificates (PEM); with the two below, the daemon talks TLS to the cluster"),
     Setting("dask_tls_cert_file", "daemon", str, "", "the daemon's own certificate for the cluster (PEM)"),
     Setting("dask_tls_key_file", "daemon", str, "", "the key of dask_tls_cert_file (PEM)"),
-    Setting("chunk_images", "daemon", int, _SUPERVISOR.chunk_images,
-            "images per chunk: the unit of fairness between jobs, of results files and of work redone after a crash",
-            1, 100_000),
-    Setting("max_active_jobs", "daemon", int, _SUPERVISOR.max_active_jobs,
-            "jobs progressing at once (their images share the pool chunk by chunk); more wait in incoming/, except "
-            "small ones", 1, 100_000),
-    Setting("small_job_images", "daemon", int, _SUPERVISOR.small_job_images,
-            "a job of at most this many images starts at once, however many jobs run: it never waits behind a crowd "
-            "of big ones", 0, 1_000_000),
-    Setting("gpu_sleep_min_s", "daemon", float, _ENGINE.gpu_sleep_min_s,
-            "simulated GPU work per image, lower bound", 0, 60),
-    Setting("gpu_sleep_max_s", "daemon", float, _ENGINE.gpu_sleep_max_s,
-            "simulated GPU work per image, upper bound", 0, 60),
-    Setting("drain_timeout_s", "daemon", float, _SUPERVISOR.drain_timeout_s,
-            "on SIGTERM, how long in-flight images may take to finish; the rest is redone after the restart",
-            0, 3600),
-    Setting("max_worker_deaths", "daemon", int, _SUPERVISOR.max_worker_deaths,
-            "an image whose process dies this many times is failed (a poison image)", 1, 100),
-    Setting("retention_days", "daemon", float, _SUPERVISOR.retention_days,
-            "finished jobs (files, status, results) older than this are deleted, checked every 10 minutes; 0 keeps "
-            "them forever", 0),
+    Setting("chunk_images", "daemon", int, _SUPERVISOR.chunk_images, "images per chunk: the unit of fairness between jobs, of "
+            "results files and of work redone after a crash", 1, 100_000),
+    Setting("max_active_jobs", "daemon", int, _SUPERVISOR.max_active_jobs, "jobs progressing at once (their images share the pool "
+            "chunk by chunk); more wait in incoming/, except small ones", 1, 100_000),
+    Setting("small_job_images", "daemon", int, _SUPERVISOR.small_job_images, "a job of at most this many images starts at once, "
+            "however many jobs run: it never waits behind a crowd of big ones", 0, 1_000_000),
+    Setting("gpu_sleep_min_s", "daemon", float, _ENGINE.gpu_sleep_min_s, "simulated GPU work per image, lower bound", 0, 60),
+    Setting("gpu_sleep_max_s", "daemon", float, _ENGINE.gpu_sleep_max_s, "simulated GPU work per image, upper bound", 0, 60),
+    Setting("drain_timeout_s", "daemon", float, _SUPERVISOR.drain_timeout_s, "on SIGTERM, how long in-flight images may take to finish; "
+            "the rest is redone after the restart", 0, 3600),
+    Setting("max_worker_deaths", "daemon", int, _SUPERVISOR.max_worker_deaths, "an image whose process dies this many times is failed "
+            "(a poison image)", 1, 100),
+    Setting("retention_days", "daemon", float, _SUPERVISOR.retention_days, "finished jobs (files, status, results) older than this "
+            "are deleted, checked every 10 minutes; 0 keeps them forever", 0),
     # --- download (read by the daemon)
-    Setting("download_connect_timeout_s", "download", float, _DOWNLOAD.connect_timeout_s,
-            "TCP+TLS connect timeout per attempt", 0.01),
-    Setting("download_read_timeout_s", "download", float, _DOWNLOAD.read_timeout_s,
-            "longest silence while reading", 0.01),
-    Setting("download_total_timeout_s", "download", float, _DOWNLOAD.total_timeout_s,
-            "whole download of one attempt, even if the server trickles", 0.01),
-    Setting("max_image_bytes", "download", int, _DOWNLOAD.max_image_bytes,
-            "largest image body, enforced while streaming", 1),
-    Setting("download_attempts", "download", int, _DOWNLOAD.attempts,
-            "tries per image for transient failures (connection refused or reset, timeout, HTTP 429 and 5xx)", 1, 20),
-    Setting("download_backoff_s", "download", float, _DOWNLOAD.backoff_s,
-            "wait before the 2nd try; doubles each try, with jitter", 0, 60),
-    Setting("max_redirects", "download", int, _DOWNLOAD.max_redirects,
-            "redirects followed per image; each hop is checked", 0, 20),
+    Setting("download_connect_timeout_s", "download", float, _DOWNLOAD.connect_timeout_s, "TCP+TLS connect timeout per attempt", 0.01),
+    Setting("download_read_timeout_s", "download", float, _DOWNLOAD.read_timeout_s, "longest silence while reading", 0.01),
+    Setting("download_total_timeout_s", "download", float, _DOWNLOAD.total_timeout_s, "whole download of one attempt, even if "
+            "the server trickles", 0.01),
+    Setting("max_image_bytes", "download", int, _DOWNLOAD.max_image_bytes, "largest image body, enforced while streaming", 1),
+    Setting("download_attempts", "download", int, _DOWNLOAD.attempts, "tries per image for transient failures (connection "
+            "refused or reset, timeout, HTTP 429 and 5xx)", 1, 20),
+    Setting("download_backoff_s", "download", float, _DOWNLOAD.backoff_s, "wait before the 2nd try; doubles each try, "
+            "with jitter", 0, 60),
+    Setting("image_formats", "download", _formats, ",".join(_DOWNLOAD.image_formats), "the image formats measured, "
+            "comma-separated (JPEG, PNG, WebP, HEIF, AVIF; HEIC is HEIF); any other format fails its image, named"),
+    Setting("max_header_bytes", "download", int, _DOWNLOAD.max_header_bytes, "how far into a body its size may "
+            "be: the metadata before a JPEG's frame header, a HEIF or AVIF file's boxes up to its meta box; "
+            "beyond it the image fails (header too large). Read as it streams, not kept", 64),
+    Setting("max_redirects", "download", int, _DOWNLOAD.max_redirects, "redirects followed per image; each hop is checked", 0, 20),
     Setting("allow_private_addresses", "download", _bool, False, "let downloads reach loopback, private, "
             "link-local and other non-public addresses: for development and tests only"),
     Setting("download_allowed_networks", "download", str, "", "comma-separated networks downloads may reach "
@@ -161,8 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api_workers", "api", int, 2, "gunicorn worker processes", 1, 64),
     Setting("api_threads", "api", int, 8, "threads per gunicorn worker", 1, 256),
     Setting("max_body_bytes", "api", int, _SUBMIT.max_body_bytes, "largest submit body (413 above it)", 1),
-    Setting("max_images_per_job", "api", int, _SUBMIT.max_images_per_job,
-            "most image URLs in one job (413 above it)", 1),
+    Setting("max_images_per_job", "api", int, _SUBMIT.max_images_per_job, "most image URLs in one job (413 above it)", 1),
     Setting("max_url_chars", "api", int, _SUBMIT.max_url_chars, "longest image URL (400 above it)", 16, 65536),
     Setting("max_queued_images", "api", int, 1_000_000, "images waiting or in progress above which submit "
             "answers 503 with Retry-After; 0 turns the check off", 0),

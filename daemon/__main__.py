@@ -55,7 +55,8 @@ def engine_settings(config: Config, max_transfers: int) -> EngineSettings:
                               total_timeout_s=config.download_total_timeout_s,
                               max_image_bytes=config.max_image_bytes,
                               attempts=config.download_attempts, backoff_s=config.download_backoff_s,
-                              max_redirects=config.max_redirects),
+                              max_redirects=config.max_redirects, image_formats=config.image_formats,
+                              max_header_bytes=config.max_header_bytes),
         addresses=AddressPolicy(allow_private=config.allow_private_addresses,
                                 allowed_networks=parse_networks(config.download_allowed_networks)))
 

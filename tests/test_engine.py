@@ -15,7 +15,6 @@ from PIL import Image
 
 from daemon.engine.limits import DownloadLimits
 from daemon.engine.loop import Engine, EngineSettings, measure
-from daemon.engine.measure import HEAD_BYTES
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.outcome import ErrorKind
 from tests.conftest import image_bytes, wait_until
@@ -133,11 +132,11 @@ def test_a_slow_image_holds_only_its_own_batch(server):
         engine.close()
 
 
-def test_big_image_is_measured_from_its_head_and_tail(server):
+def test_big_image_is_measured_as_it_streams(server):
     noise = io.BytesIO()
     Image.effect_noise((1600, 1200), 80).convert("RGB").save(noise, format="JPEG", quality=95)
     big = noise.getvalue()
-    assert len(big) > 4 * HEAD_BYTES
+    assert len(big) > 1024 * 1024
     server.routes["/big.jpg"] = ok(big)
     outcome = one(f"{server.base}/big.jpg")
     assert (outcome.width, outcome.height, outcome.bytes) == (1600, 1200, len(big))
@@ -281,7 +280,7 @@ def test_a_body_shorter_than_its_content_length_is_not_measured(server):
     server.routes["/x.jpg"] = lambda conn, srv: conn.sendall(
         f"HTTP/1.1 200 OK\r\nContent-Length: {len(JPEG) + 500}\r\n\r\n".encode() + JPEG)
     outcome = one(f"{server.base}/x.jpg")
-    assert outcome.perimeter is None and outcome.error.startswith("download failed")
+    assert outcome.perimeter is None and outcome.error.startswith("truncated download: ")
     assert outcome.error.endswith("(transient, gave up after 3 attempts)")
 
 

@@ -44,9 +44,9 @@ JPEG, PNG, WEBP = (image_bytes(fmt, 300, 200) for fmt in ("JPEG", "PNG", "WEBP")
     (image_bytes("BMP", 10, 10), "format not allowed: BMP"),
     (image_bytes("TIFF", 10, 10), "format not allowed: TIFF"),
     (_png_header_claiming(100_000, 100_000), "too large in pixels"),
-    (JPEG[: len(JPEG) // 2], "truncated image: JPEG has no end-of-image marker"),
-    (PNG[:-5], "truncated image: PNG has no IEND chunk"),
-    (WEBP[:-10], "truncated image: WebP declares"),
+    (JPEG[: len(JPEG) // 2], "truncated image: JPEG stops after"),
+    (PNG[:-5], "truncated image: PNG stops after"),
+    (WEBP[:-10], "truncated image: WebP stops after"),
     (JPEG[:3] + b"garbage" * 20 + b"\xff\xd9", "not an image: starts like JPEG"),
 ])
 def test_unmeasurable_bytes_say_why(data, reason):

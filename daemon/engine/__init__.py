@@ -7,7 +7,8 @@ modules, so it ships to a worker host alone and can be tested alone:
     transfer.py   one image's download: every download rule as a libcurl option, errors as values
     limits.py     DownloadLimits, the numbers those rules use
     netguard.py   AddressPolicy: which addresses a download may connect to
-    measure.py    the image header -> (width, height) and perimeter(); pure, no I/O
+    measure.py    BodyReader: a body as it streams -> (width, height), or why not; perimeter(); pure, no I/O
+    headers.py    where each format (JPEG, PNG, WebP, HEIF, AVIF) says its size and where its image ends
     outcome.py    ImageOutcome and ErrorKind: what measuring one image gives, across process boundaries
 """
 from daemon.engine.limits import DownloadLimits

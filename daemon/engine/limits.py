@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from daemon.engine.measure import DEFAULT_FORMATS, DEFAULT_MAX_HEADER_BYTES, Format
+
 
 @dataclass(frozen=True)
 class DownloadLimits:
@@ -14,3 +16,5 @@ class DownloadLimits:
     attempts: int = 3  # tries for transient failures; permanent ones are tried once
     backoff_s: float = 0.5  # wait before the 2nd try, doubled before each later one, with jitter
     max_backoff_s: float = 10.0  # longest wait between two tries, whatever Retry-After or the doubling say
+    image_formats: tuple[Format, ...] = DEFAULT_FORMATS  # what is measured; any other format is refused by name
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # how far into a body its size may be

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import pycurl
 
 from daemon.engine.limits import DownloadLimits
-from daemon.engine.measure import ImageError, image_size, perimeter
+from daemon.engine.measure import BodyReader, ImageError, perimeter
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.outcome import ErrorKind, ImageOutcome
 from daemon.engine.transfer import Failure, Transfer
@@ -224,7 +224,7 @@ class Engine:
         transfer.release()  # an idle handle keeps no body
         self._idle.append(transfer)
         if failure is None:
-            self._measured(image, attempt.body())
+            self._measured(image, attempt.body)
         else:  # an error page is no image body: only bytes of bodies that could have been images count
             http_error = failure.kind in (ErrorKind.HTTP_4XX, ErrorKind.HTTP_5XX, ErrorKind.HTTP_OTHER)
             self._failed_attempt(image, failure, 0 if http_error else attempt.size)
@@ -239,9 +239,9 @@ class Engine:
         heapq.heappush(self._deadlines, (self.clock() + delay_s, next(self._seq), action))
 
     # ----------------------------------------------------------- outcomes
-    def _measured(self, image: _Image, body) -> None:
+    def _measured(self, image: _Image, body: BodyReader) -> None:
         try:
-            width, height = image_size(body)
+            width, height = body.finish()
         except ImageError as exc:
             self._record(image, ImageOutcome.failed(image.index, str(exc), exc.kind, self._age(image), body.size))
             return

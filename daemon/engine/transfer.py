@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pycurl
 
 from daemon.engine.limits import DownloadLimits
-from daemon.engine.measure import HEAD_BYTES, TAIL_BYTES, ImageBytes
+from daemon.engine.measure import BodyReader
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.outcome import ErrorKind
 
@@ -54,17 +54,19 @@ class Failure:
 class Attempt:
     """What one attempt collects while it runs, fed by libcurl's callbacks."""
 
-    max_bytes: int
-    head: bytearray = field(default_factory=bytearray)
-    tail: bytes = b""
-    size: int = 0
+    limits: DownloadLimits
+    body: BodyReader = field(init=False)  # the body as it arrives: keeps only what says its size and where it ends
     too_large: bool = False
     refused: list[str] = field(default_factory=list)  # addresses the policy refused, with why
     retry_after: str | None = None
     declared_bytes: int | None = None  # the last response's Content-Length
 
-    def body(self) -> ImageBytes:
-        return ImageBytes(bytes(self.head), self.tail, self.size)
+    def __post_init__(self):
+        self.body = BodyReader(self.limits.image_formats, self.limits.max_header_bytes)
+
+    @property
+    def size(self) -> int:
+        return self.body.size
 
 
 class Transfer:
@@ -72,7 +74,7 @@ class Transfer:
 
     def __init__(self, limits: DownloadLimits, policy: AddressPolicy):
         self.limits, self.policy = limits, policy
-        self.attempt = Attempt(limits.max_image_bytes)
+        self.attempt = Attempt(limits)
         self.image = None  # the engine's bookkeeping for the image being downloaded
         curl = self.curl = pycurl.Curl()
         curl.setopt(pycurl.NOSIGNAL, 1)
@@ -99,23 +101,20 @@ class Transfer:
 
     def begin(self, url: str, image) -> None:
         """Point the handle at ``url`` for a new attempt; the engine then adds it to its multi handle."""
-        self.attempt, self.image = Attempt(self.limits.max_image_bytes), image
+        self.attempt, self.image = Attempt(self.limits), image
         self.curl.setopt(pycurl.URL, url)
 
     def release(self) -> None:
         """Forget the finished attempt (the engine has taken what it needs), so an idle handle holds no body."""
-        self.attempt, self.image = Attempt(self.limits.max_image_bytes), None
+        self.attempt, self.image = Attempt(self.limits), None
 
     # ------------------------------------------------------------ callbacks
     def _write(self, data: bytes) -> int | None:
         attempt = self.attempt
-        attempt.size += len(data)
-        if attempt.size > attempt.max_bytes:
+        if attempt.body.size + len(data) > self.limits.max_image_bytes:
             attempt.too_large = True
             return 0  # libcurl stops the transfer: CURLE_WRITE_ERROR
-        if len(attempt.head) < HEAD_BYTES:
-            attempt.head += data[:HEAD_BYTES - len(attempt.head)]
-        attempt.tail = (attempt.tail + data)[-TAIL_BYTES:] if len(data) < TAIL_BYTES else data[-TAIL_BYTES:]
+        attempt.body.feed(data)
         return None
 
     def _header(self, line: bytes) -> None:
@@ -166,8 +165,9 @@ class Transfer:
             return Failure(f"TLS error: {message[:200]}", ErrorKind.TLS, False)
         if code in (_COULDNT_RESOLVE_HOST, _COULDNT_CONNECT):
             return Failure(f"connection failed: {message[:200]}", ErrorKind.CONNECTION, True)
-        if code == _PARTIAL_FILE:  # fewer bytes than Content-Length said: cut off, or a server that lies
-            return Failure(f"download failed: {message[:200]}", ErrorKind.CONNECTION, True)
+        if code == _PARTIAL_FILE:  # fewer bytes than Content-Length said, or a chunked body without its last
+            # chunk: cut off (another try may get it whole), or a server that lies. Never measured.
+            return Failure(f"truncated download: {message[:200]}", ErrorKind.TRUNCATED, True)
         return Failure(f"download failed: {message[:200]}", ErrorKind.CONNECTION, True)
 
     def _timeout_reason(self, message: str) -> str:
