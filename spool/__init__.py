@@ -64,6 +64,7 @@ A failed image has width, height and perimeter null and "error" saying why.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -74,9 +75,9 @@ from pathlib import Path
 
 import filelock
 
-from spool.results import DamagedResults, ResultFiles
+from spool.results import DamagedResults, ResultFiles, UnreadableResults, read_regular
 
-__all__ = ["JOB_ID_PATTERN", "Spool", "Status", "Phase", "Folder", "Control", "Executor", "CorruptFile", "DamagedResults", "parse_job_id",
+__all__ = ["JOB_ID_PATTERN", "Spool", "Status", "Phase", "Folder", "Control", "Executor", "CorruptFile", "DamagedResults", "UnreadableResults", "parse_job_id",
            "pid_exists", "status_document", "utc_now"]
 
 #: The one job-id check. Applied to every id before it becomes part of a path.
@@ -247,8 +248,16 @@ class Spool(ResultFiles, Upkeep):
 
     @staticmethod
     def _read_json(path: Path) -> dict:
+        """A spool file's JSON object. CorruptFile when it does not parse, or when a folder, a link or a FIFO
+        stands where the file should be (never followed, never blocking); other OSErrors (permissions) pass."""
         try:
-            doc = json.loads(path.read_bytes())
+            doc = json.loads(read_regular(path))
+        except IsADirectoryError as exc:
+            raise CorruptFile(f"{path.name}: {exc.strerror}, not a file") from exc
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise CorruptFile(f"{path.name}: a symbolic link, not a file") from exc
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CorruptFile(f"{path.name}: {exc}") from exc
         if not isinstance(doc, dict):
@@ -363,6 +372,9 @@ class Spool(ResultFiles, Upkeep):
             stem, _, verb = entry.name.partition(".")
             job_id = parse_job_id(stem)
             if job_id is not None and verb in tuple(Control):
+                if not entry.is_file(follow_symlinks=False):  # the daemon removes requests it carried out
+                    self.move_aside(Path(entry.path), "not a file: control/ holds only request files")
+                    continue
                 found.append((job_id, Control(verb), Path(entry.path)))
         return sorted(found)
 
