@@ -37,12 +37,15 @@ whatever the last rename said (as in Maildir).
     failed/<id>.json       the job file once every image has a result and at least one failed.
     corrupt/<name>         any file that could not be parsed, moved aside for a human with a .why note.
     status/<id>.json       the job's status as the API serves it. Written by the daemon only.
-    results/<id>/<first>-<stop>.jsonl
+    results/<id>/<first>-<stop>.<crc32>.jsonl
                            results of images first .. stop-1 (zero-padded, half-open), one JSON object a
-                           line, in submission order. Written by the daemon once per finished chunk.
-                           Checked by every reader: exactly stop-first whole lines, the first and last
-                           of images first and stop-1; a finished job's files cover 0..N-1 with no gap
-                           (spool/results.py).
+                           line, in submission order; <crc32>: 8 hex digits, zlib's CRC-32 of the file's
+                           bytes. Written by the daemon once per finished chunk. Checked by every reader:
+                           the checksum, exactly stop-first whole lines, the first and last of images first
+                           and stop-1; a finished job's files cover 0..N-1 with no gap (spool/results.py).
+                           Files named <first>-<stop>.jsonl (written before checksums) are checked line by
+                           line. Any file named by a spool folder must be a regular file: a folder, link or
+                           FIFO in its place is read as corrupt and moved to corrupt/, never followed.
 
 Job file (incoming/, active/, done/, failed/):
     {"job_id": 7, "submitted_at": "2026-11-23T11:00:00Z", "count": 1,

@@ -100,7 +100,7 @@ class _Api:
         except OSError as exc:  # permissions, a folder where a file should be: the operator's to fix
             log.error("job %d: cannot read its status: %s", job_id, exc)
             raise json_response(503, {"error": f"cannot read job {job_id}'s status from the spool: "
-                                               f"{exc.strerror or exc}"}, **{"Retry-After": "30"}) from None
+                                               f"{spool_error(exc)}"}, **{"Retry-After": "30"}) from None
         if doc is None:
             raise json_response(400, {})
         return job_id, doc
@@ -240,7 +240,7 @@ class _Api:
         try:
             beat, unreadable_beat = self.spool.read_heartbeat(), None
         except OSError as exc:  # the spool root itself unreadable (permissions)
-            beat, unreadable_beat = None, f"cannot read daemon.json: {spool_error(exc)}"
+            beat, unreadable_beat = None, f"cannot read daemon.json: {exc.strerror or exc}"
         checks = {"api": "ok", "spool_writable": "ok", "spool_readable": self.spool.access_problem() or "ok",
                   "daemon": unreadable_beat or daemon_health(beat)}
         beat = beat or {}

@@ -34,6 +34,12 @@ class SubmitLimits:
         three per image (between a visit's fields and between visits); one more per image spare."""
         return 4 * self.max_images_per_job + 10_000
 
+    @property
+    def max_strings(self) -> int:
+        """Strings a body may hold: such a job has five per image (three keys, store_id, visit_time) and its
+        URLs; some spare. Checked only for a body with more than max_commas commas."""
+        return 8 * self.max_images_per_job + 10_000
+
 
 class InvalidSubmission(ValueError):
     """The message is what the client is told: which field, what is wrong."""
@@ -55,12 +61,11 @@ _DECODER = msgspec.json.Decoder(_Submission)
 #: Python refuses to convert longer digit strings to int (sys.get_int_max_str_digits(), CVE-2020-10735);
 #: refused anywhere in a body, named by field, as before msgspec skipped unknown fields unconverted.
 MAX_INT_DIGITS = 4300
-#: Only at the start of a run of digits (the lookbehind), so a long run is scanned once, not once per digit.
-_LONG_DIGITS = re.compile(rb"(?<![0-9])[0-9]{%d}" % (MAX_INT_DIGITS + 1))
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 #: An escaped printable ASCII character (\u0041): a key could hide behind one; see _duplicate_key.
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7]")
 _KNOWN_KEYS = (b'"count"', b'"visits"', b'"store_id"', b'"visit_time"', b'"image_url"')
+_URL_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 #: store_id and visit_time are shown in pages, CSV files and logs: no C0 or C1 control character, no DEL.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: The walker names a nesting this deep; msgspec itself stops at Python's recursion limit (1,000).
@@ -86,7 +91,7 @@ def check_url(url: str, where: str, limits: SubmitLimits) -> str:
     """The URL as the client wrote it, once it passed every rule on the ASCII form the download will use
     (daemon/engine/urls.py: IDNA host, percent-encoded path, as a browser sends it)."""
     url = _string(url, where, limits.max_url_chars, control_ok=True)
-    if any(ch.isspace() or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in url):
+    if _URL_FORBIDDEN.search(url):
         raise InvalidSubmission(f"{where}: URL contains spaces or control characters")
     try:
         sent = ascii_url(url)
@@ -128,11 +133,7 @@ def parse_submission(body: bytes, limits: SubmitLimits) -> tuple[int, list[dict]
 
 def _decode(body: bytes, limits: SubmitLimits) -> _Submission:
     """The submission's known fields, or InvalidSubmission naming the field (see the module docstring)."""
-    if body.count(b",") > limits.max_commas:  # counted again outside strings only when it matters
-        commas = _STRING.sub(b'""', body).count(b",")
-        if commas > limits.max_commas:
-            raise InvalidSubmission(f"body: more than {limits.max_commas} JSON values ({commas} commas); "
-                                    f"a job holds at most {limits.max_images_per_job} images")
+    _refuse_too_many_values(body, limits)
     _refuse_long_integers(body)
     try:
         doc = _DECODER.decode(body)
@@ -195,13 +196,39 @@ def _decode_message(body: bytes, text: str) -> str:
     return f"{where}: not valid JSON: {reason} (byte {at})"
 
 
+def _refuse_too_many_values(body: bytes, limits: SubmitLimits) -> None:
+    """Refuse a body with more list elements than a job can need, before anything is built (see the module
+    docstring). Counted in C: commas, then (only when there are many) those inside strings, which are
+    found one by one only when there are not too many strings to look at."""
+    commas = body.count(b",")
+    if commas <= limits.max_commas:
+        return
+    strings = (body.count(b'"') - body.count(b'\\"')) // 2
+    if strings > limits.max_strings:
+        raise InvalidSubmission(f"body: more than {limits.max_strings} strings ({strings}); "
+                                f"a job holds at most {limits.max_images_per_job} images")
+    commas -= sum(match.group().count(b",") for match in _STRING.finditer(body))
+    if commas > limits.max_commas:
+        raise InvalidSubmission(f"body: more than {limits.max_commas} JSON values ({commas} commas outside "
+                                f"strings); a job holds at most {limits.max_images_per_job} images")
+
+
+#: Digits as "0", anything else as " ": runs of digits become runs of "0" that bytes.find sees in C.
+_DIGITS_ONLY = bytes(ord("0") if chr(b).isdigit() and b < 128 else ord(" ") for b in range(256))
+
+
 def _refuse_long_integers(body: bytes) -> None:
-    """An integer literal longer than Python converts, anywhere (a run of digits in a string is fine)."""
-    for match in _LONG_DIGITS.finditer(body):
+    """An integer literal longer than Python converts, anywhere (a run of digits in a string is fine).
+    Linear whatever the runs' lengths: a regular expression would rescan a long run from each digit."""
+    if len(body) <= MAX_INT_DIGITS:
+        return
+    digits, run, start = body.translate(_DIGITS_ONLY), b"0" * (MAX_INT_DIGITS + 1), 0
+    while (found := digits.find(run, start)) != -1:
         walker = _Walker(body)
-        where = walker.run(stop=match.start())
+        where = walker.run(stop=found)
         if not walker.in_string:
             raise InvalidSubmission(f"{where or 'body'}: an integer of more than {MAX_INT_DIGITS} digits")
+        start = digits.find(b" ", found) if digits.find(b" ", found) != -1 else len(body)
 
 
 def _duplicate_key(body: bytes, visits: int) -> str | None:
