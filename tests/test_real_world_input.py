@@ -301,6 +301,9 @@ def test_a_damaged_line_anywhere_is_a_503_naming_it_and_requeue_redoes_the_job_o
     assert r.status_code == 503
     assert f"results/{job_id}/{second.name}: line 3 holds image 5, not 6" in r.json()["error"]
 
+    shown = ctl(service, "show", str(job_id), "--results", "-1")  # the operator's view: one line, no traceback
+    assert shown.returncode == 1 and shown.stderr.count("\n") == 1 and "line 3 holds image 5" in shown.stderr
+
     assert ctl(service, "requeue", str(job_id)).returncode == 0
     wait_until(lambda: "requeued" in service.daemon_output(), what="the daemon to take the request")
     final = service.wait(job_id)
