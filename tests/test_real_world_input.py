@@ -322,7 +322,8 @@ def test_a_trickle_is_failed_naming_the_rule_it_broke(server):
 
     server.routes["/x.jpg"] = trickle
     limits = DownloadLimits(read_timeout_s=2, total_timeout_s=30, attempts=1)
-    [outcome] = measure([(0, f"{server.base}/x.jpg")], EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, limits=limits, addresses=LOCAL))
+    settings = EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, limits=limits, addresses=LOCAL)
+    [outcome] = measure([(0, f"{server.base}/x.jpg")], settings)
     assert outcome.error == "timed out: under 1 byte/s for 2 s (transient, gave up after 1 attempts)"
     assert server.sent["/x.jpg"] >= 1  # not "no data": data came, too slowly
 

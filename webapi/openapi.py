@@ -75,7 +75,8 @@ _BAD_JOB = _json("jobid missing or malformed ({error}), or no such job visible t
 _UNAVAILABLE = _json("the spool cannot be written now; nothing changed", _ref("Error"), **{"Retry-After": "seconds"})
 _DAMAGED = _json("a results file of this job is damaged (cut short, a line changed, lost or duplicated) or "
                  "missing, or the API may not read it (permissions); the message names it", _ref("Error"))
-_SPOOL_UNREADABLE = _json("the spool (this job's status, or the job list) cannot be read (permissions): the operator's to fix",
+_SPOOL_UNREADABLE = _json("the spool (this job's status, or the job list) cannot be read (permissions): "
+                          "the operator's to fix",
                           _ref("Error"), **{"Retry-After": "seconds"})
 _JOBID = {"name": "jobid", "in": "query", "required": True, "schema": {"type": "string", "pattern": _JOB_ID},
           "description": "a job id; anything else is a 400 naming jobid"}
