@@ -59,7 +59,7 @@ def refuse_unless_json(environ: dict) -> None:
     media_type = (environ.get("CONTENT_TYPE") or "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise json_response(415, {"error": f"Content-Type must be application/json, not "
-                                           f"{media_type or 'missing'}"}, **{"Accept-Post": "application/json"})
+                                           f"{media_type[:100] or 'missing'}"}, **{"Accept-Post": "application/json"})
 
 
 class _Api:
