@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from config import SettingError, add_options, resolve, settings_for
-from spool import Control, Folder, Spool, Status, parse_job_id
+from spool import Control, CorruptFile, DamagedResults, Folder, Spool, Status, UnreadableResults, parse_job_id
 
 EXIT_USAGE = 2
 
@@ -189,10 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         args.results = None
     handlers = {"list": cmd_list, "show": cmd_show, "follow": cmd_follow, "cancel": cmd_request,
                 "requeue": cmd_request, "purge": cmd_purge}
+    # Whatever a client sent (or a hand put in the spool) is printed, never a traceback for a character.
+    sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return handlers[args.command](spool, args)
     except BrokenPipeError:  # `retailpulse-ctl list | head`
         return 0
+    except (OSError, CorruptFile, DamagedResults, UnreadableResults) as exc:  # one line, as for a bad setting
+        why = getattr(exc, "why", None) or (f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else exc)
+        print(f"retailpulse-ctl: {why}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -37,12 +37,15 @@ whatever the last rename said (as in Maildir).
     failed/<id>.json       the job file once every image has a result and at least one failed.
     corrupt/<name>         any file that could not be parsed, moved aside for a human with a .why note.
     status/<id>.json       the job's status as the API serves it. Written by the daemon only.
-    results/<id>/<first>-<stop>.jsonl
+    results/<id>/<first>-<stop>.<crc32>.jsonl
                            results of images first .. stop-1 (zero-padded, half-open), one JSON object a
-                           line, in submission order. Written by the daemon once per finished chunk.
-                           Checked by every reader: exactly stop-first whole lines, the first and last
-                           of images first and stop-1; a finished job's files cover 0..N-1 with no gap
-                           (spool/results.py).
+                           line, in submission order; <crc32>: 8 hex digits, zlib's CRC-32 of the file's
+                           bytes. Written by the daemon once per finished chunk. Checked by every reader:
+                           the checksum, exactly stop-first whole lines, the first and last of images first
+                           and stop-1; a finished job's files cover 0..N-1 with no gap (spool/results.py).
+                           Files named <first>-<stop>.jsonl (written before checksums) are checked line by
+                           line. Any file named by a spool folder must be a regular file: a folder, link or
+                           FIFO in its place is read as corrupt and moved to corrupt/, never followed.
 
 Job file (incoming/, active/, done/, failed/):
     {"job_id": 7, "submitted_at": "2026-11-23T11:00:00Z", "count": 1,
@@ -64,6 +67,7 @@ A failed image has width, height and perimeter null and "error" saying why.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -74,9 +78,9 @@ from pathlib import Path
 
 import filelock
 
-from spool.results import DamagedResults, ResultFiles
+from spool.results import DamagedResults, ResultFiles, UnreadableResults, read_regular
 
-__all__ = ["JOB_ID_PATTERN", "Spool", "Status", "Phase", "Folder", "Control", "Executor", "CorruptFile", "DamagedResults", "parse_job_id",
+__all__ = ["JOB_ID_PATTERN", "Spool", "Status", "Phase", "Folder", "Control", "Executor", "CorruptFile", "DamagedResults", "UnreadableResults", "parse_job_id",
            "pid_exists", "status_document", "utc_now"]
 
 #: The one job-id check. Applied to every id before it becomes part of a path.
@@ -247,8 +251,16 @@ class Spool(ResultFiles, Upkeep):
 
     @staticmethod
     def _read_json(path: Path) -> dict:
+        """A spool file's JSON object. CorruptFile when it does not parse, or when a folder, a link or a FIFO
+        stands where the file should be (never followed, never blocking); other OSErrors (permissions) pass."""
         try:
-            doc = json.loads(path.read_bytes())
+            doc = json.loads(read_regular(path))
+        except IsADirectoryError as exc:
+            raise CorruptFile(f"{path.name}: {exc.strerror}, not a file") from exc
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise CorruptFile(f"{path.name}: a symbolic link, not a file") from exc
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CorruptFile(f"{path.name}: {exc}") from exc
         if not isinstance(doc, dict):
@@ -363,6 +375,9 @@ class Spool(ResultFiles, Upkeep):
             stem, _, verb = entry.name.partition(".")
             job_id = parse_job_id(stem)
             if job_id is not None and verb in tuple(Control):
+                if not entry.is_file(follow_symlinks=False):  # the daemon removes requests it carried out
+                    self.move_aside(Path(entry.path), "not a file: control/ holds only request files")
+                    continue
                 found.append((job_id, Control(verb), Path(entry.path)))
         return sorted(found)
 

@@ -1,20 +1,26 @@
-"""Results files: ``results/<id>/<first>-<stop>.jsonl`` (the format is documented in spool/__init__.py).
+"""Results files: ``results/<id>/<first>-<stop>.<crc32>.jsonl`` (the format is documented in spool/__init__.py).
 
-Self-checking by their names: a file named ``00000064-00000128.jsonl`` must hold exactly 64 complete lines,
-the first of image 64 and the last of image 127, and a finished job's files must cover images 0..N-1
-without a gap. Every reader checks that before it trusts a file (as Postfix checks a queue file's END
-record), so a file cut short by a disk that lied or by a hand is reported as damaged, never served as
-whole. Kept apart from the rest of the spool because it is the one part with a format of its own.
+Self-checking, by their names: a file named ``00000064-00000128.1a2b3c4d.jsonl`` must hold exactly 64 complete
+lines, the first of image 64 and the last of image 127, whose bytes have the CRC-32 1a2b3c4d; a finished
+job's files must cover images 0..N-1 without a gap. Every reader checks that before it trusts a file (as
+Postfix checks a queue file's END record), so a file cut short by a disk that lied, or a line garbled,
+lost or duplicated anywhere in it, is reported as damaged, never served. The checksum is computed in C
+(zlib) at a gigabyte a second: every read can afford it. Files written before checksums
+(``<first>-<stop>.jsonl``) are checked line by line instead: each must parse and hold its own index.
+Kept apart from the rest of the spool because it is the one part with a format of its own.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-RESULT_NAME = re.compile(r"([0-9]{8})-([0-9]{8})\.jsonl")
+RESULT_NAME = re.compile(r"([0-9]{8})-([0-9]{8})(?:\.([0-9a-f]{8}))?\.jsonl")
 
 
 class DamagedResults(Exception):
@@ -25,10 +31,33 @@ class DamagedResults(Exception):
         self.why, self.path = why, path
 
 
-def file_damage(job_id: int, first: int, stop: int, data: bytes) -> str | None:
-    """Why the bytes of results file first..stop-1 are not whole, or None. Only its first and last line
-    are parsed: enough to catch a cut, a lost line or a misnamed file, cheap enough for every read."""
-    name = f"results/{job_id}/{first:08d}-{stop:08d}.jsonl"
+class UnreadableResults(Exception):
+    """A results file this process may not read (permissions) or that is no file at all. Not damage: the
+    operator's to fix, so nothing is moved or redone for it."""
+
+    def __init__(self, why: str, path: Path):
+        super().__init__(why)
+        self.why, self.path = why, path
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file. A symbolic link or a folder where a spool file should be
+    raises IsADirectoryError or OSError(ELOOP) without being followed; a FIFO does not block the reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise IsADirectoryError(21, f"not a regular file ({stat.filemode(mode)})", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def file_damage(job_id: int, first: int, stop: int, data: bytes, path: Path | None = None) -> str | None:
+    """Why the bytes of results file first..stop-1 are not whole, or None. The name's checksum covers every
+    byte; the line count and the first and last index say which damage it is when one is found."""
+    name = f"results/{job_id}/{path.name if path is not None else f'{first:08d}-{stop:08d}.jsonl'}"
     if not data.endswith(b"\n"):
         return f"{name}: cut short (it ends in the middle of a line)"
     lines = data.count(b"\n")
@@ -41,7 +70,45 @@ def file_damage(job_id: int, first: int, stop: int, data: bytes) -> str | None:
         return f"{name}: unreadable ({exc})"
     if ends != (first, stop - 1):
         return f"{name}: holds images {ends[0]}..{ends[1]}, not {first}..{stop - 1}"
+    match = RESULT_NAME.fullmatch(path.name) if path is not None else None
+    crc = match[3] if match else None
+    if crc is not None and zlib.crc32(data) == int(crc, 16):
+        return None
+    bad_line = _first_bad_line(first, data)
+    if bad_line is not None:
+        return f"{name}: {bad_line}"
+    if crc is not None:
+        return f"{name}: its bytes do not match their checksum {crc} (changed after it was written)"
     return None
+
+
+def _first_bad_line(first: int, data: bytes) -> str | None:
+    """Line by line: the first line that does not parse or does not hold its own image. For files without a
+    checksum (written before them), and to say where a checksum mismatch is."""
+    for number, line in enumerate(data.split(b"\n")[:-1], start=1):
+        try:
+            index = json.loads(line)["index"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return f"line {number} is garbled (not a result)"
+        if index != first + number - 1:
+            return f"line {number} holds image {index}, not {first + number - 1} (a line lost or duplicated)"
+    return None
+
+
+def _read_results_file(job_id: int, path: Path) -> bytes:
+    """Its bytes; DamagedResults for a folder or link in its place (moved aside like any damage),
+    UnreadableResults when this process may not read it. FileNotFoundError passes through."""
+    name = f"results/{job_id}/{path.name}"
+    try:
+        return read_regular(path)
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError as exc:
+        raise DamagedResults(f"{name}: {exc.strerror}, not a results file", path) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DamagedResults(f"{name}: a symbolic link, not a results file", path) from None
+        raise UnreadableResults(f"cannot read {name}: {exc.strerror or exc}", path) from None
 
 
 class ResultFiles:
@@ -52,7 +119,7 @@ class ResultFiles:
         folder = self.results_dir(job_id)
         folder.mkdir(mode=0o700, exist_ok=True)
         body = b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in lines)
-        self.write_atomic(folder / f"{first:08d}-{stop:08d}.jsonl", body)
+        self.write_atomic(folder / f"{first:08d}-{stop:08d}.{zlib.crc32(body):08x}.jsonl", body)
 
     def result_chunks(self, job_id: int) -> list[tuple[int, int, Path]]:
         """(first, stop, path) of each results file of a job, in image order."""
@@ -79,10 +146,10 @@ class ResultFiles:
             if stop <= first_index:
                 continue
             try:
-                data = path.read_bytes()
+                data = _read_results_file(job_id, path)
             except FileNotFoundError:
                 continue  # requeued or purged meanwhile
-            why = file_damage(job_id, first, stop, data)
+            why = file_damage(job_id, first, stop, data, path)
             if why is not None:
                 raise DamagedResults(why, path)
             yield first, stop, path, data
@@ -91,7 +158,7 @@ class ResultFiles:
 
     def results_damage(self, job_id: int, total: int | None = None) -> tuple[Path | None, str] | None:
         """(the damaged file or None, why) if the job's results are not whole, else None. ``total``: the
-        job is finished, so its files must cover images 0..total-1."""
+        job is finished, so its files must cover images 0..total-1. Raises UnreadableResults."""
         try:
             for _ in self._checked_files(job_id, total):
                 pass
@@ -108,9 +175,10 @@ class ResultFiles:
             yield from lines[max(0, first_index - first):]
 
     def read_results(self, job_id: int, first: int, stop: int, path: Path) -> list[dict]:
-        """The result lines of one results file; DamagedResults unless it holds exactly images first..stop-1."""
-        data = path.read_bytes()
-        why = file_damage(job_id, first, stop, data)
+        """The result lines of one results file; DamagedResults unless it holds exactly images first..stop-1
+        (a folder or link in its place is damage too: the daemon moves it aside and redoes its images)."""
+        data = _read_results_file(job_id, path)
+        why = file_damage(job_id, first, stop, data, path)
         try:
             records = [json.loads(line) for line in data.splitlines()] if why is None else []
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -126,10 +194,16 @@ class ResultFiles:
         """Delete the results for which ``redo(record)`` is true, keeping the others; how many were deleted.
 
         Each results file that loses lines is deleted and its kept lines are written back as smaller
-        files: a crash in between redoes good images, never counts one twice."""
+        files: a crash in between redoes good images, never counts one twice. A damaged file cannot say which
+        of its images failed: it is moved to corrupt/ and all of them are redone."""
         redone = 0
         for first, stop, path in self.result_chunks(job_id):
-            records = self.read_results(job_id, first, stop, path)
+            try:
+                records = self.read_results(job_id, first, stop, path)
+            except DamagedResults as exc:
+                self.move_aside(path, f"{exc.why}; its images are redone (requeue)")
+                redone += stop - first
+                continue
             keep = [not redo(record) for record in records]
             if all(keep):
                 continue

@@ -3,12 +3,15 @@
 on jobs needs it, only their start-up and the daemon's housekeeping."""
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import time
 from pathlib import Path
 
 from spool import Control, CorruptFile, Folder, pid_exists
+
+log = logging.getLogger("retailpulse.spool")
 
 
 class Upkeep:
@@ -97,7 +100,8 @@ class Upkeep:
         orphans = []
         for job_id in self.job_ids(Folder.META):
             try:
-                if (self.meta_path(job_id).stat().st_mtime < cutoff and self.job_folder(job_id) is None
+                meta = self.meta_path(job_id).lstat()
+                if (stat.S_ISREG(meta.st_mode) and meta.st_mtime < cutoff and self.job_folder(job_id) is None
                         and not self.status_path(job_id).exists()):
                     orphans.append(job_id)
             except FileNotFoundError:
@@ -105,7 +109,9 @@ class Upkeep:
         return orphans
 
     def unreadable_status_ids(self) -> list[int]:
-        """Ids whose status file exists but does not parse (a disk that lied about a write, a human edit)."""
+        """Ids whose status file exists but does not parse (a disk that lied about a write, a human edit), or
+        is a folder or link. One this process may not read (permissions) is not corrupt: it is logged, left
+        alone, and the API answers 503 naming it until an operator fixes it."""
         ids = []
         for job_id in self.job_ids(Folder.STATUS):
             try:
@@ -114,4 +120,7 @@ class Upkeep:
                 ids.append(job_id)
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                log.error("status/%d.json: cannot read it (%s); left alone, fix its owner or mode",
+                          job_id, exc.strerror or exc)
         return ids

@@ -21,21 +21,26 @@ SAMPLE_STORE_MASTER = REPO / "data" / "stores.csv"
 SHARED = REPO.parent / "shared"
 REAL_STORE_MASTER = SHARED / "data" / "StoreMasterAssignment.csv"
 SHARED_BENCH_KIT = SHARED / "bench"
+#: Run as root but without the capabilities that let root read and write any file: so a test can make a
+#: spool file unreadable (chmod 000) for the service, as it is for an unprivileged one, with no other user.
+WITHOUT_FILE_PERMISSION_OVERRIDE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
 
 
 class Service:
     """The API and the daemon as two real processes on one spool."""
 
     def __init__(self, spool_dir: Path, daemon_args: list[str], api_args: list[str] = (),
-                 store_master: Path = SAMPLE_STORE_MASTER, check_contract: bool = True):
+                 store_master: Path = SAMPLE_STORE_MASTER, check_contract: bool = True, prefix: list[str] = ()):
+        """``prefix``: a command both programs run under, e.g. WITHOUT_FILE_PERMISSION_OVERRIDE."""
         self.spool = Spool(spool_dir)
         self.spool_dir, self.daemon_args, self.store_master = spool_dir, daemon_args, store_master
+        self.prefix = list(prefix)
         # The tests' settings only: never a configuration file of the machine they run on.
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETAILPULSE_CONFIG": os.devnull}
         self.daemon_log = spool_dir.parent / "daemon.log"  # a file, not a pipe: a full pipe would block it
         self.start_daemon()
         self.api = subprocess.Popen(
-            [sys.executable, "-m", "webapi", "--spool-dir", str(spool_dir), "--port", "0", "--api-workers", "2",
+            [*self.prefix, sys.executable, "-m", "webapi", "--spool-dir", str(spool_dir), "--port", "0", "--api-workers", "2",
              *api_args],
             cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.http = requests.Session()
@@ -53,7 +58,7 @@ class Service:
         self._daemon_log_offset = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0
         with self.daemon_log.open("ab") as log:
             self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "--spool-dir", str(self.spool_dir),
+                [*self.prefix, sys.executable, "-m", "daemon", "--spool-dir", str(self.spool_dir),
                  "--store-master", str(self.store_master), *self.daemon_args],
                 cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=log)
 

@@ -210,14 +210,16 @@ def test_integer_too_long_to_convert_is_400_naming_why(spool, body):
 
 
 def test_integer_at_the_limit_still_parses_to_the_usual_field_error(spool):
-    r = call_wsgi(make_app(spool), "POST", "/api/submit/", b'{"count": ' + b"1" * 4300 + b', "visits": [1]}')
+    body = b'{"count": ' + b"1" * 4300 + b', "n": ' + b"2" * 4300 + b', "visits": [' + body_of(VISIT) + b"]}"
+    r = call_wsgi(make_app(spool), "POST", "/api/submit/", body)
     assert r.status_code == 400 and r.json()["error"].startswith("count: is 1111")
 
 
 def test_integer_too_long_over_real_http_is_400_json(api_only):
     import requests
     for body in HUGE_INT_BODIES:
-        r = requests.post(f"{api_only}/api/submit/", data=body, timeout=30)
+        r = requests.post(f"{api_only}/api/submit/", data=body, headers={"Content-Type": "application/json"},
+                          timeout=30)
         assert (r.status_code, r.headers["content-type"]) == (400, "application/json"), r.text[:200]
         assert "more than 4300 digits" in r.json()["error"]
 

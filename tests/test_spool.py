@@ -161,7 +161,8 @@ def test_results_are_durable_before_the_status_counts_them(spool, syscalls):
     chunk = job.pending.popleft()  # as dispatching does
     job.chunks_in_flight += 1
     supervisor.record(job, chunk, [ImageOutcome(0, 1, 1, 4, None, None, 0.2, 100)])  # what the pool returned
-    results = assert_durable_write(syscalls, spool.results_dir(job_id) / "00000000-00000001.jsonl")
+    [written] = spool.results_dir(job_id).glob("00000000-00000001.*.jsonl")  # named with its checksum
+    results = assert_durable_write(syscalls, written)
     status = assert_durable_write(syscalls, spool.status_path(job_id))
     finished = assert_durable_write(syscalls, spool.job_path("done", job_id), new_file=False)
     assert results < status < finished

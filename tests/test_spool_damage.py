@@ -101,6 +101,12 @@ def test_read_only_spool_stops_start_up_with_one_line_and_exit_2(read_only_spool
     assert "read-only file system" in result.stderr
 
 
+def results_file(spool, job_id, first, stop):
+    """The results file of images first..stop-1 (its name ends with its checksum)."""
+    [path] = spool.results_dir(job_id).glob(f"{first:08d}-{stop:08d}.*.jsonl")
+    return path
+
+
 def finished_with_results(spool, n=6, per_file=3):
     job_id = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"] * n)])
     spool.claim(job_id)
@@ -120,15 +126,15 @@ def finished_with_results(spool, n=6, per_file=3):
 def test_a_damaged_results_file_is_named(spool, damage, why):
     job_id = finished_with_results(spool)
     assert spool.results_damage(job_id, total=6) is None
-    path = spool.results_dir(job_id) / "00000003-00000006.jsonl"
+    path = results_file(spool, job_id, 3, 6)
     path.write_bytes(damage(path.read_bytes()))
     found, message = spool.results_damage(job_id, total=6)
-    assert found == path and message.startswith(f"results/{job_id}/00000003-00000006.jsonl: ") and why in message
+    assert found == path and message.startswith(f"results/{job_id}/{path.name}: ") and why in message
 
 
 def test_a_missing_results_file_of_a_finished_job_is_named(spool):
     job_id = finished_with_results(spool)
-    (spool.results_dir(job_id) / "00000000-00000003.jsonl").unlink()
+    results_file(spool, job_id, 0, 3).unlink()
     assert spool.results_damage(job_id, total=6) == (None, f"results/{job_id}: images 0..2 have no results file")
     assert spool.results_damage(job_id) is None  # a running job has gaps
 
@@ -136,7 +142,7 @@ def test_a_missing_results_file_of_a_finished_job_is_named(spool):
 def test_the_daemon_moves_a_damaged_results_file_of_a_finished_job_aside(spool):
     job_id = finished_with_results(spool)
     spool.write_status(job_id, {"job_id": str(job_id), "status": "completed", "images_total": 6})
-    path = spool.results_dir(job_id) / "00000003-00000006.jsonl"
+    path = results_file(spool, job_id, 3, 6)
     path.write_bytes(path.read_bytes()[:-7])
     Housekeeping(spool, retention_s=0).check_finished_results()
     assert not path.exists()
@@ -150,7 +156,7 @@ def test_many_finished_jobs_are_checked_a_slice_per_turn_not_all_at_once(spool):
     jobs = [finished_with_results(spool) for _ in range(3)]
     for job_id in jobs:
         spool.write_status(job_id, {"job_id": str(job_id), "status": "completed", "images_total": 6})
-        path = spool.results_dir(job_id) / "00000003-00000006.jsonl"
+        path = results_file(spool, job_id, 3, 6)
         path.write_bytes(path.read_bytes()[:-7])
     housekeeping = Housekeeping(spool, retention_s=0)
     set_aside = []
@@ -167,13 +173,13 @@ def test_the_api_names_damaged_results_instead_of_serving_fewer(spool):
     app = make_app(spool)
     query = f"jobid={job_id}"
     assert len(call_wsgi(app, "GET", "/api/results", query=query).json()["results"]) == 6
-    path = spool.results_dir(job_id) / "00000003-00000006.jsonl"
+    path = results_file(spool, job_id, 3, 6)
     path.write_bytes(path.read_bytes()[:-5])  # a disk that lied about the last write
 
     for route, extra in (("/api/results", ""), ("/api/results", "&offset=4&limit=2"), ("/api/results.csv", "")):
         r = call_wsgi(app, "GET", route, query=query + extra)
         assert r.status_code == 503, (route, extra, r.status_code)
-        assert r.json()["error"].startswith(f"results damaged: results/{job_id}/00000003-00000006.jsonl: cut short")
+        assert r.json()["error"].startswith(f"results damaged: results/{job_id}/{path.name}: cut short")
     # the page before the damage is whole, and is served
     assert [line["index"] for line in call_wsgi(app, "GET", "/api/results", query=query + "&limit=3").json()[
         "results"]] == [0, 1, 2]
@@ -185,9 +191,8 @@ def test_the_api_names_damaged_results_instead_of_serving_fewer(spool):
     assert call_wsgi(app, "GET", "/api/status", query=query).json()["status"] == Status.COMPLETED
 
 
-def test_a_status_the_api_cannot_read_is_a_503_naming_it_not_a_500(spool):
+def test_a_folder_where_a_status_should_be_is_not_read_as_one(spool):
     job_id = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
-    spool.status_path(job_id).mkdir()  # what the API meets when it may not read status/ (root may read all)
+    spool.status_path(job_id).mkdir()  # odd, not unreadable: the daemon moves it aside at its next start
     r = call_wsgi(make_app(spool), "GET", "/api/status", query=f"jobid={job_id}")
-    assert r.status_code == 503 and r.headers["retry-after"] == "30"
-    assert r.json()["error"].startswith(f"cannot read job {job_id}'s status from the spool: ")
+    assert (r.status_code, r.json()["status"], r.json()["phase"]) == (200, "ongoing", "queued")

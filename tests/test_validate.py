@@ -67,7 +67,9 @@ def test_bad_field_is_named(doc, names):
     (b'{"count": NaN, "visits": []}', "NaN is not allowed"),
     (b'{"count": Infinity, "visits": []}', "Infinity is not allowed"),
     (b'{"count": 1, "count": 2, "visits": []}', "duplicate key 'count'"),
-    (b"[" * 50000 + b"]" * 50000, "nested too deeply"),
+    (b'{"count": 1, "visits": [], "x": ' + b"[" * 50000 + b"]" * 50000 + b"}", "x[0][0][0]"),
+    (b'{"count": 1, "visits": [], "x": ' + b"[" * 50000 + b"]" * 50000 + b"}", "nested too deeply"),
+    (b"[" * 50000 + b"]" * 50000, "body must be a JSON object"),  # refused at its first byte
 ])
 def test_malformed_body_is_refused(raw, names):
     assert names in error_for(raw)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
-from spool import Control, DamagedResults, Executor, Phase, Spool, parse_job_id, pid_exists
+from spool import (Control, DamagedResults, Executor, Folder, Phase, Spool, UnreadableResults, parse_job_id,
+                   pid_exists)
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webapi.metrics import render as render_metrics
@@ -20,6 +22,9 @@ log = logging.getLogger("retailpulse.webapi")
 _RESULTS_BATCH_BYTES = 64 * 1024
 #: The daemon writes its heartbeat every second; this much silence means it is stuck or gone.
 HEARTBEAT_STALE_S = 10.0
+#: Less free space than this where the spool lives is a full disk: a chunk's results file and its status
+#: need more (and the daemon cannot even write its heartbeat then, so the API looks for itself).
+FULL_DISK_BYTES = 64 * 1024
 
 # Request bodies are read by read_body(), bounded by SubmitLimits.max_body_bytes, and never through
 # bottle.request.body. webapi/__main__ still sets Bottle's MEMFILE_MAX on purpose (see BOTTLE_MEMFILE_MAX).
@@ -46,6 +51,16 @@ def read_body(environ: dict, max_bytes: int) -> bytes:
     if len(body) > max_bytes:
         raise BodyTooLarge
     return body
+
+
+def refuse_unless_json(environ: dict) -> None:
+    """Raises 415 unless the body is declared application/json. A browser sends text/plain, form-encoded
+    or multipart bodies cross-site without asking first (no CORS preflight); application/json it never
+    sends cross-site unasked, so no web page can make a visitor's browser submit jobs here."""
+    media_type = (environ.get("CONTENT_TYPE") or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise json_response(415, {"error": f"Content-Type must be application/json, not "
+                                           f"{media_type[:100] or 'missing'}"}, **{"Accept-Post": "application/json"})
 
 
 class _Api:
@@ -86,13 +101,14 @@ class _Api:
         except OSError as exc:  # permissions, a folder where a file should be: the operator's to fix
             log.error("job %d: cannot read its status: %s", job_id, exc)
             raise json_response(503, {"error": f"cannot read job {job_id}'s status from the spool: "
-                                               f"{exc.strerror or exc}"}, **{"Retry-After": "30"}) from None
+                                               f"{spool_error(exc)}"}, **{"Retry-After": "30"}) from None
         if doc is None:
             raise json_response(400, {})
         return job_id, doc
 
     def submit(self):
         owner = self.caller()
+        refuse_unless_json(request.environ)
         try:
             body = read_body(request.environ, self.limits.max_body_bytes)
         except BodyTooLarge:
@@ -138,6 +154,8 @@ class _Api:
                 return pages.results_page(self.spool, job_id, head, offset, limit, total)
             except DamagedResults as exc:
                 raise damaged(job_id, exc) from None
+            except UnreadableResults as exc:
+                raise unreadable(job_id, exc.why) from None
         self.refuse_damaged(job_id, total)
         return HTTPResponse(stream_results(self.spool, job_id, head), status=200,
                             headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
@@ -150,7 +168,10 @@ class _Api:
     def refuse_damaged(self, job_id: int, total: int | None) -> None:
         """Before a whole-job answer starts streaming: every results file whole, and for a finished job
         no gap, or the error that names the damage (never fewer results served as all of them)."""
-        damage = self.spool.results_damage(job_id, total)
+        try:
+            damage = self.spool.results_damage(job_id, total)
+        except UnreadableResults as exc:
+            raise unreadable(job_id, exc.why) from None
         if damage is not None:
             raise damaged(job_id, DamagedResults(damage[1], damage[0]))
 
@@ -158,7 +179,12 @@ class _Api:
         """The caller's jobs (everyone's with tokens off), newest first, a page at a time."""
         owner = self.caller()
         offset, limit = pages.page_window(json_response)
-        doc = pages.jobs_page(self.spool, lambda job_id: self.owns(job_id, owner), offset, limit)
+        try:
+            doc = pages.jobs_page(self.spool, lambda job_id: self.owns(job_id, owner), offset, limit)
+        except OSError as exc:  # status/ or meta/ the API may not read: the operator's to fix
+            log.error("jobs: cannot read the spool: %s", exc)
+            raise json_response(503, {"error": f"cannot read the job list from the spool: {spool_error(exc)}"},
+                                **{"Retry-After": "30"}) from None
         return json_response(200, doc)
 
     def page(self, name: str = "index.html"):
@@ -212,9 +238,12 @@ class _Api:
 
     def healthz(self):
         """200 when the API can write the spool and the daemon's heartbeat is fresh; 503 naming what is not."""
-        beat = self.spool.read_heartbeat()
+        try:
+            beat, unreadable_beat = self.spool.read_heartbeat(), None
+        except OSError as exc:  # the spool root itself unreadable (permissions)
+            beat, unreadable_beat = None, f"cannot read daemon.json: {exc.strerror or exc}"
         checks = {"api": "ok", "spool_writable": "ok", "spool_readable": self.spool.access_problem() or "ok",
-                  "daemon": daemon_health(beat)}
+                  "daemon": unreadable_beat or daemon_health(beat)}
         beat = beat or {}
         if beat.get("executor") == Executor.DASK and not beat.get("workers"):
             checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.get('scheduler')}): nothing runs"
@@ -222,6 +251,7 @@ class _Api:
             self.spool.check_writable()
         except OSError as exc:
             checks["spool_writable"] = f"cannot write: {exc.strerror or exc}"
+        checks.update(full_disk_checks(self.spool, beat))
         healthy = all(value == "ok" for value in checks.values())
         doc = {"ok": healthy, "checks": checks}
         if beat.get("executor") in tuple(Executor) and isinstance(beat.get("workers"), int):
@@ -245,6 +275,30 @@ def daemon_health(beat: dict | None) -> str:
     if beat.get("paused"):
         return "paused: cannot write results (disk full?)"
     return "ok"
+
+
+def full_disk_checks(spool: Spool, beat: dict | None) -> dict:
+    """The checks a full disk fails. Not inferred from the heartbeat: on a full disk the daemon cannot write
+    that either, and would only look silent. A daemon alive on a full disk is paused (recording.py)."""
+    try:
+        fs = os.statvfs(spool.root)
+    except OSError:
+        return {}
+    free = fs.f_bavail * fs.f_frsize
+    if free >= FULL_DISK_BYTES and not (fs.f_files and fs.f_favail == 0):
+        return {}
+    full = f"the disk holding the spool is full ({free} bytes, {fs.f_favail} inodes free)"
+    checks = {"spool_writable": full}
+    if beat is not None and pid_exists(int(beat.get("pid", 0))):
+        checks["daemon"] = f"paused: {full}; it cannot record results (or write its heartbeat) until space is freed"
+    return checks
+
+
+def spool_error(exc: OSError) -> str:
+    """An OSError in words that name the file, relative to nothing secret: "status/7.json: Permission denied"."""
+    name = exc.filename
+    where = "/".join(str(name).split("/")[-2:]) if name else ""
+    return f"{where}: {exc.strerror or exc}" if where else str(exc.strerror or exc)
 
 
 def json_error(err: bottle.HTTPError) -> str:
@@ -296,6 +350,12 @@ def damaged(job_id: int, exc: DamagedResults) -> HTTPResponse:
     log.error("job %d: results damaged: %s", job_id, exc.why)
     return json_response(503, {"error": f"results damaged: {exc.why}; an operator can redo the images with "
                                         f"`retailpulse-ctl requeue {job_id}`"})
+
+
+def unreadable(job_id: int, why: str) -> HTTPResponse:
+    """503 naming a results file this process may not read (permissions): the operator's to fix."""
+    log.error("job %d: %s", job_id, why)
+    return json_response(503, {"error": f"{why}; an operator must fix its owner or mode"}, **{"Retry-After": "30"})
 
 
 def stream_results(spool: Spool, job_id: int, head: dict):

@@ -73,9 +73,10 @@ _UNAUTHORIZED = _json("API tokens are on and this request has none, or an unknow
 _BAD_JOB = _json("jobid missing or malformed ({error}), or no such job visible to the caller ({})",
                  {"oneOf": [_ref("Error"), _ref("Empty")]})
 _UNAVAILABLE = _json("the spool cannot be written now; nothing changed", _ref("Error"), **{"Retry-After": "seconds"})
-_DAMAGED = _json("a results file of this job is damaged (cut short, lines lost) or missing; the message names it",
-                 _ref("Error"))
-_SPOOL_UNREADABLE = _json("the job's status cannot be read from the spool (permissions): the operator's to fix",
+_DAMAGED = _json("a results file of this job is damaged (cut short, a line changed, lost or duplicated) or "
+                 "missing, or the API may not read it (permissions); the message names it", _ref("Error"))
+_SPOOL_UNREADABLE = _json("the spool (this job's status, or the job list) cannot be read (permissions): "
+                          "the operator's to fix",
                           _ref("Error"), **{"Retry-After": "seconds"})
 _JOBID = {"name": "jobid", "in": "query", "required": True, "schema": {"type": "string", "pattern": _JOB_ID},
           "description": "a job id; anything else is a 400 naming jobid"}
@@ -90,6 +91,8 @@ def _submit() -> dict:
                 "job_id": {"type": "integer", "minimum": 1}}}),
                 "400": _json("not a valid submission; the message names the field", _ref("Error")),
                 "401": _UNAUTHORIZED, "413": _json("body or job too large", _ref("Error")),
+                "415": _json("the body is not declared Content-Type: application/json", _ref("Error"),
+                             **{"Accept-Post": "application/json"}),
                 "503": _UNAVAILABLE}}
 
 
@@ -114,7 +117,7 @@ def document() -> dict:
         "/api/jobs": {"get": {"summary": "The caller's jobs, newest first", "parameters": [_OFFSET, _LIMIT],
                               "responses": {"200": _json("a page of status documents", _ref("Jobs")),
                                             "400": _json("offset or limit out of range", _ref("Error")),
-                                            "401": _UNAUTHORIZED}}},
+                                            "401": _UNAUTHORIZED, "503": _SPOOL_UNREADABLE}}},
         "/api/cancel": {"post": {"summary": "Cancel a queued or running job", "parameters": [_JOBID], "responses": {
             "202": _json("requested", {"type": "object", "required": ["job_id", "cancel"]}),
             "400": _BAD_JOB, "401": _UNAUTHORIZED, "409": _json("the job is finished", _ref("Error")),

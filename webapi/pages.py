@@ -23,6 +23,19 @@ DEFAULT_PAGE_ITEMS = 50
 CSV_COLUMNS = ("index", "store_id", "store_name", "area_code", "visit_time", "image_url", "width", "height",
                "perimeter", "error")
 _CSV_BATCH_ROWS = 512
+#: What a spreadsheet takes as the start of a formula (OWASP, "CSV Injection"): =, +, -, @, tab, carriage return.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A value as a CSV cell a spreadsheet shows and never runs: a text starting like a formula gets a
+    leading apostrophe, as OWASP recommends (the csv module quotes whatever needs quoting). Numbers stay
+    numbers; None is an empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def page_window(json_response) -> tuple[int, int]:
@@ -75,8 +88,8 @@ def results_csv(spool: Spool, job_id: int) -> HTTPResponse:
             batch = list(itertools.islice(lines, _CSV_BATCH_ROWS))
             for line in batch:
                 result = json.loads(line)
-                writer.writerow(["" if result.get(col) is None else result.get(col) for col in CSV_COLUMNS])
-            yield buffer.getvalue().encode()
+                writer.writerow([csv_cell(result.get(col)) for col in CSV_COLUMNS])
+            yield buffer.getvalue().encode("utf-8", "backslashreplace")  # a lone surrogate of an old job too
             buffer.seek(0)
             buffer.truncate()
             if not batch:

@@ -98,9 +98,21 @@ class Engine:
             self._inbox.append((images, done))
         self._wake()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
+    def start(self, on_death: Callable[[BaseException], None] | None = None) -> None:
+        """Run the loop on a thread of its own. ``on_death(exc)``: called on that thread if the loop itself
+        raises (a bug, not an image's fault: those become outcomes), so the process can end instead of
+        staying connected with nothing serving its tasks (daemon/runners/pool_process.py)."""
+        self._thread = threading.Thread(target=self._run_guarded, args=(on_death,), name="engine", daemon=True)
         self._thread.start()
+
+    def _run_guarded(self, on_death: Callable[[BaseException], None] | None) -> None:
+        try:
+            self.run()
+        except BaseException as exc:
+            log.critical("engine: the event loop died, %d images in flight", self._in_flight, exc_info=True)
+            if on_death is not None:
+                on_death(exc)
+            raise
 
     def close(self, timeout_s: float = 5) -> None:
         self._stop.set()
@@ -199,7 +211,14 @@ class Engine:
                 image.started = time.perf_counter()
             image.attempt += 1
             transfer = self._idle.pop() if self._idle else Transfer(self.settings.limits, self.settings.addresses)
-            transfer.begin(image.url, image)
+            try:
+                transfer.begin(image.url, image)
+            except (ValueError, TypeError, pycurl.error) as exc:  # this URL's fault: its image fails, alone
+                transfer.release()
+                self._idle.append(transfer)
+                self._record(image, ImageOutcome.failed(image.index, f"invalid URL: {exc} (permanent, 1 attempt)",
+                                                        ErrorKind.INVALID_URL, self._age(image)))
+                continue
             self._running[id(transfer.curl)] = transfer
             self._multi.add_handle(transfer.curl)
             started = True
@@ -244,6 +263,11 @@ class Engine:
             width, height = body.finish()
         except ImageError as exc:
             self._record(image, ImageOutcome.failed(image.index, str(exc), exc.kind, self._age(image), body.size))
+            return
+        except Exception as exc:  # a decoder bug that these bytes trigger: this image's outcome, not the loop's end
+            log.warning("engine: image %d: measuring raised %r", image.index, exc)
+            self._record(image, ImageOutcome.failed(image.index, f"internal error measuring this image: {exc!r}"[:300],
+                                                    ErrorKind.INTERNAL, self._age(image), body.size))
             return
         wait_s = random.uniform(self.settings.gpu_sleep_min_s, self.settings.gpu_sleep_max_s)
         nbytes = body.size  # the wait keeps numbers only: the body's bytes are freed now, not after the wait

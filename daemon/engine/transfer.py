@@ -3,7 +3,8 @@ and the translation of libcurl's outcome into our wording and kinds. No event lo
 
 Each rule and the libcurl option that enforces it:
     connect within connect_timeout_s             CONNECTTIMEOUT_MS
-    no silence longer than read_timeout_s        LOW_SPEED_LIMIT 1 byte/s over LOW_SPEED_TIME
+    no silence (under 1 byte/s, averaged by      LOW_SPEED_LIMIT 1 byte/s over LOW_SPEED_TIME
+      libcurl) longer than read_timeout_s
     the whole attempt (connect, headers, body)   TIMEOUT_MS  (a server sending its headers a byte at a time
       within total_timeout_s                                  is cut off too)
     at most max_image_bytes                      MAXFILESIZE (a declared length) and the write callback (the
@@ -25,6 +26,7 @@ from daemon.engine.limits import DownloadLimits
 from daemon.engine.measure import BodyReader
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.outcome import ErrorKind
+from daemon.engine.urls import ascii_url
 
 try:
     import certifi
@@ -100,9 +102,12 @@ class Transfer:
         curl.setopt(pycurl.OPENSOCKETFUNCTION, self._open_socket)
 
     def begin(self, url: str, image) -> None:
-        """Point the handle at ``url`` for a new attempt; the engine then adds it to its multi handle."""
+        """Point the handle at ``url`` for a new attempt; the engine then adds it to its multi handle.
+
+        libcurl takes ASCII only: the URL goes in the form a browser sends (urls.py). Raises ValueError
+        when it has none; the engine fails that image alone."""
         self.attempt, self.image = Attempt(self.limits), image
-        self.curl.setopt(pycurl.URL, url)
+        self.curl.setopt(pycurl.URL, ascii_url(url))
 
     def release(self) -> None:
         """Forget the finished attempt (the engine has taken what it needs), so an idle handle holds no body."""
@@ -172,8 +177,8 @@ class Transfer:
 
     def _timeout_reason(self, message: str) -> str:
         limits = self.limits
-        if "too slow" in message.lower():
-            return f"timed out: no data for {max(1, round(limits.read_timeout_s)):g} s"
+        if "too slow" in message.lower():  # libcurl's low-speed rule, which a trickle breaks as surely as silence
+            return f"timed out: under 1 byte/s for {max(1, round(limits.read_timeout_s)):g} s"
         connected = self.curl.getinfo(pycurl.CONNECT_TIME) > 0
         if not connected and self.curl.getinfo(pycurl.TOTAL_TIME) < limits.total_timeout_s:
             return f"timed out: no connection within {limits.connect_timeout_s:g} s"

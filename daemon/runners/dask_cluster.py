@@ -29,6 +29,7 @@ from distributed import Client, KilledWorker, Security, WorkerPlugin, get_worker
 
 from daemon.engine import Engine, EngineSettings, ImageOutcome, TaskImages
 from daemon.runners import OnEvent, TaskDone, TaskLost
+from daemon.runners.pool_process import exit_on_engine_death
 from daemon.runners.sandbox import run_isolated
 
 log = logging.getLogger("retailpulse.daemon")
@@ -48,7 +49,7 @@ class EnginePlugin(WorkerPlugin):
 
     def setup(self, worker) -> None:
         self.engine = Engine(self.settings)
-        self.engine.start()
+        self.engine.start(on_death=exit_on_engine_death)  # as a pool process: its tasks end in KilledWorker
 
     def teardown(self, worker) -> None:
         if self.engine is not None:

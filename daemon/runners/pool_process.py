@@ -22,6 +22,15 @@ from daemon.runners.sandbox import run_isolated
 ISOLATED_AT_ONCE = 8
 #: How much lower than the supervisor's the pool processes' CPU priority is (nice(2)).
 POOL_NICE_INCREMENT = 10
+#: A pool process whose engine died exits with this (EX_SOFTWARE, sysexits.h).
+EXIT_ENGINE_DIED = 70
+
+
+def exit_on_engine_death(exc: BaseException) -> None:
+    """The engine's thread died (its loop raised; the engine has logged why). A process without its engine
+    would stay connected and be handed tasks that nothing serves: end it, so its connection closes, its
+    tasks are lost and redone isolated like after any death, and a fresh process takes its place."""
+    os._exit(EXIT_ENGINE_DIED)
 
 
 class _PoolProcess:
@@ -69,6 +78,6 @@ def serve(address: str, authkey: bytes, settings: EngineSettings) -> None:
     except OSError:
         os._exit(0)  # the supervisor is stopping (its socket is gone): nothing to do
     process = _PoolProcess(conn, settings)
-    process.engine.start()
+    process.engine.start(on_death=exit_on_engine_death)
     conn.send((Message.HELLO, os.getpid()))
     process.read_forever()

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from spool import Spool
+from spool import Spool, UnreadableResults
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -77,8 +77,12 @@ class Housekeeping:
     def check_results_of(self, job_id: int) -> None:
         if self.spool.job_folder(job_id) not in Spool.FINISHED_FOLDERS:
             return  # requeued or purged since it was queued
-        total = (self.spool.read_status(job_id) or {}).get("images_total")
-        damage = self.spool.results_damage(job_id, total if isinstance(total, int) else None)
+        try:
+            total = (self.spool.read_status(job_id) or {}).get("images_total")
+            damage = self.spool.results_damage(job_id, total if isinstance(total, int) else None)
+        except (OSError, UnreadableResults) as exc:  # permissions: the operator's to fix; nothing to move
+            log.error("job %d: cannot check its results: %s", job_id, getattr(exc, "why", exc))
+            return
         if damage is None:
             return
         path, why = damage

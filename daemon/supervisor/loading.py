@@ -1,8 +1,10 @@
 """Reading a claimed job back: its job file and whatever results are already on disk, at claim, at start-up
 and after a requeue; and repairing what a crash or a bad disk left (an unreadable status or results file).
 
-A job whose file cannot be read is failed at once, with the reason in its status, and its file moved to
-corrupt/; an unreadable results file is moved aside and its images are done again.
+A job whose file cannot be parsed (or is a folder or link) is failed at once, with the reason in its status,
+and its file moved to corrupt/; a damaged results file is moved aside and its images are done again. A file
+this process may not read (permissions) is neither: it is logged and the job is left where it is, for the
+operator to fix and the daemon to resume at its next start, never a crash that every restart repeats.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import logging
 from pathlib import Path
 
 from daemon.supervisor.jobs import ActiveJob, Chunk, uncovered
-from spool import CorruptFile, DamagedResults, Phase, Spool, Status, status_document, utc_now
+from spool import CorruptFile, DamagedResults, Phase, Spool, Status, UnreadableResults, status_document, utc_now
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -27,7 +29,15 @@ class JobLoader:
         except (CorruptFile, KeyError, TypeError) as exc:
             self.reject(job_id, path, f"job file unreadable: {exc}")
             return None
-        covered = self.read_recorded(job)
+        except OSError as exc:
+            log.error("job %d: cannot read %s/%s (%s); left there: fix its owner or mode, then restart the daemon",
+                      job_id, path.parent.name, path.name, exc.strerror or exc)
+            return None
+        try:
+            covered = self.read_recorded(job)
+        except UnreadableResults as exc:
+            log.error("job %d: %s; left in active/: fix its owner or mode, then restart the daemon", job_id, exc.why)
+            return None
         job.pending.extend(Chunk(job_id, first, stop) for first, stop in uncovered(job.total, covered, self.chunk_images))
         log.info("job %d: %s, %d images, %d already recorded", job_id,
                  "resumed" if covered else "started", job.total, job.recorded)
@@ -55,9 +65,10 @@ class JobLoader:
             if path.exists():
                 try:
                     job = ActiveJob(job_id, self.spool.read_job(path))
-                except (CorruptFile, KeyError, TypeError):
-                    return  # the job file itself is broken; its status stays unknown
-                self.read_recorded(job)
+                    self.read_recorded(job)
+                except (CorruptFile, KeyError, TypeError, OSError, UnreadableResults) as exc:
+                    log.error("job %d: status not rebuilt: %s", job_id, exc)
+                    return  # the job file itself is broken or unreadable; its status stays unknown
                 if job.finished:
                     self.spool.write_status(job_id, job.status_doc())
                     log.warning("job %d: status file was unreadable; rebuilt from its results", job_id)
