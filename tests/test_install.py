@@ -112,7 +112,8 @@ def test_installed_service_runs_a_job_and_every_ctl_command_of_the_readme_works(
 
         done = submit([shelf, f"{shelf}?n=2"])
         wait_until(lambda: status(done) == Status.COMPLETED, what="the job to complete")
-        assert (spool_dir / "done" / f"{done}.json").exists(), "the INI file's spool_dir is the one used"
+        # The status turns final just before the job file moves to done/ (README, "How it works").
+        wait_until(lambda: (spool_dir / "done" / f"{done}.json").exists(), what="the job file in the INI's spool")
 
         def ctl(*argv):
             result = run(bin_dir, env, cwd, "retailpulse-ctl", *argv)
