@@ -136,7 +136,7 @@ def test_installed_service_runs_a_job_and_every_ctl_command_of_the_readme_works(
         assert ctl("follow", str(queued))[0] == 1
 
         code, out, err = ctl("requeue", str(queued), "--failed-only")
-        assert code == 0 and "requeue-failed requested" in out, err
+        assert code == 0 and "requeued: 10 failed images go round again" in out, err
         wait_until(lambda: status(queued) == Status.COMPLETED, what="the requeued images to be done")
         code, out, err = ctl("requeue", str(done))
         assert code == 0, err

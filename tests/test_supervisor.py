@@ -10,7 +10,7 @@ import time
 import pytest
 
 from daemon.engine.loop import EngineSettings
-from daemon.supervisor.jobs import Chunk, uncovered
+from daemon.supervisor.jobs import Chunk, spans, uncovered
 from daemon.engine.netguard import AddressPolicy
 from daemon.runners.pool import LocalPool
 from daemon.supervisor.stores import load_store_master
@@ -32,6 +32,16 @@ STORES = load_store_master(SAMPLE_STORE_MASTER)
 ])
 def test_uncovered_images_are_cut_into_chunks(total, covered, size, expected):
     assert list(uncovered(total, covered, size)) == expected
+
+
+@pytest.mark.parametrize("chunks, most, expected", [
+    ([(4, 8), (0, 4), (8, 10)], 100, [(0, 10)]),  # in flight and waiting, in any order: one file
+    ([(0, 4), (6, 8)], 100, [(0, 4), (6, 8)]),  # a recorded chunk between them is left alone
+    ([(0, 4), (4, 8), (8, 12)], 5, [(0, 5), (5, 10), (10, 12)]),
+    ([], 5, []),
+])
+def test_a_cancel_records_its_images_in_few_files(chunks, most, expected):
+    assert spans([Chunk(1, first, stop) for first, stop in chunks], most) == expected
 
 
 @pytest.fixture
