@@ -157,6 +157,15 @@ def test_installed_service_runs_a_job_and_every_ctl_command_of_the_readme_works(
         api.stdout.close()
 
 
+def test_the_installed_token_maker_is_a_command_that_runs_outside_the_checkout(vm):
+    bin_dir, env, cwd, _ = vm
+    made = run(bin_dir, env, cwd, "retailpulse-token", "acme")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.split("(shown once): ", 1)[1].split()[0]
+    line = made.stdout.split("line for the tokens file:", 1)[1].strip()
+    assert line.startswith("acme ") and token not in line
+
+
 def test_installed_daemon_without_settings_names_what_is_missing(installed, tmp_path):
     """No INI file on this machine: the default store master (an installation path) is named, with exit 2."""
     env = {"PATH": "/usr/bin:/bin", "RETAILPULSE_CONFIG": os.devnull,
