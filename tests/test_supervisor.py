@@ -16,7 +16,7 @@ from daemon.runners.pool import LocalPool
 from daemon.supervisor.stores import load_store_master
 from daemon.supervisor.loop import Events, Supervisor
 from daemon.supervisor.settings import SupervisorSettings
-from spool import Spool, Status
+from spool import Control, Spool, Status
 from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes, wait_until
 from webapi.app import make_app
 
@@ -233,6 +233,27 @@ def test_full_disk_submit_is_503_and_leaves_no_partial_job(small_disk):
     assert r.status_code == 503 and r.headers["retry-after"]
     assert "No space left on device" in r.json()["error"]
     assert spool.job_ids("incoming") == [] and list((spool.root / "tmp").iterdir()) == []
+
+
+def test_a_cancel_that_meets_a_full_disk_keeps_its_request_until_its_results_are_written(small_disk):
+    spool = Spool(small_disk / "spool").create()
+    now = [0.0]
+    supervisor = Supervisor(spool, STORES, SupervisorSettings(chunk_images=2), RecordingRunner(room_for_tasks=0),
+                            Events(), clock=lambda: now[0])
+    job_id = put_active_job(spool, [f"http://x/{i}.jpg" for i in range(6)])
+    supervisor.load(job_id, spool.job_path("active", job_id))
+    spool.request(job_id, Control.CANCEL)
+    filler = fill(small_disk)
+    supervisor.handle_requests()
+    assert supervisor.recorder.owes(job_id)
+    assert spool.request_pending(job_id, Control.CANCEL), "a kill now must not lose the cancel"
+    filler.unlink()
+    now[0] += 60  # past the retry interval
+    supervisor.forget_finished(supervisor.recorder.retry())
+    supervisor.handle_requests()
+    assert not spool.request_pending(job_id, Control.CANCEL)
+    assert spool.read_status(job_id)["images_cancelled"] == 6
+    assert [json.loads(line)["error"] for line in spool.iter_result_lines(job_id)] == ["cancelled by request"] * 6
 
 
 class RecordingRunner:

@@ -143,6 +143,8 @@ class Supervisor:
             except (OSError, CorruptFile, DamagedResults) as exc:
                 log.error("job %d: %s: %s; will try again", job_id, verb, exc)
                 continue
+            if verb is Control.CANCEL and self.recorder.owes(job_id):
+                continue  # some of what it cancelled waits for the disk: the request stays until it is written
             path.unlink(missing_ok=True)
 
     def cancel(self, job_id: int) -> None:
@@ -161,6 +163,8 @@ class Supervisor:
         in_flight = [task_id for task_id, task in self.dispatched.items() if task.chunk.job_id == job_id]
         flying = [self.dispatched.pop(task_id).chunk for task_id in in_flight]
         chunks = [*job.pending, *flying]
+        if not chunks:
+            return  # done already (a request kept while the disk was full)
         job.pending, job.chunks_in_flight = deque(), job.chunks_in_flight - len(flying)
         if in_flight:
             self.runner.cancel(in_flight)
