@@ -9,6 +9,8 @@ progress together. Each chunk is recorded as soon as its own images are done.
 Resumption: a job found in active/ at start-up keeps its recorded results; only images with no results
 file are dispatched again (loading.py).
 Lost tasks: what becomes of their chunks is the death policy, ``after_loss`` in jobs.py.
+Cancel: every image of the job without a result is recorded "cancelled by request" at once, and the runner
+drops the job's tasks where they are (TaskRunner.cancel); their late answers are ignored.
 Recording and disk trouble: recording.py. Chores on a clock: housekeeping.py.
 Time comes from ``clock`` (monotonic seconds), so tests can drive the waits without waiting.
 """
