@@ -8,8 +8,8 @@
     retailpulse-ctl purge 17 | --older-than-days 7   delete finished jobs and their results
 
 cancel and requeue leave a request in control/ that the daemon carries out within a second (only the daemon
-moves job files), wait for it, and say what it did; with no daemon running they say the request waits for
-one. list, show, follow and purge work on the files directly, with or without a daemon. Every command says
+moves job files), wait for it, and say what it did; with no daemon at work they say the request waits for
+it. list, show, follow and purge work on the files directly, with or without a daemon. Every command says
 what it did; an unknown job is an error (exit 1, one line).
 
 The spool is the one the settings name (option, environment, INI file; see README "Configuration"). In a
@@ -142,9 +142,10 @@ def cmd_request(spool: Spool, args) -> int:
         return 1
     before = spool.read_status(args.job_id) or {}
     spool.request(args.job_id, verb)
-    if daemon_health(spool.read_heartbeat()) != "ok":
-        print(f"job {args.job_id}: {verb} requested (control/{args.job_id}.{verb}); no daemon is running on "
-              f"{spool.root}, so it is carried out when one starts")
+    health = daemon_health(spool.read_heartbeat())
+    if health != "ok":  # not running, stuck, or paused on a full disk: the request waits for it
+        print(f"job {args.job_id}: {verb} requested (control/{args.job_id}.{verb}); the daemon cannot carry it "
+              f"out now ({health}); it will once it runs")
         return 0
     if not carried_out(spool, args.job_id, verb, args.wait):
         print(f"retailpulse-ctl: job {args.job_id}: {verb} requested, but the daemon has not carried it out "

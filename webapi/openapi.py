@@ -123,8 +123,8 @@ def document() -> dict:
                           "properties": {"job_id": {"type": "string", "pattern": _JOB_ID},
                                          "cancel": {"const": "done"}, "status": {"enum": _STATUSES},
                                          "images_cancelled": {"type": "integer", "minimum": 0}}}),
-            "202": _json("requested: no daemon runs now (or it did not act within 5 s); it is carried out when "
-                         "one does", {"type": "object", "required": ["job_id", "cancel"], "properties": {
+            "202": _json("requested: no daemon is at work now (not running, paused on a full disk, or it did "
+                         "not act within 5 s); it is carried out once it is", {"type": "object", "required": ["job_id", "cancel"], "properties": {
                              "job_id": {"type": "string", "pattern": _JOB_ID}, "cancel": {"const": "requested"}}}),
             "400": _BAD_JOB, "401": _UNAUTHORIZED, "409": _json("the job is finished", _ref("Error")),
             "503": _UNAVAILABLE}}},
