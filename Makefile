@@ -1,11 +1,17 @@
-# The two commands a newcomer needs: `make run` and `make test`. Both set up .venv on first use.
+# The commands a newcomer needs: `make run`, `make ctl ARGS=list` and `make test`. They set up .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SPOOL_DIR ?= var/spool
+# make run's own folder: its spool, and the INI file naming it, which `make ctl` (retailpulse-ctl) reads too.
+VAR ?= var
+SPOOL_DIR ?= $(VAR)/spool
+CONFIG ?= $(VAR)/retail-pulse.ini
 STORE_MASTER ?= data/stores.csv
+PORT ?= 8080
+# The sample images in data/images/, served so that the README's first job has something to measure.
+IMAGES_PORT ?= 8081
 
-.PHONY: run test test-fast clean
+.PHONY: run ctl test test-fast clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +22,25 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip wheel --quiet --wheel-dir $(VENV)/wheelhouse .
 	touch $@
 
-# The API and the daemon as two processes on the local spool and the bundled sample store master (an
-# installed service takes both from /etc/retail-pulse/retail-pulse.ini instead); Ctrl-C stops both.
-# Local development: downloads may reach local image servers (never set that in production).
+# The API and the daemon as two processes on the local spool and the bundled sample store master, both
+# named in $(CONFIG), written here at each start (an installed service reads
+# /etc/retail-pulse/retail-pulse.ini instead); and the sample images on 127.0.0.1:$(IMAGES_PORT). Ctrl-C
+# stops all three. Local development: downloads may reach local image servers (never set that in production).
 run: $(BIN)/.installed
-	@mkdir -p $(SPOOL_DIR)
-	@trap 'kill $$daemon 2>/dev/null; wait' EXIT INT TERM; \
-	$(BIN)/python -m daemon --spool-dir $(SPOOL_DIR) --store-master $(STORE_MASTER) --allow-private-addresses true & daemon=$$!; \
-	$(BIN)/python -m webapi --spool-dir $(SPOOL_DIR)
+	@umask 077 && mkdir -p $(SPOOL_DIR) && chmod 700 $(SPOOL_DIR)
+	@umask 077 && printf '%s\n' "# Written by 'make run' at each start; 'make ctl ARGS=list' reads it too." \
+	  "[common]" "spool_dir = $(abspath $(SPOOL_DIR))" "[daemon]" "store_master = $(abspath $(STORE_MASTER))" \
+	  "[download]" "allow_private_addresses = true" "[api]" "port = $(PORT)" > $(CONFIG)
+	@echo "make run: settings in $(CONFIG) (spool $(SPOOL_DIR)); sample images on http://127.0.0.1:$(IMAGES_PORT)/;" \
+	  "look at the spool with: make ctl ARGS=list"
+	@trap 'kill $$daemon $$images 2>/dev/null; wait' EXIT INT TERM; \
+	$(BIN)/python -m http.server --bind 127.0.0.1 --directory data/images $(IMAGES_PORT) >/dev/null 2>&1 & images=$$!; \
+	$(BIN)/python -m daemon --config $(CONFIG) & daemon=$$!; \
+	$(BIN)/python -m webapi --config $(CONFIG)
+
+# retailpulse-ctl on make run's spool: make ctl ARGS=list, make ctl ARGS='show 1', make ctl ARGS='cancel 2'
+ctl: $(BIN)/.installed
+	@$(BIN)/retailpulse-ctl --config $(CONFIG) $(ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

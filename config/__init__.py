@@ -159,7 +159,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api_workers", "api", int, 2, "gunicorn worker processes", 1, 64),
     Setting("api_threads", "api", int, 8, "threads per gunicorn worker", 1, 256),
     Setting("max_body_bytes", "api", int, _SUBMIT.max_body_bytes, "largest submit body (413 above it)", 1),
-    Setting("max_images_per_job", "api", int, _SUBMIT.max_images_per_job, "most image URLs in one job (413 above it)", 1),
+    Setting("max_images_per_job", "api", int, _SUBMIT.max_images_per_job, "most image URLs in one job (400 "
+            "above it, naming the limit)", 1),
     Setting("max_url_chars", "api", int, _SUBMIT.max_url_chars, "longest image URL (400 above it)", 16, 65536),
     Setting("max_queued_images", "api", int, 1_000_000, "images waiting or in progress above which submit "
             "answers 503 with Retry-After; 0 turns the check off", 0),

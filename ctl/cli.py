@@ -3,12 +3,17 @@
     retailpulse-ctl list [--state failed]       one line per job: state, progress, age, first failure
     retailpulse-ctl show 17 [--results 20]      job file summary, status and results, readable
     retailpulse-ctl follow 17                   a live progress bar until the job finishes
-    retailpulse-ctl cancel 17                   images not started yet get "cancelled by request"
+    retailpulse-ctl cancel 17                   every image without a result gets "cancelled by request"
     retailpulse-ctl requeue 17 [--failed-only]  a finished job goes round again (all or its failed images)
     retailpulse-ctl purge 17 | --older-than-days 7   delete finished jobs and their results
 
 cancel and requeue leave a request in control/ that the daemon carries out within a second (only the daemon
-moves job files); list, show, follow and purge work on the files directly, with or without a daemon.
+moves job files), wait for it, and say what it did; with no daemon at work they say the request waits for
+it. list, show, follow and purge work on the files directly, with or without a daemon. Every command says
+what it did; an unknown job is an error (exit 1, one line).
+
+The spool is the one the settings name (option, environment, INI file; see README "Configuration"). In a
+checkout, `make run` writes var/retail-pulse.ini and `make ctl ARGS=list` runs this with it.
 """
 from __future__ import annotations
 
@@ -20,8 +25,11 @@ from collections.abc import Callable
 
 from config import SettingError, add_options, resolve, settings_for
 from spool import Control, CorruptFile, DamagedResults, Folder, Spool, Status, UnreadableResults, parse_job_id
+from webapi.app import carried_out, daemon_health
 
 EXIT_USAGE = 2
+#: How long cancel and requeue wait for a running daemon to carry the request out (it does within 0.1 s).
+REQUEST_WAIT_S = 10.0
 
 
 def age_text(seconds: float) -> str:
@@ -114,16 +122,43 @@ def cmd_follow(spool: Spool, args, sleep: Callable[[float], None] = time.sleep) 
         sleep(args.interval)
 
 
+def known(spool: Spool, job_id: int) -> bool:
+    """Whether anything of the job is in the spool (a half-purged job still is: purging again finishes it)."""
+    return (spool.job_folder(job_id) is not None or spool.status_path(job_id).exists()
+            or spool.meta_path(job_id).exists() or spool.results_dir(job_id).exists())
+
+
 def cmd_request(spool: Spool, args) -> int:
+    """Leave a cancel or requeue request, wait for the daemon to carry it out, and say what it did."""
     verb = Control.REQUEUE_FAILED if getattr(args, "failed_only", False) else Control(args.command)
     folder = spool.job_folder(args.job_id)
+    if folder is None:
+        print(f"retailpulse-ctl: no job {args.job_id}", file=sys.stderr)
+        return 1
     wanted = Spool.UNFINISHED_FOLDERS if verb is Control.CANCEL else Spool.FINISHED_FOLDERS
     if folder not in wanted:
-        print(f"retailpulse-ctl: job {args.job_id} is {folder or 'unknown'}; {verb} needs it "
-              f"{' or '.join(wanted)}", file=sys.stderr)
+        print(f"retailpulse-ctl: job {args.job_id} is {folder}; {verb} needs it {' or '.join(wanted)}",
+              file=sys.stderr)
         return 1
+    before = spool.read_status(args.job_id) or {}
     spool.request(args.job_id, verb)
-    print(f"job {args.job_id}: {verb} requested; the daemon carries it out (control/{args.job_id}.{verb})")
+    health = daemon_health(spool.read_heartbeat())
+    if health != "ok":  # not running, stuck, or paused on a full disk: the request waits for it
+        print(f"job {args.job_id}: {verb} requested (control/{args.job_id}.{verb}); the daemon cannot carry it "
+              f"out now ({health}); it will once it runs")
+        return 0
+    if not carried_out(spool, args.job_id, verb, args.wait):
+        print(f"retailpulse-ctl: job {args.job_id}: {verb} requested, but the daemon has not carried it out "
+              f"within {args.wait:g} s; the request stays in control/{args.job_id}.{verb}", file=sys.stderr)
+        return 1
+    after = spool.read_status(args.job_id) or {}
+    if verb is Control.CANCEL:
+        print(f"job {args.job_id}: cancelled {after.get('images_cancelled', 0)} of {after.get('images_total', '?')} "
+              f"images; the job is {after.get('status', '?')}")
+    else:
+        redone = before.get("images_failed", 0) if verb is Control.REQUEUE_FAILED else before.get("images_total", 0)
+        print(f"job {args.job_id}: requeued: {redone} {'failed ' if verb is Control.REQUEUE_FAILED else ''}"
+              f"images go round again; the job is {after.get('status', '?')}")
     return 0
 
 
@@ -132,6 +167,9 @@ def cmd_purge(spool: Spool, args) -> int:
         print("retailpulse-ctl: purge takes a job id or --older-than-days, one of them", file=sys.stderr)
         return EXIT_USAGE
     if args.job_id is not None:
+        if not known(spool, args.job_id):
+            print(f"retailpulse-ctl: no job {args.job_id}", file=sys.stderr)
+            return 1
         if not spool.purge(args.job_id):
             print(f"retailpulse-ctl: job {args.job_id} is queued or running; cancel it first", file=sys.stderr)
             return 1
@@ -139,7 +177,8 @@ def cmd_purge(spool: Spool, args) -> int:
         return 0
     purged = [job_id for job_id in spool.finished_before(time.time() - args.older_than_days * 86400)
               if spool.purge(job_id)]
-    print(f"purged {len(purged)} job(s) finished more than {args.older_than_days:g} days ago")
+    listed = f": {', '.join(map(str, purged))}" if purged else ""
+    print(f"purged {len(purged)} job(s) finished more than {args.older_than_days:g} days ago{listed}")
     return 0
 
 
@@ -163,11 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("follow", help="live progress until the job finishes")
     p.add_argument("job_id", type=job_id_arg)
     p.add_argument("--interval", type=float, default=0.5, help="seconds between looks [0.5]")
+    wait = {"type": float, "default": REQUEST_WAIT_S, "metavar": "SECONDS",
+            "help": f"how long to wait for a running daemon to carry it out [{REQUEST_WAIT_S:g}]"}
     p = commands.add_parser("cancel", help="stop a queued or running job")
     p.add_argument("job_id", type=job_id_arg)
+    p.add_argument("--wait", **wait)
     p = commands.add_parser("requeue", help="run a finished job again")
     p.add_argument("job_id", type=job_id_arg)
     p.add_argument("--failed-only", action="store_true", help="only the images that failed")
+    p.add_argument("--wait", **wait)
     p = commands.add_parser("purge", help="delete finished jobs")
     p.add_argument("job_id", type=job_id_arg, nargs="?")
     p.add_argument("--older-than-days", type=float)
@@ -183,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     spool = Spool(config.spool_dir)
     if not (spool.root / Folder.INCOMING).is_dir():
-        print(f"retailpulse-ctl: {spool.root} is not a spool (no incoming/ folder)", file=sys.stderr)
+        print(f"retailpulse-ctl: {spool.root} (spool_dir, from {config.source('spool_dir')}) is not a spool (no "
+              f"incoming/ folder); name yours with --spool-dir or --config (a checkout's `make run` uses "
+              f"var/retail-pulse.ini: `make ctl ARGS=list`)", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "show" and args.results < 0:
         args.results = None

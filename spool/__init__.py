@@ -8,6 +8,7 @@ whatever the last rename said (as in Maildir).
     daemon.lock            held (filelock) by the one daemon working on this spool; a second one refuses to start.
     next_job_id            text, one integer: the id the next submission gets. Written by the API under
                            next_job_id.lock (filelock), so ids only increase, across processes and restarts.
+                           Both lock files are empty, mode 0600 like every other file here.
     tmp/                   files being written, named <final name>.<writer pid>.<random>. Never read.
                            Leftovers of a crash (writer pid gone, or older than an hour) are removed by
                            the daemon at start-up and every ten minutes.
@@ -29,8 +30,10 @@ whatever the last rename said (as in Maildir).
                                         "jobs_finished": {status: n}}  (counters since the daemon started)}
     control/<id>.<verb>    a request to the daemon about a job (verbs: the Control enum): cancel, requeue (all
                            its images) or requeue-failed (only its failed images). Written by the API
-                           (cancel) or the operator CLI; the daemon carries it out and removes it. Only
-                           the daemon moves job files, so requests never race with the work.
+                           (cancel) or the operator CLI; the daemon carries it out and removes it (a
+                           request still there after a crash is carried out again at restart). Only the
+                           daemon moves job files, so requests never race with the work. Whoever asked
+                           waits for the file to go, then reads the job's status to say what was done.
     incoming/<id>.json     a submitted job, complete, not yet claimed. Written by the API.
     active/<id>.json       the same file, claimed (renamed) by the daemon, which is working on it.
     done/<id>.json         the job file once every image has a result and none failed.
@@ -40,7 +43,8 @@ whatever the last rename said (as in Maildir).
     results/<id>/<first>-<stop>.<crc32>.jsonl
                            results of images first .. stop-1 (zero-padded, half-open), one JSON object a
                            line, in submission order; <crc32>: 8 hex digits, zlib's CRC-32 of the file's
-                           bytes. Written by the daemon once per finished chunk. Checked by every reader:
+                           bytes. Written by the daemon once per finished chunk, and by a
+                           cancel for the images it cancels, in files of up to 4,096 images. Checked by every reader:
                            the checksum, exactly stop-first whole lines, the first and last of images first
                            and stop-1; a finished job's files cover 0..N-1 with no gap (spool/results.py).
                            Files named <first>-<stop>.jsonl (written before checksums) are checked line by
@@ -55,6 +59,7 @@ Images are numbered 0..N-1 in submission order (visit by visit, URL by URL); tha
 Status file:
     {"job_id": "7", "status": "ongoing" | "completed" | "failed", "phase": "running" | "finished",
      "images_total": N, "images_done": d, "images_failed": f,
+     "images_cancelled": c (of the failed, those "cancelled by request"; only when there are any),
      "submitted_at": "..." (from the job file), "updated_at": "..." (when the daemon wrote this),
      "error": [{"store_id": "...", "error": "first failure", "image_url": "its URL", "images_failed": k}]
     }                                                                # "error" only when failed
@@ -276,13 +281,13 @@ class Spool(ResultFiles, Upkeep):
 
     def daemon_lock(self) -> filelock.FileLock:
         """The lock a daemon holds for its whole life: two daemons would both resume the jobs in active/."""
-        return filelock.FileLock(str(self.root / "daemon.lock"), timeout=0)
+        return filelock.FileLock(str(self.root / "daemon.lock"), timeout=0, mode=_FILE_MODE)
 
     # ------------------------------------------------------------- API side
     def next_job_id(self) -> int:
         """Take the next job id. Ids only increase, even with several API processes and across restarts."""
         counter = self.root / "next_job_id"
-        with filelock.FileLock(str(counter) + ".lock", timeout=30):
+        with filelock.FileLock(str(counter) + ".lock", timeout=30, mode=_FILE_MODE):
             try:
                 job_id = int(counter.read_text().strip() or "1")
             except FileNotFoundError:
@@ -367,6 +372,10 @@ class Spool(ResultFiles, Upkeep):
         """Ask the daemon to cancel or requeue a job (see control/ above)."""
         verb = Control(verb)
         self.write_atomic(self.root / Folder.CONTROL / f"{job_id}.{verb}", (utc_now() + "\n").encode())
+
+    def request_pending(self, job_id: int, verb: Control) -> bool:
+        """Whether a request is still waiting for the daemon (it removes the file once carried out)."""
+        return (self.root / Folder.CONTROL / f"{job_id}.{Control(verb)}").exists()
 
     def requests(self) -> list[tuple[int, Control, Path]]:
         """(job id, verb, path) of the pending control requests, oldest job first."""

@@ -180,6 +180,25 @@ class ImageServer:
         self.httpd.server_close()
 
 
+def held_open(closed: list, head: bytes = b"\xff\xd8\xff"):
+    """An ImageServer hook: starts a 100 kB image, sends ``head`` of it and nothing more, until the client
+    hangs up; then appends the moment (monotonic) it did to ``closed``. Gives up after 60 s."""
+    def hook(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", "100000")
+        handler.end_headers()
+        handler.wfile.write(head)
+        handler.wfile.flush()
+        handler.connection.settimeout(60)
+        try:
+            while handler.connection.recv(4096):
+                pass
+        except OSError:
+            pass
+        closed.append(time.monotonic())
+    return hook
+
+
 @pytest.fixture
 def image_server(tmp_path):
     folder = tmp_path / "images"
@@ -194,10 +213,10 @@ def start_service(tmp_path):
     """Start the real API and daemon; tests pass daemon options. Short simulated GPU work unless told."""
     started = []
 
-    def start(*daemon_args: str, **service_options) -> Service:
+    def start(*daemon_args: str, api_args: tuple[str, ...] = (), **service_options) -> Service:
         args = ["--gpu-sleep-min-s", "0.01", "--gpu-sleep-max-s", "0.02", "--processes", "2",
                 "--allow-private-addresses", "true", *daemon_args]  # the image server is on 127.0.0.1
-        service = Service(service_options.pop("spool_dir", tmp_path / "spool"), args, **service_options)
+        service = Service(service_options.pop("spool_dir", tmp_path / "spool"), args, list(api_args), **service_options)
         started.append(service)
         return service
 

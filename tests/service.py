@@ -38,11 +38,9 @@ class Service:
         # The tests' settings only: never a configuration file of the machine they run on.
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "RETAILPULSE_CONFIG": os.devnull}
         self.daemon_log = spool_dir.parent / "daemon.log"  # a file, not a pipe: a full pipe would block it
+        self.api_args = list(api_args)
         self.start_daemon()
-        self.api = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "webapi", "--spool-dir", str(spool_dir), "--port", "0", "--api-workers", "2",
-             *api_args],
-            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.api = self._popen_api(0)
         self.http = requests.Session()
         if check_contract:  # every answer the tests see must be what the OpenAPI document says
             from tests import openapi_check
@@ -53,6 +51,22 @@ class Service:
         except BaseException:
             self.stop()  # a half-started service must not outlive the test
             raise
+
+    def _popen_api(self, port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [*self.prefix, sys.executable, "-m", "webapi", "--spool-dir", str(self.spool_dir), "--port", str(port),
+             "--api-workers", "2", *self.api_args],
+            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def stop_api(self) -> None:
+        """Stop the API alone (SIGTERM); start_api() brings it back on the same port."""
+        stop_processes(self.api)
+        self.api.stdout.close()
+
+    def start_api(self) -> None:
+        """Start the API again on the port it had, as a restart looks to its clients (and to nginx)."""
+        self.api = self._popen_api(int(self.base.rsplit(":", 1)[1]))
+        self.base = self._read_address(self.api, timeout_s=30)
 
     def start_daemon(self) -> None:
         self._daemon_log_offset = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0

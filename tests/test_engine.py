@@ -385,3 +385,71 @@ def test_a_certificate_nobody_vouches_for_fails_permanently_at_once(tls_server):
     assert outcome.kind == ErrorKind.TLS and outcome.error.startswith("TLS error: ")
     assert outcome.error.endswith("(permanent, 1 attempt)")
     assert tls_server.hits.get("/a.jpg", 0) == 0
+
+
+# ---------------------------------------------------------------- cancel
+def held_open(closed: list):
+    """A route that starts an image and then sends nothing more, until the client hangs up; the moment it
+    did is appended to ``closed``."""
+    def route(conn, srv):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + JPEG[:100])
+        conn.settimeout(30)
+        try:
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+        closed.append(time.monotonic())
+    return route
+
+
+PATIENT = EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, addresses=LOCAL,
+                         limits=DownloadLimits(connect_timeout_s=2, read_timeout_s=30, total_timeout_s=30))
+
+
+def test_cancel_takes_downloads_off_the_loop_at_once_and_leaves_other_tasks_alone(server):
+    closed = []
+    server.routes["/held.jpg"] = held_open(closed)
+    server.routes["/a.jpg"] = ok(JPEG)
+    engine = Engine(PATIENT)
+    engine.start()
+    answers = {}
+    try:
+        engine.submit([(i, f"{server.base}/held.jpg?n={i}") for i in range(5)], lambda o: answers.setdefault(7, o),
+                      key=7)
+        wait_until(lambda: sum(server.hits.values()) == 5, timeout_s=10, what="five downloads under way")
+        cancelled_at = time.monotonic()
+        engine.cancel([7, 99])  # 99: no such task, ignored
+        engine.submit([(i, f"{server.base}/a.jpg?n={i}") for i in range(3)], lambda o: answers.setdefault(8, o),
+                      key=8)
+        wait_until(lambda: 7 in answers and 8 in answers, timeout_s=5, what="both tasks to answer")
+        assert [(o.index, o.error, o.kind) for o in answers[7]] == \
+            [(i, "cancelled by request", ErrorKind.CANCELLED) for i in range(5)]
+        assert [o.perimeter for o in answers[8]] == [224] * 3
+        # The server sees each cancelled download's connection closed, well before any time limit.
+        wait_until(lambda: len(closed) == 5, timeout_s=5, what="the five connections to close")
+        assert max(closed) - cancelled_at < 2
+        assert engine.images_in_flight == 0
+    finally:
+        engine.close()
+
+
+def test_cancel_drops_gpu_waits_and_their_ends_change_nothing(server):
+    server.routes["/a.jpg"] = ok(JPEG)
+    now = [0.0]
+    engine = Engine(EngineSettings(gpu_sleep_min_s=100, gpu_sleep_max_s=100, limits=FAST, addresses=LOCAL),
+                    clock=lambda: now[0])
+    engine.start()
+    answers = []
+    try:
+        engine.submit([(i, f"{server.base}/a.jpg?n={i}") for i in range(3)], answers.append, key="t")
+        wait_until(lambda: sum(server.hits.values()) == 3, timeout_s=10, what="three downloads")
+        engine.cancel(["t"])
+        wait_until(lambda: answers, timeout_s=5, what="the cancelled task to answer")
+        assert [o.error for o in answers[0]] == ["cancelled by request"] * 3
+        now[0] = 1000.0  # every GPU wait is over now: nothing more is answered
+        engine.submit([], answers.append)  # wakes the loop, which fires the old deadlines
+        wait_until(lambda: len(answers) == 2, timeout_s=5, what="the empty task to answer")
+        assert answers[1] == [] and engine.images_in_flight == 0
+    finally:
+        engine.close()

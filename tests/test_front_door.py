@@ -16,6 +16,7 @@ import requests
 from tests.api_process import running_api
 from tests.service import REPO, stop_processes
 from webapi.auth import digest
+from webapi.pages import PAGE_CSP
 
 pytestmark = pytest.mark.nginx  # needs a real nginx: left out of `make test-fast`
 
@@ -308,6 +309,28 @@ def test_plain_http_is_refused_with_json(nginx):
                                           b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert (status, headers["content-type"]) == (400, "application/json")
     assert "use https" in doc["error"]
+
+
+def test_the_status_page_gets_its_own_policy_and_json_the_strictest(nginx):
+    for path in ("/", "/?job=1", "/ui/index.html", "/ui/app.js", "/ui/style.css"):
+        r = requests.get(f"{nginx.base}{path}", verify=str(nginx.cert), timeout=10)
+        # one policy, the page's: a second one would be intersected with it (default-src 'none': a blank page)
+        assert (r.status_code, r.headers["Content-Security-Policy"]) == (200, PAGE_CSP), path
+    r = requests.get(f"{nginx.base}/api/status?jobid=1", verify=str(nginx.cert), timeout=10)
+    assert r.headers["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'"
+
+
+def test_the_api_down_behind_nginx_is_503_json_with_retry_after(tmp_path):
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the API is down
+    front = Nginx(tmp_path, nobody).start()
+    try:
+        for method, path in (("GET", "/api/status?jobid=1"), ("POST", "/api/submit/"), ("GET", "/")):
+            r = requests.request(method, f"{front.base}{path}", verify=str(front.cert), timeout=10)
+            assert (r.status_code, r.headers["Content-Type"], r.headers["Retry-After"]) == \
+                (503, "application/json", "10"), (method, path, r.status_code)
+            assert r.json() == {"error": "API unavailable; try again later"}
+    finally:
+        stop_processes(front.proc)
 
 
 def _contrast() -> None:

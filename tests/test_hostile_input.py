@@ -4,12 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import REPO, call_wsgi
+from tests.conftest import call_wsgi
 from webapi.app import make_app
 from webapi.auth import TokenFileError, Tokens, digest
 from webapi.validate import SubmitLimits
@@ -94,14 +95,22 @@ def call_as(app, token, method, path, body=None, query=""):
 
 
 def test_the_token_maker_prints_a_token_and_a_line_holding_only_its_digest(tmp_path):
-    made = subprocess.run([sys.executable, "-m", "webapi.auth", "acme"], capture_output=True, text=True,
-                          check=True, cwd=REPO).stdout
+    command = Path(sys.executable).parent / "retailpulse-token"  # a command of the installed package
+    made = subprocess.run([str(command), "acme"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     token = made.split("(shown once): ", 1)[1].split()[0]
     line = made.split("line for the tokens file:", 1)[1].strip()
     assert token not in line and line == f"acme {digest(token)}"
     (tmp_path / "tokens").write_text(line + "\n")
     tokens = Tokens.load(tmp_path / "tokens")
     assert tokens.identify(f"Bearer {token}") == "acme" and tokens.identify(f"Bearer {token}x") is None
+
+
+def test_a_tokens_file_everyone_may_write_is_refused(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text(f"acme {digest('acme-secret')}\n")
+    path.chmod(0o666)
+    with pytest.raises(TokenFileError, match="writable by every user"):
+        Tokens.load(path)
 
 
 @pytest.mark.parametrize("token", [None, "wrong", "acme-secre", "acme-secret2"])

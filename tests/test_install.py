@@ -139,7 +139,7 @@ def test_installed_service_runs_a_job_and_every_ctl_command_of_the_readme_works(
         assert ctl("follow", str(queued))[0] == 1
 
         code, out, err = ctl("requeue", str(queued), "--failed-only")
-        assert code == 0 and "requeue-failed requested" in out, err
+        assert code == 0 and "requeued: 10 failed images go round again" in out, err
         wait_until(lambda: status(queued) == Status.COMPLETED, what="the requeued images to be done")
         code, out, err = ctl("requeue", str(done))
         assert code == 0, err
@@ -158,6 +158,15 @@ def test_installed_service_runs_a_job_and_every_ctl_command_of_the_readme_works(
                 proc.terminate()
                 proc.wait(timeout=60)
         api.stdout.close()
+
+
+def test_the_installed_token_maker_is_a_command_that_runs_outside_the_checkout(vm):
+    bin_dir, env, cwd, _ = vm
+    made = run(bin_dir, env, cwd, "retailpulse-token", "acme")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.split("(shown once): ", 1)[1].split()[0]
+    line = made.stdout.split("line for the tokens file:", 1)[1].strip()
+    assert line.startswith("acme ") and token not in line
 
 
 def test_installed_daemon_without_settings_names_what_is_missing(installed, tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import requests
 
 from daemon.supervisor.housekeeping import Housekeeping
-from spool import Status
-from tests.conftest import REPO, call_wsgi, image_bytes, visit, wait_until
+from spool import Control, Spool, Status
+from tests.conftest import REPO, call_wsgi, held_open, image_bytes, visit, wait_until
 from webapi.app import make_app
 
 SLOW = ["--gpu-sleep-min-s", "0.2", "--gpu-sleep-max-s", "0.3", "--chunk-images", "4",
@@ -19,10 +19,16 @@ SLOW = ["--gpu-sleep-min-s", "0.2", "--gpu-sleep-max-s", "0.3", "--chunk-images"
 
 
 def ctl(service, *args):
-    result = subprocess.run([sys.executable, "-m", "ctl", "--spool-dir", str(service.spool.root), *args],
+    """retailpulse-ctl on the service's spool (or on a Spool): (exit code, stdout, stderr)."""
+    spool = service if isinstance(service, Spool) else service.spool
+    result = subprocess.run([sys.executable, "-m", "ctl", "--spool-dir", str(spool.root), *args],
                             cwd=REPO, capture_output=True, text=True, timeout=60,
                             env={**os.environ, "RETAILPULSE_CONFIG": os.devnull})
     return result.returncode, result.stdout, result.stderr
+
+
+def heartbeat(service) -> dict:
+    return service.spool.read_heartbeat() or {}
 
 
 @pytest.fixture
@@ -93,13 +99,17 @@ def test_ctl_purge_deletes_finished_jobs_and_refuses_running_ones(start_service,
 
 def test_cancel_and_purge_over_http(start_service, shelf):
     service = start_service(*SLOW)
+    wait_until(lambda: service.http.get(f"{service.base}/healthz").status_code == 200, what="a healthy daemon")
     running = service.submit([visit("RP00001", [f"{shelf}?n={i}" for i in range(100)])])
-    r = service.http.post(f"{service.base}/api/cancel", params={"jobid": running})
-    assert (r.status_code, r.json()) == (202, {"job_id": str(running), "cancel": "requested"})
-    # Images in flight still finish (each takes at least its 0.2 s GPU wait), so the job is running now.
     r = service.http.delete(f"{service.base}/api/job", params={"jobid": running})
     assert r.status_code == 409 and "queued or running" in r.json()["error"]
-    service.wait(running)
+    r = service.http.post(f"{service.base}/api/cancel", params={"jobid": running})
+    # The daemon carries the cancel out before the answer, which says how many images it cancelled.
+    assert r.status_code == 200 and r.json()["cancel"] == "done" and r.json()["status"] == Status.FAILED, r.text
+    results = service.results(running)["results"]
+    assert len(results) == 100
+    assert r.json()["images_cancelled"] == sum(x["error"] == "cancelled by request" for x in results) > 0
+    assert service.status(running)["images_cancelled"] == r.json()["images_cancelled"]
     r = service.http.post(f"{service.base}/api/cancel", params={"jobid": running})
     assert r.status_code == 409 and "not queued or running" in r.json()["error"]
     r = service.http.delete(f"{service.base}/api/job", params={"jobid": running})
@@ -169,3 +179,92 @@ def test_healthz_and_metrics_from_the_real_processes(start_service, image_server
     assert r.status_code == 503 and "gone" in r.json()["checks"]["daemon"]
     with pytest.raises(requests.HTTPError):
         r.raise_for_status()
+
+
+# ------------------------------------------------------------------ cancel cancels
+def test_ctl_cancel_of_a_running_job_of_640_images_ends_it_failed_at_once_and_says_how_many(start_service, shelf):
+    # Every image in its 5 s GPU wait: with the defaults the whole job is in flight at once.
+    service = start_service("--gpu-sleep-min-s", "5", "--gpu-sleep-max-s", "5")
+    bystander = service.submit([visit("RP00002", [f"{shelf}?other={i}" for i in range(10)])])
+    job_id = service.submit([visit("RP00001", [f"{shelf}?n={i}" for i in range(640)])])
+    wait_until(lambda: heartbeat(service).get("images_in_flight") == 650, what="both jobs wholly in flight")
+    started = time.monotonic()
+    code, out, err = ctl(service, "cancel", str(job_id))
+    took = time.monotonic() - started
+
+    assert (code, out.strip()) == (0, f"job {job_id}: cancelled 640 of 640 images; the job is failed"), err
+    assert took < 3, f"ctl cancel took {took:.1f} s"
+    final = service.status(job_id)
+    assert (final["status"], final["images_done"], final["images_cancelled"]) == (Status.FAILED, 640, 640)
+    assert final["error"] == [{"store_id": "RP00001", "error": "cancelled by request", "image_url": f"{shelf}?n=0",
+                               "images_failed": 640}]
+    results = service.results(job_id)["results"]
+    assert [r["index"] for r in results] == list(range(640))  # exactly one result per image
+    assert {r["error"] for r in results} == {"cancelled by request"}
+    # Nothing else is disturbed: the other job's images finish their wait and are measured.
+    assert service.wait(bystander)["status"] == Status.COMPLETED
+    assert [r["perimeter"] for r in service.results(bystander)["results"]] == [224] * 10
+    assert f"job {job_id}: cancelled: 640 images will not be processed, 640 of them were in flight" in \
+        service.daemon_output()
+
+
+def test_cancel_takes_stalled_downloads_off_the_pool_and_frees_its_room_for_the_next_job(start_service,
+                                                                                          image_server, shelf):
+    service = start_service("--processes", "1", "--images-per-process", "32", "--chunk-images", "16")
+    closed = []
+    held = [f"/held.jpg?n={i}" for i in range(32)]
+    for path in held:
+        image_server.on(path, held_open(closed))
+    stuck = service.submit([visit("RP00001", [image_server.base + path for path in held])])
+    wait_until(lambda: sum(image_server.hits[path] for path in held) == 32, what="32 downloads under way")
+    waiting = service.submit([visit("RP00002", [f"{shelf}?n={i}" for i in range(16)])])  # no room for it yet
+    started = time.monotonic()
+    r = service.http.post(f"{service.base}/api/cancel", params={"jobid": stuck}, timeout=30)
+    assert (r.status_code, r.json()["images_cancelled"], r.json()["status"]) == (200, 32, Status.FAILED), r.text
+    # The downloads leave the event loop: the server sees every connection closed, long before any timeout.
+    wait_until(lambda: len(closed) == 32, timeout_s=5, what="the 32 stalled connections to close")
+    assert max(closed) - started < 2
+    # Their room is free at once: the job behind them runs now, not after the 10 s silence limit.
+    assert service.wait(waiting, timeout_s=10)["status"] == Status.COMPLETED
+    assert time.monotonic() - started < 5
+
+
+def test_a_daemon_killed_in_the_middle_of_a_cancel_leaves_exactly_one_result_per_image(start_service, shelf):
+    service = start_service("--gpu-sleep-min-s", "0.5", "--gpu-sleep-max-s", "1", "--chunk-images", "8",
+                            "--images-per-process", "64")
+    total = 16_000  # a cancel records it in files of 4,096 images: four of them, one after the other
+    job_id = service.submit([visit("RP00001", [f"{shelf}?n={i}" for i in range(total)])])
+    wait_until(lambda: service.status(job_id).get("images_done", 0) >= 64, what="work under way")
+
+    def cancel_files():
+        return [p for p in service.spool.result_chunks(job_id) if p[1] - p[0] > 8]
+
+    service.spool.request(job_id, Control.CANCEL)  # what ctl and the API write; no waiting for the daemon here
+    wait_until(lambda: cancel_files() or not service.spool.request_pending(job_id, Control.CANCEL),
+               interval_s=0.001, what="the cancel to write its first file")
+    service.daemon.send_signal(signal.SIGKILL)
+    service.daemon.wait()
+    print(f"killed with {len(cancel_files())} cancel file(s) written, request "
+          f"{'still pending' if service.spool.request_pending(job_id, Control.CANCEL) else 'carried out'}")
+    service.start_daemon()
+    service.wait_for_daemon()
+    final = service.wait(job_id, timeout_s=60)
+    results = service.results(job_id)["results"]
+    assert [r["index"] for r in results] == list(range(total)), "each image has exactly one result"
+    assert final["status"] == Status.FAILED and final["images_done"] == total
+    assert final["images_cancelled"] == sum(r["error"] == "cancelled by request" for r in results) > total - 200
+
+
+def test_every_ctl_command_says_no_job_for_a_job_that_does_not_exist(spool):
+    for command in (["purge", "99"], ["show", "99"], ["follow", "99"], ["cancel", "99"], ["requeue", "99"]):
+        code, out, err = ctl(spool, *command)
+        assert (code, out, err) == (1, "", "retailpulse-ctl: no job 99\n"), command
+
+
+def test_ctl_purge_older_than_names_the_jobs_it_purged(spool):
+    old = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
+    spool.claim(old)
+    spool.write_status(old, {"job_id": str(old), "status": "completed"})
+    spool.finish(old, Status.COMPLETED)
+    code, out, _ = ctl(spool, "purge", "--older-than-days", "0")
+    assert (code, out.strip()) == (0, f"purged 1 job(s) finished more than 0 days ago: {old}")

@@ -9,12 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from spool import Status
-from tests.conftest import image_bytes, wait_until
+from tests.conftest import held_open, image_bytes, wait_until
 
 pytestmark = pytest.mark.dask  # needs a real Dask scheduler and workers: left out of `make test-fast`
 
@@ -163,3 +164,29 @@ def test_a_scheduler_that_goes_away_and_comes_back_costs_a_redo_not_a_stuck_job(
     assert final["status"] == Status.COMPLETED, final
     assert_every_image_recorded_once(service, job_id, total)
     assert "the Dask scheduler went away" in service.daemon_output()
+
+
+def test_cancel_on_the_cluster_stops_the_images_in_flight_and_frees_the_workers(start_service, cluster, image_server):
+    cluster.start_worker()
+    cluster.start_worker()
+    service = start_service(*cluster.daemon_args())
+    wait_until(lambda: heartbeat(service).get("workers") == 2, what="the daemon to see both workers")
+    closed = []
+    held = [f"/held.jpg?n={i}" for i in range(2 * PER_WORKER)]  # every worker's room, taken
+    for path in held:
+        image_server.on(path, held_open(closed))
+    stuck = service.submit([{"store_id": "RP00001", "visit_time": "2026-11-23T10:00:00",
+                             "image_url": [image_server.base + path for path in held]}])
+    wait_until(lambda: sum(image_server.hits[path] for path in held) == len(held), what="the downloads under way")
+    waiting = service.submit(job_of(image_server, 16))  # no room for it yet
+    started = time.monotonic()
+    r = service.http.post(f"{service.base}/api/cancel", params={"jobid": stuck}, timeout=30)
+    assert (r.status_code, r.json()["images_cancelled"], r.json()["status"]) == (200, len(held), Status.FAILED), r.text
+    assert time.monotonic() - started < 2
+    # The workers' engines drop the downloads: the server sees every connection closed, long before a timeout.
+    wait_until(lambda: len(closed) == len(held), timeout_s=5, what="the stalled connections to close")
+    assert max(closed) - started < 2
+    # Their room is free at once: the job behind them runs now, not after the 10 s silence limit.
+    assert service.wait(waiting, timeout_s=10)["status"] == Status.COMPLETED
+    assert time.monotonic() - started < 5
+    assert_every_image_recorded_once(service, waiting, 16)

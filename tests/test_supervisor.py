@@ -13,11 +13,11 @@ import pytest
 from daemon.engine import AddressPolicy, Engine, EngineSettings
 from daemon.engine import ImageOutcome
 from daemon.runners import TaskDone, TaskLost
-from daemon.supervisor.jobs import Chunk, after_loss, uncovered
+from daemon.supervisor.jobs import Chunk, after_loss, spans, uncovered
 from daemon.supervisor.stores import load_store_master
 from daemon.supervisor.loop import Events, Supervisor
 from daemon.supervisor.settings import SupervisorSettings
-from spool import Spool, Status
+from spool import Control, Spool, Status
 from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes, mount_tmpfs, unmount, wait_until
 from webapi.app import make_app
 
@@ -56,7 +56,10 @@ class EngineRunner:
             del self.in_flight[task_id]
             self.on_event(TaskDone(task_id, outcomes))
 
-        self.engine.submit(images, done)
+        self.engine.submit(images, done, key=task_id)
+
+    def cancel(self, task_ids):
+        self.engine.cancel(task_ids)
 
     def workers(self):
         return 1
@@ -66,6 +69,16 @@ class EngineRunner:
 
     def close(self, timeout_s=5):
         self.engine.close(timeout_s)
+
+
+@pytest.mark.parametrize("chunks, most, expected", [
+    ([(4, 8), (0, 4), (8, 10)], 100, [(0, 10)]),  # in flight and waiting, in any order: one file
+    ([(0, 4), (6, 8)], 100, [(0, 4), (6, 8)]),  # a recorded chunk between them is left alone
+    ([(0, 4), (4, 8), (8, 12)], 5, [(0, 5), (5, 10), (10, 12)]),
+    ([], 5, []),
+])
+def test_a_cancel_records_its_images_in_few_files(chunks, most, expected):
+    assert spans([Chunk(1, first, stop) for first, stop in chunks], most) == expected
 
 
 @pytest.fixture
@@ -253,6 +266,27 @@ def test_full_disk_submit_is_503_and_leaves_no_partial_job(small_disk):
     assert r.status_code == 503 and r.headers["retry-after"]
     assert "No space left on device" in r.json()["error"]
     assert spool.job_ids("incoming") == [] and list((spool.root / "tmp").iterdir()) == []
+
+
+def test_a_cancel_that_meets_a_full_disk_keeps_its_request_until_its_results_are_written(small_disk):
+    spool = Spool(small_disk / "spool").create()
+    now = [0.0]
+    supervisor = Supervisor(spool, STORES, SupervisorSettings(chunk_images=2), RecordingRunner(room_for_tasks=0),
+                            Events(), clock=lambda: now[0])
+    job_id = put_active_job(spool, [f"http://x/{i}.jpg" for i in range(6)])
+    supervisor.load(job_id, spool.job_path("active", job_id))
+    spool.request(job_id, Control.CANCEL)
+    filler = fill(small_disk)
+    supervisor.handle_requests()
+    assert supervisor.recorder.owes(job_id)
+    assert spool.request_pending(job_id, Control.CANCEL), "a kill now must not lose the cancel"
+    filler.unlink()
+    now[0] += 60  # past the retry interval
+    supervisor.forget_finished(supervisor.recorder.retry())
+    supervisor.handle_requests()
+    assert not spool.request_pending(job_id, Control.CANCEL)
+    assert spool.read_status(job_id)["images_cancelled"] == 6
+    assert [json.loads(line)["error"] for line in spool.iter_result_lines(job_id)] == ["cancelled by request"] * 6
 
 
 class RecordingRunner:

@@ -9,7 +9,7 @@ import time
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
-from spool import (Control, DamagedResults, Executor, Folder, Phase, Spool, UnreadableResults, parse_job_id,
+from spool import (Control, DamagedResults, Executor, Phase, Spool, UnreadableResults, parse_job_id,
                    pid_exists)
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -25,6 +25,9 @@ HEARTBEAT_STALE_S = 10.0
 #: Less free space than this where the spool lives is a full disk: a chunk's results file and its status
 #: need more (and the daemon cannot even write its heartbeat then, so the API looks for itself).
 FULL_DISK_BYTES = 64 * 1024
+
+#: How long POST /api/cancel waits for a running daemon to carry the cancel out (it does within 0.1 s).
+CANCEL_WAIT_S = 5.0
 
 # Request bodies are read by read_body(), bounded by SubmitLimits.max_body_bytes, and never through
 # bottle.request.body. webapi/__main__ still sets Bottle's MEMFILE_MAX on purpose (see BOTTLE_MEMFILE_MAX).
@@ -196,7 +199,8 @@ class _Api:
         return json_response(200, openapi.document())
 
     def cancel(self):
-        """Ask the daemon to stop a job: images not yet started get "cancelled by request"."""
+        """Ask the daemon to stop a job: every image without a result gets "cancelled by request". While a
+        daemon runs, wait for it to do so and say how many images that was (200); else 202, still asked."""
         job_id, _doc = self.known_job()
         folder = self.spool.job_folder(job_id)
         if folder not in Spool.UNFINISHED_FOLDERS:
@@ -207,7 +211,11 @@ class _Api:
             return json_response(503, {"error": f"cannot store the request now: {exc.strerror or exc}"},
                                  **{"Retry-After": "30"})
         log.info("job %d: cancel requested", job_id)
-        return json_response(202, {"job_id": str(job_id), "cancel": "requested"})
+        if not carried_out(self.spool, job_id, Control.CANCEL, CANCEL_WAIT_S):
+            return json_response(202, {"job_id": str(job_id), "cancel": "requested"})
+        doc = self.spool.read_status(job_id) or {}
+        return json_response(200, {"job_id": str(job_id), "cancel": "done", "status": doc.get("status"),
+                                   "images_cancelled": doc.get("images_cancelled", 0)})
 
     def purge_one(self):
         """Delete a finished job: its file, status and results. 409 while it is queued or running."""
@@ -299,6 +307,19 @@ def spool_error(exc: OSError) -> str:
     name = exc.filename
     where = "/".join(str(name).split("/")[-2:]) if name else ""
     return f"{where}: {exc.strerror or exc}" if where else str(exc.strerror or exc)
+
+def carried_out(spool: Spool, job_id: int, verb: Control, timeout_s: float,
+                clock=time.monotonic, sleep=time.sleep) -> bool:
+    """Whether the daemon carried out the request (its control/ file gone) within ``timeout_s``; False at
+    once when no daemon runs (the request waits for one)."""
+    if daemon_health(spool.read_heartbeat()) != "ok":
+        return False
+    deadline = clock() + timeout_s
+    while spool.request_pending(job_id, verb):
+        if clock() >= deadline:
+            return False
+        sleep(0.02)
+    return True
 
 
 def json_error(err: bottle.HTTPError) -> str:

@@ -1,7 +1,8 @@
 """Optional API tokens: a client sends ``Authorization: Bearer <token>``; we keep only SHA-256 digests.
 
 The tokens file (setting ``api_tokens_file``) has one line per client, ``<name> <sha256 hex of the token>``,
-and ``#`` comments. Make a token and its line with ``python -m webapi.auth <name>``. A job belongs to the
+and ``#`` comments. Make a token and its line with ``retailpulse-token <name>`` (this module's main, installed
+as a command with the package). A job belongs to the
 name whose token submitted it; other tokens see it as unknown. A presented token is hashed and compared
 with every digest in constant time, so neither the comparison nor the loop tells which one came close.
 """
@@ -11,6 +12,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import stat
 import sys
 from pathlib import Path
 
@@ -35,8 +37,11 @@ class Tokens:
         digests = {}
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
+            mode = path.stat().st_mode
         except (OSError, UnicodeDecodeError) as exc:
             raise TokenFileError(f"{path}: {exc}") from None
+        if mode & stat.S_IWOTH:  # whoever can write it can let themselves in
+            raise TokenFileError(f"{path} is writable by every user (mode {stat.filemode(mode)}); chmod o-w it")
         for number, line in enumerate(lines, 1):
             line = line.split("#", 1)[0].strip()
             if not line:
@@ -62,9 +67,11 @@ class Tokens:
         return found
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``retailpulse-token <name>``: a new token for a client, and its line for the tokens file."""
+    argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not _NAME.fullmatch(argv[0]):
-        print("usage: python -m webapi.auth <name>   (letters, digits, _ . -)", file=sys.stderr)
+        print("usage: retailpulse-token <name>   (letters, digits, _ . -)", file=sys.stderr)
         return 2
     token = secrets.token_urlsafe(32)
     print(f"token for the client (shown once): {token}")

@@ -22,6 +22,8 @@ _STATUS = {"type": "object", "required": ["job_id", "status"], "properties": {
     "phase": {"enum": ["queued", "running", "finished"]},
     "images_total": {"type": "integer", "minimum": 0}, "images_done": {"type": "integer", "minimum": 0},
     "images_failed": {"type": "integer", "minimum": 0},
+    "images_cancelled": {"type": "integer", "minimum": 1,
+                         "description": "of the failed, those cancelled by request; only when there are any"},
     "submitted_at": {"type": "string"}, "updated_at": {"type": "string"},
     "error": {"type": "array", "items": {"$ref": "#/components/schemas/StoreFailure"}}}}
 _RESULT = {"type": "object", "required": ["index"], "properties": {
@@ -119,7 +121,14 @@ def document() -> dict:
                                             "400": _json("offset or limit out of range", _ref("Error")),
                                             "401": _UNAUTHORIZED, "503": _SPOOL_UNREADABLE}}},
         "/api/cancel": {"post": {"summary": "Cancel a queued or running job", "parameters": [_JOBID], "responses": {
-            "202": _json("requested", {"type": "object", "required": ["job_id", "cancel"]}),
+            "200": _json("done: every image without a result was cancelled; how many, and the job's status now",
+                         {"type": "object", "required": ["job_id", "cancel", "status", "images_cancelled"],
+                          "properties": {"job_id": {"type": "string", "pattern": _JOB_ID},
+                                         "cancel": {"const": "done"}, "status": {"enum": _STATUSES},
+                                         "images_cancelled": {"type": "integer", "minimum": 0}}}),
+            "202": _json("requested: no daemon is at work now (not running, paused on a full disk, or it did "
+                         "not act within 5 s); it is carried out once it is", {"type": "object", "required": ["job_id", "cancel"], "properties": {
+                             "job_id": {"type": "string", "pattern": _JOB_ID}, "cancel": {"const": "requested"}}}),
             "400": _BAD_JOB, "401": _UNAUTHORIZED, "409": _json("the job is finished", _ref("Error")),
             "503": _UNAVAILABLE}}},
         "/api/job": {"delete": {"summary": "Delete a finished job", "parameters": [_JOBID], "responses": {

@@ -14,7 +14,7 @@ modules, so it ships to a worker host alone and can be tested alone:
 from daemon.engine.limits import DownloadLimits
 from daemon.engine.loop import Engine, EngineSettings, TaskImages, measure
 from daemon.engine.netguard import AddressPolicy
-from daemon.engine.outcome import ErrorKind, ImageOutcome
+from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
 
-__all__ = ["AddressPolicy", "DownloadLimits", "Engine", "EngineSettings", "ErrorKind", "ImageOutcome",
-           "TaskImages", "measure"]
+__all__ = ["AddressPolicy", "CANCELLED_BY_REQUEST", "DownloadLimits", "Engine", "EngineSettings", "ErrorKind",
+           "ImageOutcome", "TaskImages", "measure"]

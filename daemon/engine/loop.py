@@ -1,7 +1,8 @@
 """The engine: measure many images at once on one thread, with libcurl's multi interface.
 
 ``Engine.submit(images, done)`` takes one task's images, ``(index, url)`` pairs, and calls ``done(outcomes)``
-once every image has its ImageOutcome (in the task's order). It knows nothing of pool processes or Dask: a local pool process and
+once every image has its ImageOutcome (in the task's order). ``Engine.cancel(keys)`` stops tasks handed in
+with those keys: they answer at once, their images not yet measured "cancelled by request". It knows nothing of pool processes or Dask: a local pool process and
 a Dask worker each run one Engine, and ``measure()`` runs one for a single task (tests, isolated tasks).
 
 One loop serves everything: libcurl's sockets (its socket and timer callbacks drive an epoll selector), a
@@ -23,7 +24,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import pycurl
@@ -31,7 +32,7 @@ import pycurl
 from daemon.engine.limits import DownloadLimits
 from daemon.engine.measure import BodyReader, ImageError, perimeter
 from daemon.engine.netguard import AddressPolicy
-from daemon.engine.outcome import ErrorKind, ImageOutcome
+from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
 from daemon.engine.transfer import Failure, Transfer
 
 log = logging.getLogger("retailpulse.engine")
@@ -51,10 +52,11 @@ class EngineSettings:
 
 
 class _Task:
-    def __init__(self, size: int, done: Done):
+    def __init__(self, size: int, done: Done, key: Hashable | None = None):
         self.outcomes: list[ImageOutcome | None] = [None] * size
         self.left, self.done = size, done
         self.todo: deque[_Image] = deque()  # images not yet started (or back for a retry)
+        self.key, self.indices, self.cancelled = key, [0] * size, False
 
 
 @dataclass
@@ -79,7 +81,9 @@ class Engine:
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._selector.register(self._wake_reader, selectors.EVENT_READ)
-        self._inbox: deque[tuple[TaskImages, Done]] = deque()  # from other threads
+        self._inbox: deque[tuple[TaskImages, Done, Hashable | None]] = deque()  # from other threads
+        self._cancels: list[Hashable] = []  # keys of tasks to cancel, from other threads (under _inbox_lock)
+        self._keyed: dict[Hashable, _Task] = {}  # tasks handed in with a key, until they answer
         self._inbox_lock = threading.Lock()
         self._waiting: deque[_Task] = deque()  # tasks with images to start, served in turn
         self._idle: list[Transfer] = []  # easy handles ready for reuse
@@ -92,10 +96,19 @@ class Engine:
         self._in_flight = 0  # images submitted and not yet answered, for images_in_flight
 
     # ----------------------------------------------------------- interface
-    def submit(self, images: TaskImages, done: Done) -> None:
-        """Hand a task in (from any thread). ``done`` is called on the engine's thread."""
+    def submit(self, images: TaskImages, done: Done, key: Hashable | None = None) -> None:
+        """Hand a task in (from any thread). ``done`` is called on the engine's thread. ``key``: what
+        cancel() knows the task by (the runner's task id), or None for a task nobody cancels."""
         with self._inbox_lock:
-            self._inbox.append((images, done))
+            self._inbox.append((images, done, key))
+        self._wake()
+
+    def cancel(self, keys: Iterable[Hashable]) -> None:
+        """Stop the tasks handed in with these keys (from any thread): their downloads leave the event loop,
+        their GPU waits and retries are dropped, and each answers at once, every image not yet measured
+        failed "cancelled by request" (ErrorKind.CANCELLED). Keys of tasks that answered already are ignored."""
+        with self._inbox_lock:
+            self._cancels.extend(keys)
         self._wake()
 
     def start(self, on_death: Callable[[BaseException], None] | None = None) -> None:
@@ -189,14 +202,43 @@ class Engine:
     def _take_inbox(self) -> None:
         with self._inbox_lock:
             tasks, self._inbox = self._inbox, deque()
-        for images, done in tasks:
-            task = _Task(len(images), done)
+            cancels, self._cancels = self._cancels, []
+        for images, done, key in tasks:
+            task = _Task(len(images), done, key)
             self._in_flight += len(images)
             if not images:
                 self._answer(task)
+                continue
+            if key is not None:
+                self._keyed[key] = task
+            task.indices = [index for index, _ in images]
             task.todo.extend(_Image(task, position, index, url) for position, (index, url) in enumerate(images))
-            if task.todo:
-                self._waiting.append(task)
+            self._waiting.append(task)
+        for key in cancels:  # after the tasks: a cancel that follows its task in the inbox finds it
+            task = self._keyed.pop(key, None)
+            if task is not None:
+                self._cancel(task)
+
+    def _cancel(self, task: _Task) -> None:
+        """Drop a task's work wherever it is, and answer it now. Its deadlines (GPU waits, retry backoffs)
+        stay on the heap but find it cancelled and do nothing."""
+        task.cancelled = True
+        if task.todo:
+            task.todo.clear()
+            self._waiting.remove(task)
+        for handle, transfer in list(self._running.items()):
+            if transfer.image.task is task:
+                del self._running[handle]
+                self._multi.remove_handle(transfer.curl)  # libcurl closes the connection; nothing more is read
+                transfer.release()
+                self._idle.append(transfer)
+        for position, outcome in enumerate(task.outcomes):
+            if outcome is None:
+                task.outcomes[position] = ImageOutcome.failed(task.indices[position], CANCELLED_BY_REQUEST,
+                                                              ErrorKind.CANCELLED)
+        self._in_flight -= task.left
+        task.left = 0
+        self._answer(task)
 
     def _start_waiting(self) -> None:
         started = False
@@ -236,7 +278,9 @@ class Engine:
                 return
 
     def _transfer_ended(self, curl, code: int, message: str) -> None:
-        transfer = self._running.pop(id(curl))
+        transfer = self._running.pop(id(curl), None)
+        if transfer is None:
+            return  # its task was cancelled (the handle left the loop then)
         self._multi.remove_handle(curl)
         image, attempt = transfer.image, transfer.attempt
         failure = transfer.failure(code, message)
@@ -290,6 +334,8 @@ class Engine:
     def _retry(self, image: _Image) -> None:
         """Back to the front of its task's queue once its backoff is over; its task's turn comes next."""
         task = image.task
+        if task.cancelled:
+            return
         if not task.todo:
             self._waiting.appendleft(task)
         task.todo.appendleft(image)
@@ -300,10 +346,13 @@ class Engine:
 
     def _record(self, image: _Image, outcome: ImageOutcome) -> None:
         task = image.task
+        if task.cancelled:
+            return  # a GPU wait that ended after its task was cancelled: the task has answered
         task.outcomes[image.position] = outcome
         task.left -= 1
         self._in_flight -= 1
         if task.left == 0:
+            self._keyed.pop(task.key, None)
             self._answer(task)
 
     @staticmethod

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 
+#: The result of an image whose job was cancelled before it was measured (the engine drops it in flight,
+#: the supervisor records it for images not yet dispatched): one wording wherever it is written.
+CANCELLED_BY_REQUEST = "cancelled by request"
+
+
 class ErrorKind(StrEnum):
     """Why an image failed. The values are the ``reason`` label of retailpulse_images_failed_total."""
 

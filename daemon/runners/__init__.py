@@ -29,6 +29,7 @@ class Message(StrEnum):
     TASK = "task"  # supervisor -> process: (TASK, task_id, images, isolated)
     DONE = "done"  # process -> supervisor: (DONE, task_id, outcomes)
     LOST = "lost"  # process -> supervisor: (LOST, task_id, why), an isolated task's process died
+    CANCEL = "cancel"  # supervisor -> process: (CANCEL, task_ids); each answers at once with a DONE
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class TaskRunner(Protocol):
 
     def submit(self, task_id: int, images: TaskImages, isolated: bool = False) -> None:
         """Start a task; its TaskDone or TaskLost comes through ``on_event``."""
+
+    def cancel(self, task_ids: list[int]) -> None:
+        """Stop these tasks where they are (their job was cancelled): downloads and GPU waits are dropped and
+        the processes' room freed. Best effort, never blocking: the supervisor has already recorded their
+        images as cancelled and ignores whatever the tasks still answer."""
 
     def workers(self) -> int:
         """Processes (or Dask workers) that can take tasks now."""

@@ -56,9 +56,11 @@ class EnginePlugin(WorkerPlugin):
             self.engine.close(timeout_s=5)
 
 
-def measure_task(images: TaskImages, isolated: bool) -> tuple[str, list[ImageOutcome] | str]:
+def measure_task(images: TaskImages, isolated: bool, cancel_key: str | None = None,
+                 ) -> tuple[str, list[ImageOutcome] | str]:
     """The Dask task: ("done", outcomes), ("lost", why), or ("retry", why) when this worker has no engine yet
-    (it joined a restarted scheduler before the daemon gave it the plugin). Never raises for an image's sake."""
+    (it joined a restarted scheduler before the daemon gave it the plugin). Never raises for an image's sake.
+    ``cancel_key``: what cancel_on_worker() knows the task's images by in the worker's engine."""
     plugin: EnginePlugin | None = get_worker().plugins.get(PLUGIN_NAME)
     if plugin is None or plugin.engine is None:
         return "retry", "the Dask worker has no engine yet"
@@ -72,9 +74,17 @@ def measure_task(images: TaskImages, isolated: bool) -> tuple[str, list[ImageOut
         outcomes.extend(measured)
         finished.set()
 
-    plugin.engine.submit(images, done)
+    plugin.engine.submit(images, done, key=cancel_key)
     finished.wait()
     return "done", outcomes
+
+
+def cancel_on_worker(cancel_keys: list[str], dask_worker=None) -> None:
+    """Run on each worker by DaskRunner.cancel (``Client.run``): the worker's engine drops these tasks' images
+    and answers them at once, so the threads waiting in measure_task return."""
+    plugin = dask_worker.plugins.get(PLUGIN_NAME) if dask_worker is not None else None
+    if plugin is not None and plugin.engine is not None:
+        plugin.engine.cancel(cancel_keys)
 
 
 def security(ca_file: str, cert_file: str, key_file: str) -> Security | None:
@@ -159,11 +169,27 @@ class DaskRunner:
         return {"scheduler": self.scheduler, "workers": self.workers()}
 
     def submit(self, task_id: int, images: TaskImages, isolated: bool = False) -> None:
-        future = self._client.submit(measure_task, list(images), isolated, key=f"retailpulse-{task_id}-{uuid.uuid4()}",
-                                     pure=False, retries=0)
+        key = f"retailpulse-{task_id}-{uuid.uuid4()}"
+        future = self._client.submit(measure_task, list(images), isolated, key, key=key, pure=False, retries=0)
         with self._lock:
             self._tasks[task_id] = (future, len(images))
         future.add_done_callback(lambda f: self._finished(task_id, f))
+
+    def cancel(self, task_ids: list[int]) -> None:
+        """Stop these tasks on the cluster, from a thread of its own (each step is a round trip): the workers'
+        engines drop the running ones (they then finish, and free their room), the scheduler forgets the
+        ones not started yet."""
+        with self._lock:
+            futures = [self._tasks[task_id][0] for task_id in task_ids if task_id in self._tasks]
+        if futures:
+            threading.Thread(target=self._cancel_on_cluster, args=(futures,), name="dask-cancel", daemon=True).start()
+
+    def _cancel_on_cluster(self, futures: list) -> None:
+        try:
+            self._client.run(cancel_on_worker, [future.key for future in futures], on_error="ignore")
+            self._client.cancel([future for future in futures if not future.done()])
+        except (OSError, TimeoutError) as exc:  # the scheduler is away: its tasks are lost anyway
+            log.info("dask: cancelling %d task(s): %s", len(futures), exc)
 
     def close(self, timeout_s: float = 10) -> None:
         self._closing.set()

@@ -8,7 +8,7 @@ task keeps for ever, stalling every process. Instead each process connects back 
 own (authenticated with a key only the daemon and its children know) and tasks and outcomes travel on it:
 
     supervisor --(TASK, id, images, isolated)--> process      process --(DONE, id, outcomes)--> supervisor
-                                                             process --(LOST, id, why)-------> supervisor
+    supervisor --(CANCEL, ids)-------------------> process      process --(LOST, id, why)-------> supervisor
 
 (the Message enum, daemon/runners/__init__.py).
 
@@ -101,6 +101,19 @@ class LocalPool:
             target.conn.send((Message.TASK, task_id, list(images), isolated))
         except OSError:
             pass  # it just died: its reader reports the task lost with the others
+
+    def cancel(self, task_ids: list[int]) -> None:
+        """Tell each process holding some of these tasks to drop them; each answers them at once (DONE), which
+        frees its room here. An isolated task is not stopped: it ends within its deadline (sandbox.py)."""
+        wanted = set(task_ids)
+        with self._lock:
+            held = [(p.conn, sorted(wanted & p.tasks.keys())) for p in self._connected.values()]
+        for conn, ids in held:
+            if ids:
+                try:
+                    conn.send((Message.CANCEL, ids))
+                except OSError:
+                    pass  # it just died: its reader reports its tasks lost
 
     def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop the processes: no replacements, then close their sockets (they exit on that), then join."""

@@ -50,13 +50,17 @@ class _PoolProcess:
     def read_forever(self) -> None:
         while True:
             try:
-                _kind, task_id, images, isolated = self.conn.recv()
+                message = self.conn.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the supervisor is gone (stopped, or killed): stop downloading at once
+            if message[0] == Message.CANCEL:
+                self.engine.cancel(message[1])  # isolated tasks are not the engine's: they run to their end
+                continue
+            _kind, task_id, images, isolated = message
             if isolated:
                 self.isolated.submit(self.run_isolated, task_id, images)
             else:
-                self.engine.submit(images, partial(self.done, task_id))
+                self.engine.submit(images, partial(self.done, task_id), key=task_id)
 
     def done(self, task_id: int, outcomes: list[ImageOutcome]) -> None:
         self.send((Message.DONE, task_id, outcomes))

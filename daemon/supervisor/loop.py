@@ -9,6 +9,8 @@ progress together. Each chunk is recorded as soon as its own images are done.
 Resumption: a job found in active/ at start-up keeps its recorded results; only images with no results
 file are dispatched again (loading.py).
 Lost tasks: what becomes of their chunks is the death policy, ``after_loss`` in jobs.py.
+Cancel: every image of the job without a result is recorded "cancelled by request" at once, and the runner
+drops the job's tasks where they are (TaskRunner.cancel); their late answers are ignored.
 Recording and disk trouble: recording.py. Chores on a clock: housekeeping.py.
 Time comes from ``clock`` (monotonic seconds), so tests can drive the waits without waiting.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 from daemon.engine import ErrorKind, ImageOutcome
 from daemon.runners import TaskDone, TaskLost, TaskRunner
 from daemon.supervisor.housekeeping import Housekeeping
-from daemon.supervisor.jobs import ActiveJob, Chunk, after_loss, cancelled, unknown_store
+from daemon.supervisor.jobs import ActiveJob, Chunk, after_loss, cancelled, spans, unknown_store
 from daemon.supervisor.loading import JobLoader
 from daemon.supervisor.metrics import Metrics
 from daemon.supervisor.notify import Notifier
@@ -37,6 +39,8 @@ from spool import Control, CorruptFile, DamagedResults, Executor, Folder, Spool
 log = logging.getLogger("retailpulse.daemon")
 
 Events = queue.Queue  # of TaskDone | TaskLost, put by the runner's threads, taken by the supervisor's
+#: Most images a cancel records in one results file (about 1 MiB of lines).
+CANCEL_FILE_IMAGES = 4096
 
 
 @dataclass
@@ -141,10 +145,15 @@ class Supervisor:
             except (OSError, CorruptFile, DamagedResults) as exc:
                 log.error("job %d: %s: %s; will try again", job_id, verb, exc)
                 continue
+            if verb is Control.CANCEL and self.recorder.owes(job_id):
+                continue  # some of what it cancelled waits for the disk: the request stays until it is written
             path.unlink(missing_ok=True)
 
     def cancel(self, job_id: int) -> None:
-        """Images not yet dispatched get the result "cancelled by request"; those in flight finish normally."""
+        """Every image of the job without a result gets "cancelled by request", now: those waiting and those
+        in flight, whose tasks the runner drops (whatever they still answer is ignored, as for any task no
+        longer dispatched). Recorded like any result, so a crash part-way leaves each image with one
+        result or none, and the request, still in control/, is carried out again at restart."""
         if job_id not in self.jobs:
             if self.spool.job_folder(job_id) != Folder.INCOMING:
                 log.info("job %d: cancel: not queued or running; nothing to do", job_id)
@@ -153,11 +162,19 @@ class Supervisor:
             if job_id not in self.jobs:
                 return
         job = self.jobs[job_id]
-        chunks, job.pending = list(job.pending), deque()
-        log.info("job %d: cancelled: %d images will not be processed", job_id, sum(c.images for c in chunks))
-        for chunk in chunks:
+        in_flight = [task_id for task_id, task in self.dispatched.items() if task.chunk.job_id == job_id]
+        flying = [self.dispatched.pop(task_id).chunk for task_id in in_flight]
+        chunks = [*job.pending, *flying]
+        if not chunks:
+            return  # done already (a request kept while the disk was full)
+        job.pending, job.chunks_in_flight = deque(), job.chunks_in_flight - len(flying)
+        if in_flight:
+            self.runner.cancel(in_flight)
+        log.info("job %d: cancelled: %d images will not be processed, %d of them were in flight", job_id,
+                 sum(c.images for c in chunks), sum(c.images for c in flying))
+        for first, stop in spans(chunks, CANCEL_FILE_IMAGES):
             job.chunks_in_flight += 1
-            self.record(job, chunk, [cancelled(i) for i in range(chunk.first, chunk.stop)])
+            self.record(job, Chunk(job_id, first, stop), [cancelled(i) for i in range(first, stop)])
 
     def requeue(self, job_id: int, failed_only: bool) -> None:
         """Send a finished job round again: all its images, or only the failed ones."""

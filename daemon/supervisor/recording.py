@@ -35,6 +35,10 @@ class Recorder:
         """Some results or statuses could not be written; nothing new should be dispatched until they are."""
         return bool(self.unrecorded or self.unpublished)
 
+    def owes(self, job_id: int) -> bool:
+        """Whether some of the job's results or its status are still to be written."""
+        return job_id in self.unpublished or any(job.job_id == job_id for job, _, _ in self.unrecorded)
+
     def record(self, job: ActiveJob, chunk: Chunk, outcomes: list[ImageOutcome]) -> bool:
         """Write a chunk's results (one outcome per image, in order), count them, publish the status.
 

@@ -3,8 +3,13 @@
 // this tab's sessionStorage and goes out as "Authorization: Bearer".
 "use strict";
 const POLL_MS = 1000, JOBS_PER_PAGE = 20, RESULTS_PER_PAGE = 100, TOKEN_KEY = "retailpulse.token";
-const view = { jobsOffset: 0, resultsOffset: 0, jobId: new URLSearchParams(location.search).get("job") };
-const lastSeen = new Map();  // job id -> {done, atMs, ratePerS}: the rate comes from successive polls
+// Results are recorded a chunk (64 images) at a time, so two successive polls read either nothing or a
+// burst: the rate and the time left come from the polls of the last RATE_WINDOW_MS instead, and only
+// once they span RATE_MIN_SPAN_MS.
+const RATE_WINDOW_MS = 20000, RATE_MIN_SPAN_MS = 3000;
+const view = { jobsOffset: 0, resultsOffset: 0, jobId: new URLSearchParams(location.search).get("job"),
+               tokenRefused: false };
+const polls = new Map();  // job id -> [{atMs, done}], its polls of the last RATE_WINDOW_MS, oldest first
 
 function el(tag, text, cls) {
   const node = document.createElement(tag);
@@ -13,19 +18,46 @@ function el(tag, text, cls) {
   return node;
 }
 
-class Unauthorized extends Error {}
+/** A URL as text that wraps only at sensible points: after a "/" (not inside "//") and before "?", "&"
+ *  or "#" (a <wbr> marks each), never inside a host name or a file name, not even at its hyphens (each
+ *  part is unbreakable, unless it alone is longer than URL_PART_MAX: that one may break anywhere). */
+const URL_PART_MAX = 40;
+function urlText(url, cls = "url") {
+  const span = el("span", null, cls);
+  for (const part of String(url).split(/(?<=\/)(?!\/)|(?=[?&#])/)) {
+    span.append(part.length > URL_PART_MAX ? document.createTextNode(part) : el("span", part, "url-part"),
+                document.createElement("wbr"));
+  }
+  return span;
+}
 
-async function api(path) {
+class Unauthorized extends Error {}
+class Problem extends Error {}  // the API answered, with an error to show
+
+/** GET a JSON document; throws Unauthorized on a 401, Problem on any other error answer. */
+async function getJson(path, what) {
   const token = sessionStorage.getItem(TOKEN_KEY);
   const response = await fetch(path, { headers: token ? { Authorization: "Bearer " + token } : {} });
   if (response.status === 401) throw new Unauthorized();
-  return response;
+  let doc;
+  try {
+    doc = await response.json();
+  } catch (error) {
+    throw new Problem(`${what}: the API answered ${response.status} without JSON`);
+  }
+  return { response, doc };
 }
 
-function askForToken() {
+function showTokenForm() {
   const form = document.getElementById("token-form");
-  form.hidden = false;
-  document.getElementById("token").focus();
+  document.getElementById("token-message").textContent = view.tokenRefused
+    ? "That token was refused: the API does not know it. Check it and try again."
+    : "This API needs a token:";
+  form.classList.toggle("refused", view.tokenRefused);
+  if (form.hidden) {
+    form.hidden = false;
+    document.getElementById("token").focus();
+  }
 }
 
 function showProblem(text) {
@@ -34,17 +66,41 @@ function showProblem(text) {
   p.textContent = text || "";
 }
 
+/** {rate, secondsLeft} from a job's polls [{atMs, done}] (oldest first): images per second over the
+ *  window, null until the polls span RATE_MIN_SPAN_MS and show progress. Pure, for the tests. */
+function estimate(samples, total) {
+  if (samples.length < 2) return { rate: null, secondsLeft: null };
+  const first = samples[0], last = samples[samples.length - 1];
+  const spanMs = last.atMs - first.atMs;
+  if (spanMs < RATE_MIN_SPAN_MS || last.done <= first.done) return { rate: null, secondsLeft: null };
+  const rate = (last.done - first.done) / (spanMs / 1000);
+  return { rate, secondsLeft: total > last.done ? (total - last.done) / rate : null };
+}
+
+function remember(jobId, done, now) {
+  const samples = (polls.get(jobId) || []).filter((s) => s.atMs >= now - RATE_WINDOW_MS);
+  samples.push({ atMs: now, done });
+  polls.set(jobId, samples);
+  return samples;
+}
+
+function duration(seconds) {
+  return seconds < 90 ? `${Math.ceil(seconds)} s` : `${Math.round(seconds / 60)} min`;
+}
+
 function progress(doc) {
-  const total = doc.images_total || 0, done = doc.images_done || 0, now = Date.now();
-  const seen = lastSeen.get(doc.job_id);
-  let rate = seen ? seen.ratePerS : null;
-  if (seen && done > seen.done) rate = (done - seen.done) / ((now - seen.atMs) / 1000);
-  if (!seen || done !== seen.done) lastSeen.set(doc.job_id, { done, atMs: now, ratePerS: rate });
+  const total = doc.images_total || 0, done = doc.images_done || 0;
   const percent = total ? Math.floor((100 * done) / total) : (doc.status === "ongoing" ? 0 : 100);
-  let eta = "";
-  if (doc.status === "ongoing" && rate && total > done) eta = `, about ${Math.ceil((total - done) / rate)} s left`;
-  const speed = rate && doc.status === "ongoing" ? `, ${rate.toFixed(1)} images/s` : "";
-  return { percent, text: `${done} / ${total || "?"} images (${percent} %)${speed}${eta}` };
+  let text = `${done} / ${total || "?"} images (${percent} %)`;
+  if (doc.status === "ongoing") {
+    const { rate, secondsLeft } = estimate(remember(doc.job_id, done, Date.now()), total);
+    if (rate) text += `, ${rate.toFixed(1)} images/s`;
+    if (secondsLeft) text += `, about ${duration(secondsLeft)} left`;
+  } else {
+    polls.delete(doc.job_id);
+  }
+  if (doc.images_cancelled) text += `; ${doc.images_cancelled} cancelled`;
+  return { percent, text };
 }
 
 function jobCard(doc) {
@@ -68,7 +124,7 @@ function jobCard(doc) {
       const line = el("li", null, "failure");
       line.append(el("b", failure.store_id, "store"), el("span", ": " + failure.error, "reason"),
                   el("span", ` (${failure.images_failed || 1} image(s); first: `, "muted"),
-                  el("span", failure.image_url || "", "url"), el("span", ")", "muted"));
+                  urlText(failure.image_url || ""), el("span", ")", "muted"));
       list.append(line);
     }
     item.append(list);
@@ -77,9 +133,9 @@ function jobCard(doc) {
 }
 
 async function refreshJobs() {
-  const response = await api(`/api/jobs?offset=${view.jobsOffset}&limit=${JOBS_PER_PAGE}`);
-  const page = await response.json();
-  if (!response.ok) return showProblem(page.error || "cannot list jobs");
+  const { response, doc: page } = await getJson(`/api/jobs?offset=${view.jobsOffset}&limit=${JOBS_PER_PAGE}`,
+                                                "cannot list jobs");
+  if (!response.ok) throw new Problem(page.error || `cannot list jobs (${response.status})`);
   document.getElementById("jobs").replaceChildren(...page.jobs.map(jobCard));
   const last = Math.min(page.offset + page.jobs.length, page.total);
   document.getElementById("jobs-range").textContent = `${page.total ? page.offset + 1 : 0}-${last} of ${page.total}`;
@@ -87,32 +143,61 @@ async function refreshJobs() {
   document.getElementById("jobs-next").disabled = last >= page.total;
 }
 
+/** A table cell; ``label`` names its column where a narrow screen shows each row as a card (style.css). */
+function cell(label, value, cls) {
+  const td = el("td", value ?? "", cls);
+  td.dataset.label = label;
+  return td;
+}
+
+function urlCell(label, url) {
+  const td = cell(label, null, "url");
+  td.append(urlText(url));
+  return td;
+}
+
 function resultRow(result) {
   const row = el("tr", null, result.error ? "failed" : "");
-  for (const value of [result.index, result.store_id, result.visit_time]) row.append(el("td", value));
-  row.append(el("td", result.image_url, "url"));
-  for (const value of [result.width, result.height, result.perimeter, result.error]) row.append(el("td", value ?? ""));
+  row.append(cell("#", result.index, "nowrap"), cell("store", result.store_id, "nowrap"),
+             cell("visit time", result.visit_time, "nowrap"), urlCell("URL", result.image_url),
+             cell("width", result.width, "nowrap"), cell("height", result.height, "nowrap"),
+             cell("perimeter", result.perimeter, "nowrap"), cell("error", result.error, "reason"));
   return row;
+}
+
+/** The job page when the API has no such job: say so, instead of empty tables. */
+function showMissing(text) {
+  document.getElementById("job-title").textContent = "Job " + view.jobId;
+  const missing = document.getElementById("job-missing");
+  missing.textContent = text;
+  missing.hidden = !text;
+  document.getElementById("job-details").hidden = Boolean(text);
 }
 
 async function refreshJob() {
   const id = encodeURIComponent(view.jobId);
-  const statusResponse = await api(`/api/status?jobid=${id}`);
-  const doc = await statusResponse.json();
-  if (!statusResponse.ok) return showProblem(doc.error || `no job ${view.jobId}`);
+  const { response: statusResponse, doc } = await getJson(`/api/status?jobid=${id}`, "cannot read the job");
+  if (statusResponse.status === 400) {  // {} for a job that does not exist (or is another token's)
+    return showMissing(doc.error ? `No job “${view.jobId}”: ${doc.error}.`
+      : `There is no job ${view.jobId}: it was never submitted, it was deleted, or it belongs to another token.`);
+  }
+  if (!statusResponse.ok) throw new Problem(doc.error || `cannot read the job (${statusResponse.status})`);
+  showMissing("");
   document.getElementById("job-title").textContent = "Job " + doc.job_id;
   const summary = el("ol", null, "jobs");
   summary.append(jobCard(doc));
   document.getElementById("job-summary").replaceChildren(summary);
   const failures = (doc.error || []).map((f) => {
     const row = el("tr");
-    row.append(el("td", f.store_id), el("td", f.images_failed ?? ""), el("td", f.error), el("td", f.image_url || "", "url"));
+    row.append(cell("store", f.store_id, "nowrap"), cell("images failed", f.images_failed, "nowrap"),
+               cell("first failure", f.error, "reason"), urlCell("URL", f.image_url || ""));
     return row;
   });
   document.querySelector("#failures tbody").replaceChildren(...failures);
-  const response = await api(`/api/results?jobid=${id}&offset=${view.resultsOffset}&limit=${RESULTS_PER_PAGE}`);
-  const page = await response.json();
-  if (!response.ok) return showProblem(page.error || "cannot read results");
+  document.getElementById("failures-none").hidden = failures.length > 0;
+  const { response, doc: page } = await getJson(
+    `/api/results?jobid=${id}&offset=${view.resultsOffset}&limit=${RESULTS_PER_PAGE}`, "cannot read results");
+  if (!response.ok) throw new Problem(page.error || `cannot read results (${response.status})`);
   document.querySelector("#results tbody").replaceChildren(...page.results.map(resultRow));
   const total = doc.images_total || 0;
   document.getElementById("results-range").textContent =
@@ -123,8 +208,10 @@ async function refreshJob() {
 
 async function downloadCsv() {
   // fetched here rather than followed as a link, so the token goes with it
-  const response = await api(`/api/results.csv?jobid=${encodeURIComponent(view.jobId)}`);
-  if (!response.ok) return showProblem("cannot download the CSV");
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const response = await fetch(`/api/results.csv?jobid=${encodeURIComponent(view.jobId)}`,
+                               { headers: token ? { Authorization: "Bearer " + token } : {} });
+  if (!response.ok) return showProblem(`cannot download the CSV (${response.status})`);
   const url = URL.createObjectURL(await response.blob());
   const link = el("a");
   link.href = url;
@@ -136,13 +223,25 @@ async function downloadCsv() {
 }
 
 async function tick() {
+  if (!document.getElementById("token-form").hidden) return;  // waiting for a token: nothing to ask yet
   try {
     await (view.jobId ? refreshJob() : refreshJobs());
+    showProblem(null);  // the API answered: whatever was wrong before is over
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.ready = "1";
   } catch (error) {
-    if (error instanceof Unauthorized) askForToken();
-    else showProblem("the API cannot be reached: " + error.message);
+    if (error instanceof Unauthorized) {
+      if (sessionStorage.getItem(TOKEN_KEY)) {  // we sent one, and the API does not know it
+        sessionStorage.removeItem(TOKEN_KEY);
+        view.tokenRefused = true;
+      }
+      showProblem(null);
+      showTokenForm();
+    } else if (error instanceof Problem) {
+      showProblem(error.message);
+    } else {
+      showProblem("the API cannot be reached: " + error.message);
+    }
   }
 }
 
@@ -151,7 +250,11 @@ function start() {
   document.getElementById(view.jobId ? "job-view" : "jobs-view").hidden = false;
   document.getElementById("token-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    sessionStorage.setItem(TOKEN_KEY, document.getElementById("token").value.trim());
+    const token = document.getElementById("token").value.trim();
+    if (!token) return;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    document.getElementById("token").value = "";
+    view.tokenRefused = false;
     document.getElementById("token-form").hidden = true;
     tick();
   });
