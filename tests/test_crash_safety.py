@@ -3,6 +3,7 @@
 Each test runs a job of real images from a local server that counts requests, so "downloaded again"
 is measured, not assumed.
 """
+import http.server
 import json
 import os
 import signal
@@ -109,14 +110,28 @@ def running(pid: int) -> bool:
 def test_killed_pool_process_is_detected_and_its_images_redone(start_service, image_server):
     service = start_service(*SLOW)
     total = 300
-    job_id = service.submit(visits_of(image_server, total))
-    wait_until(lambda: service.status(job_id).get("images_done", 0) >= 32, what="work under way")
     victim = pool_worker_pids(service.daemon.pid)[0]
-    os.kill(victim, signal.SIGKILL)
-    killed_at = time.monotonic()
-    wait_until(lambda: f"pool process {victim} died" in service.daemon_output(), timeout_s=10,
-               what="the daemon to notice the dead process", interval_s=0.005)
-    detection_s = time.monotonic() - killed_at
+    # Every download waits at the server until the victim holds some of them: it dies holding tasks.
+    victim_downloading, release = threading.Event(), threading.Event()
+
+    def held(handler):
+        if not victim_downloading.is_set() and pid_of_peer(handler.client_address[1]) == victim:
+            victim_downloading.set()
+        release.wait(30)
+        http.server.SimpleHTTPRequestHandler.do_GET(handler)
+
+    for i in range(total):
+        image_server.on(f"/shelf.jpg?n={i}", held)
+    job_id = service.submit(visits_of(image_server, total))
+    try:
+        assert victim_downloading.wait(30), "the victim never downloaded"
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_until(lambda: f"pool process {victim} died" in service.daemon_output(), timeout_s=10,
+                   what="the daemon to notice the dead process", interval_s=0.005)
+        detection_s = time.monotonic() - killed_at
+    finally:
+        release.set()
 
     final = service.wait(job_id)
     assert final["status"] == Status.COMPLETED, final
