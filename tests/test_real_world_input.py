@@ -10,6 +10,7 @@ import subprocess
 import sys
 from multiprocessing.connection import Listener
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import requests
@@ -35,11 +36,22 @@ def server():
     srv.close()
 
 
-@pytest.fixture
-def api_only(tmp_path):
+@pytest.fixture(scope="module")
+def api_only(tmp_path_factory):
+    """One API process for the module's refusals: each test asks it something it refuses, changing nothing."""
     from tests.api_process import running_api
-    with running_api(tmp_path / "spool") as base:
-        yield base
+    spool_dir = tmp_path_factory.mktemp("api") / "spool"
+    with running_api(spool_dir) as base:
+        yield ApiOnly(base, spool_dir)
+
+
+class ApiOnly(NamedTuple):
+    base: str
+    spool_dir: Path
+
+    def stored(self) -> list[str]:
+        """The job files in incoming/ (no daemon runs here to claim them)."""
+        return sorted(os.listdir(self.spool_dir / "incoming"))
 
 
 def post(base: str, body: bytes, headers=JSON) -> requests.Response:
@@ -114,12 +126,12 @@ def test_a_pool_process_whose_engine_dies_exits_instead_of_idling_connected(tmp_
     ('"RP00001"', '"2026\\u0007"', "visits[0].visit_time: must not contain control characters (found U+0007)"),
     ('"RP00001"', '"\\udfff\\ud800"', "visits[0].visit_time: not valid JSON: a lone UTF-16 surrogate"),
 ])
-def test_lone_surrogates_and_control_characters_are_refused_naming_the_field(api_only, tmp_path, store_id,
-                                                                             visit_time, named):
-    r = post(api_only, one_visit_body(store_id, visit_time))
+def test_lone_surrogates_and_control_characters_are_refused_naming_the_field(api_only, store_id, visit_time, named):
+    before = api_only.stored()
+    r = post(api_only.base, one_visit_body(store_id, visit_time))
     assert (r.status_code, r.headers["content-type"]) == (400, "application/json")
     assert r.json()["error"].startswith(named)
-    assert os.listdir(tmp_path / "spool" / "incoming") == []
+    assert api_only.stored() == before
 
 
 @pytest.mark.parametrize("extra, named", [
@@ -130,7 +142,7 @@ def test_lone_surrogates_and_control_characters_are_refused_naming_the_field(api
     (', "x": 1,}', "visits[0].x: not valid JSON"),
 ])
 def test_every_parser_failure_names_the_field(api_only, extra, named):
-    r = post(api_only, one_visit_body(extra=extra))
+    r = post(api_only.base, one_visit_body(extra=extra))
     assert (r.status_code, r.headers["content-type"]) == (400, "application/json")
     assert r.json()["error"].startswith(named), r.json()
 
@@ -187,13 +199,14 @@ def test_a_64_mib_body_of_any_shape_costs_a_small_multiple_of_itself(tmp_path, s
 # ---------------------------------------------------------------- the content type
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
                                           "multipart/form-data; boundary=x", "application/jsonx"])
-def test_submit_takes_application_json_only(api_only, tmp_path, content_type):
+def test_submit_takes_application_json_only(api_only, content_type):
     headers = {"Content-Type": content_type} if content_type else {}
-    r = requests.post(f"{api_only}/api/submit/", data=one_visit_body(), headers=headers, timeout=30)
+    before = api_only.stored()
+    r = requests.post(f"{api_only.base}/api/submit/", data=one_visit_body(), headers=headers, timeout=30)
     assert (r.status_code, r.headers["content-type"]) == (415, "application/json")
     assert r.json()["error"].startswith("Content-Type must be application/json")
-    assert os.listdir(tmp_path / "spool" / "incoming") == []
-    assert post(api_only, one_visit_body(), {"Content-Type": "Application/JSON; charset=utf-8"}).status_code == 201
+    assert api_only.stored() == before
+    assert post(api_only.base, one_visit_body(), {"Content-Type": "Application/JSON; charset=utf-8"}).status_code == 201
 
 
 # ---------------------------------------------------------------- CSV cells
