@@ -1,7 +1,9 @@
 """The engine: measure many images at once on one thread, with libcurl's multi interface.
 
 ``Engine.submit(images, done)`` takes one task's images, ``(index, url)`` pairs, and calls ``done(outcomes)``
-once every image has its ImageOutcome (in the task's order). It knows nothing of pool processes or Dask: a local pool process and
+once every image has its ImageOutcome (in the task's order), or ``done(None)`` if the engine is closed first:
+every task handed in is answered exactly once, so nothing waiting for one (a Dask worker's thread) waits
+for ever, and whoever sent it can send it again. It knows nothing of pool processes or Dask: a local pool process and
 a Dask worker each run one Engine, and ``measure()`` runs one for a single task (tests, isolated tasks).
 
 One loop serves everything: libcurl's sockets (its socket and timer callbacks drive an epoll selector), a
@@ -36,7 +38,9 @@ from daemon.engine.transfer import Failure, Transfer
 
 log = logging.getLogger("retailpulse.engine")
 
-Done = Callable[[list[ImageOutcome]], None]
+#: Called once per task: its outcomes, or None when the engine closed before the task finished (nothing of
+#: it was recorded: send it again).
+Done = Callable[[list[ImageOutcome] | None], None]
 #: One task's images: (index in the job, url) pairs.
 TaskImages = Sequence[tuple[int, str]]
 
@@ -54,6 +58,7 @@ class _Task:
     def __init__(self, size: int, done: Done):
         self.outcomes: list[ImageOutcome | None] = [None] * size
         self.left, self.done = size, done
+        self.answered = False  # set under the engine's _answer_lock: a task is answered once, by whoever comes first
         self.todo: deque[_Image] = deque()  # images not yet started (or back for a retry)
 
 
@@ -90,12 +95,21 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._in_flight = 0  # images submitted and not yet answered, for images_in_flight
+        self._tasks: set[_Task] = set()  # taken from the inbox, not answered yet: what close() answers with None
+        self._answer_lock = threading.Lock()  # close() may answer from another thread if the loop is stuck
+        self._closed = False  # under _inbox_lock: a task submitted after close() is answered at once
 
     # ----------------------------------------------------------- interface
     def submit(self, images: TaskImages, done: Done) -> None:
-        """Hand a task in (from any thread). ``done`` is called on the engine's thread."""
+        """Hand a task in (from any thread). ``done`` is called on the engine's thread, or at once with None
+        on the caller's thread if the engine is closed."""
         with self._inbox_lock:
-            self._inbox.append((images, done))
+            if not self._closed:
+                self._inbox.append((images, done))
+                images = None
+        if images is not None:
+            self._answer(_Task(len(images), done), lost=True)
+            return
         self._wake()
 
     def start(self) -> None:
@@ -103,10 +117,14 @@ class Engine:
         self._thread.start()
 
     def close(self, timeout_s: float = 5) -> None:
+        """Stop the loop and answer every task not finished yet with None (lost), those still in the inbox
+        and those submitted from now on included. If the loop does not stop within ``timeout_s`` (stuck in
+        a system call), its tasks are answered from here; a late answer of the loop's is then dropped."""
         self._stop.set()
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self._abandon()
 
     @property
     def images_in_flight(self) -> int:
@@ -116,9 +134,21 @@ class Engine:
         """The loop. Runs until close(), or until ``until()`` is true after a turn."""
         while not self._stop.is_set() and not until():
             self._turn()
+        if self._stop.is_set():
+            self._abandon()
         for transfer in [*self._running.values(), *self._idle]:
             transfer.close()
         self._multi.close()
+
+    def _abandon(self) -> None:
+        """Closed: no task will be served any more. Answer each one still held, or handed in, with None."""
+        with self._inbox_lock:
+            self._closed = True
+            inbox, self._inbox = self._inbox, deque()
+        held = [task for task in list(self._tasks) if not task.answered]
+        held += [_Task(len(images), done) for images, done in inbox]
+        for task in held:
+            self._answer(task, lost=True)
 
     # ----------------------------------------------------------- the loop
     def _turn(self) -> None:
@@ -179,6 +209,7 @@ class Engine:
             tasks, self._inbox = self._inbox, deque()
         for images, done in tasks:
             task = _Task(len(images), done)
+            self._tasks.add(task)
             self._in_flight += len(images)
             if not images:
                 self._answer(task)
@@ -282,10 +313,14 @@ class Engine:
         if task.left == 0:
             self._answer(task)
 
-    @staticmethod
-    def _answer(task: _Task) -> None:
+    def _answer(self, task: _Task, lost: bool = False) -> None:
+        with self._answer_lock:
+            if task.answered:
+                return
+            task.answered = True
+        self._tasks.discard(task)
         try:
-            task.done(task.outcomes)
+            task.done(None if lost else task.outcomes)
         except Exception:  # the caller's bug must not stop the loop that serves every other task
             log.exception("engine: a task's done callback failed")
 
