@@ -142,3 +142,71 @@ class Installation:
                 folder.mkdir(parents=True, exist_ok=True)
                 made.append(folder)
         return made
+
+
+# ------------------------------------------------------------------ the unit's sandbox, without systemd
+#: The user the sandboxed programs run as (a unit's User=retailpulse: an unprivileged account of its own).
+SANDBOX_UID = 65534
+
+
+def sandboxed(installation: Installation, unit: str, argv: list[str], env: dict[str, str],
+              instance: str = "") -> list[str]:
+    """``argv`` as its unit would run it, as far as a test can reproduce without systemd: a mount namespace
+    of its own (``unshare -m``) in which
+
+      ProtectSystem=strict   every mount is read-only but /proc, /dev, the private /tmp and ReadWritePaths=
+      ReadWritePaths=        stay writable (this installation's folders)
+      PrivateTmp=true        /tmp and /var/tmp are empty tmpfs of its own
+      ProtectHome=true       /home, /root and /run/user are empty (this machine's Python, if it lives under
+                             /root, is put back read-only: on a VM it is /usr/bin/python3)
+      ProcSubset=pid         /proc shows processes only (no /proc/meminfo), and ProtectProc=invisible hides
+      ProtectProc=invisible  other users' processes
+      User=, NoNewPrivileges=, CapabilityBoundingSet=
+                             an unprivileged user, no new privileges, no capabilities (setpriv)
+
+    and a clean environment (the unit's, HOME, PATH), in /. Not reproduced: the system-call filter, the
+    address-family and socket-bind rules, PrivateDevices, PrivateUsers, MemoryDenyWriteExecute (they need
+    systemd or seccomp); tests/test_systemd.py checks those lines with systemd-analyze."""
+    settings = dict(directives(unit))  # the last of each key; the multi-valued ones are read below
+    rw = [installation.path(path.replace("%i", instance)) for value in values(unit, "ReadWritePaths")
+          for path in value.split()]
+    keep = {"/tmp", "/var/tmp", *rw}
+    lines = ["set -e"]
+    if settings.get("PrivateTmp") == "true":
+        lines += [f"exec 3<{shlex.quote(str(installation.root))}",  # reached again below, through the fd
+                  "mount -t tmpfs -o mode=1777 tmpfs /tmp", "mount -t tmpfs -o mode=1777 tmpfs /var/tmp",
+                  f"mkdir -p {shlex.quote(str(installation.root))}",
+                  f"mount --no-canonicalize --bind /proc/self/fd/3 {shlex.quote(str(installation.root))}",
+                  "exec 3<&-"]
+    lines += [f"mount --bind {shlex.quote(path)} {shlex.quote(path)}" for path in rw]
+    if settings.get("ProtectSystem") == "strict":
+        skip = " | ".join(["/proc", "/proc/*", "/dev", "/dev/*", *(shlex.quote(path) for path in sorted(keep))])
+        lines.append("for m in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do "
+                     f"case $m in {skip}) continue;; esac; mount -o remount,bind,ro \"$m\"; done")
+    if settings.get("ProtectHome") == "true":
+        python = Path(sys.base_prefix)
+        for home in ("/home", "/root", "/run/user"):
+            if not Path(home).is_dir():
+                continue
+            if python.is_relative_to(home):
+                lines += [f"exec 4<{shlex.quote(str(python))}", f"mount -t tmpfs -o mode=755 tmpfs {home}",
+                          f"mkdir -p {shlex.quote(str(python))}",
+                          f"mount --no-canonicalize --bind -o ro /proc/self/fd/4 {shlex.quote(str(python))}",
+                          "exec 4<&-"]
+            else:
+                lines.append(f"mount -t tmpfs -o ro,mode=000 tmpfs {home}")
+    proc = [option for option, wanted in (("subset=pid", settings.get("ProcSubset") == "pid"),
+                                          ("hidepid=invisible", settings.get("ProtectProc") == "invisible")) if wanted]
+    if proc:
+        lines.append(f"mount -t proc -o {','.join(proc)} proc /proc")
+    privileges = [f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups"]
+    if settings.get("NoNewPrivileges") == "true":
+        privileges.append("--no-new-privs")
+    if "CapabilityBoundingSet" in settings and not settings["CapabilityBoundingSet"]:
+        privileges += ["--inh-caps=-all", "--bounding-set=-all"]
+    home = installation.root / "var/lib/retail-pulse"
+    clean_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8", **env}
+    lines.append("cd /")
+    lines.append(shlex.join(["exec", "setpriv", *privileges, "--", "env", "-i",
+                             *(f"{key}={value}" for key, value in clean_env.items()), *argv]))
+    return ["unshare", "--mount", "sh", "-c", "\n".join(lines)]
