@@ -52,6 +52,8 @@ WORKERS_CHECK_INTERVAL_S = 0.5
 PROCESSING_CHECK_INTERVAL_S = 1.0
 #: The holder that stands for all of the daemon's tasks: work is pending and nothing finishes anywhere.
 CLUSTER = "the Dask cluster (all tasks)"
+#: How long a task waits for the worker's engine plugin (being replaced by a restarted daemon) to be there.
+PLUGIN_WAIT_S = 10.0
 
 
 class EnginePlugin(WorkerPlugin):
@@ -81,8 +83,8 @@ def measure_task(images: TaskImages, isolated: bool) -> bytes:
     else is said in the answer, with this worker's address."""
     worker = get_worker()
     try:
-        plugin: EnginePlugin | None = worker.plugins.get(PLUGIN_NAME)
-        if plugin is None or plugin.engine is None:
+        plugin = _plugin_of(worker)
+        if plugin is None:
             return encode_result(worker.address, lost="this Dask worker has no engine: the daemon's plugin is not "
                                  "installed on it", cause=Loss.RAISED)
         if isolated:
@@ -105,6 +107,19 @@ def measure_task(images: TaskImages, isolated: bool) -> bytes:
         return encode_result(worker.address, answer[0])
     except Exception as exc:  # our bug on this worker: say so, with the worker's name
         return encode_result(worker.address, lost=f"{type(exc).__name__}: {exc}", cause=Loss.RAISED)
+
+
+def _plugin_of(worker, wait_s: float = PLUGIN_WAIT_S) -> EnginePlugin | None:
+    """The worker's engine plugin. While a restarted daemon replaces it (the old one torn down, the new one
+    being set up) there is none for a moment: wait for it rather than count a failure against the chunk."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        plugin = worker.plugins.get(PLUGIN_NAME)
+        if plugin is not None and plugin.engine is not None:
+            return plugin
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def security(ca_file: str, cert_file: str, key_file: str) -> Security | None:
