@@ -43,6 +43,7 @@ STOP_TIMEOUT_S = 10.0
 #: How long a stalled process is shown (heartbeat, /healthz) before it is killed and replaced: two
 #: heartbeats, so that whoever watches /healthz or the metrics sees it, not only the log.
 REPORT_BEFORE_REPLACE_S = 2.0
+WATCH_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -83,6 +84,7 @@ class LocalPool:
         self._progress = Progress(stall_timeout_s)
         self._replacing: dict[int, str] = {}  # pid -> why it was killed, for the loss of its tasks
         self._replaced = 0  # stalled processes killed since start
+        self._next_watch = 0.0  # monotonic time of the next look for stalls
         self._folder = tempfile.mkdtemp(prefix="retailpulse-pool-")  # 0700: only we reach the socket
         authkey = secrets.token_bytes(32)
         self._listener = Listener(os.path.join(self._folder, "pool.sock"), family="AF_UNIX", authkey=authkey)
@@ -112,8 +114,12 @@ class LocalPool:
                 "stalled": stalled, "stalled_replaced": self._replaced}
 
     def watch(self) -> None:
-        """Log a process when it stalls; kill it REPORT_BEFORE_REPLACE_S later if it is stalled still."""
+        """Log a process when it stalls; kill it REPORT_BEFORE_REPLACE_S later if it is stalled still.
+        Looks at most every WATCH_INTERVAL_S: the supervisor calls it on every turn of its loop."""
         now = time.monotonic()
+        if now < self._next_watch:
+            return
+        self._next_watch = now + WATCH_INTERVAL_S
         with self._lock:
             new, _recovered = self._progress.changes(now)
             doomed = [(int(stall.worker.rsplit(" ", 1)[1]), stall) for stall in self._progress.stalled(now)
