@@ -1,7 +1,7 @@
 """The benchmark's Dask workloads. They need nothing beside this repository (no ../shared): an image corpus
 of their own (made with Pillow, served by Debian's nginx on 127.0.0.1:18080), and a cluster started from the
-shipped units' ExecStart lines (tests/units.py) with TLS certificates made by systemd/dask-cert, as
-production runs it. A worker that exits is started again 2 s later, as systemd does (Restart=always,
+shipped units' ExecStart lines (tests/units.py, DaskCluster) with TLS certificates made by systemd/dask-cert,
+as production runs it. A worker that exits is started again 2 s later, as systemd does (Restart=always,
 RestartSec=2).
 
     DASK-SCALING   a job of small images on 1, 2, 4, 8 workers, each holding 64 images (chunks of 16)
@@ -23,7 +23,6 @@ import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import requests
 from PIL import Image
@@ -31,13 +30,12 @@ from PIL import Image
 from bench.bench import OUT, Sampler, TERMINAL
 from daemon.supervisor.stores import load_store_master
 from tests.service import Service
-from tests.units import Installation, free_port, free_port_range
+from tests.units import DaskCluster
 
 CORPUS = OUT / "dask-images"
 NGINX = OUT / "dask-nginx"
 IMAGE_PORT = 18080
 IMAGE_BASE = f"http://127.0.0.1:{IMAGE_PORT}"
-SCHEDULER_UNIT, WORKER_UNIT = "retail-pulse-dask-scheduler.service", "retail-pulse-dask-worker@.service"
 #: How long a chunk of 16 holds its room: until its slowest image's wait is over, the expected maximum of 16
 #: uniform 0.1-0.4 s waits. 64 images per worker / this = the most a worker can do when only the wait bounds it.
 CHUNK16_HOLD_S = 0.1 + 0.3 * 16 / 17
@@ -145,108 +143,22 @@ def wait_for(predicate, what: str, timeout_s: float = 60) -> None:
         time.sleep(0.1)
 
 
-# ------------------------------------------------------------------ the cluster
-class Cluster:
-    """The scheduler and workers, each from its unit, TLS with a certificate per role; a worker that exits
-    is started again after RestartSec (2 s), as systemd would, until close()."""
-
-    RESTART_S = 2.0
-
-    def __init__(self, folder: Path, workers: int):
-        shutil.rmtree(folder, ignore_errors=True)
-        self.folder, self.vm = folder, Installation(folder / "vm")
-        self.certs = self.vm.make_certificates(("scheduler", "scheduler"), ("worker", "worker"), ("client", "client"))
-        self.port = free_port()
-        self.vm.ports.update({"--port 8786": f"--port {self.port}", "127.0.0.1:8787": "127.0.0.1:0"})
-        self.address = f"tls://127.0.0.1:{self.port}"
-        first, last = free_port_range(max(10, workers + 2))
-        (self.vm.etc / "dask.env").write_text(f"RETAILPULSE_DASK_SCHEDULER={self.address}\n"
-                                              f"RETAILPULSE_DASK_HOST=127.0.0.1\nRETAILPULSE_DASK_WORKER_PORTS={first}:{last}\n")
-        self.scheduler = self._start(SCHEDULER_UNIT, "scheduler")
-        wait_for(lambda: port_open(self.port), "the scheduler")
-        self.workers = [self._start(WORKER_UNIT, f"worker{i}", str(i)) for i in range(1, workers + 1)]
-        self.exits: list[tuple[int, float]] = []  # (instance, monotonic time) of each worker exit seen
-        self._closing = threading.Event()
-        threading.Thread(target=self._restart_forever, daemon=True).start()
-
-    def _start(self, unit: str, log: str, instance: str = "") -> subprocess.Popen:
-        self.vm.state_directories(unit, instance)
-        env = self.vm.environment(unit)
-        with (self.folder / f"{log}.log").open("ab") as out:
-            return subprocess.Popen(self.vm.command(unit, env, instance), cwd=self.folder, env={**os.environ, **env},
-                                    stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
-
-    def _restart_forever(self) -> None:
-        pending: set[int] = set()  # workers whose restart is due
-        while not self._closing.wait(0.05):
-            for i, worker in enumerate(self.workers):
-                if i not in pending and worker.poll() is not None:
-                    pending.add(i)
-                    self.exits.append((i + 1, time.monotonic()))
-                    threading.Timer(self.RESTART_S, self._restart, (i, pending)).start()
-
-    def _restart(self, i: int, pending: set[int]) -> None:
-        if not self._closing.is_set():
-            self.workers[i] = self._start(WORKER_UNIT, f"worker{i + 1}", str(i + 1))
-        pending.discard(i)
-
-    def restart_scheduler(self) -> None:
-        self.scheduler = self._start(SCHEDULER_UNIT, "scheduler")
-        wait_for(lambda: port_open(self.port), "the scheduler")
-
-    def daemon_args(self, *extra: str) -> list[str]:
-        return ["--executor", "dask", "--dask-scheduler", self.address, "--dask-tls-ca-file", str(self.certs / "ca.pem"),
-                "--dask-tls-cert-file", str(self.certs / "client.pem"),
-                "--dask-tls-key-file", str(self.certs / "client.key"), *extra]
-
-    def threads_waiting(self) -> int:
-        """Worker threads inside a task (measure_task) now, summed over the workers."""
-        import distributed
-
-        def waiting(dask_worker=None):  # travels by value
-            import sys
-            count = 0
-            for frame in sys._current_frames().values():
-                while frame is not None and frame.f_code.co_name != "measure_task":
-                    frame = frame.f_back
-                count += frame is not None
-            return count
-
-        security = distributed.Security(tls_ca_file=str(self.certs / "ca.pem"),
-                                        tls_client_cert=str(self.certs / "client.pem"),
-                                        tls_client_key=str(self.certs / "client.key"), require_encryption=True)
-        with distributed.Client(self.address, security=security, timeout=30, set_as_default=False) as client:
-            return sum(client.run(waiting).values())
-
-    def pids(self) -> list[int]:
-        return [self.scheduler.pid, *(worker.pid for worker in self.workers)]
-
-    def close(self) -> None:
-        self._closing.set()
-        for proc in [*self.workers, self.scheduler]:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in [*self.workers, self.scheduler]:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 class Run:
     """One service (API and daemon) on a fresh spool against a cluster, and what the workloads ask of it."""
 
     def __init__(self, args, corpus: Corpus, workers: int, daemon_args: list[str], name: str):
         self.corpus, self.rng = corpus, random.Random(1)
         self.store_ids = sorted(load_store_master(args.store_master))
-        self.cluster = Cluster(OUT / "dask" / name, workers)
+        folder = OUT / "dask" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.cluster = DaskCluster(folder, workers=workers, restart_workers=True)
         spool = OUT / "dask" / name / "spool"
         try:
             self.service = Service(spool, ["--allow-private-addresses", "true", *self.cluster.daemon_args(*daemon_args)],
                                    store_master=args.store_master, check_contract=False)
         except BaseException:
-            self.cluster.close()
+            self.cluster.stop()
             raise
         self.sampler = Sampler({"daemon": [self.service.daemon.pid], "dask": self.cluster.pids()})
         self.http = requests.Session()
@@ -278,7 +190,7 @@ class Run:
     def close(self) -> None:
         self.sampler.stop()
         self.service.stop()
-        self.cluster.close()
+        self.cluster.stop()
 
 
 # ------------------------------------------------------------------ workloads
@@ -361,12 +273,12 @@ def dask_faults(args, corpus: Corpus, images: int = 3000) -> list[dict]:
                 wait_for(lambda: len([1 for _, t in run.cluster.exits if t >= gone]) >= 2, "the workers to stop", 60)
                 extra["workers_stopped_after_s"] = round(max(t for _, t in run.cluster.exits if t >= gone) - gone, 2)
                 time.sleep(max(0.0, gone + 10 - time.monotonic()))
-                run.cluster.restart_scheduler()
+                run.cluster.start_scheduler()
             elif fault.startswith("daemon"):
                 for _ in range(5 if "5 times" in fault else 1):
                     run.service.daemon.kill()
                     run.service.daemon.wait()
-                    time.sleep(Cluster.RESTART_S)  # systemd's RestartSec
+                    time.sleep(DaskCluster.RESTART_S)  # systemd's RestartSec
                     run.service.start_daemon()
                     run.service.wait_for_daemon(timeout_s=60)
                     time.sleep(1)

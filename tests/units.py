@@ -8,10 +8,13 @@ the API and the daemon with exactly the unit's options, and a change to a unit's
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import socket
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +96,6 @@ class Installation:
     def make_certificates(self, *roles: tuple[str, str]) -> Path:
         """Run systemd/dask-cert as the README says: a CA, then each (role, name) with SAN IP:127.0.0.1, into
         etc/retail-pulse/dask (the CA's key included: a test machine is its own CA's keeper)."""
-        import subprocess
         folder = self.etc / "dask"
         if not (folder / "ca.key").exists():
             subprocess.run([str(DASK_CERT), str(folder), "ca"], check=True, capture_output=True, timeout=60)
@@ -210,3 +212,125 @@ def sandboxed(installation: Installation, unit: str, argv: list[str], env: dict[
     lines.append(shlex.join(["exec", "setpriv", *privileges, "--", "env", "-i",
                              *(f"{key}={value}" for key, value in clean_env.items()), *argv]))
     return ["unshare", "--mount", "sh", "-c", "\n".join(lines)]
+
+
+# ------------------------------------------------------------------ a Dask cluster from the units
+SCHEDULER_UNIT, WORKER_UNIT = "retail-pulse-dask-scheduler.service", "retail-pulse-dask-worker@.service"
+
+
+class DaskCluster:
+    """`dask scheduler` and `dask worker` processes, each started with its unit's ExecStart and environment,
+    TLS with a certificate per role (systemd/dask-cert), as production runs them; for the tests and the
+    benchmark. ``host``: the address dask.env names (RETAILPULSE_DASK_HOST). ``restart_workers``: a worker
+    that exits is started again after RESTART_S, as systemd does (Restart=always, RestartSec=2)."""
+
+    RESTART_S = 2.0
+
+    def __init__(self, folder: Path, host: str = "127.0.0.1", workers: int = 0, restart_workers: bool = False):
+        import threading
+        self.folder, self.host = folder, host
+        self.vm = Installation(folder / "vm")
+        self.certs = self.vm.make_certificates(("scheduler", "scheduler"), ("worker", "worker"), ("client", "client"))
+        self.port = free_port()
+        self.vm.ports.update({"--port 8786": f"--port {self.port}", "127.0.0.1:8787": "127.0.0.1:0"})
+        self.address = f"tls://{host}:{self.port}"
+        first, last = free_port_range(max(10, workers + 2))
+        self.worker_ports = range(first, last + 1)
+        (self.vm.etc / "dask.env").write_text(f"RETAILPULSE_DASK_SCHEDULER={self.address}\nRETAILPULSE_DASK_HOST={host}\n"
+                                              f"RETAILPULSE_DASK_WORKER_PORTS={first}:{last}\n")
+        self.scheduler: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.exits: list[tuple[int, float]] = []  # (instance, monotonic time) of each worker exit seen
+        self._closing = threading.Event()
+        self.start_scheduler()
+        for _ in range(workers):
+            self.start_worker()
+        if restart_workers:
+            threading.Thread(target=self._restart_forever, daemon=True).start()
+
+    def _start(self, unit: str, name: str, instance: str = "", env: dict | None = None,
+               args: list[str] = ()) -> subprocess.Popen:
+        self.vm.state_directories(unit, instance)
+        unit_env = self.vm.environment(unit)
+        with (self.folder / f"{name}.log").open("ab") as log:
+            return subprocess.Popen([*self.vm.command(unit, unit_env, instance), *args], cwd=self.folder,
+                                    env={**os.environ, **unit_env, **(env or {})}, stdout=subprocess.DEVNULL,
+                                    stderr=log, start_new_session=True)
+
+    def start_scheduler(self) -> None:
+        log_path = self.folder / "scheduler.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        self.scheduler = self._start(SCHEDULER_UNIT, "scheduler")
+        deadline = time.monotonic() + 60
+        while b"Scheduler at:" not in log_path.read_bytes()[offset:]:
+            if time.monotonic() > deadline or self.scheduler.poll() is not None:
+                raise RuntimeError(f"the scheduler did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def start_worker(self, env: dict | None = None, args: list[str] = ()) -> subprocess.Popen:
+        """Instance N+1 of the worker unit; ``env`` and ``args`` (a preload) only where a test adds them."""
+        instance = str(len(self.workers) + 1)
+        self.workers.append(self._start(WORKER_UNIT, f"worker{instance}", instance, env, args))
+        return self.workers[-1]
+
+    def _restart_forever(self) -> None:
+        import threading
+        pending: set[int] = set()  # workers whose restart is due
+        while not self._closing.wait(0.05):
+            for i, worker in enumerate(self.workers):
+                if i not in pending and worker.poll() is not None:
+                    pending.add(i)
+                    self.exits.append((i + 1, time.monotonic()))
+                    threading.Timer(self.RESTART_S, self._restart, (i, pending)).start()
+
+    def _restart(self, i: int, pending: set[int]) -> None:
+        if not self._closing.is_set():
+            self.workers[i] = self._start(WORKER_UNIT, f"worker{i + 1}", str(i + 1))
+        pending.discard(i)
+
+    def daemon_args(self, *extra: str) -> list[str]:
+        """The daemon's settings for this cluster, with the client certificate (the daemon's role)."""
+        return ["--executor", "dask", "--dask-scheduler", self.address, "--dask-tls-ca-file", str(self.certs / "ca.pem"),
+                "--dask-tls-cert-file", str(self.certs / "client.pem"),
+                "--dask-tls-key-file", str(self.certs / "client.key"), *extra]
+
+    def client(self):
+        """A client of the caller's own (with the daemon's certificate), to look inside the workers."""
+        import distributed
+        security = distributed.Security(tls_ca_file=str(self.certs / "ca.pem"),
+                                        tls_client_cert=str(self.certs / "client.pem"),
+                                        tls_client_key=str(self.certs / "client.key"), require_encryption=True)
+        return distributed.Client(self.address, security=security, timeout=30, set_as_default=False)
+
+    def threads_waiting(self) -> int:
+        """Worker threads inside a task (measure_task) now, summed over the workers: left waiting, if idle."""
+        def waiting(dask_worker=None):  # defined here, so it travels by value
+            import sys
+            count = 0
+            for frame in sys._current_frames().values():
+                while frame is not None and frame.f_code.co_name != "measure_task":
+                    frame = frame.f_back
+                count += frame is not None
+            return count
+
+        with self.client() as client:
+            return sum(client.run(waiting).values())
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text(errors="replace")
+
+    def pids(self) -> list[int]:
+        return [self.scheduler.pid, *(worker.pid for worker in self.workers)]
+
+    def stop(self) -> None:
+        """SIGKILL to each process group (a worker's isolated tasks too), then wait."""
+        self._closing.set()
+        for proc in [*self.workers, self.scheduler]:
+            if proc is not None and proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, 9)
+                except ProcessLookupError:
+                    pass
+        for proc in [*self.workers, self.scheduler]:
+            if proc is not None:
+                proc.wait()

@@ -241,7 +241,8 @@ class DaskRunner:
         workers = self.workers()  # first: it may refresh the list of workers
         with self._lock:
             ours = {future.key for future, _ in self._tasks.values()}  # the last look, less what finished since
-            tasks_by_worker = {worker: len(self._processing.get(worker, set()) & ours) for worker in self._addresses}
+            tasks_by_worker = {worker: len(self._processing.get(worker, set()) & ours)
+                               for worker in (self._addresses if workers else ())}
             stalled = [stall.doc() for stall in self._progress.stalled(time.monotonic())]
             failing = [{"worker": worker, "error": why} for worker, why in sorted(self._failing.items())]
         return {"scheduler": self.scheduler, "workers": workers, "tasks_by_worker": tasks_by_worker,
