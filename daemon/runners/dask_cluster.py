@@ -50,6 +50,8 @@ CONNECT_TIMEOUT_S = 30
 WORKERS_CHECK_INTERVAL_S = 0.5
 #: How often the scheduler is asked which worker holds which task (the stall check).
 PROCESSING_CHECK_INTERVAL_S = 1.0
+#: Longest wait for the scheduler's answer on the supervisor's thread (a stopped scheduler never answers).
+SCHEDULER_CALL_TIMEOUT_S = 5.0
 #: The holder that stands for all of the daemon's tasks: work is pending and nothing finishes anywhere.
 CLUSTER = "the Dask cluster (all tasks)"
 #: How long a task waits for the worker's engine plugin (being replaced by a restarted daemon) to be there.
@@ -196,9 +198,10 @@ class DaskRunner:
         return self._workers_seen
 
     def _ask_scheduler(self) -> int:
-        try:
-            info = self._client.scheduler_info(n_workers=-1)
-        except (OSError, TimeoutError):  # the connection dropped since the status check: away, for now
+        try:  # on the supervisor's thread: bounded, so a hung scheduler cannot hold its loop (and watchdog)
+            info = self._client.sync(self._client.scheduler.identity, n_workers=-1,
+                                     callback_timeout=SCHEDULER_CALL_TIMEOUT_S)
+        except (OSError, TimeoutError):  # the connection dropped since the status check, or it hangs: away
             return 0
         addresses = sorted(info.get("workers", {}))
         if info.get("id") != self._scheduler_id:
@@ -269,7 +272,8 @@ class DaskRunner:
             return
         self._processing_checked_at = now
         try:
-            processing = self._client.processing()
+            processing = self._client.sync(self._client.scheduler.processing, workers=None,
+                                           callback_timeout=SCHEDULER_CALL_TIMEOUT_S)
         except (OSError, TimeoutError):
             return
         with self._lock:
