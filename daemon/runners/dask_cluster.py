@@ -224,8 +224,11 @@ class DaskRunner:
     def _register_plugin(self) -> None:
         """Give the scheduler our plugin; a worker that cannot install it cannot run our tasks: say which."""
         try:
+            # The scheduler keeps the plugin for every worker before it asks them; a stopped worker would keep
+            # it waiting: bounded, like every call on the supervisor's thread.
             answers = self._client.sync(self._client.scheduler.register_worker_plugin,
-                                        plugin=dask_dumps(self._plugin), name=PLUGIN_NAME, idempotent=False)
+                                        plugin=dask_dumps(self._plugin), name=PLUGIN_NAME, idempotent=False,
+                                        callback_timeout=2 * SCHEDULER_CALL_TIMEOUT_S)
         except (OSError, TimeoutError, TypeError, ValueError) as exc:
             log.error("dask: could not give the scheduler the engine plugin: %s", exc)
             return
