@@ -119,6 +119,8 @@ def test_a_job_runs_on_the_cluster_and_survives_a_killed_worker(start_service, c
         assert host == HOST and port in cluster.worker_ports
         assert len(listening(worker.pid)) == 2
     assert sorted(heartbeat(service)["tasks_by_worker"]) == sorted(address(worker) for worker in cluster.workers)
+    scheduler = listening(cluster.scheduler.pid)  # its port on that address, its health check on loopback
+    assert (HOST, cluster.port) in scheduler and len(scheduler) == 2 and {h for h, _ in scheduler} == {HOST, "127.0.0.1"}
     total = 400
     slow_images(image_server, 1.0)  # the job lasts long enough for the kill to find a worker holding tasks
     job_id = service.submit(job_of(image_server, total, "slow.jpg"))
