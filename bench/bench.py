@@ -2,7 +2,8 @@
 per image) on real images served by nginx on 127.0.0.1, loaded the way clients load it.
 
 Run it with ``bench/run`` (which sets up what it needs); ``bench/run --help`` lists the workloads. Images,
-payloads and ground truth come from the shared kit (``../shared/bench``); this adds what the kit does not
+payloads and ground truth come from the shared kit (``../shared/bench``; the Dask workloads, bench/dask_bench.py,
+need no kit: they make and serve their own corpus); this adds what the kit does not
 measure: CPU and RSS of every process of the service (from /proc), status latency at a fixed request rate,
 a small job behind big ones, a soak, and the Dask executor. One JSON row per run goes to
 ``bench/out/bench.jsonl``; the table at the end gives medians over runs.
@@ -371,137 +372,9 @@ def soak(bench: Bench, minutes: float) -> dict:
                 rss_trace_min_mb=trace)
 
 
-# ------------------------------------------------------------------ Dask
-class DaskCluster:
-    """`dask scheduler` and `dask worker` processes on 127.0.0.1, as the shipped units run them."""
-
-    def __init__(self, log_dir: Path):
-        self.log_dir, self.port, self.workers = log_dir, free_port(), []
-        dask = str(Path(sys.executable).with_name("dask"))
-        self._dask = dask
-        self.scheduler = self._start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--dashboard-address", "127.0.0.1:0"], "scheduler")
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self._wait_for(lambda: port_open(self.port), "the scheduler")
-
-    def _start(self, command: list[str], name: str) -> subprocess.Popen:
-        env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
-        with (self.log_dir / f"{name}.log").open("ab") as log:
-            return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-
-    @staticmethod
-    def _wait_for(predicate, what: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"bench: {what} did not start")
-            time.sleep(0.1)
-
-    def add_workers(self, n: int, threads: int) -> None:
-        for _ in range(n):
-            self.workers.append(self._start([self._dask, "worker", self.address, "--no-nanny", "--nthreads",
-                                             str(threads), "--dashboard-address", "127.0.0.1:0"],
-                                            f"worker{len(self.workers)}"))
-
-    def close(self) -> None:
-        for proc in [*self.workers, self.scheduler]:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in [*self.workers, self.scheduler]:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    import socket
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.2).close()
-        return True
-    except OSError:
-        return False
-
-
-def dask_bench(args, kit, workers: int, threads: int, daemon_args: list[str], name: str) -> tuple[Bench, DaskCluster]:
-    cluster_dir = OUT / "dask" / name
-    shutil.rmtree(cluster_dir, ignore_errors=True)
-    cluster_dir.mkdir(parents=True)
-    cluster = DaskCluster(cluster_dir)
-    cluster.add_workers(workers, threads)
-    try:
-        bench = Bench(args, kit, ["--executor", "dask", "--dask-scheduler", cluster.address, *daemon_args], name)
-    except BaseException:
-        cluster.close()
-        raise
-    bench.sampler.add("dask", cluster.scheduler.pid)
-    for worker in cluster.workers:
-        bench.sampler.add("dask", worker.pid)
-    deadline = time.monotonic() + 60
-    while (bench.service.spool.read_heartbeat() or {}).get("workers") != workers:
-        if time.monotonic() > deadline:
-            bench.close()
-            cluster.close()
-            raise RuntimeError(f"bench: the daemon does not see {workers} Dask workers")
-        time.sleep(0.2)
-    return bench, cluster
-
-
-#: How long a chunk of 16 holds its room: until its slowest image's wait is over, the expected maximum of 16
-#: uniform 0.1-0.4 s waits (downloads from loopback add milliseconds). 64 images per worker / this = the most
-#: a worker can do when only the GPU wait bounds it.
-CHUNK16_HOLD_S = 0.1 + 0.3 * 16 / 17
-
-
-def dask_scaling(args, kit, workers: int, images: int) -> dict:
-    """DASK-SCALING: images/s against the number of Dask worker processes while the work is bound by the
-    GPU wait: each worker holds at most 64 images (4 threads x chunks of 16), so one cannot fill 2 cores."""
-    bench, cluster = dask_bench(args, kit, workers, 4, ["--images-per-process", "64", "--chunk-images", "16"],
-                                f"dask{workers}")
-    try:
-        payload = bench.payload(images, "small", f"DASK{workers}")
-        cpu0 = bench.sampler.cpu_s("daemon", "dask")
-        job_id, t0 = bench.submit(payload)
-        t1, doc = bench.wait(job_id, 1800)
-        cpu_s = bench.sampler.cpu_s("daemon", "dask") - cpu0
-        return dict(workload="DASK-SCALING", workers=workers, images=images, status=doc["status"],
-                    wall_s=t1 - t0, images_per_s=images / (t1 - t0), cpu_ms_per_image=cpu_s * 1000 / images,
-                    gpu_bound_images_per_s=workers * 64 / CHUNK16_HOLD_S, correct=bench.correct(job_id))
-    finally:
-        bench.close()
-        cluster.close()
-
-
-def dask_w2(args, kit) -> dict:
-    """DASK-W2: W2 on two Dask workers (the local pool's shape, and the shipped worker unit's 64 threads)
-    instead of the local pool; CPU of the daemon, scheduler and workers together."""
-    bench, cluster = dask_bench(args, kit, 2, 64, [], "daskW2")
-    try:
-        payload = bench.payload(10_000, "mixed", "DASKW2")
-        cpu0 = bench.sampler.cpu_s("daemon", "dask")
-        job_id, t0 = bench.submit(payload)
-        t1, doc = bench.wait(job_id, 1800)
-        cpu_s = bench.sampler.cpu_s("daemon", "dask") - cpu0
-        tasks = -(-10_000 // 64)
-        return dict(workload="DASK-W2", images=10_000, status=doc["status"], wall_s=t1 - t0,
-                    images_per_s=10_000 / (t1 - t0), cpu_ms_per_image=cpu_s * 1000 / 10_000,
-                    cpu_ms_per_task=cpu_s * 1000 / tasks, tasks=tasks, correct=bench.correct(job_id))
-    finally:
-        bench.close()
-        cluster.close()
-
-
 # ------------------------------------------------------------------ main
-WORKLOADS = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "DASK-SCALING", "DASK-W2", "SOAK")
-DEFAULT = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "DASK-SCALING", "DASK-W2")
+WORKLOADS = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "DASK-SCALING", "DASK-W2", "DASK-FAULTS", "SOAK")
+DEFAULT = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "DASK-SCALING", "DASK-W2", "DASK-FAULTS")
 
 
 def parse_args(argv=None):
@@ -512,7 +385,8 @@ def parse_args(argv=None):
                          "W2: 10,000 mixed with status at 200 req/s; W3: 20 x 200 mixed at once; KILL: W2's job "
                          "with a pool process SIGKILLed 1 s in; BIG: a huge job "
                          "and a small one behind it; CROWD: 50 x 10,000 at once and a small one behind them; "
-                         "DASK-SCALING: 1, 2, 4, 8 Dask workers; DASK-W2: W2 on Dask; SOAK: rounds of W3")
+                         "DASK-SCALING: 1, 2, 4, 8 Dask workers; DASK-W2: W2 on Dask; DASK-FAULTS: a worker, the "
+                         "scheduler, the daemon killed mid-job; SOAK: rounds of W3. The DASK ones need no ../shared")
     ap.add_argument("--repeat", type=int, default=3, help="runs of W1, W2, W3, DASK-W2 (medians are reported)")
     ap.add_argument("--big-images", type=int, default=100_000)
     ap.add_argument("--crowd-jobs", type=int, default=50)
@@ -535,9 +409,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    kit = load_kit()
     OUT.mkdir(exist_ok=True)
-    serve_corpus()
+    local = [w for w in args.workloads if not w.startswith("DASK")]
     rows: list[dict] = []
 
     def keep(row: dict) -> None:
@@ -547,9 +420,10 @@ def main(argv=None) -> int:
         with (OUT / "bench.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    local = [w for w in args.workloads if not w.startswith("DASK")]
-    try:
-        if local:
+    if local:
+        kit = load_kit()
+        serve_corpus()
+        try:
             bench = Bench(args, kit, args.daemon_args.split(), "local")
             try:
                 for run in range(args.repeat):
@@ -569,16 +443,45 @@ def main(argv=None) -> int:
                     keep(soak(bench, args.soak_minutes))
             finally:
                 bench.close()
+        finally:
+            stop_corpus_server()
+    if len(local) < len(args.workloads):
+        run_dask(args, keep)
+    print_table([row for row in rows if row["workload"] != "DASK-FAULTS"])
+    print_faults([row for row in rows if row["workload"] == "DASK-FAULTS"])
+    return 0
+
+
+def run_dask(args, keep) -> None:
+    """The DASK workloads (bench/dask_bench.py): their own corpus and nginx, clusters from the units."""
+    from bench import dask_bench
+    corpus = dask_bench.Corpus()
+    corpus.serve()
+    try:
         if "DASK-SCALING" in args.workloads:
             for workers in map(int, args.dask_workers.split(",")):
-                keep(dask_scaling(args, kit, workers, args.dask_images))
+                keep(dask_bench.dask_scaling(args, corpus, workers, args.dask_images))
         if "DASK-W2" in args.workloads:
             for run in range(args.repeat):
-                keep({"run": run, **dask_w2(args, kit)})
+                keep({"run": run, **dask_bench.dask_w2(args, corpus)})
+        if "DASK-FAULTS" in args.workloads:
+            for row in dask_bench.dask_faults(args, corpus):
+                keep(row)
     finally:
-        stop_corpus_server()
-    print_table(rows)
-    return 0
+        corpus.stop()
+
+
+def print_faults(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print("\n| fault | job | results | /healthz not 200 | it said | worker threads waiting after | the next job |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        stopped = f"; workers stopped {row['workers_stopped_after_s']} s after it" if "workers_stopped_after_s" in row else ""
+        print(f"| {row['fault']}{stopped} | {row['wall_s']} s, {row['status']} | "
+              f"{'one each' if row['one_result_each'] else 'NOT one each'}, {row['correct']} right | "
+              f"{row['unhealthy_s']} s | {'; '.join(row['healthz_said']) or '-'} | {row['threads_waiting_after']} | "
+              f"{row['next_job_s']} s |")
 
 
 def number(value: float) -> str:
@@ -590,7 +493,7 @@ def number(value: float) -> str:
 
 def print_table(rows: list[dict]) -> None:
     """Medians over runs, with every run's value, per workload and figure."""
-    skip = {"at", "run", "workload", "images", "status", "statuses", "correct", "small_status"}
+    skip = {"at", "run", "workload", "images", "status", "statuses", "correct", "small_status", "tls"}
     print("\n| workload | figure | median | runs |\n| --- | --- | --- | --- |")
     groups: dict[tuple, list[dict]] = {}
     for row in rows:

@@ -130,7 +130,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("drain_timeout_s", "daemon", float, _SUPERVISOR.drain_timeout_s, "on SIGTERM, how long in-flight images may take to finish; "
             "the rest is redone after the restart", 0, 3600),
     Setting("max_worker_deaths", "daemon", int, _SUPERVISOR.max_worker_deaths, "an image whose process dies this many times is failed "
-            "(a poison image)", 1, 100),
+            "(a poison image); also the tries of a task that cannot run on a Dask worker before its images fail", 1, 100),
+    Setting("stall_timeout_s", "daemon", float, _SUPERVISOR.stall_timeout_s, "a pool process or Dask worker that "
+            "holds tasks and finishes none for this long is stalled: /healthz answers 503 naming it, and a pool "
+            "process is replaced (its images are redone)", 1, 86400),
     Setting("retention_days", "daemon", float, _SUPERVISOR.retention_days, "finished jobs (files, status, results) older than this "
             "are deleted, checked every 10 minutes; 0 keeps them forever", 0),
     # --- download (read by the daemon)

@@ -16,6 +16,7 @@ from daemon.engine import AddressPolicy, DownloadLimits, EngineSettings
 from daemon.engine.netguard import parse_networks
 from daemon.runners import OnEvent, TaskRunner
 from daemon.runners.pool import LocalPool
+from daemon.runners.sandbox import deadline_s
 from daemon.supervisor.loop import Events, Supervisor
 from daemon.supervisor.notify import Notifier
 from daemon.supervisor.settings import SupervisorSettings
@@ -75,8 +76,12 @@ def raise_open_file_limit(wanted: int) -> int:
 
 def make_runner(config: Config, processes: int, settings: EngineSettings, on_event: OnEvent) -> TaskRunner:
     """Where tasks run: the local pool, or the Dask cluster (imported only then: an optional extra)."""
+    if config.stall_timeout_s < deadline_s(settings):
+        log.warning("stall_timeout_s (%s) is %g s, less than one image may take with these download limits "
+                    "(%.0f s): a healthy process may be reported stalled", config.source("stall_timeout_s"),
+                    config.stall_timeout_s, deadline_s(settings))
     if config.executor == Executor.LOCAL:
-        return LocalPool(processes, settings, on_event, config.images_per_process)
+        return LocalPool(processes, settings, on_event, config.images_per_process, config.stall_timeout_s)
     try:
         from daemon.runners.dask_cluster import DaskRunner, security
     except ImportError as exc:
@@ -84,10 +89,21 @@ def make_runner(config: Config, processes: int, settings: EngineSettings, on_eve
                            f"(pip install 'retail-pulse[dask]'): {exc}") from None
     tls = security(config.dask_tls_ca_file, config.dask_tls_cert_file, config.dask_tls_key_file)
     try:
-        return DaskRunner(config.dask_scheduler, settings, on_event, config.images_per_process, tls)
+        return DaskRunner(config.dask_scheduler, settings, on_event, config.images_per_process, tls,
+                          config.stall_timeout_s)
     except (OSError, TimeoutError) as exc:
         # Not exit 2: the scheduler may be on its way up; systemd tries again (Restart=on-failure).
         raise SystemExit(f"retailpulse-daemon: cannot reach the Dask scheduler {config.dask_scheduler}: {exc}")
+
+
+def describe_workers(executor: str, runner: dict, processes: int) -> str:
+    """For the ready line: where the work runs, and on which workers. "2 pool processes" or
+    "Dask scheduler tls://10.0.0.5:8786, 2 workers: tls://10.0.0.7:8790, tls://10.0.0.8:8790"."""
+    if executor == Executor.LOCAL:
+        return f"{processes} pool processes"
+    names = sorted(runner.get("tasks_by_worker", ()))
+    return f"Dask scheduler {runner.get('scheduler')}, {runner.get('workers', 0)} workers" + \
+        (f": {', '.join(names)}" if names else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +127,7 @@ def serve(argv: list[str] | None) -> int:
         chunk_images=config.chunk_images, max_active_jobs=config.max_active_jobs,
         small_job_images=config.small_job_images,
         drain_timeout_s=config.drain_timeout_s, max_worker_deaths=config.max_worker_deaths,
-        retention_days=config.retention_days)
+        retention_days=config.retention_days, stall_timeout_s=config.stall_timeout_s)
     # Sockets in flight, plus room for the files and pipes a process has anyway.
     downloads = min(config.downloads_per_process, config.images_per_process)
     open_files = raise_open_file_limit(downloads + FILES_BESIDE_SOCKETS)
@@ -132,10 +148,9 @@ def serve(argv: list[str] | None) -> int:
     events: Events = Events()
     runner = make_runner(config, processes, engine_settings(config, max_transfers), events.put)
     supervisor = Supervisor(spool, stores, settings, runner, events, Executor(config.executor), notifier)
-    where = (f"{processes} pool processes" if config.executor == Executor.LOCAL
-             else f"Dask workers of {config.dask_scheduler}")
     try:
         def ready() -> None:  # after the recovery scan: systemd starts counting us up only now
+            where = describe_workers(config.executor, runner.describe(), processes)
             log.info("daemon ready: spool %s, %d stores, executor %s: %s, %d images in flight each",
                      spool.root, len(stores), config.executor, where, config.images_per_process)
             notifier.send(READY=1, STATUS=f"ready: {where}, {config.images_per_process} images each")

@@ -22,6 +22,11 @@ whatever the last rename said (as in Maildir).
                            {"pid": 123, "heartbeat_at": 1795000000.5 (Unix seconds),
                             "executor": "local" | "dask" (Executor), "workers": 2 (pool processes connected, or Dask
                             workers seen), "processes": 2 (local) | "scheduler": "tls://..." (dask),
+                            "tasks_by_worker": {"pool process 1234" | "tls://10.0.0.7:8790": tasks it holds},
+                            "stalled": [{"worker": name, "tasks": n, "seconds": s}] (holding tasks, none finished
+                                        for stall_timeout_s; daemon/runners/__init__.py, Progress),
+                            "failing": [{"worker": "tls://...", "error": "..."}] (dask: workers tasks fail on),
+                            "stalled_replaced": 0 (local: stalled pool processes killed and replaced),
                             "jobs_active": 3, "tasks_in_flight": 2, "images_in_flight": 512,
                             "images_remaining_active": 9000 (images of active jobs without a result),
                             "paused": false (true while results cannot be written: disk full),

@@ -453,3 +453,26 @@ def test_cancel_drops_gpu_waits_and_their_ends_change_nothing(server):
         assert answers[1] == [] and engine.images_in_flight == 0
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------- closing
+def test_closing_the_engine_answers_every_task_it_holds_and_every_later_one_as_lost(server):
+    release = threading.Event()
+    server.routes["/slow.jpg"] = lambda conn, srv: release.wait(10) and ok(JPEG)(conn, srv)
+    server.routes["/a.jpg"] = ok(JPEG)
+    engine = Engine(EngineSettings(gpu_sleep_min_s=5, gpu_sleep_max_s=5, limits=FAST, addresses=LOCAL))
+    engine.start()
+    answers = {}
+    try:
+        engine.submit([(0, f"{server.base}/slow.jpg")], lambda outs: answers.setdefault("downloading", outs))
+        engine.submit([(1, f"{server.base}/a.jpg")], lambda outs: answers.setdefault("in its GPU wait", outs))
+        wait_until(lambda: server.hits.get("/slow.jpg") and server.hits.get("/a.jpg"), timeout_s=5,
+                   what="both downloads to start")
+        started = time.monotonic()
+        engine.close(timeout_s=5)
+        assert time.monotonic() - started < 2
+        assert answers == {"downloading": None, "in its GPU wait": None}  # lost: nothing of them recorded
+        engine.submit([(2, f"{server.base}/a.jpg")], lambda outs: answers.setdefault("after close", outs))
+        assert answers["after close"] is None
+    finally:
+        release.set()

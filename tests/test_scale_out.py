@@ -1,111 +1,77 @@
-"""Scale-out on a real Dask cluster: a scheduler and two worker processes on 127.0.0.1, TLS between them and
-the daemon with certificates made here, the real API and daemon (executor = dask), real images.
+"""Scale-out on a real Dask cluster: a scheduler and worker processes on loopback started from the shipped
+units' ExecStart lines (tests/units.py, DaskCluster), TLS with one certificate per role made by systemd/dask-cert, the
+real API and daemon (executor = dask), real images.
 
-Kill -9 of a worker mid-job and of the scheduler mid-job: every image still ends with exactly one result.
+Every fault an operator meets: a worker killed, the scheduler killed (workers gone within 5 s, busy or not),
+the daemon killed five times mid-job (no worker thread left waiting), a worker with another version of the
+package (bounded attempts, the worker named), a worker that holds tasks and runs none (503 naming it), a
+worker that sends pickles (never run by the daemon), and a new CA rolled in. Each ends with one result per
+image and /healthz telling the truth.
 """
 import json
 import os
+import re
+import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from spool import Status
-from tests.conftest import held_open, image_bytes, wait_until
+from tests.conftest import REPO, held_open, image_bytes, wait_until
+from tests.units import DaskCluster, Installation
 
 pytestmark = pytest.mark.dask  # needs a real Dask scheduler and workers: left out of `make test-fast`
 
 pytest.importorskip("distributed", reason="the dask extra is not installed (pip install '.[dask]')")
-BIN = Path(sys.executable).parent
 PER_WORKER = 32
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    """A CA of our own and one certificate it signed, as the README's scale-out steps make them."""
-    folder = tmp_path_factory.mktemp("certs")
-
-    def openssl(*args):
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=retail-pulse dask CA",
-            "-keyout", "ca.key", "-out", "ca.pem")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=retail-pulse dask node",
-            "-keyout", "node.key", "-out", "node.csr")
-    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-out", "node.pem")
-    return {"ca": folder / "ca.pem", "cert": folder / "node.pem", "key": folder / "node.key"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Cluster:
-    """`dask scheduler` and `dask worker` processes, started as the shipped units start them."""
-
-    def __init__(self, folder: Path, certs: dict):
-        self.folder, self.certs, self.port = folder, certs, free_port()
-        self.address = f"tls://127.0.0.1:{self.port}"
-        self.tls = ["--tls-ca-file", str(certs["ca"]), "--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"])]
-        # As in the scheduler's unit: a dead worker's tasks end in KilledWorker at once.
-        self.env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
-        self.scheduler = None
-        self.workers: list[subprocess.Popen] = []
-        self.start_scheduler()
-
-    def start_scheduler(self):
-        log_path = self.folder / "scheduler.log"
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        with log_path.open("ab") as log:
-            self.scheduler = subprocess.Popen(
-                [str(BIN / "dask"), "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--dashboard-address", "127.0.0.1:0", *self.tls],
-                env=self.env, cwd=self.folder, stdout=subprocess.DEVNULL, stderr=log)
-        wait_until(lambda: b"Scheduler at:" in log_path.read_bytes()[offset:], what="the scheduler to listen")
-
-    def start_worker(self):
-        with (self.folder / f"worker{len(self.workers)}.log").open("ab") as log:
-            self.workers.append(subprocess.Popen(
-                [str(BIN / "dask"), "worker", self.address, "--no-nanny", "--nthreads", "2",
-                 "--dashboard-address", "127.0.0.1:0", "--death-timeout", "60", *self.tls],
-                env=self.env, cwd=self.folder, stdout=subprocess.DEVNULL, stderr=log))
-
-    def daemon_args(self):
-        return ["--executor", "dask", "--dask-scheduler", self.address, "--dask-tls-ca-file", str(self.certs["ca"]),
-                "--dask-tls-cert-file", str(self.certs["cert"]), "--dask-tls-key-file", str(self.certs["key"]),
-                "--images-per-process", str(PER_WORKER), "--chunk-images", "16",
-                "--gpu-sleep-min-s", "0.05", "--gpu-sleep-max-s", "0.15"]
-
-    def stop(self):
-        for proc in [*self.workers, self.scheduler]:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+HOST = "127.0.0.2"
 
 
 @pytest.fixture
-def cluster(tmp_path, certs):
-    cluster = Cluster(tmp_path, certs)
+def cluster(tmp_path):
+    """A scheduler (and, as each test starts them, workers) from the units. They and the scheduler listen on
+    the address dask.env names: 127.0.0.2 (loopback too, but not the default one, so the setting shows)."""
+    cluster = DaskCluster(tmp_path, host=HOST)
     yield cluster
     cluster.stop()
 
 
+def daemon_args(cluster, *extra: str) -> list[str]:
+    """At most PER_WORKER images per worker, chunks of 16, short GPU waits: a job of hundreds lasts seconds."""
+    return cluster.daemon_args("--images-per-process", str(PER_WORKER), "--chunk-images", "16",
+                               "--gpu-sleep-min-s", "0.05", "--gpu-sleep-max-s", "0.15", *extra)
+
+
 def heartbeat(service) -> dict:
     path = service.spool.root / "daemon.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
-def job_of(image_server, n):
+def health(service) -> tuple[int, dict]:
+    r = service.http.get(f"{service.base}/healthz", timeout=30)
+    return r.status_code, r.json()
+
+
+def job_of(image_server, n, path="shelf.jpg"):
     (image_server.folder / "shelf.jpg").write_bytes(image_bytes("JPEG", 64, 48))
-    urls = [f"{image_server.base}/shelf.jpg?n={i}" for i in range(n)]
+    urls = [f"{image_server.base}/{path}?n={i}" for i in range(n)]
     return [{"store_id": "RP00001", "visit_time": "2026-11-23T10:00:00", "image_url": urls}]
+
+
+def slow_images(image_server, seconds):
+    """/slow.jpg?n=...: the shelf image after ``seconds``, so that workers are busy holding tasks."""
+    def serve(handler):
+        time.sleep(seconds)
+        handler.path = "/shelf.jpg"
+        return type(handler).__mro__[1].do_GET(handler)
+    for i in range(2000):
+        image_server.on(f"/slow.jpg?n={i}", serve)
 
 
 def assert_every_image_recorded_once(service, job_id, total):
@@ -114,16 +80,56 @@ def assert_every_image_recorded_once(service, job_id, total):
     assert all(r["perimeter"] == 224 for r in results), [r["error"] for r in results if r["error"]][:3]
 
 
+def listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of each TCP socket the process listens on (Linux /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                raw = bytes.fromhex(address)
+                host = ".".join(str(b) for b in raw[::-1]) if width == 8 else raw.hex()
+                found.append((host, int(port, 16)))
+    return found
+
+
+def address(worker: subprocess.Popen) -> str:
+    """The worker's Dask address: its TLS port on the address dask.env names."""
+    (port,) = [port for host, port in listening(worker.pid) if host == HOST]
+    return f"tls://{HOST}:{port}"
+
+
+# ---------------------------------------------------------------- a worker dies
 def test_a_job_runs_on_the_cluster_and_survives_a_killed_worker(start_service, cluster, image_server):
     cluster.start_worker()
     cluster.start_worker()
-    service = start_service(*cluster.daemon_args())
+    service = start_service(*daemon_args(cluster))
     wait_until(lambda: heartbeat(service).get("workers") == 2, what="the daemon to see both workers")
-    assert heartbeat(service)["executor"] == "dask"
+    # Workers listen on the address and ports dask.env names (the firewall step), and on a loopback port for
+    # the health check: nowhere else, not on every address.
+    for worker in cluster.workers:
+        [(host, port)] = [(host, port) for host, port in listening(worker.pid) if host != "127.0.0.1"]
+        assert host == HOST and port in cluster.worker_ports
+        assert len(listening(worker.pid)) == 2
+    assert sorted(heartbeat(service)["tasks_by_worker"]) == sorted(address(worker) for worker in cluster.workers)
+    scheduler = listening(cluster.scheduler.pid)  # its port on that address, its health check on loopback
+    assert (HOST, cluster.port) in scheduler and len(scheduler) == 2 and {h for h, _ in scheduler} == {HOST, "127.0.0.1"}
     total = 400
-    job_id = service.submit(job_of(image_server, total))
-    wait_until(lambda: service.status(job_id).get("images_done", 0) >= 64, what="work under way")
-    cluster.workers[0].send_signal(signal.SIGKILL)
+    slow_images(image_server, 1.0)  # the job lasts long enough for the kill to find a worker holding tasks
+    job_id = service.submit(job_of(image_server, total, "slow.jpg"))
+    busy = wait_until(lambda: [w for w in cluster.workers if heartbeat(service)["tasks_by_worker"].get(address(w))],
+                      what="a worker to hold tasks")
+    killed = busy[0]
+    killed.send_signal(signal.SIGKILL)
     final = service.wait(job_id, timeout_s=90)
 
     assert final["status"] == Status.COMPLETED, final
@@ -132,29 +138,41 @@ def test_a_job_runs_on_the_cluster_and_survives_a_killed_worker(start_service, c
     downloaded_twice = sum(count - 1 for count in image_server.hits.values())
     assert len(image_server.hits) == total and downloaded_twice <= 2 * PER_WORKER
     wait_until(lambda: heartbeat(service).get("workers") == 1, what="the heartbeat to count one worker")
-    health = service.http.get(f"{service.base}/healthz", timeout=30).json()
-    assert (health["ok"], health["executor"], health["workers"]) == (True, "dask", 1), health
-    assert "\nretailpulse_workers 1.0\n" in service.http.get(f"{service.base}/metrics", timeout=30).text
+    code, doc = health(service)
+    assert (code, doc["ok"], doc["executor"], doc["workers"]) == (200, True, "dask", 1), doc
+    # The ready line and the metrics name the executor and its workers.
+    (survivor,) = [address(w) for w in cluster.workers if w is not killed]
+    assert re.search(rf"executor dask: Dask scheduler {cluster.address}, [12] workers: tls://{HOST}:\d+",
+                     service.daemon_output())
+    # (the heartbeat may predate the job's last record by a second: wait for the one after it)
+    metrics = wait_until(lambda: (text := service.http.get(f"{service.base}/metrics", timeout=30).text) and
+                         f'retailpulse_worker_tasks{{worker="{survivor}"}} 0.0' in text and text,
+                         what="the metrics to show the surviving worker idle")
+    assert f'retailpulse_executor_info{{executor="dask",scheduler="{cluster.address}"}} 1.0' in metrics
+    assert "\nretailpulse_workers 1.0\n" in metrics and "retailpulse_pool_processes" not in metrics
 
 
-def test_a_scheduler_that_goes_away_and_comes_back_costs_a_redo_not_a_stuck_job(start_service, cluster,
-                                                                                image_server):
+# ---------------------------------------------------------------- the scheduler goes away
+def test_a_scheduler_that_goes_away_stops_busy_workers_at_once_and_costs_a_redo_not_a_stuck_job(
+        start_service, cluster, image_server):
     cluster.start_worker()
     cluster.start_worker()
-    service = start_service(*cluster.daemon_args())
+    service = start_service(*daemon_args(cluster))
     wait_until(lambda: heartbeat(service).get("workers") == 2, what="the daemon to see both workers")
-    total = 400
-    job_id = service.submit(job_of(image_server, total))
-    wait_until(lambda: service.status(job_id).get("images_done", 0) >= 64, what="work under way")
+    slow_images(image_server, 1.0)
+    total = 300
+    job_id = service.submit(job_of(image_server, total, "slow.jpg"))
+    wait_until(lambda: sum(image_server.hits.values()) >= 2 * PER_WORKER, what="both workers busy")
     cluster.scheduler.send_signal(signal.SIGKILL)
     cluster.scheduler.wait()
-    wait_until(lambda: heartbeat(service).get("workers") == 0, what="the daemon to notice")
-    health = wait_until(lambda: (r := service.http.get(f"{service.base}/healthz", timeout=30)).status_code == 503
-                        and r.json(), what="/healthz to say no worker is seen")
-    assert health["workers"] == 0 and "the daemon sees no Dask worker" in health["checks"]["workers"], health
-    # A worker whose scheduler goes away stops; systemd starts it again (Restart=always) and it joins the
-    # scheduler that systemd started again meanwhile.
-    wait_until(lambda: all(worker.poll() is not None for worker in cluster.workers), what="the workers to stop")
+    gone = time.monotonic()
+    # Workers holding tasks stop within 5 s (their engine answers every task it holds), so systemd's restart
+    # finds the scheduler sooner: not the 30 s a busy worker took.
+    wait_until(lambda: all(worker.poll() is not None for worker in cluster.workers), timeout_s=15,
+               what="the workers to stop")
+    assert time.monotonic() - gone < 5
+    code, doc = wait_until(lambda: (answer := health(service))[0] == 503 and answer, what="/healthz to say 503")
+    assert doc["workers"] == 0 and "the daemon sees no Dask worker" in doc["checks"]["workers"], doc
     cluster.start_scheduler()
     cluster.workers = []
     cluster.start_worker()
@@ -163,13 +181,203 @@ def test_a_scheduler_that_goes_away_and_comes_back_costs_a_redo_not_a_stuck_job(
 
     assert final["status"] == Status.COMPLETED, final
     assert_every_image_recorded_once(service, job_id, total)
-    assert "the Dask scheduler went away" in service.daemon_output()
+    log = service.daemon_output()
+    assert "the Dask scheduler went away" in log
+    assert f"dask: lost the scheduler {cluster.address}" in log and "again (a new one: it restarted)" in log
+    wait_until(lambda: health(service)[0] == 200, what="/healthz to be 200 again")
 
 
+# ---------------------------------------------------------------- the daemon restarts
+def test_five_daemon_restarts_mid_job_leave_no_worker_thread_waiting_and_the_next_job_at_full_speed(
+        start_service, cluster, image_server):
+    cluster.start_worker()
+    cluster.start_worker()
+    # Images that take 3 s, so that the tasks a killed daemon left on the workers are still running when the
+    # next daemon gives the workers a new engine (as with production's 4,096 images per worker).
+    slow_images(image_server, 3.0)
+    # (a busy machine may starve the test's image server of CPU: give it longer than 10 s of silence)
+    service = start_service(*daemon_args(cluster, "--images-per-process", "128", "--download-read-timeout-s", "30"))
+    wait_until(lambda: heartbeat(service).get("workers") == 2, what="the daemon to see both workers")
+    started = time.monotonic()
+    first = service.submit(job_of(image_server, 256, "slow.jpg"))
+    assert service.wait(first, timeout_s=60)["status"] == Status.COMPLETED
+    undisturbed_s = time.monotonic() - started
+
+    job_id = service.submit(job_of(image_server, 600, "slow.jpg"))
+    for _ in range(5):
+        daemon = service.daemon
+        wait_until(lambda: heartbeat(service).get("pid") == daemon.pid and heartbeat(service).get("tasks_in_flight"),
+                   what="the daemon to have tasks in flight")
+        daemon.kill()
+        daemon.wait()
+        service.start_daemon()
+        service.wait_for_daemon()
+    final = service.wait(job_id, timeout_s=120)
+    assert final["status"] == Status.COMPLETED, final
+    assert [r["index"] for r in service.results(job_id)["results"]] == list(range(600))
+
+    wait_until(lambda: cluster.threads_waiting() == 0, timeout_s=10, what="no worker thread to wait for a task")
+    started = time.monotonic()
+    last = service.submit(job_of(image_server, 256, "slow.jpg"))
+    assert service.wait(last, timeout_s=60)["status"] == Status.COMPLETED
+    assert time.monotonic() - started < 2 * undisturbed_s + 2, (time.monotonic() - started, undisturbed_s)
+    assert health(service)[0] == 200
+
+
+# ---------------------------------------------------------------- a worker that cannot run the task
+def test_a_worker_with_another_version_of_the_package_fails_its_tasks_bounded_and_is_named(
+        start_service, cluster, image_server, tmp_path):
+    # Another version of the package on that host: its task takes other arguments.
+    other = tmp_path / "other-version"
+    shutil.copytree(REPO / "daemon", other / "daemon", ignore=shutil.ignore_patterns("__pycache__"))
+    with (other / "daemon/runners/dask_cluster.py").open("a") as f:
+        f.write("\n\ndef measure_task(images):  # another version: the task takes other arguments\n"
+                "    raise AssertionError('not reached: the call itself fails')\n")
+    bad = cluster.start_worker(env={"PYTHONPATH": str(other)})
+    service = start_service(*daemon_args(cluster))
+    wait_until(lambda: heartbeat(service).get("workers") == 1, what="the daemon to see the worker")
+    (bad_address,) = heartbeat(service)["tasks_by_worker"]
+
+    started = time.monotonic()
+    job_id = service.submit(job_of(image_server, 32))
+    final = service.wait(job_id, timeout_s=60)
+    assert final["status"] == Status.FAILED and time.monotonic() - started < 30
+    errors = {r["error"] for r in service.results(job_id)["results"]}
+    assert len(errors) == 1 and not image_server.hits, errors
+    (error,) = errors
+    assert error.startswith(f"the task could not run on the cluster (3 attempts): the task failed on Dask worker "
+                            f"{bad_address}: TypeError"), error
+    log = service.daemon_output()
+    assert f"dask: tasks fail on worker {bad_address}" in log and "(failure 2)" in log
+    code, doc = health(service)
+    assert code == 503 and bad_address in doc["checks"]["failing"], doc
+
+    # A worker that can run them joins: tasks go to it, not to the one where they fail.
+    cluster.start_worker()
+    wait_until(lambda: heartbeat(service).get("workers") == 2, what="the daemon to see both workers")
+    job_id = service.submit(job_of(image_server, 64))
+    assert service.wait(job_id, timeout_s=60)["status"] == Status.COMPLETED
+    bad.kill()
+    bad.wait()
+    wait_until(lambda: health(service)[0] == 200, what="/healthz to be 200 once the failing worker left")
+
+
+# ---------------------------------------------------------------- a worker that holds tasks and runs none
+def test_a_worker_that_holds_tasks_and_finishes_none_is_named_by_healthz_and_the_log(
+        start_service, cluster, image_server):
+    cluster.start_worker()
+    stuck = cluster.start_worker()
+    service = start_service(*daemon_args(cluster, "--stall-timeout-s", "2"))
+    wait_until(lambda: heartbeat(service).get("workers") == 2, what="the daemon to see both workers")
+    stuck_address = address(stuck)
+    slow_images(image_server, 0.5)
+    job_id = service.submit(job_of(image_server, 400, "slow.jpg"))
+    wait_until(lambda: heartbeat(service).get("tasks_by_worker", {}).get(stuck_address), what="it to hold tasks")
+    stuck.send_signal(signal.SIGSTOP)
+    try:
+        code, doc = wait_until(lambda: (answer := health(service))[0] == 503 and "stalled" in answer[1]["checks"]
+                               and answer, timeout_s=20, what="/healthz to name the stalled worker")
+        assert f"Dask worker {stuck_address} holds" in doc["checks"]["stalled"], doc
+        assert f"dask: Dask worker {stuck_address} holds" in service.daemon_output()
+        metrics = service.http.get(f"{service.base}/metrics", timeout=30).text
+        assert "\nretailpulse_workers_stalled 1.0\n" in metrics
+    finally:
+        stuck.send_signal(signal.SIGCONT)
+    assert service.wait(job_id, timeout_s=120)["status"] == Status.COMPLETED
+    assert_every_image_recorded_once(service, job_id, 400)
+    wait_until(lambda: health(service)[0] == 200, what="/healthz to be 200 again")
+
+
+# ---------------------------------------------------------------- a worker that sends pickles
+ROGUE = '''"""A compromised worker: its task answers with pickles that run code wherever they are unpickled."""
+import os
+
+import daemon.runners.dask_cluster as tasks
+
+RUN = "import os; open(os.path.join({markers!r}, str(os.getpid())), 'w').close()"
+
+
+class Payload:
+    def __reduce__(self):
+        return exec, (RUN,)
+
+
+class Rogue(Exception):
+    pass
+
+
+def measure_task(images, isolated, cancel_key=None):
+    if images[0][0] % 32 == 0:
+        return Payload()  # a result
+    raise Rogue(Payload())  # an error
+
+
+tasks.measure_task = measure_task
+'''
+
+
+def test_a_worker_that_answers_with_pickles_cannot_make_the_daemon_run_them(
+        start_service, cluster, image_server, tmp_path):
+    markers = tmp_path / "ran-here"
+    markers.mkdir()
+    rogue = tmp_path / "rogue.py"
+    rogue.write_text(ROGUE.format(markers=str(markers)))
+    worker = cluster.start_worker(args=["--preload", str(rogue)])
+    service = start_service(*daemon_args(cluster, "--max-worker-deaths", "2"))
+    wait_until(lambda: heartbeat(service).get("workers") == 1, what="the daemon to see the worker")
+    job_id = service.submit(job_of(image_server, 32))  # two tasks: one answers a pickle, one raises one
+    final = service.wait(job_id, timeout_s=60)
+
+    assert final["status"] == Status.FAILED
+    errors = {r["error"].split(":")[0] for r in service.results(job_id)["results"]}
+    assert errors == {"the task could not run on the cluster (2 attempts)"}, errors
+    ran = {int(p.name) for p in markers.iterdir()}
+    assert worker.pid in ran  # the payloads were live: the worker's own check ran one
+    assert service.daemon.pid not in ran, "the daemon ran code a worker sent"
+    assert "sent a result that is not what the task makes" in service.daemon_output()
+    code, doc = health(service)
+    assert code == 503 and f"tasks fail on {address(worker)}" in doc["checks"]["failing"], doc
+
+
+# ---------------------------------------------------------------- identity
+def test_certificates_are_v3_one_key_per_role_and_a_new_ca_rolls_in_through_the_bundle(cluster, tmp_path):
+    folder = cluster.certs
+    texts = {name: subprocess.run(["openssl", "x509", "-in", str(folder / f"{name}.pem"), "-noout", "-text"],
+                                  capture_output=True, text=True, check=True).stdout
+             for name in ("scheduler", "worker", "client")}
+    for name, text in texts.items():
+        assert "Version: 3 (0x2)" in text and "IP Address:127.0.0.1" in text, name
+    assert "TLS Web Server Authentication" not in texts["client"]  # the daemon's key cannot pose as a server
+    keys = {(folder / f"{name}.key").read_bytes() for name in texts}
+    assert len(keys) == 3
+
+    # Rotation (README): a new CA; every host trusts both (ca.pem holds both), new certificates, then the
+    # old CA goes. Here: a worker certified by the new CA is refused while ca.pem holds the old CA only, and
+    # joins once ca.pem holds both, while the daemon's certificate (the old CA's) is still good.
+    new = Installation(tmp_path / "new")
+    new.make_certificates(("worker", "worker"))
+    shutil.copy(new.etc / "dask/worker.pem", folder / "worker.pem")
+    shutil.copy(new.etc / "dask/worker.key", folder / "worker.key")
+    refused = cluster.start_worker()
+    wait_until(lambda: "TLS handshake failed" in cluster.log("scheduler") and
+               "certificate verify failed" in cluster.log("scheduler"), what="the new certificate refused")
+    refused.kill()
+    refused.wait()
+    cluster.scheduler.kill()
+    cluster.scheduler.wait()
+    (folder / "ca.pem").write_text((new.etc / "dask/ca.pem").read_text() + (folder / "ca.pem").read_text())
+    cluster.start_scheduler()
+    cluster.start_worker()  # the new CA's certificate
+    with cluster.client() as client:  # the daemon's certificate, still from the old CA
+        client.wait_for_workers(1, timeout=30)
+        assert len(client.scheduler_info()["workers"]) == 1
+
+
+# ---------------------------------------------------------------- cancel
 def test_cancel_on_the_cluster_stops_the_images_in_flight_and_frees_the_workers(start_service, cluster, image_server):
     cluster.start_worker()
     cluster.start_worker()
-    service = start_service(*cluster.daemon_args())
+    service = start_service(*daemon_args(cluster))
     wait_until(lambda: heartbeat(service).get("workers") == 2, what="the daemon to see both workers")
     closed = []
     held = [f"/held.jpg?n={i}" for i in range(2 * PER_WORKER)]  # every worker's room, taken

@@ -255,6 +255,7 @@ class _Api:
         beat = beat or {}
         if beat.get("executor") == Executor.DASK and not beat.get("workers"):
             checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.get('scheduler')}): nothing runs"
+        checks.update(worker_health(beat))
         try:
             self.spool.check_writable()
         except OSError as exc:
@@ -320,6 +321,21 @@ def carried_out(spool: Spool, job_id: int, verb: Control, timeout_s: float,
             return False
         sleep(0.02)
     return True
+
+
+
+def worker_health(beat: dict) -> dict:
+    """Checks naming the workers that hold work and finish none, or on which tasks fail (daemon.json's
+    "stalled" and "failing"); nothing when all is well."""
+    checks = {}
+    stalled = [s for s in beat.get("stalled") or () if isinstance(s, dict)]
+    if stalled:
+        checks["stalled"] = "; ".join(f"{s.get('worker')} holds {s.get('tasks')} task(s) and finished none for "
+                                      f"{s.get('seconds')} s" for s in stalled)
+    failing = [f for f in beat.get("failing") or () if isinstance(f, dict)]
+    if failing:
+        checks["failing"] = "; ".join(f"tasks fail on {f.get('worker')}: {f.get('error')}" for f in failing)
+    return checks
 
 
 def json_error(err: bottle.HTTPError) -> str:

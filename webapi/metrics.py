@@ -28,8 +28,8 @@ class SpoolCollector:
         age = GaugeMetricFamily("retailpulse_daemon_heartbeat_age_seconds", "Seconds since the daemon's last heartbeat")
         age.add_metric([], time.time() - beat["heartbeat_at"] if "heartbeat_at" in beat else float("inf"))
         yield age
+        yield from runner_metrics(beat)
         for name, key, help_text in (
-                ("retailpulse_pool_processes", "processes", "Pool processes of the daemon (executor = local)"),
                 ("retailpulse_workers", "workers", "Processes the daemon can hand work to now: its connected pool "
                  "processes, or the Dask workers it sees"),
                 ("retailpulse_images_in_flight", "images_in_flight", "Images handed to the pool, not yet recorded"),
@@ -68,6 +68,34 @@ class SpoolCollector:
                                             "Per image: download, measure and GPU wait")
             seconds.add_metric([], buckets, counts.get("seconds_sum", 0.0))
             yield seconds
+
+
+def runner_metrics(beat: dict):
+    """Where the work runs and on which workers: the executor, each worker's tasks, the stalled and failing."""
+    executor = GaugeMetricFamily("retailpulse_executor_info", "Where the daemon runs the image work (value 1)",
+                                 labels=["executor", "scheduler"])
+    if beat.get("executor"):
+        executor.add_metric([str(beat["executor"]), str(beat.get("scheduler", ""))], 1)
+    yield executor
+    if "processes" in beat:  # the local pool only
+        processes = GaugeMetricFamily("retailpulse_pool_processes", "Pool processes of the daemon (executor = local)")
+        processes.add_metric([], beat["processes"])
+        yield processes
+    tasks = GaugeMetricFamily("retailpulse_worker_tasks", "Tasks each pool process or Dask worker holds",
+                              labels=["worker"])
+    for worker, count in sorted((beat.get("tasks_by_worker") or {}).items()):
+        tasks.add_metric([str(worker)], count)
+    yield tasks
+    for name, key, help_text in (
+            ("retailpulse_workers_stalled", "stalled", "Pool processes or Dask workers that hold tasks and "
+             "finished none for stall_timeout_s"),
+            ("retailpulse_workers_failing", "failing", "Dask workers on which tasks fail")):
+        gauge = GaugeMetricFamily(name, help_text)
+        gauge.add_metric([], len(beat.get(key) or ()))
+        yield gauge
+    replaced = CounterMetricFamily("retailpulse_stalled_replaced", "Stalled pool processes killed and replaced")
+    replaced.add_metric([], beat.get("stalled_replaced", 0))
+    yield replaced
 
 
 def render(spool: Spool) -> bytes:

@@ -49,7 +49,11 @@ _SUBMISSION = {"type": "object", "required": ["count", "visits"], "properties": 
                    "image_url": {"type": "array", "minItems": 1,
                                  "items": {"type": "string", "format": "uri", "maxLength": 2048}}}}}}}
 _HEALTH = {"type": "object", "required": ["ok", "checks"], "properties": {
-    "ok": {"type": "boolean"}, "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+    "ok": {"type": "boolean"}, "checks": {
+        "type": "object", "additionalProperties": {"type": "string"},
+        "description": "each check, \"ok\" or what is wrong: api, spool_writable, spool_readable, daemon; "
+                       "workers (executor dask: none seen); stalled (a pool process or Dask worker holding tasks "
+                       "and finishing none, named); failing (Dask workers tasks fail on, named)"},
     "executor": {"enum": [executor.value for executor in Executor], "description": "where the daemon runs the image work"},
     "workers": {"type": "integer", "minimum": 0,
                 "description": "processes the daemon can hand work to: its pool processes, or the Dask workers it sees"}}}

@@ -1,9 +1,11 @@
 """The engine: measure many images at once on one thread, with libcurl's multi interface.
 
 ``Engine.submit(images, done)`` takes one task's images, ``(index, url)`` pairs, and calls ``done(outcomes)``
-once every image has its ImageOutcome (in the task's order). ``Engine.cancel(keys)`` stops tasks handed in
-with those keys: they answer at once, their images not yet measured "cancelled by request". It knows nothing of pool processes or Dask: a local pool process and
-a Dask worker each run one Engine, and ``measure()`` runs one for a single task (tests, isolated tasks).
+once every image has its ImageOutcome (in the task's order), or ``done(None)`` if the engine is closed first:
+every task handed in is answered exactly once, so nothing waiting for one (a Dask worker's thread) waits
+for ever, and whoever sent it can send it again. ``Engine.cancel(keys)`` stops tasks handed in with those
+keys: they answer at once, their images not yet measured "cancelled by request". It knows nothing of pool
+processes or Dask: a local pool process and a Dask worker each run one Engine, and ``measure()`` runs one for a single task (tests, isolated tasks).
 
 One loop serves everything: libcurl's sockets (its socket and timer callbacks drive an epoll selector), a
 wake-up socket for tasks handed in by other threads, and a heap of deadlines. An image's simulated GPU
@@ -37,7 +39,9 @@ from daemon.engine.transfer import Failure, Transfer
 
 log = logging.getLogger("retailpulse.engine")
 
-Done = Callable[[list[ImageOutcome]], None]
+#: Called once per task: its outcomes, or None when the engine closed before the task finished (nothing of
+#: it was recorded: send it again).
+Done = Callable[[list[ImageOutcome] | None], None]
 #: One task's images: (index in the job, url) pairs.
 TaskImages = Sequence[tuple[int, str]]
 
@@ -57,6 +61,7 @@ class _Task:
         self.left, self.done = size, done
         self.todo: deque[_Image] = deque()  # images not yet started (or back for a retry)
         self.key, self.indices, self.cancelled = key, [0] * size, False
+        self.answered = False  # set under the engine's _answer_lock: a task is answered once, by whoever comes first
 
 
 @dataclass
@@ -94,13 +99,22 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._in_flight = 0  # images submitted and not yet answered, for images_in_flight
+        self._tasks: set[_Task] = set()  # taken from the inbox, not answered yet: what close() answers with None
+        self._answer_lock = threading.Lock()  # close() may answer from another thread if the loop is stuck
+        self._closed = False  # under _inbox_lock: a task submitted after close() is answered at once
 
     # ----------------------------------------------------------- interface
     def submit(self, images: TaskImages, done: Done, key: Hashable | None = None) -> None:
-        """Hand a task in (from any thread). ``done`` is called on the engine's thread. ``key``: what
-        cancel() knows the task by (the runner's task id), or None for a task nobody cancels."""
+        """Hand a task in (from any thread). ``done`` is called on the engine's thread, or at once with None
+        on the caller's thread if the engine is closed. ``key``: what cancel() knows the task by (the
+        runner's task id), or None for a task nobody cancels."""
         with self._inbox_lock:
-            self._inbox.append((images, done, key))
+            if not self._closed:
+                self._inbox.append((images, done, key))
+                images = None
+        if images is not None:
+            self._answer(_Task(len(images), done), lost=True)
+            return
         self._wake()
 
     def cancel(self, keys: Iterable[Hashable]) -> None:
@@ -128,10 +142,14 @@ class Engine:
             raise
 
     def close(self, timeout_s: float = 5) -> None:
+        """Stop the loop and answer every task not finished yet with None (lost), those still in the inbox
+        and those submitted from now on included. If the loop does not stop within ``timeout_s`` (stuck in
+        a system call), its tasks are answered from here; a late answer of the loop's is then dropped."""
         self._stop.set()
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self._abandon()
 
     @property
     def images_in_flight(self) -> int:
@@ -141,9 +159,22 @@ class Engine:
         """The loop. Runs until close(), or until ``until()`` is true after a turn."""
         while not self._stop.is_set() and not until():
             self._turn()
+        if self._stop.is_set():
+            self._abandon()
         for transfer in [*self._running.values(), *self._idle]:
             transfer.close()
         self._multi.close()
+
+    def _abandon(self) -> None:
+        """Closed: no task will be served any more. Answer each one still held, or handed in, with None."""
+        with self._inbox_lock:
+            self._closed = True
+            inbox, self._inbox = self._inbox, deque()
+        held = [task for task in list(self._tasks) if not task.answered]
+        held += [_Task(len(images), done) for images, done, _key in inbox]
+        self._keyed.clear()
+        for task in held:
+            self._answer(task, lost=True)
 
     # ----------------------------------------------------------- the loop
     def _turn(self) -> None:
@@ -205,6 +236,7 @@ class Engine:
             cancels, self._cancels = self._cancels, []
         for images, done, key in tasks:
             task = _Task(len(images), done, key)
+            self._tasks.add(task)
             self._in_flight += len(images)
             if not images:
                 self._answer(task)
@@ -355,10 +387,14 @@ class Engine:
             self._keyed.pop(task.key, None)
             self._answer(task)
 
-    @staticmethod
-    def _answer(task: _Task) -> None:
+    def _answer(self, task: _Task, lost: bool = False) -> None:
+        with self._answer_lock:
+            if task.answered:
+                return
+            task.answered = True
+        self._tasks.discard(task)
         try:
-            task.done(task.outcomes)
+            task.done(None if lost else task.outcomes)
         except Exception:  # the caller's bug must not stop the loop that serves every other task
             log.exception("engine: a task's done callback failed")
 

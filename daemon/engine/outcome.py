@@ -32,6 +32,7 @@ class ErrorKind(StrEnum):
     NOT_AN_IMAGE = "not_an_image"
     UNKNOWN_STORE = "unknown_store"
     WORKER_DIED = "worker_died"
+    TASK_FAILED = "task_failed"  # the task could not run on the cluster, every time it was sent
     CANCELLED = "cancelled"
     INTERNAL = "internal"
     OTHER = "other"

@@ -2,9 +2,15 @@
 
 A task is one chunk's images handed to a runner once, ``(index, url)`` pairs; it ends with a TaskDone (one
 ImageOutcome per image) or a TaskLost (the process or worker holding it died, or the task could not run
-there; the supervisor decides what becomes of its chunk, daemon/supervisor/jobs.py). Two runners run the
-same engine (daemon/engine/): LocalPool (pool.py, a multiprocessing.Pool on this machine, the default) and
-DaskRunner (dask_cluster.py, a Dask cluster). This package imports nothing of ours but the engine.
+there: its Loss says which, and the supervisor decides what becomes of its chunk, daemon/supervisor/jobs.py).
+Two runners run the same engine (daemon/engine/): LocalPool (pool.py, a multiprocessing.Pool on this
+machine, the default) and DaskRunner (dask_cluster.py, a Dask cluster). This package imports nothing of ours
+but the engine.
+
+Stalls: a pool process or worker that holds tasks and finishes none for ``stall_timeout_s`` is stalled
+(Progress, below, the same rule for both runners). The runner logs it by name, ``describe()`` lists it, so
+the heartbeat (daemon.json) and then /healthz (503) and /metrics show it, and the local pool replaces
+(kills) such a process, so its tasks come back lost and are redone.
 
 Isolated tasks: a task whose images were in flight in a process that died may hold an image that kills
 whatever measures it. It runs alone in a throw-away process (sandbox.py), so a second death costs only that
@@ -19,7 +25,7 @@ from typing import Protocol
 
 from daemon.engine import ImageOutcome, TaskImages
 
-__all__ = ["Message", "OnEvent", "TaskDone", "TaskImages", "TaskLost", "TaskRunner"]
+__all__ = ["Loss", "Message", "OnEvent", "Progress", "Stall", "TaskDone", "TaskImages", "TaskLost", "TaskRunner"]
 
 
 class Message(StrEnum):
@@ -38,11 +44,27 @@ class TaskDone:
     outcomes: list[ImageOutcome]  # one per image, in the task's order
 
 
+class Loss(StrEnum):
+    """Why a task was lost; the death policy (daemon/supervisor/jobs.py, after_loss) acts on it."""
+
+    DIED = "died"  # the process or worker holding it died (or was replaced, stalled): its images are suspects
+    RAISED = "raised"  # it could not run where it went (another version of the package on a worker, a
+    #                    result that is not plain data): counted against the chunk, sent again after a backoff
+    AWAY = "away"  # through no fault of its images nor of where it ran (the Dask scheduler went away, the
+    #                worker's engine closed): sent again as it was
+
+
 @dataclass(frozen=True)
 class TaskLost:
     task_id: int
     why: str  # e.g. "pool process 1234 died", "Dask worker tls://10.0.0.7:40001 died"
-    suspect: bool = True  # False: lost through no fault of its images (the Dask scheduler went away)
+    cause: Loss = Loss.DIED
+    where: str | None = None  # the pool process or worker it was lost on, when known: the log names it
+
+    @property
+    def suspect(self) -> bool:
+        """Whether its images may be the cause (a death), as opposed to where it ran or nothing at all."""
+        return self.cause is Loss.DIED
 
 
 #: Called from any thread of the runner, once per task; the supervisor only queues it.
@@ -66,7 +88,64 @@ class TaskRunner(Protocol):
         """Processes (or Dask workers) that can take tasks now."""
 
     def describe(self) -> dict:
-        """What the heartbeat (daemon.json) and /metrics show of the runner."""
+        """What the heartbeat (daemon.json) and /metrics show of the runner: its workers by name with the
+        tasks each holds, and the stalled ones (spool/__init__.py documents the fields)."""
+
+    def watch(self) -> None:
+        """Called by the supervisor on every turn of its loop: look for stalled workers (Progress); log
+        them, and replace those that can be (a local pool process). Cheap when there is nothing to do."""
 
     def close(self, timeout_s: float) -> None:
         """Stop the processes; tasks still running are abandoned (the supervisor has drained first)."""
+
+
+@dataclass(frozen=True)
+class Stall:
+    worker: str  # "pool process 1234", "Dask worker tls://10.0.0.7:8790", "the Dask scheduler's queue"
+    tasks: int  # tasks it holds
+    seconds: float  # since it last finished one (or took its first)
+
+    def doc(self) -> dict:
+        """As daemon.json carries it."""
+        return {"worker": self.worker, "tasks": self.tasks, "seconds": round(self.seconds)}
+
+
+class Progress:
+    """The stall rule, for both runners: a holder (a pool process, a Dask worker) that holds tasks and has
+    finished none for ``timeout_s`` is stalled. The clock starts when it takes work while holding none, and
+    again each time it finishes a task. No clock of its own and no I/O: the runner passes ``now``."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._since: dict[str, float] = {}  # holder -> when it last finished a task, or took work when idle
+        self._held: dict[str, int] = {}
+        self._reported: set[str] = set()
+
+    def holding(self, holder: str, tasks: int, now: float) -> None:
+        """How many tasks ``holder`` holds now (0 forgets it)."""
+        if tasks <= 0:
+            self._since.pop(holder, None)
+            self._held.pop(holder, None)
+            return
+        self._since.setdefault(holder, now)
+        self._held[holder] = tasks
+
+    def finished(self, holder: str, now: float) -> None:
+        """``holder`` finished a task: it is making progress."""
+        if holder in self._since:
+            self._since[holder] = now
+
+    def forget(self, holder: str) -> None:
+        self.holding(holder, 0, 0.0)
+
+    def stalled(self, now: float) -> list[Stall]:
+        return [Stall(holder, self._held[holder], now - since) for holder, since in sorted(self._since.items())
+                if now - since >= self.timeout_s]
+
+    def changes(self, now: float) -> tuple[list[Stall], list[str]]:
+        """(holders stalled since the last call, holders no longer stalled): what to log, once each."""
+        stalled = {stall.worker: stall for stall in self.stalled(now)}
+        new = [stall for holder, stall in stalled.items() if holder not in self._reported]
+        recovered = sorted(self._reported - set(stalled))
+        self._reported = set(stalled)
+        return new, recovered

@@ -4,19 +4,27 @@ The API, the spool and the supervisor stay on their machine and keep every guara
 Each Dask worker process runs the same engine as a local pool process (daemon/engine/), made once per
 worker by a worker plugin, so the address policy and every download limit apply on the workers. A task is
 one chunk: it runs on a worker thread that hands its images to the worker's engine and waits, so a worker
-with ``--nthreads 16`` keeps 16 chunks (about 1,000 images) in flight on one event loop.
+with ``--nthreads 64`` keeps 64 chunks (4,096 images) in flight on one event loop. Its result comes back as
+plain data the daemon checks, never as a pickle it runs (plain_data.py).
 
-Failures, mapped onto the supervisor's (daemon/supervisor/jobs.py):
+Failures, mapped onto the supervisor's (Loss, daemon/runners/__init__.py; the policy: supervisor/jobs.py):
 - a worker dies (kill -9, OOM, its machine): the scheduler must be run with
   ``distributed.scheduler.allowed-failures = 0`` (the shipped unit sets it), so each task it held ends at
-  once in KilledWorker instead of being retried blindly on the next worker; that is a TaskLost, and the
-  supervisor sends the chunk out again isolated (sandbox.py, on a worker), halving it if it kills
-  again, exactly as locally;
-- the scheduler goes away: every task in flight is lost, but through no fault of its images (TaskLost with
-  ``suspect=False``): they go out again as they were once the client has reconnected, and meanwhile
-  ``has_room`` is false, so nothing piles up. Dask's client gives up reconnecting after its timeout and
-  closes; the runner then connects a new client in the background, every second, for as long as it takes
-  (a scheduler that systemd restarts may be away for minutes).
+  once in KilledWorker instead of being retried blindly on the next worker: Loss.DIED, and the chunk goes
+  out again isolated (sandbox.py, on a worker), halved if it kills again, exactly as locally;
+- a task fails on a worker (another version of the package there, a result that is not plain data):
+  Loss.RAISED, counted against the chunk, sent again after a backoff; the worker is named in the log and in
+  ``describe()`` (so /healthz), and no task is sent to it while others can take them, until it leaves the
+  cluster (restarted: it may have been fixed);
+- the scheduler goes away: every task in flight is lost, but through no fault of its images (Loss.AWAY):
+  they go out again as they were once the client has reconnected, and meanwhile ``has_room`` is false, so
+  nothing piles up. Dask's client gives up reconnecting after its timeout and closes; the runner then
+  connects a new client in the background, every second, for as long as it takes;
+- a worker closes (its scheduler went away, SIGTERM, or a restarted daemon gives the workers a new plugin):
+  the plugin's teardown closes the engine, which answers every task it holds (Loss.AWAY), so no worker
+  thread is left waiting and the worker exits at once, busy or not;
+- a worker that holds tasks and finishes none for ``stall_timeout_s`` (Progress), or tasks that wait while
+  nothing finishes anywhere: logged by name and listed in ``describe()`` (so /healthz says 503).
 """
 from __future__ import annotations
 
@@ -26,18 +34,29 @@ import time
 import uuid
 
 from distributed import Client, KilledWorker, Security, WorkerPlugin, get_worker
+from distributed.protocol.pickle import dumps as dask_dumps
 
 from daemon.engine import Engine, EngineSettings, ImageOutcome, TaskImages
-from daemon.runners import OnEvent, TaskDone, TaskLost
+from daemon.runners import Loss, OnEvent, Progress, TaskDone, TaskLost
+from daemon.runners.plain_data import (RESULT_DESERIALIZERS, InvalidResult, encode_result, parse_result,
+                                       refuse_code_from_the_cluster)
 from daemon.runners.pool_process import exit_on_engine_death
-from daemon.runners.sandbox import run_isolated
+from daemon.runners.sandbox import STOPPED, run_isolated
 
 log = logging.getLogger("retailpulse.daemon")
 
 PLUGIN_NAME = "retailpulse-engine"
 CONNECT_TIMEOUT_S = 30
-#: How long the number of workers the scheduler reported is used before asking again.
+#: How long the workers the scheduler reported are used before asking again.
 WORKERS_CHECK_INTERVAL_S = 0.5
+#: How often the scheduler is asked which worker holds which task (the stall check).
+PROCESSING_CHECK_INTERVAL_S = 1.0
+#: Longest wait for the scheduler's answer on the supervisor's thread (a stopped scheduler never answers).
+SCHEDULER_CALL_TIMEOUT_S = 5.0
+#: The holder that stands for all of the daemon's tasks: work is pending and nothing finishes anywhere.
+CLUSTER = "the Dask cluster (all tasks)"
+#: How long a task waits for the worker's engine plugin (being replaced by a restarted daemon) to be there.
+PLUGIN_WAIT_S = 10.0
 
 
 class EnginePlugin(WorkerPlugin):
@@ -46,37 +65,52 @@ class EnginePlugin(WorkerPlugin):
     def __init__(self, settings: EngineSettings):
         self.settings = settings
         self.engine: Engine | None = None
+        self.closing: threading.Event | None = None  # made on the worker (it does not pickle); set on teardown
 
     def setup(self, worker) -> None:
+        self.closing = threading.Event()
         self.engine = Engine(self.settings)
         self.engine.start(on_death=exit_on_engine_death)  # as a pool process: its tasks end in KilledWorker
 
     def teardown(self, worker) -> None:
+        """The worker is closing, or a daemon gave it a new plugin: every task waiting here is answered
+        (as lost, so the daemon sends it again) and the worker's threads are free at once."""
+        if self.closing is not None:
+            self.closing.set()  # isolated tasks stop too
         if self.engine is not None:
             self.engine.close(timeout_s=5)
 
 
-def measure_task(images: TaskImages, isolated: bool, cancel_key: str | None = None,
-                 ) -> tuple[str, list[ImageOutcome] | str]:
-    """The Dask task: ("done", outcomes), ("lost", why), or ("retry", why) when this worker has no engine yet
-    (it joined a restarted scheduler before the daemon gave it the plugin). Never raises for an image's sake.
-    ``cancel_key``: what cancel_on_worker() knows the task's images by in the worker's engine."""
-    plugin: EnginePlugin | None = get_worker().plugins.get(PLUGIN_NAME)
-    if plugin is None or plugin.engine is None:
-        return "retry", "the Dask worker has no engine yet"
-    if isolated:
-        result = run_isolated(images, plugin.settings)
-        return ("lost", result) if isinstance(result, str) else ("done", result)
-    finished = threading.Event()
-    outcomes: list[ImageOutcome] = []
+def measure_task(images: TaskImages, isolated: bool, cancel_key: str | None = None) -> bytes:
+    """The Dask task: encode_result's JSON. Never raises: an image's trouble is its outcome, and anything
+    else is said in the answer, with this worker's address. ``cancel_key``: what cancel_on_worker() knows
+    the task's images by in the worker's engine."""
+    worker = get_worker()
+    try:
+        plugin = _plugin_of(worker)
+        if plugin is None:
+            return encode_result(worker.address, lost="this Dask worker has no engine: the daemon's plugin is not "
+                                 "installed on it", cause=Loss.RAISED)
+        if isolated:
+            result = run_isolated(images, plugin.settings, plugin.closing)
+            if isinstance(result, str):
+                return encode_result(worker.address, lost=result, cause=Loss.AWAY if result == STOPPED else Loss.DIED)
+            return encode_result(worker.address, result)
+        finished = threading.Event()
+        answer: list[list[ImageOutcome] | None] = []
 
-    def done(measured: list[ImageOutcome]) -> None:
-        outcomes.extend(measured)
-        finished.set()
+        def done(outcomes: list[ImageOutcome] | None) -> None:
+            answer.append(outcomes)
+            finished.set()
 
-    plugin.engine.submit(images, done, key=cancel_key)
-    finished.wait()
-    return "done", outcomes
+        plugin.engine.submit(images, done, key=cancel_key)
+        finished.wait()
+        if answer[0] is None:
+            return encode_result(worker.address, lost="the worker's engine closed (the worker is stopping, or a "
+                                 "new daemon gave it a new one)", cause=Loss.AWAY)
+        return encode_result(worker.address, answer[0])
+    except Exception as exc:  # our bug on this worker: say so, with the worker's name
+        return encode_result(worker.address, lost=f"{type(exc).__name__}: {exc}", cause=Loss.RAISED)
 
 
 def cancel_on_worker(cancel_keys: list[str], dask_worker=None) -> None:
@@ -85,6 +119,19 @@ def cancel_on_worker(cancel_keys: list[str], dask_worker=None) -> None:
     plugin = dask_worker.plugins.get(PLUGIN_NAME) if dask_worker is not None else None
     if plugin is not None and plugin.engine is not None:
         plugin.engine.cancel(cancel_keys)
+
+
+def _plugin_of(worker, wait_s: float = PLUGIN_WAIT_S) -> EnginePlugin | None:
+    """The worker's engine plugin. While a restarted daemon replaces it (the old one torn down, the new one
+    being set up) there is none for a moment: wait for it rather than count a failure against the chunk."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        plugin = worker.plugins.get(PLUGIN_NAME)
+        if plugin is not None and plugin.engine is not None:
+            return plugin
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def security(ca_file: str, cert_file: str, key_file: str) -> Security | None:
@@ -99,22 +146,33 @@ class DaskRunner:
     """A TaskRunner (daemon/runners/) on a Dask cluster."""
 
     def __init__(self, scheduler: str, settings: EngineSettings, on_event: OnEvent, images_per_worker: int,
-                 tls: Security | None = None):
+                 tls: Security | None = None, stall_timeout_s: float = 180.0):
+        refuse_code_from_the_cluster()
         self.scheduler, self.images_per_worker = scheduler, images_per_worker
         self._on_event = on_event
-        self._lock = threading.Lock()  # guards _tasks: the main thread submits, the client's thread completes
-        self._tasks: dict[int, tuple[object, int]] = {}  # task id -> (future, images)
+        # guards _tasks, _progress, _failing, _addresses: the main thread submits and watches, the client's
+        # callback thread completes
+        self._lock = threading.Lock()
+        self._tasks: dict[int, tuple[object, list]] = {}  # task id -> (future, images)
+        self._progress = Progress(stall_timeout_s)
+        self._processing: dict[str, set[str]] = {}  # worker -> keys of our tasks it ran at the last look
+        self._failing: dict[str, str] = {}  # worker -> why tasks fail there (until it leaves the cluster)
+        self._addresses: list[str] = []  # the workers the scheduler knows, at the last look
         self._plugin = EnginePlugin(settings)
         self._tls = tls
         self._client = self._connect()
         self._scheduler_id: str | None = None
         self._reconnecting: threading.Thread | None = None
         self._closing = threading.Event()
+        self._connected = True
         self._workers_seen, self._workers_checked_at = 0, float("-inf")
+        self._processing_checked_at = float("-inf")
         self.workers()
 
     def _connect(self) -> Client:
-        return Client(self.scheduler, security=self._tls, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        # Results as msgpack only: a worker cannot make the daemon unpickle its answer (plain_data.py).
+        return Client(self.scheduler, security=self._tls, timeout=CONNECT_TIMEOUT_S, set_as_default=False,
+                      deserializers=list(RESULT_DESERIALIZERS))
 
     def _reconnect(self) -> None:
         """A new client once the old one gave up (the background thread's body)."""
@@ -128,7 +186,6 @@ class DaskRunner:
                 continue
             old, self._client = self._client, client
             old.close(timeout=1)
-            log.warning("dask: connected to %s again", self.scheduler)
             return
 
     # ------------------------------------------------------------- TaskRunner
@@ -137,6 +194,9 @@ class DaskRunner:
         made). Asking the scheduler is a round trip, and the supervisor asks before every chunk it
         dispatches: the answer is kept for WORKERS_CHECK_INTERVAL_S."""
         if self._client.status != "running":
+            if self._connected:
+                log.warning("dask: lost the scheduler %s; its tasks go out again once it is back", self.scheduler)
+                self._connected = False
             if self._client.status == "closed" and not self._closing.is_set() and \
                     (self._reconnecting is None or not self._reconnecting.is_alive()):
                 self._reconnecting = threading.Thread(target=self._reconnect, name="dask-reconnect", daemon=True)
@@ -148,31 +208,74 @@ class DaskRunner:
         return self._workers_seen
 
     def _ask_scheduler(self) -> int:
-        try:
-            info = self._client.scheduler_info(n_workers=-1)
-        except (OSError, TimeoutError):  # the connection dropped since the status check: away, for now
+        try:  # on the supervisor's thread: bounded, so a hung scheduler cannot hold its loop (and watchdog)
+            info = self._client.sync(self._client.scheduler.identity, n_workers=-1,
+                                     callback_timeout=SCHEDULER_CALL_TIMEOUT_S)
+        except (OSError, TimeoutError):  # the connection dropped since the status check, or it hangs: away
             return 0
+        addresses = sorted(info.get("workers", {}))
         if info.get("id") != self._scheduler_id:
             # A new scheduler (first contact, or a restart) knows no plugin: give it ours, for every worker,
             # those that join later included.
-            self._client.register_plugin(self._plugin, name=PLUGIN_NAME)
+            log.warning("dask: connected to the scheduler %s%s: %d worker(s): %s", self.scheduler,
+                        " again (a new one: it restarted)" if self._scheduler_id else "", len(addresses),
+                        ", ".join(addresses) or "none yet")
+            self._register_plugin()
             self._scheduler_id = info.get("id")
-        return len(info.get("workers", {}))
+        elif not self._connected:
+            log.warning("dask: connected to the scheduler %s again: %d worker(s)", self.scheduler, len(addresses))
+        self._connected = True
+        with self._lock:
+            for address in set(self._addresses) - set(addresses):
+                self._forget_worker(address)
+            self._addresses = addresses
+        return len(addresses)
+
+    def _register_plugin(self) -> None:
+        """Give the scheduler our plugin; a worker that cannot install it cannot run our tasks: say which."""
+        try:
+            # The scheduler keeps the plugin for every worker before it asks them; a stopped worker would keep
+            # it waiting: bounded, like every call on the supervisor's thread.
+            answers = self._client.sync(self._client.scheduler.register_worker_plugin,
+                                        plugin=dask_dumps(self._plugin), name=PLUGIN_NAME, idempotent=False,
+                                        callback_timeout=2 * SCHEDULER_CALL_TIMEOUT_S)
+        except (OSError, TimeoutError, TypeError, ValueError) as exc:
+            log.error("dask: could not give the scheduler the engine plugin: %s", exc)
+            return
+        for worker, answer in sorted(answers.items()):
+            if isinstance(answer, dict) and answer.get("status") == "error":
+                self._mark_failing(worker, f"cannot install the engine: {answer.get('exception_text', '?')}")
 
     def has_room(self, images: int) -> bool:
         workers = self.workers()
         with self._lock:
-            in_flight = sum(n for _, n in self._tasks.values())
-        return workers > 0 and (in_flight == 0 or in_flight + images <= workers * self.images_per_worker)
+            in_flight = sum(len(task_images) for _, task_images in self._tasks.values())
+            usable = len([w for w in self._addresses if w not in self._failing]) or workers
+        return workers > 0 and (in_flight == 0 or in_flight + images <= usable * self.images_per_worker)
 
     def describe(self) -> dict:
-        return {"scheduler": self.scheduler, "workers": self.workers()}
+        workers = self.workers()  # first: it may refresh the list of workers
+        with self._lock:
+            ours = {future.key for future, _ in self._tasks.values()}  # the last look, less what finished since
+            tasks_by_worker = {worker: len(self._processing.get(worker, set()) & ours)
+                               for worker in (self._addresses if workers else ())}
+            stalled = [stall.doc() for stall in self._progress.stalled(time.monotonic())]
+            failing = [{"worker": worker, "error": why} for worker, why in sorted(self._failing.items())]
+        return {"scheduler": self.scheduler, "workers": workers, "tasks_by_worker": tasks_by_worker,
+                "stalled": stalled, "failing": failing}
 
     def submit(self, task_id: int, images: TaskImages, isolated: bool = False) -> None:
-        key = f"retailpulse-{task_id}-{uuid.uuid4()}"
-        future = self._client.submit(measure_task, list(images), isolated, key, key=key, pure=False, retries=0)
         with self._lock:
-            self._tasks[task_id] = (future, len(images))
+            healthy = [w for w in self._addresses if w not in self._failing]
+            # Not to a worker whose tasks fail while another can take them (none left: anywhere, and the
+            # chunk's count of failures ends it).
+            restrict = healthy if self._failing and healthy else None
+        key = f"retailpulse-{task_id}-{uuid.uuid4()}"
+        future = self._client.submit(measure_task, list(images), isolated, key, key=key, pure=False, retries=0,
+                                     workers=restrict, allow_other_workers=False)
+        with self._lock:
+            self._tasks[task_id] = (future, list(images))
+            self._progress.holding(CLUSTER, len(self._tasks), time.monotonic())
         future.add_done_callback(lambda f: self._finished(task_id, f))
 
     def cancel(self, task_ids: list[int]) -> None:
@@ -191,6 +294,36 @@ class DaskRunner:
         except (OSError, TimeoutError) as exc:  # the scheduler is away: its tasks are lost anyway
             log.info("dask: cancelling %d task(s): %s", len(futures), exc)
 
+    def watch(self) -> None:
+        """Every PROCESSING_CHECK_INTERVAL_S: which worker holds which of our tasks (plain data from the
+        scheduler); a worker whose tasks stay put, or tasks that wait while none finishes, are stalled."""
+        now = time.monotonic()
+        if now < self._processing_checked_at + PROCESSING_CHECK_INTERVAL_S or self._client.status != "running":
+            return
+        self._processing_checked_at = now
+        try:
+            processing = self._client.sync(self._client.scheduler.processing, workers=None,
+                                           callback_timeout=SCHEDULER_CALL_TIMEOUT_S)
+        except (OSError, TimeoutError):
+            return
+        with self._lock:
+            ours = {future.key for future, _ in self._tasks.values()}
+            for worker in set(self._processing) - set(processing):
+                self._progress.forget(f"Dask worker {worker}")
+            for worker, keys in processing.items():
+                held = {key for key in keys if key in ours}
+                if self._processing.get(worker, set()) - held:  # some left it since the last look
+                    self._progress.finished(f"Dask worker {worker}", now)
+                self._progress.holding(f"Dask worker {worker}", len(held), now)
+                self._processing[worker] = held
+            self._processing = {worker: keys for worker, keys in self._processing.items() if worker in processing}
+            new, recovered = self._progress.changes(now)
+        for stall in new:
+            log.warning("dask: %s holds %d task(s) and finished none for %.0f s: stalled", stall.worker,
+                        stall.tasks, stall.seconds)
+        for holder in recovered:
+            log.warning("dask: %s is making progress again", holder)
+
     def close(self, timeout_s: float = 10) -> None:
         self._closing.set()
         with self._lock:
@@ -202,22 +335,82 @@ class DaskRunner:
     # -------------------------------------------------------------- outcomes
     def _finished(self, task_id: int, future) -> None:
         with self._lock:
-            if self._tasks.pop(task_id, None) is None:
-                return  # closed meanwhile
-        if future.status == "finished":
-            kind, payload = future.result()
-            if kind == "done":
-                self._on_event(TaskDone(task_id, payload))
-            else:
-                self._on_event(TaskLost(task_id, payload, suspect=kind == "lost"))
-            return
+            entry = self._tasks.pop(task_id, None)
+            now = time.monotonic()
+            self._progress.finished(CLUSTER, now)
+            self._progress.holding(CLUSTER, len(self._tasks), now)
+        if entry is None:
+            return  # closed meanwhile
+        try:
+            event = self._outcome(task_id, future, entry[1])
+        except Exception as exc:  # Dask's surprise, or ours: the task is lost all the same, and counted
+            log.exception("dask: task %d: cannot read its outcome", task_id)
+            event = TaskLost(task_id, f"its outcome could not be read: {type(exc).__name__}: {exc}", Loss.RAISED)
+        if isinstance(event, TaskLost) and event.cause is Loss.RAISED and event.where:
+            self._mark_failing(event.where, event.why)
+        self._on_event(event)
+
+    def _outcome(self, task_id: int, future, images: list) -> TaskDone | TaskLost:
+        """What the finished future says, checked."""
         if future.status == "cancelled":
-            self._on_event(TaskLost(task_id, "the Dask scheduler went away", suspect=False))
-            return
+            return TaskLost(task_id, "the Dask scheduler went away", Loss.AWAY)
+        if future.status == "finished":
+            try:
+                event, worker = parse_result(task_id, future.result(), images)
+            except (InvalidResult, TypeError, ValueError) as exc:  # TypeError: a result not sent as msgpack
+                worker = self._holder_of(future)
+                return TaskLost(task_id, f"Dask worker {worker} sent a result that is not what the task makes: "
+                                f"{exc}", Loss.RAISED, where=worker)
+            except (OSError, TimeoutError) as exc:  # the result could not be fetched: the scheduler went away
+                return TaskLost(task_id, f"the result could not be fetched: {exc}", Loss.AWAY)
+            if isinstance(event, TaskDone):
+                self._recovered(worker)
+            return event
         error = future.exception()
         if isinstance(error, KilledWorker):
-            self._on_event(TaskLost(task_id, f"Dask worker {error.last_worker.address} died"
-                                    if getattr(error, "last_worker", None) else "a Dask worker died"))
-        else:  # the task itself raised: infrastructure (it never raises for an image), not the images' doing
-            log.error("dask: task %d failed: %s: %s", task_id, type(error).__name__, error)
-            self._on_event(TaskLost(task_id, f"Dask task failed: {type(error).__name__}: {error}", suspect=False))
+            worker = getattr(error.last_worker, "address", "an unknown worker")
+            return TaskLost(task_id, f"Dask worker {worker} died", Loss.DIED, where=worker)
+        workers, text = self._erred_on(future.key)
+        worker = workers[-1] if workers else None
+        return TaskLost(task_id, f"the task failed on Dask worker {worker or '(unknown)'}: "
+                        f"{text or f'{type(error).__name__}: {error}'}", Loss.RAISED, where=worker)
+
+    def _holder_of(self, future) -> str | None:
+        try:
+            return next(iter(self._client.who_has([future]).get(future.key, ())), None)
+        except (OSError, TimeoutError):
+            return None
+
+    def _erred_on(self, key) -> tuple[list[str], str]:
+        """Where a task failed, and Dask's text of its error, from the scheduler: plain data both ways."""
+        def erred_on(key, dask_scheduler=None):  # defined here, so it travels by value: no code of ours needed there
+            task = dask_scheduler.tasks.get(key)
+            return ([], "") if task is None else (sorted(task.erred_on or ()), str(task.exception_text or ""))
+
+        try:
+            workers, text = self._client.run_on_scheduler(erred_on, key)
+            return [str(worker) for worker in workers], str(text)
+        except Exception as exc:  # the scheduler refuses to run functions, or is gone: the error alone
+            log.debug("dask: cannot ask the scheduler where task %s failed: %s", key, exc)
+            return [], ""
+
+    def _mark_failing(self, worker: str, why: str) -> None:
+        with self._lock:
+            known = worker in self._failing
+            self._failing[worker] = why
+        if not known:
+            log.error("dask: tasks fail on worker %s: %s; none goes to it while other workers can take them, "
+                      "until it leaves the cluster (fix it, then restart it)", worker, why)
+
+    def _recovered(self, worker: str) -> None:
+        with self._lock:
+            known = self._failing.pop(worker, None) is not None
+        if known:
+            log.warning("dask: worker %s runs tasks again", worker)
+
+    def _forget_worker(self, worker: str) -> None:
+        """It left the cluster (under _lock): whatever we knew of it is stale."""
+        if self._failing.pop(worker, None) is not None:
+            log.warning("dask: worker %s left the cluster; tasks may go to it again when it is back", worker)
+        self._processing.pop(worker, None)
+        self._progress.forget(f"Dask worker {worker}")

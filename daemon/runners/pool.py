@@ -14,6 +14,9 @@ own (authenticated with a key only the daemon and its children know) and tasks a
 
 A process that dies closes its socket, so its tasks are reported lost at once (no polling, no guessing);
 a supervisor that dies closes the other end, and every process exits at once instead of downloading on.
+A process that lives but holds tasks and finishes none for ``stall_timeout_s`` (stopped, stuck in a system
+call, its engine thread gone) is stalled: it is reported for REPORT_BEFORE_REPLACE_S, then killed, so its
+tasks come back lost like any death's and the Pool starts a new process.
 """
 from __future__ import annotations
 
@@ -26,16 +29,21 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Listener
 
 from daemon.engine import EngineSettings, TaskImages
-from daemon.runners import Message, OnEvent, TaskDone, TaskLost
+from daemon.runners import Message, OnEvent, Progress, TaskDone, TaskLost
 from daemon.runners.pool_process import serve
 
 log = logging.getLogger("retailpulse.daemon")
 
 STOP_TIMEOUT_S = 10.0
+#: How long a stalled process is shown (heartbeat, /healthz) before it is killed and replaced: two
+#: heartbeats, so that whoever watches /healthz or the metrics sees it, not only the log.
+REPORT_BEFORE_REPLACE_S = 2.0
+WATCH_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -47,6 +55,10 @@ class _Connected:
     @property
     def images(self) -> int:
         return sum(self.tasks.values())
+
+    @property
+    def name(self) -> str:
+        return f"pool process {self.pid}"
 
 
 def _hang_up(conn: Connection) -> None:
@@ -63,11 +75,16 @@ def _hang_up(conn: Connection) -> None:
 class LocalPool:
     """A TaskRunner (daemon/runners/) on this machine."""
 
-    def __init__(self, processes: int, settings: EngineSettings, on_event: OnEvent, images_per_process: int):
+    def __init__(self, processes: int, settings: EngineSettings, on_event: OnEvent, images_per_process: int,
+                 stall_timeout_s: float = 180.0):
         self.processes, self.images_per_process = processes, images_per_process
         self._on_event = on_event
-        self._lock = threading.Lock()  # guards _connected, shared by the accept, reader and main threads
+        self._lock = threading.Lock()  # guards _connected, _progress, _replacing: accept, reader, main threads
         self._connected: dict[int, _Connected] = {}
+        self._progress = Progress(stall_timeout_s)
+        self._replacing: dict[int, str] = {}  # pid -> why it was killed, for the loss of its tasks
+        self._replaced = 0  # stalled processes killed since start
+        self._next_watch = 0.0  # monotonic time of the next look for stalls
         self._folder = tempfile.mkdtemp(prefix="retailpulse-pool-")  # 0700: only we reach the socket
         authkey = secrets.token_bytes(32)
         self._listener = Listener(os.path.join(self._folder, "pool.sock"), family="AF_UNIX", authkey=authkey)
@@ -89,7 +106,38 @@ class LocalPool:
             return len(self._connected)
 
     def describe(self) -> dict:
-        return {"processes": self.processes, "workers": self.workers()}
+        with self._lock:
+            tasks_by_worker = {p.name: len(p.tasks) for p in self._connected.values()}
+            stalled = [stall.doc() for stall in self._progress.stalled(time.monotonic())]
+            workers = len(self._connected)
+        return {"processes": self.processes, "workers": workers, "tasks_by_worker": tasks_by_worker,
+                "stalled": stalled, "stalled_replaced": self._replaced}
+
+    def watch(self) -> None:
+        """Log a process when it stalls; kill it REPORT_BEFORE_REPLACE_S later if it is stalled still.
+        Looks at most every WATCH_INTERVAL_S: the supervisor calls it on every turn of its loop."""
+        now = time.monotonic()
+        if now < self._next_watch:
+            return
+        self._next_watch = now + WATCH_INTERVAL_S
+        with self._lock:
+            new, _recovered = self._progress.changes(now)
+            doomed = [(int(stall.worker.rsplit(" ", 1)[1]), stall) for stall in self._progress.stalled(now)
+                      if stall.seconds >= self._progress.timeout_s + REPORT_BEFORE_REPLACE_S]
+            doomed = [(pid, stall) for pid, stall in doomed if pid not in self._replacing]
+            for pid, stall in doomed:
+                self._replacing[pid] = f"pool process {pid} stalled (it held {stall.tasks} task(s) and finished " \
+                                       f"none for {stall.seconds:.0f} s) and was replaced"
+        for stall in new:
+            log.warning("pool: %s holds %d task(s) and finished none for %.0f s: stalled; replacing it in %g s",
+                        stall.worker, stall.tasks, stall.seconds, REPORT_BEFORE_REPLACE_S)
+        for pid, _stall in doomed:
+            log.warning("pool: killing stalled pool process %d; its tasks are redone", pid)
+            self._replaced += 1
+            try:
+                os.kill(pid, signal.SIGKILL)  # works on a stopped process too; the Pool starts a new one
+            except ProcessLookupError:
+                pass
 
     def submit(self, task_id: int, images: TaskImages, isolated: bool = False) -> None:
         with self._lock:
@@ -97,6 +145,7 @@ class LocalPool:
             if target is None:
                 raise RuntimeError("no pool process is connected; check has_room() first")
             target.tasks[task_id] = len(images)
+            self._progress.holding(target.name, len(target.tasks), time.monotonic())
         try:
             target.conn.send((Message.TASK, task_id, list(images), isolated))
         except OSError:
@@ -165,12 +214,17 @@ class LocalPool:
                 break
             with self._lock:
                 known = process.tasks.pop(task_id, None) is not None
+                now = time.monotonic()
+                self._progress.finished(process.name, now)
+                self._progress.holding(process.name, len(process.tasks), now)
             if known:
                 self._on_event(TaskDone(task_id, payload) if kind == Message.DONE else TaskLost(task_id, payload))
         with self._lock:
             self._connected.pop(process.pid, None)
             lost, process.tasks = list(process.tasks), {}
+            self._progress.forget(process.name)
+            why = self._replacing.pop(process.pid, f"pool process {process.pid} died")
         if lost:
             log.warning("pool: process %d died with %d task(s)", process.pid, len(lost))
         for task_id in lost:
-            self._on_event(TaskLost(task_id, f"pool process {process.pid} died"))
+            self._on_event(TaskLost(task_id, why, where=process.name))

@@ -62,7 +62,10 @@ class _PoolProcess:
             else:
                 self.engine.submit(images, partial(self.done, task_id), key=task_id)
 
-    def done(self, task_id: int, outcomes: list[ImageOutcome]) -> None:
+    def done(self, task_id: int, outcomes: list[ImageOutcome] | None) -> None:
+        if outcomes is None:  # the engine closed under it: not the images' doing
+            self.send((Message.LOST, task_id, "the pool process's engine closed"))
+            return
         self.send((Message.DONE, task_id, outcomes))
 
     def run_isolated(self, task_id: int, images: TaskImages) -> None:

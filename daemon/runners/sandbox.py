@@ -11,6 +11,8 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 from daemon.engine import EngineSettings, ImageOutcome, TaskImages, measure
 
@@ -21,18 +23,38 @@ def deadline_s(settings: EngineSettings) -> float:
     return limits.attempts * (limits.total_timeout_s + limits.max_backoff_s) + settings.gpu_sleep_max_s + 30
 
 
-def run_isolated(images: TaskImages, settings: EngineSettings) -> list[ImageOutcome] | str:
-    """The outcomes, or why the process died (a string): the caller treats that as a death of the task."""
-    try:
-        proc = subprocess.run([sys.executable, "-m", "daemon.runners.sandbox"],
-                              input=pickle.dumps((settings, list(images))), capture_output=True, timeout=deadline_s(settings))
-    except subprocess.TimeoutExpired:
-        return f"the isolated process did not finish within {deadline_s(settings):g} s"
+#: Why run_isolated gave up when told to stop: not the images' doing (the caller sends them again as they were).
+STOPPED = "the isolated process was stopped: its worker is closing"
+#: How often a run that may be told to stop looks at its ``stopping`` event.
+STOP_CHECK_S = 0.2
+
+
+def run_isolated(images: TaskImages, settings: EngineSettings,
+                 stopping: threading.Event | None = None) -> list[ImageOutcome] | str:
+    """The outcomes, or why the process died (a string): the caller treats that as a death of the task, but
+    for STOPPED: ``stopping`` set (a Dask worker closing) kills the process and returns that at once."""
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.runners.sandbox"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    data: bytes | None = pickle.dumps((settings, list(images)))
+    deadline = time.monotonic() + deadline_s(settings)
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            stdout, stderr = proc.communicate(data, timeout=max(0.0, min(left, STOP_CHECK_S) if stopping else left))
+            break
+        except subprocess.TimeoutExpired:
+            data = None  # already handed over: communicate() goes on writing it
+            if (stopping is None or not stopping.is_set()) and time.monotonic() < deadline:
+                continue
+            proc.kill()
+            proc.communicate()
+            return STOPPED if stopping is not None and stopping.is_set() else \
+                f"the isolated process did not finish within {deadline_s(settings):g} s"
     if proc.returncode < 0:
         return f"the isolated process was killed by {signal.Signals(-proc.returncode).name}"
     if proc.returncode != 0:
-        return f"the isolated process exited with {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}"
-    return pickle.loads(proc.stdout)
+        return f"the isolated process exited with {proc.returncode}: {stderr.decode(errors='replace')[-300:]}"
+    return pickle.loads(stdout)
 
 
 def main() -> int:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from daemon.engine import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
+from daemon.runners import Loss
 from daemon.supervisor.stores import Store
 from spool import Phase, Status, status_document, utc_now
 
@@ -20,12 +21,14 @@ CANCELLED = CANCELLED_BY_REQUEST
 class Chunk:
     """Images first..stop-1 of a job: the unit of fairness, of results files and of work redone after a crash.
 
-    ``deaths``: processes that died while holding these images (see ``after_loss``)."""
+    ``deaths``: processes that died while holding these images; ``failures``: tasks of it that could not
+    run where they went (see ``after_loss``)."""
 
     job_id: int
     first: int
     stop: int
     deaths: int = 0
+    failures: int = 0
 
     @property
     def images(self) -> int:
@@ -123,28 +126,51 @@ def cancelled(index: int) -> ImageOutcome:
     return ImageOutcome.failed(index, CANCELLED, ErrorKind.CANCELLED)
 
 
+#: Wait before a chunk whose task failed goes out again: this, doubled for each failure, up to the cap.
+FAILURE_BACKOFF_S = 1.0
+MAX_FAILURE_BACKOFF_S = 30.0
+
+
 @dataclass(frozen=True)
 class AfterLoss:
-    """What becomes of a chunk whose task was lost: sent out again as ``retry`` (chunks, first first), or, for
-    an image alone whose processes kept dying, failed with ``give_up`` (the reason its result says)."""
+    """What becomes of a chunk whose task was lost: sent out again as ``retry`` (chunks, first first), not
+    before ``delay_s``; or its images failed with ``give_up`` (the reason their results say, of ``kind``):
+    an image alone whose processes kept dying, or a whole chunk whose task failed every time."""
 
     retry: tuple[Chunk, ...] = ()
     give_up: str | None = None
+    kind: ErrorKind = ErrorKind.WORKER_DIED
+    delay_s: float = 0.0
 
 
-def after_loss(chunk: Chunk, suspect: bool, max_deaths: int) -> AfterLoss:
-    """The death policy. A chunk lost through no fault of its images (``suspect`` false: the Dask scheduler
-    went away) goes out again as it was. Otherwise the death counts against it: the first time it goes out
-    again whole, isolated (it shared a process; alone, it tells whether it was the cause); an isolated chunk
-    that dies again is halved, so an image that kills whatever measures it ends up alone; alone, it is failed
-    once ``max_deaths`` processes have died with it. Innocent images never share a process with it again."""
-    if not suspect:
+def after_loss(chunk: Chunk, cause: Loss, max_deaths: int, why: str = "") -> AfterLoss:
+    """The death policy. A chunk lost through no fault of its images (Loss.AWAY: the Dask scheduler went
+    away) goes out again as it was, at once.
+
+    A task that could not run where it went (Loss.RAISED: another version of the package on a worker, a
+    result that was not plain data) says nothing about its images but counts against the chunk all the same:
+    it goes out again whole after FAILURE_BACKOFF_S, doubled each time, and after ``max_deaths`` failures its
+    images fail with the last error (``why``), instead of going round for ever.
+
+    A death (Loss.DIED) counts against it: the first time it goes out again whole, isolated (it shared a
+    process; alone, it tells whether it was the cause); an isolated chunk that dies again is halved, so an
+    image that kills whatever measures it ends up alone; alone, it is failed once ``max_deaths`` processes
+    have died with it. Innocent images never share a process with it again."""
+    if cause is Loss.AWAY:
         return AfterLoss(retry=(chunk,))
+    if cause is Loss.RAISED:
+        failures = chunk.failures + 1
+        if failures >= max_deaths:
+            return AfterLoss(give_up=f"the task could not run on the cluster ({failures} attempts): {why}"[:1000],
+                             kind=ErrorKind.TASK_FAILED)
+        again = Chunk(chunk.job_id, chunk.first, chunk.stop, chunk.deaths, failures)
+        return AfterLoss(retry=(again,), delay_s=min(FAILURE_BACKOFF_S * 2 ** (failures - 1), MAX_FAILURE_BACKOFF_S))
     deaths = chunk.deaths + 1
     if chunk.images == 1 and chunk.deaths and deaths >= max_deaths:
         return AfterLoss(give_up=f"the process measuring this image died each time ({deaths} attempts)")
     if chunk.deaths == 0:
-        return AfterLoss(retry=(Chunk(chunk.job_id, chunk.first, chunk.stop, deaths),))
+        return AfterLoss(retry=(Chunk(chunk.job_id, chunk.first, chunk.stop, deaths, chunk.failures),))
     middle = (chunk.first + chunk.stop) // 2
-    halves = (Chunk(chunk.job_id, chunk.first, middle, deaths), Chunk(chunk.job_id, middle, chunk.stop, deaths))
+    halves = (Chunk(chunk.job_id, chunk.first, middle, deaths, chunk.failures),
+              Chunk(chunk.job_id, middle, chunk.stop, deaths, chunk.failures))
     return AfterLoss(retry=tuple(half for half in halves if half.images))

@@ -16,6 +16,8 @@ Time comes from ``clock`` (monotonic seconds), so tests can drive the waits with
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import time
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.engine import ErrorKind, ImageOutcome
-from daemon.runners import TaskDone, TaskLost, TaskRunner
+from daemon.runners import Loss, TaskDone, TaskLost, TaskRunner
 from daemon.supervisor.housekeeping import Housekeeping
 from daemon.supervisor.jobs import ActiveJob, Chunk, after_loss, cancelled, spans, unknown_store
 from daemon.supervisor.loading import JobLoader
@@ -71,6 +73,10 @@ class Supervisor:
         self.jobs: dict[int, ActiveJob] = {}
         self.rotation: deque[int] = deque()  # job ids, next to dispatch from first
         self.dispatched: dict[int, Task] = {}  # task id -> task, for every task we still wait for
+        # Chunks whose task failed, waiting out their backoff (jobs.after_loss): (clock() due, seq, chunk).
+        # Still counted in their job's chunks_in_flight, so the job cannot finish without them.
+        self.delayed: list[tuple[float, int, Chunk]] = []
+        self.delayed_seq = itertools.count()  # a tie-breaker in the heap: chunks never compare
         self.next_task_id = 1
         self.incoming_images: dict[int, int] = {}  # job id -> images, of the jobs waiting in incoming/
 
@@ -100,6 +106,7 @@ class Supervisor:
 
         Control requests come first: a job cancelled while it waited in incoming/ must not be dispatched."""
         self.handle_requests()
+        self.runner.watch()
         self.forget_finished(self.recorder.retry())
         if self.recorder.paused:
             self.wait_for_events(min(self.settings.poll_interval_s, self.recorder.retry_at - self.clock()))
@@ -223,6 +230,7 @@ class Supervisor:
         """While the runner has room, hand it the next chunk of the next job in turn.
 
         A chunk whose process died goes out isolated (see the module's docstring)."""
+        self.release_delayed()
         while True:
             job = self.next_job()
             if job is None or not self.runner.has_room(job.pending[0].images):
@@ -267,16 +275,30 @@ class Supervisor:
             return
         chunk, job = task.chunk, self.jobs[task.chunk.job_id]
         log.warning("job %d: images %d..%d: %s%s", chunk.job_id, chunk.first, chunk.stop - 1, event.why,
-                    f" (death {chunk.deaths + 1})" if event.suspect else "; dispatched again")
-        if event.suspect and not requeue:
+                    {Loss.DIED: f" (death {chunk.deaths + 1})", Loss.RAISED: f" (failure {chunk.failures + 1})"}
+                    .get(event.cause, "; dispatched again"))
+        if event.cause is not Loss.AWAY and not requeue:
             job.chunks_in_flight -= 1
             return  # stopping: a restart redoes them
-        verdict = after_loss(chunk, event.suspect, self.settings.max_worker_deaths)
+        verdict = after_loss(chunk, event.cause, self.settings.max_worker_deaths, event.why)
         if verdict.give_up is not None:
-            self.record(job, chunk, [ImageOutcome.failed(chunk.first, verdict.give_up, ErrorKind.WORKER_DIED)])
+            self.record_chunk(job, chunk, {i: ImageOutcome.failed(i, verdict.give_up, verdict.kind)
+                                           for i in task.measured})
+            return
+        if verdict.delay_s:
+            for again in verdict.retry:
+                heapq.heappush(self.delayed, (self.clock() + verdict.delay_s, next(self.delayed_seq), again))
             return
         job.chunks_in_flight -= 1
         job.pending.extendleft(reversed(verdict.retry))
+
+    def release_delayed(self) -> None:
+        """Chunks whose backoff is over go back to the front of their job's queue."""
+        while self.delayed and self.delayed[0][0] <= self.clock():
+            _, _, chunk = heapq.heappop(self.delayed)
+            job = self.jobs[chunk.job_id]
+            job.chunks_in_flight -= 1
+            job.pending.appendleft(chunk)
 
     # -------------------------------------------------------------- recording
     def task_done(self, event: TaskDone) -> None:

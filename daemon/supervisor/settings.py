@@ -14,3 +14,7 @@ class SupervisorSettings:
     max_worker_deaths: int = 3  # an image alone in a chunk whose process died this often is failed
     disk_retry_interval_s: float = 5.0  # while writes fail (disk full), how often they are tried again
     retention_days: float = 7.0  # finished jobs older than this are deleted; 0 keeps them forever
+    # A pool process or Dask worker holding tasks that finishes none for this long is stalled (reported, and
+    # replaced if local). Well above the longest one image can take with the default download limits
+    # (3 attempts x 30 s, 2 backoffs of at most 10 s, the GPU wait: about 111 s).
+    stall_timeout_s: float = 180.0
