@@ -4,14 +4,14 @@ import os
 import signal
 
 from spool import Status
-from tests.conftest import pool_worker_pids, wait_until
-from tests.test_crash_safety import SLOW, assert_one_result_per_image, job_of
+from tests.conftest import pool_worker_pids, visits_of, wait_until
+from tests.test_crash_safety import SLOW, assert_one_result_per_image
 
 
 def test_a_stopped_pool_process_is_named_by_healthz_then_replaced_and_its_images_redone(start_service, image_server):
     service = start_service(*SLOW, "--stall-timeout-s", "2")
     total = 1000
-    job_id = service.submit(job_of(image_server, total))
+    job_id = service.submit(visits_of(image_server, total))
     wait_until(lambda: service.status(job_id).get("images_done", 0) >= 64, what="work under way")
     stopped = pool_worker_pids(service.daemon.pid)[0]
     os.kill(stopped, signal.SIGSTOP)
