@@ -89,7 +89,11 @@ def check_url(url: object, where: str, limits: SubmitLimits) -> str:
 
 def parse_submission(body: bytes, limits: SubmitLimits) -> tuple[int, list[dict]]:
     """(count, visits) of a valid submission, with only the fields the service uses."""
-    doc = parse_json(body)
+    return check_submission(parse_json(body), limits)
+
+
+def check_submission(doc: object, limits: SubmitLimits) -> tuple[int, list[dict]]:
+    """parse_submission on a parsed body (webapi/submit_options.py reads more fields from the same one)."""
     if not isinstance(doc, dict):
         raise InvalidSubmission("body must be a JSON object with count and visits")
     for field in ("count", "visits"):
