@@ -20,7 +20,7 @@ from pathlib import Path
 
 from daemon.engine.limits import DownloadLimits
 from daemon.engine.loop import EngineSettings
-from daemon.supervisor.settings import SupervisorSettings
+from daemon.supervisor.settings import SupervisorSettings, WebhookSettings
 from spool import Executor
 from webapi.validate import SubmitLimits
 
@@ -92,6 +92,7 @@ class Setting:
 
 # The defaults of the code's own settings objects are the table's defaults: one place for each number.
 _ENGINE, _DOWNLOAD, _SUPERVISOR, _SUBMIT = EngineSettings, DownloadLimits(), SupervisorSettings, SubmitLimits
+_WEBHOOK = WebhookSettings
 
 SETTINGS: tuple[Setting, ...] = (
     # --- common
@@ -143,6 +144,18 @@ SETTINGS: tuple[Setting, ...] = (
             "link-local and other non-public addresses: for development and tests only"),
     Setting("download_allowed_networks", "download", str, "", "comma-separated networks downloads may reach "
             "although not public, e.g. an internal image store: 10.20.0.0/16"),
+    # --- webhook (the secrets file is read by both programs; the rest by the daemon)
+    Setting("webhook_secrets_file", "webhook", str, "", "file of '<token name> whsec_<base64>' lines ('*' for "
+            "jobs submitted with tokens off): the secret each job's completion webhook is signed with. Empty: "
+            "no webhooks, and a callback_url is refused (make a line: python -m config.webhook_secrets NAME)"),
+    Setting("webhook_retry_for_s", "webhook", float, _WEBHOOK.retry_for_s, "how long a completion webhook is "
+            "retried after its job finished (timeouts, refused connections, HTTP 429 and 5xx) before it is "
+            "given up", 0, 30 * 86400),
+    Setting("webhook_backoff_s", "webhook", float, _WEBHOOK.backoff_s, "wait before a webhook's 2nd attempt; "
+            "doubles each attempt, with jitter, up to 10 minutes", 0.01, 3600),
+    Setting("webhook_allowed_networks", "webhook", str, "", "comma-separated networks webhooks may reach "
+            "although not public (an internal receiver); apart from download_allowed_networks on purpose, "
+            "since a webhook is a POST"),
     # --- api
     Setting("host", "api", str, "127.0.0.1", "address the API listens on"),
     Setting("port", "api", int, 8080, "port the API listens on; 0 picks a free one", 0, 65535),
@@ -242,7 +255,7 @@ def load(prog: str, description: str | None, sections: Iterable[str], argv: list
     return resolve(settings_for(sections), parser.parse_args(argv))
 
 
-def markdown_table(sections: Iterable[str] = ("common", "daemon", "download", "api")) -> str:
+def markdown_table(sections: Iterable[str] = ("common", "daemon", "download", "webhook", "api")) -> str:
     """The settings as the README documents them (a test keeps the README in step with this table)."""
     rows = ["| setting (INI section) | option / environment | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:

@@ -171,10 +171,10 @@ def start_service(tmp_path):
     """Start the real API and daemon; tests pass daemon options. Short simulated GPU work unless told."""
     started = []
 
-    def start(*daemon_args: str) -> Service:
+    def start(*daemon_args: str, api_args: tuple[str, ...] = ()) -> Service:
         args = ["--gpu-sleep-min-s", "0.01", "--gpu-sleep-max-s", "0.02", "--processes", "2",
                 "--allow-private-addresses", "true", *daemon_args]  # the image server is on 127.0.0.1
-        service = Service(tmp_path / "spool", args)
+        service = Service(tmp_path / "spool", args, api_args)
         started.append(service)
         return service
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from daemon.engine import ErrorKind, ImageOutcome
 from daemon.supervisor.stores import Store
-from spool import Phase, Status, status_document, utc_now
+from spool import DeliveryState, Phase, Status, status_document, utc_now
 
 UNKNOWN_STORE = "store_id not in the store master"
 CANCELLED = "cancelled by request"
@@ -57,6 +57,7 @@ class ActiveJob:
         self.recorded = 0  # images with a result on disk ("images_done" on the wire)
         self.failed = 0
         self.failed_stores: dict[str, list] = {}  # store_id -> [first error, its image_url, images failed]
+        self.callback_url: str | None = doc.get("callback_url")  # told when the job finishes (webhooks.py)
 
     @property
     def total(self) -> int:
@@ -94,6 +95,9 @@ class ActiveJob:
         if status is Status.FAILED:
             doc["error"] = [{"store_id": store_id, "error": error, "image_url": url, "images_failed": count}
                             for store_id, (error, url, count) in self.failed_stores.items()]
+        if self.callback_url:
+            state = DeliveryState.PENDING if phase is Phase.FINISHED else DeliveryState.WAITING
+            doc["callback"] = {"url": self.callback_url, "state": state.value}
         return doc
 
 

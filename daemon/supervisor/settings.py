@@ -14,3 +14,14 @@ class SupervisorSettings:
     max_worker_deaths: int = 3  # an image alone in a chunk whose process died this often is failed
     disk_retry_interval_s: float = 5.0  # while writes fail (disk full), how often they are tried again
     retention_days: float = 7.0  # finished jobs older than this are deleted; 0 keeps them forever
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Completion notifications (daemon/supervisor/webhooks.py)."""
+
+    retry_for_s: float = 86400.0  # a notification is retried for this long after its job finished, then given up
+    backoff_s: float = 1.0  # wait before the 2nd attempt; doubled before each later one, with jitter
+    max_backoff_s: float = 600.0  # longest wait between two attempts, whatever Retry-After or the doubling say
+    deliveries_at_once: int = 32  # attempts in flight at once: receivers that hang hold only these slots
+    max_answer_bytes: int = 64 * 1024  # of a receiver's answer; only its status code matters
