@@ -15,6 +15,7 @@ from daemon.supervisor.settings import WebhookSettings
 from daemon.supervisor.webhooks import next_attempt_delay_s, sign
 from spool import Folder
 from tests.conftest import REPO, call_wsgi, image_bytes, visit, wait_until
+from tests.test_status_page_browser import browser  # noqa: F401 (a fixture: Debian's headless Chromium)
 from tests.webhook_receiver import HANG, Receiver
 from webapi.app import make_app
 
@@ -238,3 +239,33 @@ def test_callbacks_to_loopback_and_the_metadata_address_are_refused(start_servic
         assert "permanent" in callback["last_error"]
         assert service.status(job_id)["status"] == "completed"  # its image came from 127.0.0.1, as allowed
     assert receiver.received == []
+
+
+def test_the_status_page_shows_each_jobs_webhook(start_service, secrets_file, receivers, shelf, browser):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from tests.test_status_page_browser import ARTIFACTS
+
+    service = webhook_service(start_service, secrets_file)
+    delivered = submit_with_callback(service, [visit("RP00001", [shelf])], receivers().url)
+    refused_url = receivers(404).url + "?<b>x</b>"
+    refused = submit_with_callback(service, [visit("RP00001", [shelf])], refused_url)
+    browser.get(service.base + "/")
+
+    def line(job_id: int) -> tuple[str, str]:
+        try:
+            element = browser.find_element(By.CSS_SELECTOR, f'li.job[data-job-id="{job_id}"] .webhook')
+            return element.get_attribute("data-state"), element.text
+        except (StaleElementReferenceException, NoSuchElementException):  # not drawn yet, or being redrawn
+            return "", ""
+
+    state, text = wait_until(lambda: line(delivered)[0] == "delivered" and line(delivered), interval_s=0.1,
+                             what="the delivered webhook on the page")
+    assert text.startswith("webhook delivered after 1 attempt(s)")
+    state, text = wait_until(lambda: line(refused)[0] == "gave_up" and line(refused), interval_s=0.1,
+                             what="the refused webhook on the page")
+    assert "webhook gave up after 1 attempt(s) (last: HTTP 404 (permanent, 1 attempt(s)))" in text
+    assert refused_url in text  # the client's URL as text, never markup
+    assert browser.find_elements(By.CSS_SELECTOR, ".webhook b") == []
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "status-page-webhooks.png"))
