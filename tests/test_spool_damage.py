@@ -8,7 +8,7 @@ import time
 import pytest
 
 from daemon.supervisor.housekeeping import Housekeeping
-from spool import Phase, Status, status_document
+from spool import Phase, Spool, Status, status_document
 from webapi.app import make_app
 from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, visit
 
@@ -82,8 +82,7 @@ def read_only_spool(tmp_path):
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        for name in ("tmp", "meta", "control", "incoming", "active", "done", "failed", "corrupt", "status",
-                     "results"):
+        for name in Spool.FOLDERS:  # a whole spool, so that only the read-only mount stops start-up
             (mount_point / "spool" / name).mkdir(parents=True)
         subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
         yield mount_point / "spool"

@@ -136,10 +136,15 @@ class Deliveries(Outbox):
             self._thread.join(timeout_s)
 
     def run(self) -> None:
-        for job_id in self.spool.outbox_ids():  # what a crash or a stop left undelivered
-            self._ready.add(job_id)
+        left = self.spool.outbox_ids()  # what a crash or a stop left undelivered
+        with self.lock:
+            self._ready.update(left)
         while not self._stop.is_set():
-            self.turn()
+            try:
+                self.turn()
+            except OSError as exc:  # the spool (a full disk): what is on disk stays pending; try again soon
+                log.error("webhooks: %s; trying again in %g s", exc, IDLE_LOOK_S)
+                self._stop.wait(IDLE_LOOK_S)
         for handle, _record in self._running.values():
             self._multi.remove_handle(handle.curl)
             handle.close()
@@ -148,6 +153,7 @@ class Deliveries(Outbox):
         self._multi.close()
 
     def turn(self) -> None:
+        self._wake.clear()  # before looking: a ready() from now on makes the wait below return at once
         self._load_ready()
         now = self.clock()
         self._start_due(now)
@@ -157,8 +163,7 @@ class Deliveries(Outbox):
             return
         due = [r["next_attempt_at"] for r in self._records.values()]
         wait = min([IDLE_LOOK_S, *(max(0.0, at - now) for at in due)])
-        if self._wake.wait(wait):
-            self._wake.clear()
+        self._wake.wait(wait)
 
     def _load_ready(self) -> None:
         with self.lock:
