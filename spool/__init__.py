@@ -45,7 +45,10 @@ whatever the last rename said (as in Maildir).
                             "paused": false (true while results cannot be written: disk full),
                             "metrics": {"images_ok", "images_failed": {kind: n} (ErrorKind, daemon/engine/outcome.py),
                                         "download_bytes", "seconds_buckets", "seconds_counts", "seconds_sum",
-                                        "jobs_finished": {status: n}}  (counters since the daemon started)}
+                                        "jobs_finished": {status: n}}  (counters since the daemon started),
+                            "webhooks": {"delivered", "gave_up", "attempts": {"ok" | ErrorKind: n},
+                                         "seconds_buckets", "seconds_counts", "seconds_sum"} (the same, for
+                                         completion webhooks; {} when webhooks are off)}
     control/<id>.<verb>    a request to the daemon about a job (verbs: the Control enum): cancel, requeue (all
                            its images) or requeue-failed (only its failed images). Written by the API
                            (cancel) or the operator CLI; the daemon carries it out and removes it. Only

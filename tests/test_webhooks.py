@@ -269,3 +269,44 @@ def test_the_status_page_shows_each_jobs_webhook(start_service, secrets_file, re
     assert browser.find_elements(By.CSS_SELECTOR, ".webhook b") == []
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "status-page-webhooks.png"))
+
+
+def test_with_tokens_each_clients_webhooks_are_signed_with_its_own_secret(start_service, tmp_path, receivers, shelf):
+    from webapi.auth import digest
+    acme_secret, zeta_secret = webhook_secrets.new_secret(), webhook_secrets.new_secret()
+    (tmp_path / "tokens").write_text(f"acme {digest('t-acme')}\nzeta {digest('t-zeta')}\nops {digest('t-ops')}\n")
+    (tmp_path / "secrets").write_text(f"acme {acme_secret}\nzeta {zeta_secret}\n")
+    hook = ("--webhook-secrets-file", str(tmp_path / "secrets"))
+    service = start_service(*hook, api_args=(*hook, "--api-tokens-file", str(tmp_path / "tokens")))
+    receiver = Receiver(acme_secret, [])
+    try:
+        job = {"count": 1, "visits": [visit("RP00001", [shelf])], "callback_url": receiver.url}
+        as_acme = {"Authorization": "Bearer t-acme"}
+        r = service.http.post(f"{service.base}/api/submit/", json=job, headers=as_acme, timeout=30)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["job_id"]
+        refused = service.http.post(f"{service.base}/api/submit/", json=job, timeout=30,
+                                    headers={"Authorization": "Bearer t-ops"})  # a token with no secret
+        assert refused.status_code == 400 and "no webhook secret is set up for token 'ops'" in refused.json()["error"]
+
+        def callback():
+            doc = service.http.get(f"{service.base}/api/status", params={"jobid": job_id}, headers=as_acme,
+                                   timeout=30).json()
+            return doc["callback"]["state"] == "delivered" and doc
+        wait_until(callback, what="acme's webhook")
+        [request] = receiver.received
+        assert isinstance(request.verified, dict) and request.verified["job_id"] == str(job_id)
+        with pytest.raises(Exception):  # zeta's secret cannot have made it, nor verify it
+            Webhook(zeta_secret).verify(request.body, request.headers)
+    finally:
+        receiver.close()
+
+
+def test_a_redirect_is_an_answer_not_a_hop(start_service, secrets_file, receivers, shelf):
+    receiver = receivers(302)
+    service = webhook_service(start_service, secrets_file)
+    job_id = submit_with_callback(service, [visit("RP00001", [shelf])], receiver.url)
+    callback = delivery_over(service, job_id)
+    assert callback["state"] == "gave_up" and callback["attempts"] == 1
+    assert callback["last_error"].startswith("HTTP 302: redirects are not followed (permanent")
+    assert len(receiver.received) == 1
