@@ -52,6 +52,9 @@ def make_deliveries(config: Config, spool: Spool, settings: EngineSettings) -> O
     """The completion webhooks' outbox and its delivery thread (not started), or, without a secrets file, an
     outbox that only writes: the API then takes no callback_url, so there is nothing to send."""
     if not config.webhook_secrets_file:
+        if spool.outbox_ids():
+            log.warning("%d webhook(s) wait in %s but webhook_secrets_file is not set: they are not sent",
+                        len(spool.outbox_ids()), spool.root / "outbox")
         return Outbox(spool)
     try:
         secrets = webhook_secrets.load(Path(config.webhook_secrets_file))
