@@ -145,6 +145,8 @@ def test_a_crash_at_any_step_of_a_keyed_submit_leaves_no_job_and_no_key_or_both(
         assert child.exitcode == -signal.SIGKILL
     # the counter, the key record, the meta file, the job file: 4 writes of 3 steps each (fsync, rename, fsync)
     assert step == 13 and outcomes == ["none"] * 11 + ["whole"] * 2, outcomes
+    print(f"\nkilled before each of {step - 1} steps: {outcomes.count('none')} left no job and no key, "
+          f"{outcomes.count('whole') - 1} a whole job with its key; every retry got exactly one job")
 
 
 # ------------------------------------------------------------------ concurrent retries, two API processes
@@ -171,3 +173,4 @@ def test_concurrent_identical_submits_with_one_key_on_two_api_processes_make_one
     assert len({r.json()["job_id"] for r in answers}) == 1
     assert sum(r.headers.get("Idempotent-Replayed") != "true" for r in answers) == 1
     assert jobs(Spool(spool_dir)) == [answers[0].json()["job_id"]]
+    print(f"\n{clients} simultaneous submits, one key, two API processes: one job, {clients - 1} replays")

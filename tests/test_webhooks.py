@@ -180,6 +180,8 @@ def test_a_receiver_that_fails_twice_gets_it_on_the_third_attempt_same_id_signed
     shown = subprocess.run([sys.executable, "-m", "ctl", "--spool-dir", str(service.spool.root), "show", str(job_id)],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert f"webhook: delivered -> {receiver.url}  id {callback['webhook_id']}, 3 attempt(s)" in shown
+    print(f"\nanswers {[r.answered for r in got]}, one webhook-id {callback['webhook_id']}, every request verified; "
+          f"delivered {got[-1].answered_at - got[0].at:.2f} s after the first attempt")
 
 
 def test_a_receiver_that_never_answers_costs_bounded_attempts_and_never_the_image_work(
@@ -202,6 +204,7 @@ def test_a_receiver_that_never_answers_costs_bounded_attempts_and_never_the_imag
     assert len({r.headers["webhook-id"] for r in receiver.received}) == 1
     assert service.status(job_id)["status"] == "completed"  # the job is what it was
     assert len(service.results(job_id)["results"]) == 3
+    print(f"\n{callback['attempts']} attempts, then: {callback['last_error']}; a 40-image job ran meanwhile")
 
 
 def test_a_daemon_killed_during_the_delivery_delivers_after_its_restart(start_service, secrets_file, receivers, shelf):
@@ -222,6 +225,7 @@ def test_a_daemon_killed_during_the_delivery_delivers_after_its_restart(start_se
     assert first.answered is None and second.answered == 200
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == callback["webhook_id"]
     assert isinstance(second.verified, dict) and second.verified["status"] == "completed"
+    print(f"\nkilled mid-delivery; after the restart delivered with the same id {callback['webhook_id']}")
 
 
 def test_callbacks_to_loopback_and_the_metadata_address_are_refused(start_service, secrets_file, receivers, shelf):
