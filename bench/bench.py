@@ -193,7 +193,14 @@ class Bench:
         spool = OUT / "spool" / name
         shutil.rmtree(spool.parent, ignore_errors=True)
         spool.parent.mkdir(parents=True)
-        self.service = Service(spool, ["--allow-private-addresses", "true", *daemon_args],
+        self.receiver, hook = None, []
+        if getattr(args, "callback", False):  # every job carries a callback_url to a receiver on 127.0.0.1
+            from config.webhook_secrets import new_secret
+            from tests.webhook_receiver import Receiver
+            secret = new_secret()
+            (spool.parent / "webhook-secrets").write_text(f"* {secret}\n")
+            self.receiver, hook = Receiver(secret), ["--webhook-secrets-file", str(spool.parent / "webhook-secrets")]
+        self.service = Service(spool, ["--allow-private-addresses", "true", *hook, *daemon_args], hook,
                                store_master=args.store_master, check_contract=False)
         self.base = self.service.base
         self.http = requests.Session()
@@ -201,8 +208,9 @@ class Bench:
 
     def payload(self, images: int, tier: str, tag: str, visits: int | None = None) -> dict:
         visits = visits or max(1, images // 20)
-        return self.kit.make_payload(self.corpus, self.rng, self.store_ids, images, visits, tier, self.args.formats,
-                                     f"{tag}-{time.time_ns()}")[0]
+        payload = self.kit.make_payload(self.corpus, self.rng, self.store_ids, images, visits, tier, self.args.formats,
+                                        f"{tag}-{time.time_ns()}")[0]
+        return {**payload, "callback_url": self.receiver.url} if self.receiver else payload
 
     def submit(self, payload: dict) -> tuple[int, float]:
         """(job id, monotonic time the request started)."""
@@ -232,9 +240,15 @@ class Bench:
             self.base + "/api/results", params={"jobid": job_id}, timeout=120).json())
         return f"{check['correct']}/{check['exposed']}" if check else "0/0"
 
+    def webhooks_delivered(self) -> int:
+        """Webhooks the receiver answered 200 to, each verified (--callback)."""
+        return sum(r.answered == 200 and isinstance(r.verified, dict) for r in self.receiver.received)
+
     def close(self) -> None:
         self.sampler.stop()
         self.service.stop()
+        if self.receiver:
+            self.receiver.close()
 
 
 # ------------------------------------------------------------------ workloads
@@ -255,6 +269,8 @@ def one_job(bench: Bench, workload: str, images: int, tier: str, status_rate: fl
     if latencies:
         row.update(status_rate_per_s=len(latencies) / (t1 - t0), status_p50_ms=pct(latencies, 50) * 1000,
                    status_p99_ms=pct(latencies, 99) * 1000, status_errors=load.errors)
+    if bench.receiver:
+        row["webhooks_delivered"] = bench.webhooks_delivered()
     return row
 
 
@@ -398,6 +414,8 @@ def parse_args(argv=None):
                     help="formats the jobs' images are drawn from (the kit's manifest names: jpeg, png, webp, heif, "
                          "avif); the photo corpus's variants are among them")
     ap.add_argument("--daemon-args", default="", help="extra daemon options for the local runs")
+    ap.add_argument("--callback", action="store_true", help="every job of the local runs carries a callback_url "
+                    "to a webhook receiver on 127.0.0.1 (completion webhooks on)")
     ap.add_argument("--store-master", type=Path,
                     default=REAL_STORE_MASTER if REAL_STORE_MASTER.is_file() else SAMPLE_STORE_MASTER)
     args = ap.parse_args(argv)

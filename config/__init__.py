@@ -21,7 +21,7 @@ from pathlib import Path
 from daemon.engine.limits import DownloadLimits
 from daemon.engine.loop import EngineSettings
 from daemon.engine.measure import parse_formats
-from daemon.supervisor.settings import SupervisorSettings
+from daemon.supervisor.settings import SupervisorSettings, WebhookSettings
 from spool import Executor
 from webapi.validate import SubmitLimits
 
@@ -97,6 +97,7 @@ class Setting:
 
 # The defaults of the code's own settings objects are the table's defaults: one place for each number.
 _ENGINE, _DOWNLOAD, _SUPERVISOR, _SUBMIT = EngineSettings, DownloadLimits(), SupervisorSettings, SubmitLimits
+_WEBHOOK = WebhookSettings
 
 SETTINGS: tuple[Setting, ...] = (
     # --- common
@@ -104,58 +105,84 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", "common", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     # --- daemon
     Setting("store_master", "daemon", Path, DEFAULT_STORE_MASTER, "CSV with AreaCode,StoreName,StoreID"),
-    Setting("executor", "daemon", _executor, Executor.LOCAL.value, "where images are measured: local (a process pool on "
-            "this machine) or dask (the Dask cluster at dask_scheduler; needs retail-pulse[dask])"),
+    Setting("executor", "daemon", _executor, Executor.LOCAL.value,
+            "where images are measured: local (a process pool on this machine) or dask (the Dask cluster at "
+            "dask_scheduler; needs retail-pulse[dask])"),
     Setting("processes", "daemon", int, 0, "local pool processes; 0 means one per core", 0, 256),
     Setting("images_per_process", "daemon", int, 4096, "images in flight at once per pool process or Dask "
             "worker (waiting for a download slot, downloading, or in their GPU wait), on one libcurl event loop; "
             "also the most a crash makes it download again", 1, 65536),
-    Setting("downloads_per_process", "daemon", int, _ENGINE.max_transfers, "of those, downloads running at once (the others wait "
-            "for one to end, or are in their GPU wait); bounds memory: a download keeps only what says its image's "
-            "size (a few bytes; a HEIF or AVIF meta box, at most 1 MiB)", 1, 65536),
+    Setting("downloads_per_process", "daemon", int, _ENGINE.max_transfers,
+            "of those, downloads running at once (the others wait for one to end, or are in their GPU wait); bounds "
+            "memory: a download keeps only what says its image's size (a few bytes; a HEIF or AVIF meta box, at most "
+            "1 MiB)", 1, 65536),
     Setting("dask_scheduler", "daemon", str, "", "the Dask scheduler's address, e.g. tls://10.0.0.5:8786 "
             "(executor = dask)"),
     Setting("dask_tls_ca_file", "daemon", str, "", "CA certificate that signed the scheduler's and workers' "
             "certificates (PEM); with the two below, the daemon talks TLS to the cluster"),
     Setting("dask_tls_cert_file", "daemon", str, "", "the daemon's own certificate for the cluster (PEM)"),
     Setting("dask_tls_key_file", "daemon", str, "", "the key of dask_tls_cert_file (PEM)"),
-    Setting("chunk_images", "daemon", int, _SUPERVISOR.chunk_images, "images per chunk: the unit of fairness between jobs, of "
-            "results files and of work redone after a crash", 1, 100_000),
-    Setting("max_active_jobs", "daemon", int, _SUPERVISOR.max_active_jobs, "jobs progressing at once (their images share the pool "
-            "chunk by chunk); more wait in incoming/, except small ones", 1, 100_000),
-    Setting("small_job_images", "daemon", int, _SUPERVISOR.small_job_images, "a job of at most this many images starts at once, "
-            "however many jobs run: it never waits behind a crowd of big ones", 0, 1_000_000),
-    Setting("gpu_sleep_min_s", "daemon", float, _ENGINE.gpu_sleep_min_s, "simulated GPU work per image, lower bound", 0, 60),
-    Setting("gpu_sleep_max_s", "daemon", float, _ENGINE.gpu_sleep_max_s, "simulated GPU work per image, upper bound", 0, 60),
-    Setting("drain_timeout_s", "daemon", float, _SUPERVISOR.drain_timeout_s, "on SIGTERM, how long in-flight images may take to finish; "
-            "the rest is redone after the restart", 0, 3600),
-    Setting("max_worker_deaths", "daemon", int, _SUPERVISOR.max_worker_deaths, "an image whose process dies this many times is failed "
-            "(a poison image); also the tries of a task that cannot run on a Dask worker before its images fail", 1, 100),
+    Setting("chunk_images", "daemon", int, _SUPERVISOR.chunk_images,
+            "images per chunk: the unit of fairness between jobs, of results files and of work redone after a crash",
+            1, 100_000),
+    Setting("max_active_jobs", "daemon", int, _SUPERVISOR.max_active_jobs,
+            "jobs progressing at once (their images share the pool chunk by chunk); more wait in incoming/, except "
+            "small ones", 1, 100_000),
+    Setting("small_job_images", "daemon", int, _SUPERVISOR.small_job_images,
+            "a job of at most this many images starts at once, however many jobs run: it never waits behind a crowd "
+            "of big ones", 0, 1_000_000),
+    Setting("gpu_sleep_min_s", "daemon", float, _ENGINE.gpu_sleep_min_s,
+            "simulated GPU work per image, lower bound", 0, 60),
+    Setting("gpu_sleep_max_s", "daemon", float, _ENGINE.gpu_sleep_max_s,
+            "simulated GPU work per image, upper bound", 0, 60),
+    Setting("drain_timeout_s", "daemon", float, _SUPERVISOR.drain_timeout_s,
+            "on SIGTERM, how long in-flight images may take to finish; the rest is redone after the restart",
+            0, 3600),
+    Setting("max_worker_deaths", "daemon", int, _SUPERVISOR.max_worker_deaths,
+            "an image whose process dies this many times is failed (a poison image); also the tries of a task that "
+            "cannot run on a Dask worker before its images fail", 1, 100),
     Setting("stall_timeout_s", "daemon", float, _SUPERVISOR.stall_timeout_s, "a pool process or Dask worker that "
             "holds tasks and finishes none for this long is stalled: /healthz answers 503 naming it, and a pool "
             "process is replaced (its images are redone)", 1, 86400),
-    Setting("retention_days", "daemon", float, _SUPERVISOR.retention_days, "finished jobs (files, status, results) older than this "
-            "are deleted, checked every 10 minutes; 0 keeps them forever", 0),
+    Setting("retention_days", "daemon", float, _SUPERVISOR.retention_days,
+            "finished jobs (files, status, results) older than this are deleted, checked every 10 minutes; 0 keeps "
+            "them forever", 0),
     # --- download (read by the daemon)
-    Setting("download_connect_timeout_s", "download", float, _DOWNLOAD.connect_timeout_s, "TCP+TLS connect timeout per attempt", 0.01),
-    Setting("download_read_timeout_s", "download", float, _DOWNLOAD.read_timeout_s, "longest silence while reading", 0.01),
-    Setting("download_total_timeout_s", "download", float, _DOWNLOAD.total_timeout_s, "whole download of one attempt, even if "
-            "the server trickles", 0.01),
-    Setting("max_image_bytes", "download", int, _DOWNLOAD.max_image_bytes, "largest image body, enforced while streaming", 1),
-    Setting("download_attempts", "download", int, _DOWNLOAD.attempts, "tries per image for transient failures (connection "
-            "refused or reset, timeout, HTTP 429 and 5xx)", 1, 20),
-    Setting("download_backoff_s", "download", float, _DOWNLOAD.backoff_s, "wait before the 2nd try; doubles each try, "
-            "with jitter", 0, 60),
+    Setting("download_connect_timeout_s", "download", float, _DOWNLOAD.connect_timeout_s,
+            "TCP+TLS connect timeout per attempt", 0.01),
+    Setting("download_read_timeout_s", "download", float, _DOWNLOAD.read_timeout_s,
+            "longest silence while reading", 0.01),
+    Setting("download_total_timeout_s", "download", float, _DOWNLOAD.total_timeout_s,
+            "whole download of one attempt, even if the server trickles", 0.01),
+    Setting("max_image_bytes", "download", int, _DOWNLOAD.max_image_bytes,
+            "largest image body, enforced while streaming", 1),
+    Setting("download_attempts", "download", int, _DOWNLOAD.attempts,
+            "tries per image for transient failures (connection refused or reset, timeout, HTTP 429 and 5xx)", 1, 20),
+    Setting("download_backoff_s", "download", float, _DOWNLOAD.backoff_s,
+            "wait before the 2nd try; doubles each try, with jitter", 0, 60),
     Setting("image_formats", "download", _formats, ",".join(_DOWNLOAD.image_formats), "the image formats measured, "
             "comma-separated (JPEG, PNG, WebP, HEIF, AVIF; HEIC is HEIF); any other format fails its image, named"),
     Setting("max_header_bytes", "download", int, _DOWNLOAD.max_header_bytes, "how far into a body its size may "
             "be: the metadata before a JPEG's frame header, a HEIF or AVIF file's boxes up to its meta box; "
             "beyond it the image fails (header too large). Read as it streams, not kept", 64),
-    Setting("max_redirects", "download", int, _DOWNLOAD.max_redirects, "redirects followed per image; each hop is checked", 0, 20),
+    Setting("max_redirects", "download", int, _DOWNLOAD.max_redirects,
+            "redirects followed per image; each hop is checked", 0, 20),
     Setting("allow_private_addresses", "download", _bool, False, "let downloads reach loopback, private, "
             "link-local and other non-public addresses: for development and tests only"),
     Setting("download_allowed_networks", "download", str, "", "comma-separated networks downloads may reach "
             "although not public, e.g. an internal image store: 10.20.0.0/16"),
+    # --- webhook (the secrets file is read by both programs; the rest by the daemon)
+    Setting("webhook_secrets_file", "webhook", str, "", "file of '<token name> whsec_<base64>' lines ('*' for "
+            "jobs submitted with tokens off): the secret each job's completion webhook is signed with. Empty: "
+            "no webhooks, and a callback_url is refused (make a line: python -m config.webhook_secrets NAME)"),
+    Setting("webhook_retry_for_s", "webhook", float, _WEBHOOK.retry_for_s, "how long a completion webhook is "
+            "retried after its job finished (timeouts, refused connections, HTTP 429 and 5xx) before it is "
+            "given up", 0, 30 * 86400),
+    Setting("webhook_backoff_s", "webhook", float, _WEBHOOK.backoff_s, "wait before a webhook's 2nd attempt; "
+            "doubles each attempt, with jitter, up to 10 minutes", 0.01, 3600),
+    Setting("webhook_allowed_networks", "webhook", str, "", "comma-separated networks webhooks may reach "
+            "although not public (an internal receiver); apart from download_allowed_networks on purpose, "
+            "since a webhook is a POST"),
     # --- api
     Setting("host", "api", str, "127.0.0.1", "address the API listens on"),
     Setting("port", "api", int, 8080, "port the API listens on; 0 picks a free one", 0, 65535),
@@ -256,7 +283,7 @@ def load(prog: str, description: str | None, sections: Iterable[str], argv: list
     return resolve(settings_for(sections), parser.parse_args(argv))
 
 
-def markdown_table(sections: Iterable[str] = ("common", "daemon", "download", "api")) -> str:
+def markdown_table(sections: Iterable[str] = ("common", "daemon", "download", "webhook", "api")) -> str:
     """The settings as the README documents them (a test keeps the README in step with this table)."""
     rows = ["| setting (INI section) | option / environment | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:

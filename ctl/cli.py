@@ -94,6 +94,8 @@ def cmd_show(spool: Spool, args) -> int:
             print(f"  ... {len(visits) - 10} more visits")
     print("status:")
     print("  " + json.dumps(status, indent=2).replace("\n", "\n  "))
+    if (status or {}).get("callback"):
+        print(webhook_line(status["callback"]))
     print("results:")
     shown = 0
     for line in spool.iter_result_lines(args.job_id):
@@ -105,6 +107,17 @@ def cmd_show(spool: Spool, args) -> int:
         print(f"  #{r['index']:<6} {r['store_id']:<10} {outcome}  {r['image_url']}")
         shown += 1
     return 0
+
+
+def webhook_line(callback: dict) -> str:
+    """`show`'s summary of the completion webhook (the status's "callback", filled in from outbox/ or sent/)."""
+    line = f"webhook: {callback.get('state')} -> {callback.get('url')}"
+    if callback.get("webhook_id"):
+        line += f"  id {callback['webhook_id']}, {callback.get('attempts', 0)} attempt(s)"
+    for field in ("delivered_at", "next_attempt_at", "last_error"):
+        if callback.get(field):
+            line += f", {field.replace('_', ' ')}: {callback[field]}"
+    return line
 
 
 def cmd_follow(spool: Spool, args, sleep: Callable[[float], None] = time.sleep) -> int:

@@ -21,4 +21,6 @@ Glossary (the code's names follow it):
     engine        the event loop in one pool process or worker that downloads, measures and waits.
     outcome       what measuring one image gives (ImageOutcome): a size and perimeter, or an error.
     recorded      an image whose result is on disk; the status document's "images_done" counts them.
+    notification  a finished job's completion webhook: a record in the spool's outbox/ until delivered
+                  (supervisor/webhooks.py); each POST of it is an "attempt", all with one webhook-id.
 """

@@ -7,10 +7,11 @@ import resource
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import filelock
 
-from config import Config
+from config import Config, webhook_secrets
 from config.startup import StartupError, open_spool, run_main, start
 from daemon.engine import AddressPolicy, DownloadLimits, EngineSettings
 from daemon.engine.netguard import parse_networks
@@ -19,11 +20,12 @@ from daemon.runners.pool import LocalPool
 from daemon.runners.sandbox import deadline_s
 from daemon.supervisor.loop import Events, Supervisor
 from daemon.supervisor.notify import Notifier
-from daemon.supervisor.settings import SupervisorSettings
+from daemon.supervisor.settings import SupervisorSettings, WebhookSettings
+from daemon.supervisor.webhooks import Deliveries, Outbox
 from daemon.supervisor.stores import StoreMasterError, load_store_master
-from spool import Executor
+from spool import Executor, Spool
 
-SECTIONS = ("daemon", "download")
+SECTIONS = ("daemon", "download", "webhook")
 FILES_BESIDE_SOCKETS = 64
 log = logging.getLogger("retailpulse.daemon")
 
@@ -39,12 +41,30 @@ def load_config(argv: list[str] | None) -> Config:
     tls_files = [config.dask_tls_ca_file, config.dask_tls_cert_file, config.dask_tls_key_file]
     if any(tls_files) and not all(tls_files):
         raise StartupError("dask_tls_ca_file, dask_tls_cert_file, dask_tls_key_file: set all three or none")
-    try:
-        parse_networks(config.download_allowed_networks)
-    except ValueError as exc:
-        raise StartupError(f"download_allowed_networks ({config.source('download_allowed_networks')}): "
-                           f"{exc}") from None
+    for name in ("download_allowed_networks", "webhook_allowed_networks"):
+        try:
+            parse_networks(getattr(config, name))
+        except ValueError as exc:
+            raise StartupError(f"{name} ({config.source(name)}): {exc}") from None
     return config
+
+
+def make_deliveries(config: Config, spool: Spool, settings: EngineSettings) -> Outbox:
+    """The completion webhooks' outbox and its delivery thread (not started), or, without a secrets file, an
+    outbox that only writes: the API then takes no callback_url, so there is nothing to send."""
+    if not config.webhook_secrets_file:
+        if spool.outbox_ids():
+            log.warning("%d webhook(s) wait in %s but webhook_secrets_file is not set: they are not sent",
+                        len(spool.outbox_ids()), spool.root / "outbox")
+        return Outbox(spool)
+    try:
+        secrets = webhook_secrets.load(Path(config.webhook_secrets_file))
+    except webhook_secrets.SecretsFileError as exc:
+        raise StartupError(f"webhook_secrets_file ({config.source('webhook_secrets_file')}): {exc}") from None
+    policy = AddressPolicy(allow_private=config.allow_private_addresses,
+                           allowed_networks=parse_networks(config.webhook_allowed_networks))
+    return Deliveries(spool, secrets, settings.limits, policy,
+                      WebhookSettings(retry_for_s=config.webhook_retry_for_s, backoff_s=config.webhook_backoff_s))
 
 
 def engine_settings(config: Config, max_transfers: int) -> EngineSettings:
@@ -146,8 +166,10 @@ def serve(argv: list[str] | None) -> int:
     # a reader), and fewer arenas keep its memory flat. Inherited by the pool processes, so set first.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     events: Events = Events()
+    outbox = make_deliveries(config, spool, engine_settings(config, max_transfers))
     runner = make_runner(config, processes, engine_settings(config, max_transfers), events.put)
-    supervisor = Supervisor(spool, stores, settings, runner, events, Executor(config.executor), notifier)
+    supervisor = Supervisor(spool, stores, settings, runner, events, Executor(config.executor), notifier,
+                            outbox=outbox)
     try:
         def ready() -> None:  # after the recovery scan: systemd starts counting us up only now
             where = describe_workers(config.executor, runner.describe(), processes)
@@ -160,8 +182,12 @@ def serve(argv: list[str] | None) -> int:
                 notifier.send(STOPPING=1, STATUS="stopping: recording the images in flight")
             return stop.is_set()
 
+        if isinstance(outbox, Deliveries):
+            outbox.start()
         supervisor.run(stopping, ready)
     finally:
+        if isinstance(outbox, Deliveries):
+            outbox.close()
         runner.close()
         lock.release()
     log.info("daemon stopped")

@@ -15,7 +15,26 @@ whatever the last rename said (as in Maildir).
     meta/<id>.json         a few facts about a job, written by the API just before its job file, never
                            changed: {"job_id": 7, "images": 2000, "owner": "acme" | null}. "owner" names
                            the API token that submitted it (see webapi/auth.py). Small, so the API can
-                           count queued images and check owners without reading job files.
+                           count queued images and check owners without reading job files. A job
+                           submitted with an Idempotency-Key adds "idempotency_key": <its digest>; one
+                           with a callback adds "callback_url".
+    idempotency/<digest>.json
+                           an Idempotency-Key and the job it made (spool/keys.py), written by the API
+                           before the job's meta and job file: {"key": "...", "owner": "acme" | null,
+                           "job_id": 7, "request_sha256": "<fingerprint of the request>", "created_at": Unix s}.
+                           <digest> is the SHA-256 hex of owner and key (keys are per token). It counts
+                           only while job 7 exists, so a crash between the writes leaves no key; purge
+                           (retention) removes it with its job, the daemon removes orphans.
+    idempotency/<xx>.lock  flock held while a submit with a key whose digest starts with xx runs.
+    outbox/<id>.json       a completion notification to deliver (spool/outbox.py): the job has a callback_url
+                           and reached completed or failed. Written by the daemon before the job's final
+                           status, rewritten after each attempt: {"webhook_id": "msg_...", "job_id": 7,
+                           "url": "https://...", "owner": "acme" | null, "body": {the final status document},
+                           "created_at": Unix s, "state": "pending" (DeliveryState), "attempts": 2,
+                           "next_attempt_at": Unix s, "last_error": "HTTP 500" | null, "delivered_at": null}.
+                           Delivered only once the job file is in done/ or failed/.
+    sent/<id>.json         the same record once its delivery is over ("state": "delivered" | "gave_up");
+                           kept until its job is purged.
     daemon.json            the daemon's heartbeat, rewritten every second while its main loop runs (not
                            fsynced: after a crash it is stale anyway, and says so by its age). The API's
                            /healthz, /metrics and backpressure read it:
@@ -32,7 +51,10 @@ whatever the last rename said (as in Maildir).
                             "paused": false (true while results cannot be written: disk full),
                             "metrics": {"images_ok", "images_failed": {kind: n} (ErrorKind, daemon/engine/outcome.py),
                                         "download_bytes", "seconds_buckets", "seconds_counts", "seconds_sum",
-                                        "jobs_finished": {status: n}}  (counters since the daemon started)}
+                                        "jobs_finished": {status: n}}  (counters since the daemon started),
+                            "webhooks": {"delivered", "gave_up", "attempts": {"ok" | ErrorKind: n},
+                                         "seconds_buckets", "seconds_counts", "seconds_sum"} (the same, for
+                                         completion webhooks; {} when webhooks are off)}
     control/<id>.<verb>    a request to the daemon about a job (verbs: the Control enum): cancel, requeue (all
                            its images) or requeue-failed (only its failed images). Written by the API
                            (cancel) or the operator CLI; the daemon carries it out and removes it (a
@@ -58,7 +80,8 @@ whatever the last rename said (as in Maildir).
 
 Job file (incoming/, active/, done/, failed/):
     {"job_id": 7, "submitted_at": "2026-11-23T11:00:00Z", "count": 1,
-     "visits": [{"store_id": "RP00001", "visit_time": "...", "image_url": ["http://...", ...]}]}
+     "visits": [{"store_id": "RP00001", "visit_time": "...", "image_url": ["http://...", ...]}],
+     "callback_url": "https://..."}                                  # "callback_url" only when given
 Images are numbered 0..N-1 in submission order (visit by visit, URL by URL); that number is "index".
 
 Status file:
@@ -66,8 +89,11 @@ Status file:
      "images_total": N, "images_done": d, "images_failed": f,
      "images_cancelled": c (of the failed, those "cancelled by request"; only when there are any),
      "submitted_at": "..." (from the job file), "updated_at": "..." (when the daemon wrote this),
-     "error": [{"store_id": "...", "error": "first failure", "image_url": "its URL", "images_failed": k}]
-    }                                                                # "error" only when failed
+     "error": [{"store_id": "...", "error": "first failure", "image_url": "its URL", "images_failed": k}],
+     "callback": {"url": "https://...", "state": "waiting" | "pending"}
+    }                                             # "error" only when failed; "callback" only with a callback_url
+Readers (read_status) fill in "callback" from outbox/ or sent/: state, webhook_id, attempts, last_error,
+next_attempt_at, delivered_at.
 A job with no status file yet but a job file in incoming/ or active/ is "ongoing" with phase "queued".
 
 Result line:
@@ -90,8 +116,9 @@ import filelock
 
 from spool.results import DamagedResults, ResultFiles, UnreadableResults, read_regular
 
-__all__ = ["JOB_ID_PATTERN", "Spool", "Status", "Phase", "Folder", "Control", "Executor", "CorruptFile", "DamagedResults", "UnreadableResults", "parse_job_id",
-           "pid_exists", "status_document", "utc_now"]
+__all__ = ["JOB_ID_PATTERN", "Spool", "Status", "Phase", "Folder", "Control", "Executor", "CorruptFile", "DamagedResults",
+           "UnreadableResults", "parse_job_id", "pid_exists", "status_document", "utc_now", "DeliveryState", "KeyBusy",
+           "KeyReused"]
 
 #: The one job-id check. Applied to every id before it becomes part of a path.
 JOB_ID_PATTERN = re.compile(r"[1-9][0-9]{0,15}")
@@ -120,6 +147,9 @@ class Folder(StrEnum):
     CORRUPT = "corrupt"
     STATUS = "status"
     RESULTS = "results"
+    IDEMPOTENCY = "idempotency"
+    OUTBOX = "outbox"
+    SENT = "sent"
 
 
 class Control(StrEnum):
@@ -189,9 +219,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 from spool.upkeep import Upkeep  # noqa: E402  (it uses the vocabulary above)
+from spool.keys import IdempotencyKeys, KeyBusy, KeyReused  # noqa: E402
+from spool.outbox import DeliveryState, Notifications  # noqa: E402
 
 
-class Spool(ResultFiles, Upkeep):
+class Spool(ResultFiles, Upkeep, IdempotencyKeys, Notifications):
     """Paths and atomic operations on one spool folder. Holds no state but its root."""
 
     FOLDERS = tuple(Folder)
@@ -300,19 +332,28 @@ class Spool(ResultFiles, Upkeep):
             self.write_atomic(counter, f"{job_id + 1}\n".encode())
         return job_id
 
-    def submit(self, count: int, visits: list, owner: str | None = None) -> int:
+    def submit(self, count: int, visits: list, owner: str | None = None, callback_url: str | None = None) -> int:
         """Store a validated job in incoming/ and return its id. When this returns, the job is on disk."""
         job_id = self.next_job_id()
+        self.store_job(job_id, count, visits, owner, callback_url=callback_url)
+        return job_id
+
+    def store_job(self, job_id: int, count: int, visits: list, owner: str | None,
+                  callback_url: str | None = None, idempotency_key: str | None = None) -> None:
+        """submit() with the id taken: its meta file, then its job file (submit_once writes its key before)."""
         images = sum(len(visit["image_url"]) for visit in visits)
+        extra = {name: value for name, value in (("idempotency_key", idempotency_key), ("callback_url", callback_url))
+                 if value is not None}
         self.write_atomic(self.meta_path(job_id), json.dumps(
-            {"job_id": job_id, "images": images, "owner": owner}, separators=(",", ":")).encode())
+            {"job_id": job_id, "images": images, "owner": owner, **extra}, separators=(",", ":")).encode())
         doc = {"job_id": job_id, "submitted_at": utc_now(), "count": count, "visits": visits}
+        if callback_url is not None:
+            doc["callback_url"] = callback_url
         try:
             self.write_atomic(self.job_path(Folder.INCOMING, job_id), json.dumps(doc, separators=(",", ":")).encode())
         except BaseException:
             self.meta_path(job_id).unlink(missing_ok=True)  # no half-made job (a kill here: orphan_meta_ids)
             raise
-        return job_id
 
     def read_status(self, job_id: int) -> dict | None:
         """The status the daemon last wrote, the queued status if it has not started, or None if unknown.
@@ -334,11 +375,11 @@ class Spool(ResultFiles, Upkeep):
             status = Status.COMPLETED if folder is Folder.DONE else Status.FAILED
             return status_document(job_id, status, Phase.FINISHED,
                                    note="status file unreadable; the daemon rebuilds it from the results")
-        return status_document(job_id, Status.ONGOING, Phase.QUEUED)
+        return self.with_delivery(job_id, status_document(job_id, Status.ONGOING, Phase.QUEUED))
 
     def _status_file(self, job_id: int) -> dict | None:
         try:
-            return self._read_json(self.status_path(job_id))
+            return self.with_delivery(job_id, self._read_json(self.status_path(job_id)))
         except FileNotFoundError:
             return None
         except CorruptFile:

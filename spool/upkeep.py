@@ -66,6 +66,8 @@ class Upkeep:
             results.rmdir()
         for verb in Control:
             (self.root / Folder.CONTROL / f"{job_id}.{verb}").unlink(missing_ok=True)
+        self.forget_notifications(job_id)
+        self.forget_key(job_id, (self.read_meta(job_id) or {}).get("idempotency_key"))  # expires with its job
         self.meta_path(job_id).unlink(missing_ok=True)
         self.status_path(job_id).unlink(missing_ok=True)
         return True

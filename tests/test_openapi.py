@@ -1,5 +1,6 @@
 """The API's OpenAPI document: served, and true. Every response of the suite is checked against it
 (tests/openapi_check.py); here Schemathesis fuzzes the real API process with it (no daemon: /healthz 503)."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import jsonschema
 import pytest
 import requests
 
+from config.webhook_secrets import new_secret
 from tests import openapi_check
 from tests.api_process import running_api
 from tests.conftest import call_wsgi
@@ -35,7 +37,10 @@ def test_the_check_catches_an_answer_the_document_does_not_allow(status, body):
 def test_schemathesis_finds_no_5xx_no_schema_violation_no_undocumented_status(tmp_path):
     if not SCHEMATHESIS.exists():
         pytest.fail(f"schemathesis is not installed at {SCHEMATHESIS} (pip install -e '.[test]')")
-    with running_api(tmp_path / "spool") as base:
+    # With a webhook secret, so that a callback_url is taken and both the webhook and the Idempotency-Key paths
+    # are fuzzed through to the spool.
+    (tmp_path / "webhook-secrets").write_text(f"* {new_secret()}\n")
+    with running_api(tmp_path / "spool", "--webhook-secrets-file", str(tmp_path / "webhook-secrets")) as base:
         run = subprocess.run(
             [str(SCHEMATHESIS), "run", f"{base}/api/openapi.json", "--url", base, "--checks", "all",
              "--max-examples", "25", "--request-timeout", "10", "--seed", "1", "--no-color",
@@ -49,5 +54,8 @@ def test_schemathesis_finds_no_5xx_no_schema_violation_no_undocumented_status(tm
             capture_output=True, text=True, timeout=110, cwd=tmp_path)
         health = requests.get(f"{base}/healthz", timeout=10)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    stored = [json.loads(path.read_bytes()) for path in (tmp_path / "spool" / "meta").iterdir()]
+    assert any("callback_url" in meta for meta in stored), "no fuzzed job with a callback_url was stored"
+    assert any("idempotency_key" in meta for meta in stored), "no fuzzed job with an Idempotency-Key was stored"
     assert health.status_code == 503 and "daemon not running" in health.json()["checks"]["daemon"]
     openapi_check.check_requests_response(health)

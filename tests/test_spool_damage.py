@@ -8,7 +8,7 @@ import time
 import pytest
 
 from daemon.supervisor.housekeeping import Housekeeping
-from spool import Phase, Status, status_document
+from spool import Phase, Spool, Status, status_document
 from webapi.app import make_app
 from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, mount_tmpfs, unmount, visit
 
@@ -79,8 +79,7 @@ def read_only_spool(tmp_path):
     mount_point = tmp_path / "ro"
     mount_tmpfs(mount_point)
     try:
-        for name in ("tmp", "meta", "control", "incoming", "active", "done", "failed", "corrupt", "status",
-                     "results"):
+        for name in Spool.FOLDERS:  # a whole spool, so that only the read-only mount stops start-up
             (mount_point / "spool" / name).mkdir(parents=True)
         subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
         yield mount_point / "spool"

@@ -7,12 +7,13 @@ from pathlib import Path
 import bottle
 from gunicorn.app.base import BaseApplication
 
+from config import webhook_secrets
 from config.startup import StartupError, open_spool, run_main, start
 from webapi.app import make_app
 from webapi.auth import TokenFileError, Tokens
 from webapi.validate import SubmitLimits
 
-SECTIONS = ("api",)
+SECTIONS = ("api", "webhook")
 #: Bottle's own body limit. Nothing here reads bottle.request.body/json (read_body does, against
 #: max_body_bytes), so this only matters if someone adds a route that does: keep Bottle's 100 KiB, on purpose.
 BOTTLE_MEMFILE_MAX = 100 * 1024
@@ -55,6 +56,12 @@ def serve(argv: list[str] | None) -> int:
             tokens = Tokens.load(Path(config.api_tokens_file))
         except TokenFileError as exc:
             raise StartupError(f"api_tokens_file ({config.source('api_tokens_file')}): {exc}") from None
+    secrets = None
+    if config.webhook_secrets_file:
+        try:
+            secrets = webhook_secrets.load(Path(config.webhook_secrets_file))
+        except webhook_secrets.SecretsFileError as exc:
+            raise StartupError(f"webhook_secrets_file ({config.source('webhook_secrets_file')}): {exc}") from None
     bottle.BaseRequest.MEMFILE_MAX = BOTTLE_MEMFILE_MAX
     limits = SubmitLimits(max_body_bytes=config.max_body_bytes, max_images_per_job=config.max_images_per_job,
                           max_url_chars=config.max_url_chars)
@@ -74,7 +81,8 @@ def serve(argv: list[str] | None) -> int:
         "loglevel": config.log_level.lower(),
         "accesslog": None,
     }
-    app = make_app(spool, limits, tokens, max_queued_images=config.max_queued_images or None)
+    app = make_app(spool, limits, tokens, max_queued_images=config.max_queued_images or None,
+                   webhook_secrets=secrets)
     _Server(app, options).run()
     return 0
 

@@ -5,17 +5,18 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
-from spool import (Control, DamagedResults, Executor, Phase, Spool, UnreadableResults, parse_job_id,
-                   pid_exists)
+from spool import (Control, DamagedResults, Executor, KeyBusy, KeyReused, Phase, Spool, UnreadableResults,
+                   parse_job_id, pid_exists)
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webapi.metrics import render as render_metrics
-from webapi import openapi, pages
-from webapi.validate import InvalidSubmission, SubmitLimits, parse_submission
+from webapi import openapi, pages, submit_options
+from webapi.validate import InvalidSubmission, SubmitLimits, check_submission, decode_submission
 
 log = logging.getLogger("retailpulse.webapi")
 
@@ -70,8 +71,10 @@ class _Api:
     """The routes over one spool. Checks that refuse a request raise their HTTPResponse (Bottle sends a raised
     HTTPResponse as it is), so each route reads as its happy path."""
 
-    def __init__(self, spool: Spool, limits: SubmitLimits, tokens: Tokens | None, max_queued_images: int | None):
+    def __init__(self, spool: Spool, limits: SubmitLimits, tokens: Tokens | None, max_queued_images: int | None,
+                 webhook_secrets: Mapping[str | None, bytes] | None = None):
         self.spool, self.limits, self.tokens, self.max_queued_images = spool, limits, tokens, max_queued_images
+        self.webhook_secrets = webhook_secrets  # None: no webhooks, so no callback_url
 
     def caller(self) -> str | None:
         """The token name of the request (None when tokens are off); raises the 401 that refuses it."""
@@ -117,17 +120,34 @@ class _Api:
         except BodyTooLarge:
             return json_response(413, {"error": f"body larger than {self.limits.max_body_bytes} bytes"})
         try:
-            count, visits = parse_submission(body, self.limits)
+            key = submit_options.idempotency_key(request.get_header(submit_options.IDEMPOTENCY_HEADER))
+            doc = decode_submission(body, self.limits)
+            count, visits = check_submission(doc, self.limits)
+            callback_url = submit_options.callback_url(doc.callback_url, self.limits, owner, self.webhook_secrets)
         except InvalidSubmission as exc:
             return json_response(400, {"error": str(exc)})
         images = sum(len(visit["image_url"]) for visit in visits)
         try:
-            self.refuse_when_queue_full(images)
-            job_id = self.spool.submit(count, visits, owner=owner)
+            if key is None:
+                self.refuse_when_queue_full(images)
+                job_id, replayed = self.spool.submit(count, visits, owner=owner, callback_url=callback_url), False
+            else:
+                job_id, replayed = self.spool.submit_once(
+                    owner, key, submit_options.request_sha256(count, visits, callback_url), count, visits,
+                    callback_url, admit=lambda: self.refuse_when_queue_full(images))
+        except KeyReused as exc:
+            return json_response(422, {"error": f"{submit_options.IDEMPOTENCY_HEADER} {key!r}: already used for "
+                                                f"another request (job {exc.job_id}); a new job needs a new key"})
+        except KeyBusy:
+            return json_response(409, {"error": f"{submit_options.IDEMPOTENCY_HEADER} {key!r}: a request with "
+                                                "this key is still being stored; try again"}, **{"Retry-After": "5"})
         except OSError as exc:
             log.error("submit: cannot write to the spool: %s", exc)
             return json_response(503, {"error": f"cannot store the job now: {exc.strerror or exc}"},
                                  **{"Retry-After": "30"})
+        if replayed:
+            log.info("job %d: submitted again with its Idempotency-Key; answered the same job", job_id)
+            return json_response(201, {"job_id": job_id}, **{submit_options.REPLAYED_HEADER: "true"})
         log.info("job %d: submitted, %d visits, %d images%s", job_id, count, images,
                  f", by {owner}" if owner else "")
         return json_response(201, {"job_id": job_id})
@@ -350,10 +370,11 @@ def json_error(err: bottle.HTTPError) -> str:
 
 
 def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | None = None,
-             max_queued_images: int | None = None) -> Bottle:
+             max_queued_images: int | None = None, webhook_secrets: Mapping[str | None, bytes] | None = None) -> Bottle:
     """The WSGI app. ``tokens``: None serves everyone (local use); else every route but /healthz needs one.
-    ``max_queued_images``: above it, submit answers 503 + Retry-After instead of taking more work."""
-    api = _Api(spool, limits or SubmitLimits(), tokens, max_queued_images)
+    ``max_queued_images``: above it, submit answers 503 + Retry-After instead of taking more work.
+    ``webhook_secrets``: whose jobs may carry a callback_url (config/webhook_secrets.py); None: nobody's."""
+    api = _Api(spool, limits or SubmitLimits(), tokens, max_queued_images, webhook_secrets)
     app = Bottle()
     app.config["json.enable"] = False  # every route builds its own JSON response
     app.route("/api/submit", "POST", api.submit)

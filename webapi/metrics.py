@@ -10,7 +10,7 @@ import time
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from spool import Spool
+from spool import DeliveryState, Folder, Spool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -58,16 +58,46 @@ class SpoolCollector:
         for status, count in sorted(counts.get("jobs_finished", {}).items()):
             finished.add_metric([status], count)
         yield finished
-        bounds, per_bucket = counts.get("seconds_buckets", []), counts.get("seconds_counts", [])
-        if per_bucket:
-            cumulative, buckets = 0, []
-            for bound, count in zip([*map(str, bounds), "+Inf"], per_bucket, strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            seconds = HistogramMetricFamily("retailpulse_image_processing_seconds",
-                                            "Per image: download, measure and GPU wait")
-            seconds.add_metric([], buckets, counts.get("seconds_sum", 0.0))
+        seconds = histogram("retailpulse_image_processing_seconds", "Per image: download, measure and GPU wait",
+                            counts)
+        if seconds is not None:
             yield seconds
+        yield from self.webhooks(beat.get("webhooks", {}))
+
+    def webhooks(self, counts: dict):
+        """Completion webhooks: what waits in outbox/ (from the folder), and the delivery thread's counters."""
+        pending = GaugeMetricFamily("retailpulse_webhooks_pending",
+                                    "Completion webhooks not yet delivered or given up (outbox/)")
+        pending.add_metric([], sum(1 for e in os.scandir(self.spool.root / Folder.OUTBOX) if e.name.endswith(".json")))
+        yield pending
+        deliveries = CounterMetricFamily("retailpulse_webhook_deliveries", "Completion webhooks whose delivery "
+                                         "is over, by result", labels=["result"])
+        for result in (DeliveryState.DELIVERED, DeliveryState.GAVE_UP):
+            deliveries.add_metric([result.value], counts.get(result.value, 0))
+        yield deliveries
+        attempts = CounterMetricFamily("retailpulse_webhook_attempts", "Webhook POSTs made, by outcome (ok, or "
+                                       "the failure's kind)", labels=["outcome"])
+        for outcome, count in sorted(counts.get("attempts", {}).items()):
+            attempts.add_metric([outcome], count)
+        yield attempts
+        seconds = histogram("retailpulse_webhook_delivery_seconds", "From a job's final status to its receiver's "
+                            "2xx", counts)
+        if seconds is not None:
+            yield seconds
+
+
+def histogram(name: str, help_text: str, counts: dict) -> HistogramMetricFamily | None:
+    """A histogram from daemon.json's seconds_buckets (bounds), seconds_counts (per bucket) and seconds_sum."""
+    bounds, per_bucket = counts.get("seconds_buckets", []), counts.get("seconds_counts", [])
+    if not per_bucket:
+        return None
+    cumulative, buckets = 0, []
+    for bound, count in zip([*map(str, bounds), "+Inf"], per_bucket, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    family = HistogramMetricFamily(name, help_text)
+    family.add_metric([], buckets, counts.get("seconds_sum", 0.0))
+    return family
 
 
 def runner_metrics(beat: dict):

@@ -4,7 +4,8 @@ Kept true by the tests: every response the suite sees (in-process and over HTTP)
 (tests/openapi_check.py), and Schemathesis fuzzes the running API with it (tests/test_openapi.py)."""
 from __future__ import annotations
 
-from spool import JOB_ID_PATTERN, Executor, Status
+from spool import JOB_ID_PATTERN, DeliveryState, Executor, Status
+from webapi.submit_options import IDEMPOTENCY_HEADER, KEY_PATTERN, REPLAYED_HEADER
 
 #: The one job-id check (spool.JOB_ID_PATTERN), anchored as JSON Schema's "pattern" wants it.
 _JOB_ID = f"^{JOB_ID_PATTERN.pattern}$"
@@ -25,7 +26,14 @@ _STATUS = {"type": "object", "required": ["job_id", "status"], "properties": {
     "images_cancelled": {"type": "integer", "minimum": 1,
                          "description": "of the failed, those cancelled by request; only when there are any"},
     "submitted_at": {"type": "string"}, "updated_at": {"type": "string"},
-    "error": {"type": "array", "items": {"$ref": "#/components/schemas/StoreFailure"}}}}
+    "error": {"type": "array", "items": {"$ref": "#/components/schemas/StoreFailure"}},
+    "callback": {"$ref": "#/components/schemas/Callback"}}}
+_CALLBACK = {"type": "object", "required": ["url", "state"], "description": "the job's completion webhook",
+             "properties": {
+                 "url": {"type": "string"}, "state": {"enum": [state.value for state in DeliveryState]},
+                 "webhook_id": {"type": "string", "description": "the webhook-id header: the same on every attempt"},
+                 "attempts": {"type": "integer", "minimum": 0}, "last_error": {"type": ["string", "null"]},
+                 "next_attempt_at": {"type": ["string", "null"]}, "delivered_at": {"type": "string"}}}
 _RESULT = {"type": "object", "required": ["index"], "properties": {
     "index": {"type": "integer", "minimum": 0}, "store_id": {"type": "string"},
     "store_name": {"type": ["string", "null"]}, "area_code": {"type": ["string", "null"]},
@@ -42,6 +50,9 @@ _JOBS = {"type": "object", "required": ["total", "offset", "limit", "jobs"], "pr
     "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Status"}}}}
 _SUBMISSION = {"type": "object", "required": ["count", "visits"], "properties": {
     "count": {"type": "integer", "minimum": 1},
+    "callback_url": {"type": "string", "format": "uri", "maxLength": 2048,
+                     "description": "POSTed the final status document, signed (Standard Webhooks), when the job "
+                                    "is completed or failed; needs a webhook secret for the caller's token"},
     "visits": {"type": "array", "minItems": 1, "items": {"type": "object",
                "required": ["store_id", "visit_time", "image_url"], "properties": {
                    "store_id": {"type": "string", "minLength": 1, "maxLength": 256},
@@ -92,11 +103,22 @@ _PAGE_ERROR = _json("offset or limit out of range, or a jobid problem", {"oneOf"
 
 
 def _submit() -> dict:
-    return {"summary": "Submit a job", "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Submission")}}},
-            "responses": {"201": _json("stored on disk", {"type": "object", "required": ["job_id"], "properties": {
-                "job_id": {"type": "integer", "minimum": 1}}}),
-                "400": _json("not a valid submission; the message names the field", _ref("Error")),
-                "401": _UNAUTHORIZED, "413": _json("body or job too large", _ref("Error")),
+    stored = _json("stored on disk; with Idempotent-Replayed: true, the job this Idempotency-Key made before",
+                   {"type": "object", "required": ["job_id"], "properties": {"job_id": {"type": "integer", "minimum": 1}}},
+                   **{REPLAYED_HEADER: "true when this answers a retry: no new job was made"})
+    key = {"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+           "schema": {"type": "string", "pattern": KEY_PATTERN},
+           "description": "the same key with the same body answers the same job; with another body, 422"}
+    return {"summary": "Submit a job", "parameters": [key],
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Submission")}}},
+            "responses": {"201": stored,
+                "400": _json("not a valid submission, or a malformed Idempotency-Key; the message names the field",
+                             _ref("Error")),
+                "401": _UNAUTHORIZED,
+                "409": _json("a request with this Idempotency-Key is still being stored", _ref("Error"),
+                             **{"Retry-After": "seconds"}),
+                "413": _json("body or job too large", _ref("Error")),
+                "422": _json("this Idempotency-Key made a job from a different request", _ref("Error")),
                 "415": _json("the body is not declared Content-Type: application/json", _ref("Error"),
                              **{"Accept-Post": "application/json"}),
                 "503": _UNAVAILABLE}}
@@ -172,7 +194,7 @@ def document() -> dict:
         "components": {
             "schemas": {"Error": _ERROR, "Empty": _EMPTY, "StoreFailure": _FAILURE, "Status": _STATUS,
                         "Result": _RESULT, "Results": _RESULTS, "Jobs": _JOBS, "Submission": _SUBMISSION,
-                        "Health": _HEALTH},
+                        "Health": _HEALTH, "Callback": _CALLBACK},
             "securitySchemes": {"token": {"type": "http", "scheme": "bearer",
                                           "description": "only when the API is started with a tokens file"}},
         },

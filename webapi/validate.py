@@ -51,13 +51,16 @@ class _Visit(msgspec.Struct):
     image_url: list[str]
 
 
-class _Submission(msgspec.Struct):
+class Submission(msgspec.Struct):
+    """The fields of a submission the service reads; every other field is skipped unbuilt."""
+
     count: int
     visits: list[_Visit]
+    callback_url: str | None = None  # checked by webapi/submit_options.py
 
 
 #: Immutable, made once: msgspec decoders keep no state between calls.
-_DECODER = msgspec.json.Decoder(_Submission)
+_DECODER = msgspec.json.Decoder(Submission)
 #: Python refuses to convert longer digit strings to int (sys.get_int_max_str_digits(), CVE-2020-10735);
 #: refused anywhere in a body, named by field, as before msgspec skipped unknown fields unconverted.
 MAX_INT_DIGITS = 4300
@@ -110,7 +113,11 @@ def check_url(url: str, where: str, limits: SubmitLimits) -> str:
 
 def parse_submission(body: bytes, limits: SubmitLimits) -> tuple[int, list[dict]]:
     """(count, visits) of a valid submission, with only the fields the service uses."""
-    doc = _decode(body, limits)
+    return check_submission(decode_submission(body, limits), limits)
+
+
+def check_submission(doc: Submission, limits: SubmitLimits) -> tuple[int, list[dict]]:
+    """(count, visits) of a decoded submission, every rule checked (submit_options.py checks the rest)."""
     count, visits = doc.count, doc.visits
     if not visits:
         raise InvalidSubmission("visits: must not be empty")
@@ -131,7 +138,7 @@ def parse_submission(body: bytes, limits: SubmitLimits) -> tuple[int, list[dict]
     return count, clean
 
 
-def _decode(body: bytes, limits: SubmitLimits) -> _Submission:
+def decode_submission(body: bytes, limits: SubmitLimits) -> Submission:
     """The submission's known fields, or InvalidSubmission naming the field (see the module docstring)."""
     _refuse_too_many_values(body, limits)
     _refuse_long_integers(body)
@@ -237,7 +244,8 @@ def _duplicate_key(body: bytes, visits: int) -> str | None:
     Cheap proof first: each known key appears exactly as often as it must (once, or once per visit) and no
     key can hide behind an escape; only otherwise does the walker look at every object."""
     counts = [body.count(key) for key in _KNOWN_KEYS]
-    if counts == [1, 1, visits, visits, visits] and not _ASCII_ESCAPE.search(body):
+    if (counts == [1, 1, visits, visits, visits] and body.count(b'"callback_url"') <= 1
+            and not _ASCII_ESCAPE.search(body)):
         return None
     walker = _Walker(body)
     walker.run(duplicates=True)

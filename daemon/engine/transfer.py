@@ -14,11 +14,15 @@ Each rule and the libcurl option that enforces it:
     no proxy, no .netrc, no decompression        PROXY "", NOPROXY "*", NETRC_IGNORED, HTTP_CONTENT_DECODING 0
     public addresses only, on the address        OPENSOCKETFUNCTION: called for every new connection, each
       actually connected to                      redirect hop included, with the resolved address
+
+Post is the same handle for the daemon's other outbound calls (completion webhooks): every rule above, plus
+no redirects at all (a 3xx is an answer, not a hop) and a small cap on the answer, of which only the status
+code matters.
 """
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pycurl
 
@@ -190,3 +194,28 @@ class Transfer:
 
 def _retry_after_s(value: str | None) -> float | None:
     return float(value) if value and value.isdigit() else None  # the HTTP-date form is rare; not parsed
+
+
+class Post(Transfer):
+    """An outbound POST under every download rule: timeouts, public addresses only on the address connected to,
+    no proxy or .netrc; no redirects; at most ``max_answer_bytes`` of the answer read. Reusable, like Transfer."""
+
+    def __init__(self, limits: DownloadLimits, policy: AddressPolicy, max_answer_bytes: int):
+        super().__init__(replace(limits, max_image_bytes=max_answer_bytes, max_redirects=0), policy)
+        self.curl.setopt(pycurl.FOLLOWLOCATION, 0)
+
+    def begin_post(self, url: str, body: bytes, headers: list[str], context=None) -> None:
+        """``headers``: "Name: value" lines. ``context`` is kept as ``image`` is, for the caller's bookkeeping."""
+        self.begin(url, context)
+        self.curl.setopt(pycurl.POSTFIELDS, body)
+        # "Expect:" off: libcurl would otherwise wait for a "100 Continue" before sending a body over 1 KiB
+        self.curl.setopt(pycurl.HTTPHEADER, ["Accept-Encoding: identity", "Expect:", *headers])
+
+    def answer(self, code: int, message: str) -> Failure | None:
+        """None if the receiver took it (2xx: the answer's body, cut at our cap or not, does not matter)."""
+        status = self.curl.getinfo(pycurl.RESPONSE_CODE)
+        if 200 <= status <= 299 and (code == 0 or self.attempt.too_large or code == _FILESIZE_EXCEEDED):
+            return None
+        if code == 0 and 300 <= status <= 399:
+            return Failure(f"HTTP {status}: redirects are not followed", ErrorKind.REDIRECTS, False)
+        return self.failure(code, message)

@@ -8,6 +8,7 @@
     settings.py      SupervisorSettings
     stores.py        the store master
     metrics.py       counters for the heartbeat and /metrics
+    webhooks.py      completion webhooks: the outbox the recorder writes, and the thread that delivers it
     notify.py        sd_notify for systemd
 
 Import what you need from its module (``from daemon.supervisor.loop import Supervisor``): this file imports

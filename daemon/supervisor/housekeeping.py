@@ -55,6 +55,9 @@ class Housekeeping:
         if orphans:
             log.info("removed the meta file of %d submission(s) that never got their job file: %s",
                      len(orphans), ", ".join(map(str, orphans)))
+        keys = self.spool.remove_orphan_keys(older_than_s=ORPHAN_META_AGE_S)
+        if keys:
+            log.info("removed %d Idempotency-Key record(s) whose job was never written or is purged", keys)
 
     def check_finished_results(self, budget_s: float = RESULTS_CHECK_BUDGET_S) -> None:
         """A finished job's results files must be whole: one cut short (a disk that lied, a hand) is moved to

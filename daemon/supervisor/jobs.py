@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from daemon.engine import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
 from daemon.runners import Loss
 from daemon.supervisor.stores import Store
-from spool import Phase, Status, status_document, utc_now
+from spool import DeliveryState, Phase, Status, status_document, utc_now
 
 UNKNOWN_STORE = "store_id not in the store master"
 CANCELLED = CANCELLED_BY_REQUEST
@@ -61,6 +61,7 @@ class ActiveJob:
         self.failed = 0
         self.cancelled = 0  # of the failed, those "cancelled by request" ("images_cancelled")
         self.failed_stores: dict[str, list] = {}  # store_id -> [first error, its image_url, images failed]
+        self.callback_url: str | None = doc.get("callback_url")  # told when the job finishes (webhooks.py)
 
     @property
     def total(self) -> int:
@@ -102,6 +103,9 @@ class ActiveJob:
         if status is Status.FAILED:
             doc["error"] = [{"store_id": store_id, "error": error, "image_url": url, "images_failed": count}
                             for store_id, (error, url, count) in self.failed_stores.items()]
+        if self.callback_url:
+            state = DeliveryState.PENDING if phase is Phase.FINISHED else DeliveryState.WAITING
+            doc["callback"] = {"url": self.callback_url, "state": state.value}
         return doc
 
 

@@ -36,6 +36,7 @@ from daemon.supervisor.notify import Notifier
 from daemon.supervisor.recording import Recorder
 from daemon.supervisor.settings import SupervisorSettings
 from daemon.supervisor.stores import Store
+from daemon.supervisor.webhooks import Outbox
 from spool import Control, CorruptFile, DamagedResults, Executor, Folder, Spool
 
 log = logging.getLogger("retailpulse.daemon")
@@ -59,7 +60,8 @@ class Supervisor:
 
     def __init__(self, spool: Spool, stores: dict[str, Store], settings: SupervisorSettings,
                  runner: TaskRunner, events: Events, executor: Executor = Executor.LOCAL,
-                 notifier: Notifier | None = None, clock: Callable[[], float] = time.monotonic):
+                 notifier: Notifier | None = None, clock: Callable[[], float] = time.monotonic,
+                 outbox: Outbox | None = None):
         self.spool = spool
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
@@ -67,7 +69,7 @@ class Supervisor:
         self.settings = settings
         self.runner, self.events, self.executor = runner, events, Executor(executor)
         self.clock = clock
-        self.recorder = Recorder(spool, stores, self.metrics, settings.disk_retry_interval_s, clock)
+        self.recorder = Recorder(spool, stores, self.metrics, settings.disk_retry_interval_s, clock, outbox)
         self.housekeeping = Housekeeping(spool, settings.retention_days * 86400, clock)
         self.loader = JobLoader(spool, settings.chunk_images)
         self.jobs: dict[int, ActiveJob] = {}
@@ -133,7 +135,8 @@ class Supervisor:
         return {"executor": self.executor, **self.runner.describe(), "jobs_active": len(self.jobs),
                 "tasks_in_flight": len(self.dispatched), "images_in_flight": self.images_in_flight,
                 "images_remaining_active": sum(job.total - job.recorded for job in self.jobs.values()),
-                "paused": self.recorder.paused, "metrics": self.metrics.snapshot()}
+                "paused": self.recorder.paused, "metrics": self.metrics.snapshot(),
+                "webhooks": self.recorder.outbox.snapshot()}
 
     def status_line(self) -> str:
         """For `systemctl status`: STATUS=3 jobs, 412 images in flight."""

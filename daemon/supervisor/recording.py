@@ -16,6 +16,7 @@ from daemon.supervisor.jobs import ActiveJob, Chunk
 from daemon.supervisor.metrics import Metrics
 from daemon.engine import ImageOutcome
 from daemon.supervisor.stores import Store
+from daemon.supervisor.webhooks import Outbox
 from spool import Spool, Status
 
 log = logging.getLogger("retailpulse.daemon")
@@ -23,8 +24,9 @@ log = logging.getLogger("retailpulse.daemon")
 
 class Recorder:
     def __init__(self, spool: Spool, stores: dict[str, Store], metrics: Metrics, retry_interval_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, outbox: Outbox | None = None):
         self.spool, self.stores, self.metrics, self.clock = spool, stores, metrics, clock
+        self.outbox = outbox or Outbox(spool)  # completion webhooks (webhooks.py)
         self.retry_interval_s = retry_interval_s
         self.unrecorded: deque[tuple[ActiveJob, Chunk, list[ImageOutcome]]] = deque()
         self.unpublished: dict[int, ActiveJob] = {}
@@ -61,6 +63,8 @@ class Recorder:
         """Write the job's status; once every image has a result, move the job out of active/. True then."""
         doc = job.status_doc()
         try:
+            if job.finished and job.callback_url:  # before the status says finished: no crash loses it
+                self.outbox.add(job.job_id, job.callback_url, doc)
             self.spool.write_status(job.job_id, doc)
             if job.finished:
                 self.spool.finish(job.job_id, Status(doc["status"]))
@@ -70,6 +74,8 @@ class Recorder:
             return False
         self.unpublished.pop(job.job_id, None)
         if job.finished:
+            if job.callback_url:
+                self.outbox.ready(job.job_id)
             self.metrics.job(doc["status"])
             log.info("job %d: %s, %d images, %d failed", job.job_id, doc["status"], job.total, job.failed)
         return job.finished

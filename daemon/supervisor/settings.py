@@ -18,3 +18,14 @@ class SupervisorSettings:
     # replaced if local). Well above the longest one image can take with the default download limits
     # (3 attempts x 30 s, 2 backoffs of at most 10 s, the GPU wait: about 111 s).
     stall_timeout_s: float = 180.0
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Completion notifications (daemon/supervisor/webhooks.py)."""
+
+    retry_for_s: float = 86400.0  # a notification is retried for this long after its job finished, then given up
+    backoff_s: float = 1.0  # wait before the 2nd attempt; doubled before each later one, with jitter
+    max_backoff_s: float = 600.0  # longest wait between two attempts, whatever Retry-After or the doubling say
+    deliveries_at_once: int = 32  # attempts in flight at once: receivers that hang hold only these slots
+    max_answer_bytes: int = 64 * 1024  # of a receiver's answer; only its status code matters

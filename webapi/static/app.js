@@ -118,6 +118,7 @@ function jobCard(doc) {
   bar.setAttribute("role", "progressbar");
   bar.setAttribute("aria-valuenow", String(p.percent));
   item.append(head, bar, el("div", p.text, "progress muted"));
+  if (doc.callback) item.append(webhookLine(doc.callback));
   if (Array.isArray(doc.error) && doc.error.length) {
     const list = el("ul", null, "failures");
     for (const failure of doc.error) {
@@ -130,6 +131,18 @@ function jobCard(doc) {
     item.append(list);
   }
   return item;
+}
+
+// The completion webhook's delivery, as /api/status tells it ("callback"); the URL is the client's: text only.
+function webhookLine(callback) {
+  const line = el("div", null, "webhook webhook-" + callback.state);
+  line.dataset.state = callback.state;
+  let text = "webhook " + String(callback.state).replace("_", " ");
+  if (callback.attempts) text += ` after ${callback.attempts} attempt(s)`;
+  if (callback.last_error) text += ` (last: ${callback.last_error})`;
+  if (callback.next_attempt_at) text += `, next at ${callback.next_attempt_at}`;
+  line.append(el("span", text + ": "), el("span", callback.url || "", "url"));
+  return line;
 }
 
 async function refreshJobs() {

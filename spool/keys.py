@@ -1,0 +1,121 @@
+"""Idempotency keys: the record that ties a client's ``Idempotency-Key`` to the job its submit made (the
+format is documented in spool/__init__.py). Mixed into Spool.
+
+The promise is the job's own: a crash at any instant leaves no job and no key, or both. A submit with a key
+runs under the key's lock (one of 256 lock files, by the key's digest, so unrelated keys rarely wait on each
+other) and writes, in this order: the key record naming the job id it took, the job's meta file, the job
+file. A key record counts only while the job it names exists, and job ids never repeat, so a record whose
+job never got written (a crash in between) counts as no key: the next submit with that key makes the job.
+The lock is a file lock (flock), so the kernel lets go of it when a killed API process dies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import filelock
+
+from spool import CorruptFile, Folder
+
+#: A submit waits this long for another request with the same key (or the same lock shard) to finish.
+KEY_LOCK_TIMEOUT_S = 30.0
+
+
+class KeyReused(Exception):
+    """The key already made a job from a different request."""
+
+    def __init__(self, job_id: int):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class KeyBusy(Exception):
+    """Another request with this key held its lock for KEY_LOCK_TIMEOUT_S."""
+
+
+def key_digest(owner: str | None, key: str) -> str:
+    """The key's name in the spool: keys are scoped to the token that sent them (owner None: tokens off).
+    Token names and keys hold no newline, so the joined text is unambiguous."""
+    return hashlib.sha256(f"{owner or ''}\n{key}".encode()).hexdigest()
+
+
+class IdempotencyKeys:
+    """Needs Spool's layout and primitives (root, write_atomic, _read_json, next_job_id, store_job, job_folder)."""
+
+    def key_path(self, digest: str) -> Path:
+        return self.root / Folder.IDEMPOTENCY / f"{digest}.json"
+
+    def key_lock(self, digest: str, timeout_s: float = KEY_LOCK_TIMEOUT_S) -> filelock.FileLock:
+        return filelock.FileLock(str(self.root / Folder.IDEMPOTENCY / f"{digest[:2]}.lock"), timeout=timeout_s)
+
+    def job_exists(self, job_id: int) -> bool:
+        return self.job_folder(job_id) is not None or self.status_path(job_id).exists()
+
+    def key_record(self, digest: str) -> dict | None:
+        """The record of a key whose job exists; None when there is none, or its job never got written."""
+        try:
+            record = self._read_json(self.key_path(digest))
+        except (FileNotFoundError, CorruptFile):
+            return None
+        job_id = record.get("job_id")
+        return record if isinstance(job_id, int) and self.job_exists(job_id) else None
+
+    def submit_once(self, owner: str | None, key: str, request_sha256: str, count: int, visits: list,
+                    callback_url: str | None = None, admit: Callable[[], None] = lambda: None) -> tuple[int, bool]:
+        """(job id, replayed): the job this key made before, or a new one stored as submit() stores it.
+
+        ``request_sha256`` fingerprints the request; the same key with another fingerprint raises KeyReused.
+        ``admit()`` runs only before a new job is made, and may raise to refuse it (a full queue)."""
+        digest = key_digest(owner, key)
+        try:
+            with self.key_lock(digest):
+                record = self.key_record(digest)
+                if record is not None:
+                    if record.get("request_sha256") != request_sha256:
+                        raise KeyReused(record["job_id"])
+                    return record["job_id"], True
+                admit()
+                job_id = self.next_job_id()
+                self.write_atomic(self.key_path(digest), json.dumps(
+                    {"key": key, "owner": owner, "job_id": job_id, "request_sha256": request_sha256,
+                     "created_at": round(time.time(), 3)}, separators=(",", ":")).encode())
+                self.store_job(job_id, count, visits, owner, callback_url=callback_url, idempotency_key=digest)
+                return job_id, False
+        except filelock.Timeout:
+            raise KeyBusy from None
+
+    def forget_key(self, job_id: int, digest: object) -> None:
+        """Purge: remove the key record of a job being deleted, if it still names that job."""
+        if not isinstance(digest, str) or len(digest) != 64:
+            return
+        try:
+            with self.key_lock(digest, timeout_s=5):
+                record = self._read_json(self.key_path(digest))
+                if record.get("job_id") == job_id:
+                    self.key_path(digest).unlink(missing_ok=True)
+        except (FileNotFoundError, CorruptFile, filelock.Timeout):
+            return  # nothing to remove, or busy: the orphan sweep removes it once its job is gone
+
+    def remove_orphan_keys(self, older_than_s: float) -> int:
+        """Remove key records older than ``older_than_s`` whose job does not exist (a submit killed between
+        its writes, a purge interrupted): they already count as no key; this only tidies. How many."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in os.scandir(self.root / Folder.IDEMPOTENCY):
+            if not entry.name.endswith(".json"):
+                continue
+            digest = entry.name[:-5]
+            try:
+                if entry.stat().st_mtime >= cutoff or self.key_record(digest) is not None:
+                    continue
+                with self.key_lock(digest, timeout_s=0):  # a submit holding it is writing this very record
+                    if self.key_record(digest) is None:
+                        os.unlink(entry.path)
+                        removed += 1
+            except (FileNotFoundError, filelock.Timeout):
+                continue
+        return removed
