@@ -123,7 +123,7 @@ class _Api:
             key = submit_options.idempotency_key(request.get_header(submit_options.IDEMPOTENCY_HEADER))
             doc = decode_submission(body, self.limits)
             count, visits = check_submission(doc, self.limits)
-            callback_url = submit_options.callback_url(doc.callback_url, self.limits, owner, self.webhook_secrets)
+            callback_url = submit_options.callback_url(doc.callback(), self.limits, owner, self.webhook_secrets)
         except InvalidSubmission as exc:
             return json_response(400, {"error": str(exc)})
         images = sum(len(visit["image_url"]) for visit in visits)

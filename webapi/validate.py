@@ -56,7 +56,11 @@ class Submission(msgspec.Struct):
 
     count: int
     visits: list[_Visit]
-    callback_url: str | None = None  # checked by webapi/submit_options.py
+    callback_url: str | msgspec.UnsetType = msgspec.UNSET  # absent, or a string (not null): submit_options.py
+
+    def callback(self) -> str | None:
+        """The callback_url, None when the client named none."""
+        return None if self.callback_url is msgspec.UNSET else self.callback_url
 
 
 #: Immutable, made once: msgspec decoders keep no state between calls.
