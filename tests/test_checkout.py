@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 
@@ -12,14 +11,10 @@ import pytest
 import requests
 
 from tests.conftest import REPO, wait_until
+from tests.service import free_port
 
 README = REPO / "README.md"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def readme_first_job() -> dict:

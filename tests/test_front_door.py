@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.api_process import running_api
-from tests.service import REPO, stop_processes
+from tests.service import REPO, free_port, stop_processes
 from webapi.auth import digest
 from webapi.pages import PAGE_CSP
 
@@ -25,10 +25,6 @@ TOKENS = {"acme": "token-of-acme", "globex": "token-of-globex"}
 
 
 # ------------------------------------------------------------------ processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 10) -> None:

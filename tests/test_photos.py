@@ -15,7 +15,7 @@ from daemon.engine.measure import BodyReader, ImageError, image_size
 from daemon.engine.outcome import ErrorKind
 from tests.conftest import image_bytes, visit
 from tests.photo_corpus import Photo, box, corpus, full_box, mp4_video
-from tests.test_engine import NO_WAIT, HostileServer, ok
+from tests.test_engine import NO_WAIT, ok, server  # noqa: F401 (server: a fixture)
 
 PHOTOS = corpus()
 BY_NAME = {photo.name: photo for photo in PHOTOS}
@@ -212,11 +212,6 @@ def test_image_formats_setting_reaches_the_daemon(start_service, image_server):
 
 
 # ---------------------------------------------------------------- what the transport knows
-@pytest.fixture
-def server():
-    srv = HostileServer()
-    yield srv
-    srv.close()
 
 
 def _chunked_then_hang_up(body: bytes):

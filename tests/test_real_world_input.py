@@ -2,7 +2,6 @@
 unreadable spool files, damaged results, and the words the service uses about them (issue 20)."""
 import csv
 import io
-import json
 import multiprocessing
 import os
 import secrets
@@ -21,19 +20,13 @@ from daemon.engine.outcome import ErrorKind
 from daemon.runners import Message
 from daemon.runners.pool_process import EXIT_ENGINE_DIED, serve
 from spool import Status
-from tests.conftest import REPO, image_bytes, pool_worker_pids, visit, wait_until
+from tests.conftest import REPO, pool_worker_pids, visit, wait_until
 from tests.service import WITHOUT_FILE_PERMISSION_OVERRIDE
-from tests.test_engine import JPEG, LOCAL, NO_WAIT, HostileServer, ok
+from tests.test_engine import JPEG, LOCAL, NO_WAIT, ok, server  # noqa: F401 (server: a fixture)
 from tests.test_supervisor import fill, small_disk  # noqa: F401 (a fixture)
 
 JSON = {"Content-Type": "application/json"}
 
-
-@pytest.fixture
-def server():
-    srv = HostileServer()
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")

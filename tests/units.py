@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.service import REPO
+from tests.service import REPO, free_port
 
 UNITS = REPO / "systemd"
 VENV_BIN = Path(sys.executable).parent
@@ -45,11 +45,6 @@ def directives(unit: str | Path) -> list[tuple[str, str]]:
 def values(unit: str | Path, key: str) -> list[str]:
     return [value for k, value in directives(unit) if k == key]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def free_port_range(count: int) -> tuple[int, int]:
