@@ -45,9 +45,9 @@ ctl: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
-# The inner loop: everything but the browser, Dask, nginx and install tests (about a minute on 2 cores).
+# The inner loop: everything but the browser, Dask, nginx, install and slow tests (about a minute on 2 cores).
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -m 'not (browser or dask or nginx or install)'
+	$(BIN)/python -m pytest -m 'not (browser or dask or nginx or install or slow)'
 
 clean:
 	rm -rf $(VENV) var .pytest_cache *.egg-info

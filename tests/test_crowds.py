@@ -2,6 +2,8 @@
 
 The real API and daemon, a real image server; the pool is made small and the GPU wait fixed (0.1 s) so
 that a crowd of big jobs takes seconds, while the small job takes about a tenth of one."""
+import pytest
+
 from spool import Phase, Status
 from tests.conftest import image_bytes, visit
 
@@ -10,6 +12,7 @@ def urls(image_server, tag: str, n: int) -> list[str]:
     return [f"{image_server.base}/shelf.jpg?{tag}={i}" for i in range(n)]
 
 
+@pytest.mark.slow  # seconds of real time on purpose: left out of `make test-fast`
 def test_a_small_job_finishes_first_however_many_big_jobs_are_queued_or_running(start_service, image_server):
     (image_server.folder / "shelf.jpg").write_bytes(image_bytes("JPEG", 64, 48))
     service = start_service("--max-active-jobs", "2", "--small-job-images", "10", "--chunk-images", "8",

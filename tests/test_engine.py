@@ -173,6 +173,7 @@ def test_permanent_failure_after_a_transient_one_counts_both_attempts(server):
     assert one(f"{server.base}/x.jpg").error == "HTTP 404 (permanent, after 2 attempts)"
 
 
+@pytest.mark.slow  # seconds of real time on purpose: left out of `make test-fast`
 def test_retry_after_is_honoured_and_capped(server):
     seen = []
     answers = iter([status(429, "Retry-After: 1\r\n"), status(503, "Retry-After: 3600\r\n"), ok(JPEG)])

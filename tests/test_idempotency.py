@@ -114,6 +114,7 @@ def _submit_then_die_at_step(spool_root: str, step: int) -> None:
     print(json.dumps({"steps": done[0], "status": r.status_code}))
 
 
+@pytest.mark.slow  # seconds of real time on purpose: left out of `make test-fast`
 def test_a_crash_at_any_step_of_a_keyed_submit_leaves_no_job_and_no_key_or_both(tmp_path):
     context = multiprocessing.get_context("spawn")
     step, outcomes = 0, []
@@ -150,6 +151,7 @@ def test_a_crash_at_any_step_of_a_keyed_submit_leaves_no_job_and_no_key_or_both(
 
 
 # ------------------------------------------------------------------ concurrent retries, two API processes
+@pytest.mark.slow  # seconds of real time on purpose: left out of `make test-fast`
 def test_concurrent_identical_submits_with_one_key_on_two_api_processes_make_one_job(tmp_path):
     spool_dir = tmp_path / "spool"
     body = json.dumps(JOB).encode()

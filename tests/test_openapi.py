@@ -34,6 +34,7 @@ def test_the_check_catches_an_answer_the_document_does_not_allow(status, body):
         openapi_check.check("GET", "/api/status", status, "application/json", body)
 
 
+@pytest.mark.slow  # seconds of real time on purpose: left out of `make test-fast`
 def test_schemathesis_finds_no_5xx_no_schema_violation_no_undocumented_status(tmp_path):
     if not SCHEMATHESIS.exists():
         pytest.fail(f"schemathesis is not installed at {SCHEMATHESIS} (pip install -e '.[test]')")

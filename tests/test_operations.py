@@ -182,6 +182,7 @@ def test_healthz_and_metrics_from_the_real_processes(start_service, image_server
 
 
 # ------------------------------------------------------------------ cancel cancels
+@pytest.mark.slow  # seconds of real time on purpose: left out of `make test-fast`
 def test_ctl_cancel_of_a_running_job_of_640_images_ends_it_failed_at_once_and_says_how_many(start_service, shelf):
     # Every image in its 5 s GPU wait: with the defaults the whole job is in flight at once.
     service = start_service("--gpu-sleep-min-s", "5", "--gpu-sleep-max-s", "5")
@@ -229,6 +230,7 @@ def test_cancel_takes_stalled_downloads_off_the_pool_and_frees_its_room_for_the_
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow  # seconds of real time on purpose: left out of `make test-fast`
 def test_a_daemon_killed_in_the_middle_of_a_cancel_leaves_exactly_one_result_per_image(start_service, shelf):
     service = start_service("--gpu-sleep-min-s", "0.5", "--gpu-sleep-max-s", "1", "--chunk-images", "8",
                             "--images-per-process", "64")

@@ -178,6 +178,7 @@ VISIT_JSON = b'{"store_id": "RP00001", "visit_time": "t", "image_url": ["http://
      body_of_size('{"count": 1, "visits": ['.encode() + VISIT_JSON + '], "x": "😀'.encode(), b"a", b'"}', MAX_BODY),
      None),
 ])
+@pytest.mark.slow  # seconds of real time on purpose: left out of `make test-fast`
 def test_a_64_mib_body_of_any_shape_costs_a_small_multiple_of_itself(tmp_path, shape, body, answer):
     from tests.api_process import running_api
     with running_api(tmp_path / "spool", "--api-workers", "1") as base:
@@ -320,6 +321,7 @@ def test_a_damaged_line_anywhere_is_a_503_naming_it_and_requeue_redoes_the_job_o
 
 
 # ---------------------------------------------------------------- true words
+@pytest.mark.slow  # seconds of real time on purpose: left out of `make test-fast`
 def test_a_trickle_is_failed_naming_the_rule_it_broke(server):
     def trickle(conn, srv):
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")

@@ -3,9 +3,13 @@
 import os
 import signal
 
+import pytest
+
 from spool import Status
 from tests.conftest import pool_worker_pids, visits_of, wait_until
 from tests.test_crash_safety import SLOW, assert_one_result_per_image
+
+pytestmark = pytest.mark.slow  # real processes held for seconds on purpose: left out of `make test-fast`
 
 
 def test_a_stopped_pool_process_is_named_by_healthz_then_replaced_and_its_images_redone(start_service, image_server):

@@ -22,8 +22,9 @@ from tests.units import SANDBOX_UID, Installation, free_port, free_port_range, s
 from tests.service import stop_processes
 
 can_sandbox = os.geteuid() == 0 and shutil.which("unshare") and shutil.which("setpriv")
-pytestmark = pytest.mark.skipif(not can_sandbox and "CI" not in os.environ,
-                                reason="needs root, unshare and setpriv to reproduce the units' sandboxes")
+pytestmark = [pytest.mark.slow,  # real processes held for seconds on purpose: left out of `make test-fast`
+              pytest.mark.skipif(not can_sandbox and "CI" not in os.environ,
+                                 reason="needs root, unshare and setpriv to reproduce the units' sandboxes")]
 API, DAEMON = "retail-pulse-api.service", "retail-pulse-daemon.service"
 SCHEDULER, WORKER = "retail-pulse-dask-scheduler.service", "retail-pulse-dask-worker@.service"
 

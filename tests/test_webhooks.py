@@ -184,6 +184,7 @@ def test_a_receiver_that_fails_twice_gets_it_on_the_third_attempt_same_id_signed
           f"delivered {got[-1].answered_at - got[0].at:.2f} s after the first attempt")
 
 
+@pytest.mark.slow  # seconds of real time on purpose: left out of `make test-fast`
 def test_a_receiver_that_never_answers_costs_bounded_attempts_and_never_the_image_work(
         start_service, secrets_file, receivers, shelf):
     receiver = receivers(HANG, HANG, HANG, HANG, HANG, HANG)

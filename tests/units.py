@@ -146,6 +146,13 @@ class Installation:
 SANDBOX_UID = 65534
 
 
+def _under_tmp(*paths: Path) -> list[Path]:
+    """Those of ``paths`` inside /tmp or /var/tmp, none inside another (a private /tmp would hide them)."""
+    found = sorted({path.resolve() for path in paths
+                    if path.resolve().is_relative_to("/tmp") or path.resolve().is_relative_to("/var/tmp")})
+    return [path for path in found if not any(path != other and path.is_relative_to(other) for other in found)]
+
+
 def sandboxed(installation: Installation, unit: str, argv: list[str], env: dict[str, str],
               instance: str = "") -> list[str]:
     """``argv`` as its unit would run it, as far as a test can reproduce without systemd: a mount namespace
@@ -170,11 +177,16 @@ def sandboxed(installation: Installation, unit: str, argv: list[str], env: dict[
     keep = {"/tmp", "/var/tmp", *rw}
     lines = ["set -e"]
     if settings.get("PrivateTmp") == "true":
-        lines += [f"exec 3<{shlex.quote(str(installation.root))}",  # reached again below, through the fd
-                  "mount -t tmpfs -o mode=1777 tmpfs /tmp", "mount -t tmpfs -o mode=1777 tmpfs /var/tmp",
-                  f"mkdir -p {shlex.quote(str(installation.root))}",
-                  f"mount --no-canonicalize --bind /proc/self/fd/3 {shlex.quote(str(installation.root))}",
-                  "exec 3<&-"]
+        # The installation's folders, and this checkout with its venv when it lives in /tmp (a CI clone),
+        # are reached again below through file descriptors opened before the empty tmpfs hides them.
+        kept = [(installation.root, "")] + [(path, "ro") for path in _under_tmp(REPO, Path(sys.prefix))]
+        for fd, (path, _) in enumerate(kept, start=3):
+            lines.append(f"exec {fd}<{shlex.quote(str(path))}")
+        lines += ["mount -t tmpfs -o mode=1777 tmpfs /tmp", "mount -t tmpfs -o mode=1777 tmpfs /var/tmp"]
+        for fd, (path, mode) in enumerate(kept, start=3):
+            lines += [f"mkdir -p {shlex.quote(str(path))}",
+                      f"mount --no-canonicalize --bind {'-o ro ' if mode else ''}/proc/self/fd/{fd} "
+                      f"{shlex.quote(str(path))}", f"exec {fd}<&-"]
     lines += [f"mount --bind {shlex.quote(path)} {shlex.quote(path)}" for path in rw]
     if settings.get("ProtectSystem") == "strict":
         skip = " | ".join(["/proc", "/proc/*", "/dev", "/dev/*", *(shlex.quote(path) for path in sorted(keep))])
