@@ -246,6 +246,7 @@ def test_callbacks_to_loopback_and_the_metadata_address_are_refused(start_servic
     assert receiver.received == []
 
 
+@pytest.mark.browser  # headless Chromium: left out of `make test-fast`
 def test_the_status_page_shows_each_jobs_webhook(start_service, secrets_file, receivers, shelf, browser):
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
