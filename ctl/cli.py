@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from config import SettingError, add_options, resolve, settings_for
 from spool import Control, CorruptFile, DamagedResults, Folder, Spool, Status, UnreadableResults, parse_job_id
-from webapi.app import carried_out, daemon_health
+from webapi.health import carried_out, daemon_health
 
 EXIT_USAGE = 2
 #: How long cancel and requeue wait for a running daemon to carry the request out (it does within 0.1 s).

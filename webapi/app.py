@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 
@@ -11,22 +10,17 @@ import bottle
 from bottle import Bottle, HTTPResponse, request
 
 from spool import (Control, DamagedResults, Executor, KeyBusy, KeyReused, Phase, Spool, UnreadableResults,
-                   parse_job_id, pid_exists)
+                   parse_job_id)
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webapi.metrics import render as render_metrics
 from webapi import openapi, pages, submit_options
+from webapi.health import carried_out, daemon_health, full_disk_checks, worker_health
 from webapi.validate import InvalidSubmission, SubmitLimits, check_submission, decode_submission
 
 log = logging.getLogger("retailpulse.webapi")
 
 _RESULTS_BATCH_BYTES = 64 * 1024
-#: The daemon writes its heartbeat every second; this much silence means it is stuck or gone.
-HEARTBEAT_STALE_S = 10.0
-#: Less free space than this where the spool lives is a full disk: a chunk's results file and its status
-#: need more (and the daemon cannot even write its heartbeat then, so the API looks for itself).
-FULL_DISK_BYTES = 64 * 1024
-
 #: How long POST /api/cancel waits for a running daemon to carry the cancel out (it does within 0.1 s).
 CANCEL_WAIT_S = 5.0
 
@@ -292,71 +286,11 @@ class _Api:
         return HTTPResponse(render_metrics(self.spool), status=200, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
-def daemon_health(beat: dict | None) -> str:
-    """"ok", or what is wrong with the daemon as its heartbeat file (daemon.json) tells."""
-    if beat is None:
-        return "no heartbeat (daemon.json missing): daemon not running"
-    age = time.time() - beat.get("heartbeat_at", 0)
-    if age > HEARTBEAT_STALE_S:
-        return f"last heartbeat {age:.0f} s ago"
-    if not pid_exists(int(beat.get("pid", 0))):
-        return f"process {beat.get('pid')} is gone"
-    if beat.get("paused"):
-        return "paused: cannot write results (disk full?)"
-    return "ok"
-
-
-def full_disk_checks(spool: Spool, beat: dict | None) -> dict:
-    """The checks a full disk fails. Not inferred from the heartbeat: on a full disk the daemon cannot write
-    that either, and would only look silent. A daemon alive on a full disk is paused (recording.py)."""
-    try:
-        fs = os.statvfs(spool.root)
-    except OSError:
-        return {}
-    free = fs.f_bavail * fs.f_frsize
-    if free >= FULL_DISK_BYTES and not (fs.f_files and fs.f_favail == 0):
-        return {}
-    full = f"the disk holding the spool is full ({free} bytes, {fs.f_favail} inodes free)"
-    checks = {"spool_writable": full}
-    if beat is not None and pid_exists(int(beat.get("pid", 0))):
-        checks["daemon"] = f"paused: {full}; it cannot record results (or write its heartbeat) until space is freed"
-    return checks
-
-
 def spool_error(exc: OSError) -> str:
     """An OSError in words that name the file, relative to nothing secret: "status/7.json: Permission denied"."""
     name = exc.filename
     where = "/".join(str(name).split("/")[-2:]) if name else ""
     return f"{where}: {exc.strerror or exc}" if where else str(exc.strerror or exc)
-
-def carried_out(spool: Spool, job_id: int, verb: Control, timeout_s: float,
-                clock=time.monotonic, sleep=time.sleep) -> bool:
-    """Whether the daemon carried out the request (its control/ file gone) within ``timeout_s``; False at
-    once when no daemon runs (the request waits for one)."""
-    if daemon_health(spool.read_heartbeat()) != "ok":
-        return False
-    deadline = clock() + timeout_s
-    while spool.request_pending(job_id, verb):
-        if clock() >= deadline:
-            return False
-        sleep(0.02)
-    return True
-
-
-
-def worker_health(beat: dict) -> dict:
-    """Checks naming the workers that hold work and finish none, or on which tasks fail (daemon.json's
-    "stalled" and "failing"); nothing when all is well."""
-    checks = {}
-    stalled = [s for s in beat.get("stalled") or () if isinstance(s, dict)]
-    if stalled:
-        checks["stalled"] = "; ".join(f"{s.get('worker')} holds {s.get('tasks')} task(s) and finished none for "
-                                      f"{s.get('seconds')} s" for s in stalled)
-    failing = [f for f in beat.get("failing") or () if isinstance(f, dict)]
-    if failing:
-        checks["failing"] = "; ".join(f"tasks fail on {f.get('worker')}: {f.get('error')}" for f in failing)
-    return checks
-
 
 def json_error(err: bottle.HTTPError) -> str:
     """Bottle's own errors (no route, wrong method, a crash) as JSON instead of its HTML page."""
