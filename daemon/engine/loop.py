@@ -35,7 +35,7 @@ from daemon.engine.limits import DownloadLimits
 from daemon.engine.measure import BodyReader, ImageError, perimeter
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
-from daemon.engine.transfer import Failure, Transfer
+from daemon.engine.transfer import Failure, Transfer, finished
 
 log = logging.getLogger("retailpulse.engine")
 
@@ -300,14 +300,8 @@ class Engine:
             self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)  # let libcurl start the new ones now
 
     def _finish_transfers(self) -> None:
-        while True:
-            queued, succeeded, failed = self._multi.info_read()
-            for curl in succeeded:
-                self._transfer_ended(curl, 0, "")
-            for curl, code, message in failed:
-                self._transfer_ended(curl, code, message)
-            if not queued:
-                return
+        for curl, code, message in finished(self._multi):
+            self._transfer_ended(curl, code, message)
 
     def _transfer_ended(self, curl, code: int, message: str) -> None:
         transfer = self._running.pop(id(curl), None)

@@ -22,6 +22,7 @@ code matters.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import pycurl
@@ -190,6 +191,18 @@ class Transfer:
 
     def close(self) -> None:
         self.curl.close()
+
+
+def finished(multi: pycurl.CurlMulti) -> Iterator[tuple[pycurl.Curl, int, str]]:
+    """Every transfer the multi handle has finished since the last look: (handle, libcurl code, message),
+    code 0 when it succeeded. The engine's loop and the webhook thread both read their multi handle so."""
+    while True:
+        queued, succeeded, failed = multi.info_read()
+        for curl in succeeded:
+            yield curl, 0, ""
+        yield from failed
+        if not queued:
+            return
 
 
 def _retry_after_s(value: str | None) -> float | None:

@@ -35,7 +35,7 @@ import pycurl
 
 from daemon.engine.limits import DownloadLimits
 from daemon.engine.netguard import AddressPolicy
-from daemon.engine.transfer import Failure, Post
+from daemon.engine.transfer import Failure, Post, finished
 from daemon.supervisor.settings import WebhookSettings
 from spool import DeliveryState, Spool
 from spool.outbox import webhook_id
@@ -215,14 +215,8 @@ class Deliveries(Outbox):
     def _perform(self) -> None:
         while self._multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
             pass
-        while True:
-            queued, succeeded, failed = self._multi.info_read()
-            for curl in succeeded:
-                self._ended(curl, 0, "")
-            for curl, code, message in failed:
-                self._ended(curl, code, message)
-            if not queued:
-                return
+        for curl, code, message in finished(self._multi):
+            self._ended(curl, code, message)
 
     def _ended(self, curl, code: int, message: str) -> None:
         handle, record = self._running.pop(id(curl))
