@@ -162,7 +162,7 @@ class Run:
             raise
         self.sampler = Sampler({"daemon": [self.service.daemon.pid], "dask": self.cluster.pids()})
         self.http = requests.Session()
-        wait_for(lambda: (self.service.spool.read_heartbeat() or {}).get("workers") == workers,
+        wait_for(lambda: (self.service.spool.heartbeat.read() or {}).get("workers") == workers,
                  f"{workers} Dask workers seen by the daemon")
 
     def submit(self, images: int, tier: str, tag: str) -> tuple[int, float]:

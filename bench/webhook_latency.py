@@ -58,7 +58,7 @@ def measure(jobs: int, rate_per_s: float, daemon_args: list[str]) -> dict:
                        what="every webhook")
             answered = {x.verified["job_id"]: x.answered_at for x in receiver.received
                         if x.answered == 200 and isinstance(x.verified, dict)}
-            latencies = [answered[str(job_id)] - service.spool.status_path(job_id).stat().st_mtime for job_id in ids]
+            latencies = [answered[str(job_id)] - service.spool.jobs.status_path(job_id).stat().st_mtime for job_id in ids]
             attempts = len(receiver.received)
             statuses = {service.status(job_id)["callback"]["state"] for job_id in ids}
         finally:

@@ -38,7 +38,7 @@ def open_spool(config: Config) -> Spool:
     where = f"spool_dir ({config.source('spool_dir')})"
     try:
         spool = Spool(config.spool_dir).create()
-        problem = spool.permission_problem() or spool.access_problem()
+        problem = spool.upkeep.permission_problem() or spool.upkeep.access_problem()
     except OSError as exc:
         raise StartupError(f"{where}: {config.spool_dir}: {exc.strerror or exc}") from None
     if problem:

@@ -23,9 +23,13 @@ import sys
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from config import SettingError, add_options, resolve, settings_for
-from spool import Control, CorruptFile, DamagedResults, Folder, Spool, Status, UnreadableResults, parse_job_id
-from webapi.health import carried_out, daemon_health
+from spool import (FINISHED_FOLDERS, JOB_FOLDERS, UNFINISHED_FOLDERS, Control, CorruptFile, DamagedResults, Folder,
+                   Spool, Status, UnreadableResults, parse_job_id)
+from spool.files import decode
+from spool.records import Callback, ResultLine
 
 EXIT_USAGE = 2
 #: How long cancel and requeue wait for a running daemon to carry the request out (it does within 0.1 s).
@@ -45,30 +49,26 @@ def progress_bar(done: int, total: int, width: int = 30) -> str:
 
 
 def job_line(spool: Spool, job_id: int, folder: str, now: float) -> str:
-    status = spool.read_status(job_id) or {}
-    meta = spool.read_meta(job_id) or {}
-    total = status.get("images_total", meta.get("images", "?"))
-    done = status.get("images_done", 0)
-    failed = status.get("images_failed", 0)
+    status = spool.status(job_id)
+    meta = spool.jobs.read_meta(job_id)
+    total = status.images_total if status and status.images_total else (meta.images if meta else "?")
     try:
-        age = age_text(now - spool.job_path(folder, job_id).stat().st_mtime)
+        age = age_text(now - spool.jobs.path(folder, job_id).stat().st_mtime)
     except FileNotFoundError:
         age = "-"
-    first_error = ""
-    if status.get("error"):
-        entry = status["error"][0]
-        first_error = f"{entry.get('store_id')}: {entry.get('error')}"
-    return (f"{job_id:>8}  {folder:<8}  {status.get('status', '?'):<9}  {f'{done}/{total}':>13}  {failed:>6}  "
+    first_error = f"{status.error[0].store_id}: {status.error[0].error}" if status and status.error else ""
+    done, failed = (status.done, status.failed) if status else (0, 0)
+    return (f"{job_id:>8}  {folder:<8}  {status.status if status else '?':<9}  {f'{done}/{total}':>13}  {failed:>6}  "
             f"{age:>5}  {first_error}")[:160]
 
 
 def cmd_list(spool: Spool, args) -> int:
-    folders = [args.state] if args.state else list(Spool.JOB_FOLDERS)
+    folders = [args.state] if args.state else list(JOB_FOLDERS)
     now = time.time()
     print(f"{'JOB':>8}  {'STATE':<8}  {'STATUS':<9}  {'DONE/TOTAL':>13}  {'FAILED':>6}  {'AGE':>5}  FIRST FAILURE")
     count = 0
     for folder in folders:
-        for job_id in spool.job_ids(folder):
+        for job_id in spool.jobs.ids(folder):
             print(job_line(spool, job_id, folder, now))
             count += 1
     print(f"-- {count} job(s)")
@@ -76,102 +76,99 @@ def cmd_list(spool: Spool, args) -> int:
 
 
 def cmd_show(spool: Spool, args) -> int:
-    folder = spool.job_folder(args.job_id)
-    status = spool.read_status(args.job_id)
+    folder = spool.jobs.folder_of(args.job_id)
+    status = spool.status(args.job_id)
     if folder is None and status is None:
         print(f"retailpulse-ctl: no job {args.job_id}", file=sys.stderr)
         return 1
     print(f"job {args.job_id}: {folder or 'no job file'}  ({spool.root})")
     if folder is not None:
-        doc = spool.read_job(spool.job_path(folder, args.job_id))
-        visits = doc.get("visits", [])
-        print(f"  submitted_at: {doc.get('submitted_at')}   count: {doc.get('count')}   "
-              f"images: {sum(len(v.get('image_url', [])) for v in visits)}")
-        for visit in visits[:10]:
-            images = len(visit.get("image_url", []))
-            print(f"  visit {visit.get('store_id')} at {visit.get('visit_time')}: {images} images")
-        if len(visits) > 10:
-            print(f"  ... {len(visits) - 10} more visits")
+        job = spool.jobs.read(spool.jobs.path(folder, args.job_id))
+        print(f"  submitted_at: {job.submitted_at}   count: {job.count}   images: {job.images}")
+        for visit in job.visits[:10]:
+            print(f"  visit {visit.store_id} at {visit.visit_time}: {len(visit.image_url)} images")
+        if len(job.visits) > 10:
+            print(f"  ... {len(job.visits) - 10} more visits")
     print("status:")
-    print("  " + json.dumps(status, indent=2).replace("\n", "\n  "))
-    if (status or {}).get("callback"):
-        print(webhook_line(status["callback"]))
+    print("  " + json.dumps(msgspec.to_builtins(status), indent=2).replace("\n", "\n  "))
+    if status is not None and status.callback:
+        print(webhook_line(status.callback))
     print("results:")
     shown = 0
-    for line in spool.iter_result_lines(args.job_id):
+    for line in spool.results.lines(args.job_id):
         if args.results is not None and shown >= args.results:
             print(f"  ... (--results {args.results}; use --results -1 for all)")
             break
-        r = json.loads(line)
-        outcome = f"{r['width']}x{r['height']} perimeter {r['perimeter']}" if r.get("error") is None else r["error"]
-        print(f"  #{r['index']:<6} {r['store_id']:<10} {outcome}  {r['image_url']}")
+        r = decode(line, ResultLine, "results")
+        outcome = f"{r.width}x{r.height} perimeter {r.perimeter}" if r.error is None else r.error
+        print(f"  #{r.index:<6} {r.store_id:<10} {outcome}  {r.image_url}")
         shown += 1
     return 0
 
 
-def webhook_line(callback: dict) -> str:
+def webhook_line(callback: Callback) -> str:
     """`show`'s summary of the completion webhook (the status's "callback", filled in from outbox/ or sent/)."""
-    line = f"webhook: {callback.get('state')} -> {callback.get('url')}"
-    if callback.get("webhook_id"):
-        line += f"  id {callback['webhook_id']}, {callback.get('attempts', 0)} attempt(s)"
+    line = f"webhook: {callback.state} -> {callback.url}"
+    if callback.webhook_id:
+        line += f"  id {callback.webhook_id}, {callback.attempts or 0} attempt(s)"
     for field in ("delivered_at", "next_attempt_at", "last_error"):
-        if callback.get(field):
-            line += f", {field.replace('_', ' ')}: {callback[field]}"
+        if getattr(callback, field):
+            line += f", {field.replace('_', ' ')}: {getattr(callback, field)}"
     return line
 
 
 def cmd_follow(spool: Spool, args, sleep: Callable[[float], None] = time.sleep) -> int:
     while True:
-        status = spool.read_status(args.job_id)
+        status = spool.status(args.job_id)
         if status is None:
             print(f"retailpulse-ctl: no job {args.job_id}", file=sys.stderr)
             return 1
-        bar = progress_bar(status.get("images_done", 0), status.get("images_total", 0))
-        print(f"\rjob {args.job_id} {status['status']:<9} {bar}  failed {status.get('images_failed', 0)}",
-              end="", flush=True)
-        if status["status"] != Status.ONGOING:
+        bar = progress_bar(status.done, status.images_total or 0)
+        print(f"\rjob {args.job_id} {status.status:<9} {bar}  failed {status.failed}", end="", flush=True)
+        if status.status is not Status.ONGOING:
             print()
-            return 0 if status["status"] == Status.COMPLETED else 1
+            return 0 if status.status is Status.COMPLETED else 1
         sleep(args.interval)
 
 
 def known(spool: Spool, job_id: int) -> bool:
     """Whether anything of the job is in the spool (a half-purged job still is: purging again finishes it)."""
-    return (spool.job_folder(job_id) is not None or spool.status_path(job_id).exists()
-            or spool.meta_path(job_id).exists() or spool.results_dir(job_id).exists())
+    return (spool.jobs.exists(job_id) or spool.jobs.meta_path(job_id).exists()
+            or spool.results.folder(job_id).exists())
 
 
 def cmd_request(spool: Spool, args) -> int:
     """Leave a cancel or requeue request, wait for the daemon to carry it out, and say what it did."""
     verb = Control.REQUEUE_FAILED if getattr(args, "failed_only", False) else Control(args.command)
-    folder = spool.job_folder(args.job_id)
+    folder = spool.jobs.folder_of(args.job_id)
     if folder is None:
         print(f"retailpulse-ctl: no job {args.job_id}", file=sys.stderr)
         return 1
-    wanted = Spool.UNFINISHED_FOLDERS if verb is Control.CANCEL else Spool.FINISHED_FOLDERS
+    wanted = UNFINISHED_FOLDERS if verb is Control.CANCEL else FINISHED_FOLDERS
     if folder not in wanted:
         print(f"retailpulse-ctl: job {args.job_id} is {folder}; {verb} needs it {' or '.join(wanted)}",
               file=sys.stderr)
         return 1
-    before = spool.read_status(args.job_id) or {}
-    spool.request(args.job_id, verb)
-    health = daemon_health(spool.read_heartbeat())
+    before = spool.status(args.job_id)
+    spool.control.request(args.job_id, verb)
+    health = spool.heartbeat.health()
     if health != "ok":  # not running, stuck, or paused on a full disk: the request waits for it
         print(f"job {args.job_id}: {verb} requested (control/{args.job_id}.{verb}); the daemon cannot carry it "
               f"out now ({health}); it will once it runs")
         return 0
-    if not carried_out(spool, args.job_id, verb, args.wait):
+    if not spool.control.wait(args.job_id, verb, args.wait):
         print(f"retailpulse-ctl: job {args.job_id}: {verb} requested, but the daemon has not carried it out "
               f"within {args.wait:g} s; the request stays in control/{args.job_id}.{verb}", file=sys.stderr)
         return 1
-    after = spool.read_status(args.job_id) or {}
+    after = spool.status(args.job_id)
+    now = after.status if after else "?"
     if verb is Control.CANCEL:
-        print(f"job {args.job_id}: cancelled {after.get('images_cancelled', 0)} of {after.get('images_total', '?')} "
-              f"images; the job is {after.get('status', '?')}")
+        print(f"job {args.job_id}: cancelled {(after and after.images_cancelled) or 0} of "
+              f"{(after and after.images_total) or '?'} images; the job is {now}")
     else:
-        redone = before.get("images_failed", 0) if verb is Control.REQUEUE_FAILED else before.get("images_total", 0)
+        redone = (before.failed if verb is Control.REQUEUE_FAILED else before.images_total or 0) if before else 0
         print(f"job {args.job_id}: requeued: {redone} {'failed ' if verb is Control.REQUEUE_FAILED else ''}"
-              f"images go round again; the job is {after.get('status', '?')}")
+              f"images go round again; the job is {now}")
     return 0
 
 
@@ -183,13 +180,13 @@ def cmd_purge(spool: Spool, args) -> int:
         if not known(spool, args.job_id):
             print(f"retailpulse-ctl: no job {args.job_id}", file=sys.stderr)
             return 1
-        if not spool.purge(args.job_id):
+        if not spool.upkeep.purge(args.job_id):
             print(f"retailpulse-ctl: job {args.job_id} is queued or running; cancel it first", file=sys.stderr)
             return 1
         print(f"job {args.job_id}: purged")
         return 0
-    purged = [job_id for job_id in spool.finished_before(time.time() - args.older_than_days * 86400)
-              if spool.purge(job_id)]
+    purged = [job_id for job_id in spool.upkeep.finished_before(time.time() - args.older_than_days * 86400)
+              if spool.upkeep.purge(job_id)]
     listed = f": {', '.join(map(str, purged))}" if purged else ""
     print(f"purged {len(purged)} job(s) finished more than {args.older_than_days:g} days ago{listed}")
     return 0
@@ -208,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(parser, settings_for(()))
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("list", help="one line per job")
-    p.add_argument("--state", choices=Spool.JOB_FOLDERS)
+    p.add_argument("--state", choices=JOB_FOLDERS)
     p = commands.add_parser("show", help="a job's file, status and results")
     p.add_argument("job_id", type=job_id_arg)
     p.add_argument("--results", type=int, default=20, help="how many result lines; -1 for all [20]")

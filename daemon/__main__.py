@@ -21,7 +21,8 @@ from daemon.runners.sandbox import deadline_s
 from daemon.supervisor.loop import Events, Supervisor
 from daemon.supervisor.notify import Notifier
 from daemon.supervisor.settings import SupervisorSettings, WebhookSettings
-from daemon.supervisor.webhooks import Deliveries, Outbox
+from daemon.notifications.delivery import Deliveries
+from daemon.notifications.outbox import Outbox
 from daemon.supervisor.stores import StoreMasterError, load_store_master
 from spool import Executor, Spool
 
@@ -53,9 +54,10 @@ def make_deliveries(config: Config, spool: Spool, settings: EngineSettings) -> O
     """The completion webhooks' outbox and its delivery thread (not started), or, without a secrets file, an
     outbox that only writes: the API then takes no callback_url, so there is nothing to send."""
     if not config.webhook_secrets_file:
-        if spool.outbox_ids():
+        waiting = spool.outbox.ids()
+        if waiting:
             log.warning("%d webhook(s) wait in %s but webhook_secrets_file is not set: they are not sent",
-                        len(spool.outbox_ids()), spool.root / "outbox")
+                        len(waiting), spool.root / "outbox")
         return Outbox(spool)
     try:
         secrets = webhook_secrets.load(Path(config.webhook_secrets_file))

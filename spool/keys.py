@@ -11,7 +11,6 @@ The lock is a file lock (flock), so the kernel lets go of it when a killed API p
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +18,10 @@ from pathlib import Path
 
 import filelock
 
-from spool import CorruptFile, Folder
+from spool.files import CorruptFile, SpoolFiles, read_checked
+from spool.jobs import Jobs
+from spool.records import KeyRecord, Visit
+from spool.vocabulary import Folder
 
 #: A submit waits this long for another request with the same key (or the same lock shard) to finish.
 KEY_LOCK_TIMEOUT_S = 30.0
@@ -43,28 +45,27 @@ def key_digest(owner: str | None, key: str) -> str:
     return hashlib.sha256(f"{owner or ''}\n{key}".encode()).hexdigest()
 
 
-class IdempotencyKeys:
-    """Needs Spool's layout and primitives (root, write_atomic, _read_json, next_job_id, store_job, job_folder)."""
+class Keys:
+    """The Idempotency-Key records; a keyed submit stores its job through ``jobs``."""
 
-    def key_path(self, digest: str) -> Path:
+    def __init__(self, files: SpoolFiles, jobs: Jobs):
+        self.files, self.jobs, self.root = files, jobs, files.root
+
+    def path(self, digest: str) -> Path:
         return self.root / Folder.IDEMPOTENCY / f"{digest}.json"
 
-    def key_lock(self, digest: str, timeout_s: float = KEY_LOCK_TIMEOUT_S) -> filelock.FileLock:
+    def lock(self, digest: str, timeout_s: float = KEY_LOCK_TIMEOUT_S) -> filelock.FileLock:
         return filelock.FileLock(str(self.root / Folder.IDEMPOTENCY / f"{digest[:2]}.lock"), timeout=timeout_s)
 
-    def job_exists(self, job_id: int) -> bool:
-        return self.job_folder(job_id) is not None or self.status_path(job_id).exists()
-
-    def key_record(self, digest: str) -> dict | None:
+    def record(self, digest: str) -> KeyRecord | None:
         """The record of a key whose job exists; None when there is none, or its job never got written."""
         try:
-            record = self._read_json(self.key_path(digest))
+            record = read_checked(self.path(digest), KeyRecord)
         except (FileNotFoundError, CorruptFile):
             return None
-        job_id = record.get("job_id")
-        return record if isinstance(job_id, int) and self.job_exists(job_id) else None
+        return record if self.jobs.exists(record.job_id) else None
 
-    def submit_once(self, owner: str | None, key: str, request_sha256: str, count: int, visits: list,
+    def submit_once(self, owner: str | None, key: str, request_sha256: str, count: int, visits: list[Visit],
                     callback_url: str | None = None, admit: Callable[[], None] = lambda: None) -> tuple[int, bool]:
         """(job id, replayed): the job this key made before, or a new one stored as submit() stores it.
 
@@ -72,35 +73,33 @@ class IdempotencyKeys:
         ``admit()`` runs only before a new job is made, and may raise to refuse it (a full queue)."""
         digest = key_digest(owner, key)
         try:
-            with self.key_lock(digest):
-                record = self.key_record(digest)
+            with self.lock(digest):
+                record = self.record(digest)
                 if record is not None:
-                    if record.get("request_sha256") != request_sha256:
-                        raise KeyReused(record["job_id"])
-                    return record["job_id"], True
+                    if record.request_sha256 != request_sha256:
+                        raise KeyReused(record.job_id)
+                    return record.job_id, True
                 admit()
-                job_id = self.next_job_id()
-                self.write_atomic(self.key_path(digest), json.dumps(
-                    {"key": key, "owner": owner, "job_id": job_id, "request_sha256": request_sha256,
-                     "created_at": round(time.time(), 3)}, separators=(",", ":")).encode())
-                self.store_job(job_id, count, visits, owner, callback_url=callback_url, idempotency_key=digest)
+                job_id = self.jobs.next_id()
+                self.files.write(self.path(digest), KeyRecord(key, owner, job_id, request_sha256,
+                                                              round(time.time(), 3)))
+                self.jobs.store(job_id, count, visits, owner, callback_url=callback_url, idempotency_key=digest)
                 return job_id, False
         except filelock.Timeout:
             raise KeyBusy from None
 
-    def forget_key(self, job_id: int, digest: object) -> None:
+    def forget(self, job_id: int, digest: object) -> None:
         """Purge: remove the key record of a job being deleted, if it still names that job."""
         if not isinstance(digest, str) or len(digest) != 64:
             return
         try:
-            with self.key_lock(digest, timeout_s=5):
-                record = self._read_json(self.key_path(digest))
-                if record.get("job_id") == job_id:
-                    self.key_path(digest).unlink(missing_ok=True)
+            with self.lock(digest, timeout_s=5):
+                if read_checked(self.path(digest), KeyRecord).job_id == job_id:
+                    self.path(digest).unlink(missing_ok=True)
         except (FileNotFoundError, CorruptFile, filelock.Timeout):
             return  # nothing to remove, or busy: the orphan sweep removes it once its job is gone
 
-    def remove_orphan_keys(self, older_than_s: float) -> int:
+    def remove_orphans(self, older_than_s: float) -> int:
         """Remove key records older than ``older_than_s`` whose job does not exist (a submit killed between
         its writes, a purge interrupted): they already count as no key; this only tidies. How many."""
         cutoff = time.time() - older_than_s
@@ -110,10 +109,10 @@ class IdempotencyKeys:
                 continue
             digest = entry.name[:-5]
             try:
-                if entry.stat().st_mtime >= cutoff or self.key_record(digest) is not None:
+                if entry.stat().st_mtime >= cutoff or self.record(digest) is not None:
                     continue
-                with self.key_lock(digest, timeout_s=0):  # a submit holding it is writing this very record
-                    if self.key_record(digest) is None:
+                with self.lock(digest, timeout_s=0):  # a submit holding it is writing this very record
+                    if self.record(digest) is None:
                         os.unlink(entry.path)
                         removed += 1
             except (FileNotFoundError, filelock.Timeout):

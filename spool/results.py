@@ -1,4 +1,5 @@
-"""Results files: ``results/<id>/<first>-<stop>.<crc32>.jsonl`` (the format is documented in spool/__init__.py).
+"""Results files: ``results/<id>/<first>-<stop>.<crc32>.jsonl``, one ResultLine a line (records.py; where
+they live and who writes them: spool/__init__.py).
 
 Self-checking, by their names: a file named ``00000064-00000128.1a2b3c4d.jsonl`` must hold exactly 64 complete
 lines, the first of image 64 and the last of image 127, whose bytes have the CRC-32 1a2b3c4d; a finished
@@ -7,7 +8,6 @@ Postfix checks a queue file's END record), so a file cut short by a disk that li
 lost or duplicated anywhere in it, is reported as damaged, never served. The checksum is computed in C
 (zlib) at a gigabyte a second: every read can afford it. Files written before checksums
 (``<first>-<stop>.jsonl``) are checked line by line instead: each must parse and hold its own index.
-Kept apart from the rest of the spool because it is the one part with a format of its own.
 """
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ import errno
 import json
 import os
 import re
-import stat
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from spool.files import CorruptFile, SpoolFiles, decode, encode_lines, read_regular
+from spool.records import ResultLine
+from spool.vocabulary import Folder
 
 RESULT_NAME = re.compile(r"([0-9]{8})-([0-9]{8})(?:\.([0-9a-f]{8}))?\.jsonl")
 
@@ -38,20 +41,6 @@ class UnreadableResults(Exception):
     def __init__(self, why: str, path: Path):
         super().__init__(why)
         self.why, self.path = why, path
-
-
-def read_regular(path: Path) -> bytes:
-    """The bytes of ``path`` if it is a regular file. A symbolic link or a folder where a spool file should be
-    raises IsADirectoryError or OSError(ELOOP) without being followed; a FIFO does not block the reader."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise IsADirectoryError(21, f"not a regular file ({stat.filemode(mode)})", str(path))
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
 
 
 def file_damage(job_id: int, first: int, stop: int, data: bytes, path: Path | None = None) -> str | None:
@@ -111,20 +100,26 @@ def _read_results_file(job_id: int, path: Path) -> bytes:
         raise UnreadableResults(f"cannot read {name}: {exc.strerror or exc}", path) from None
 
 
-class ResultFiles:
-    """The results part of Spool (mixed into it): needs ``results_dir`` and ``write_atomic``."""
+class Results:
+    """The results files of every job: written by the daemon, read (checked) by everyone."""
 
-    def write_results(self, job_id: int, first: int, stop: int, lines: Iterable[dict]) -> None:
+    def __init__(self, files: SpoolFiles):
+        self.files, self.root = files, files.root
+
+    def folder(self, job_id: int) -> Path:
+        return self.root / Folder.RESULTS / str(job_id)
+
+    def write(self, job_id: int, first: int, stop: int, lines: list[ResultLine]) -> None:
         """Record the results of images first..stop-1 as one file. Durable when this returns."""
-        folder = self.results_dir(job_id)
+        folder = self.folder(job_id)
         folder.mkdir(mode=0o700, exist_ok=True)
-        body = b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in lines)
-        self.write_atomic(folder / f"{first:08d}-{stop:08d}.{zlib.crc32(body):08x}.jsonl", body)
+        body = encode_lines(lines)
+        self.files.write_atomic(folder / f"{first:08d}-{stop:08d}.{zlib.crc32(body):08x}.jsonl", body)
 
-    def result_chunks(self, job_id: int) -> list[tuple[int, int, Path]]:
+    def chunks(self, job_id: int) -> list[tuple[int, int, Path]]:
         """(first, stop, path) of each results file of a job, in image order."""
         try:
-            entries = list(os.scandir(self.results_dir(job_id)))
+            entries = list(os.scandir(self.folder(job_id)))
         except FileNotFoundError:
             return []
         chunks = []
@@ -139,7 +134,7 @@ class ResultFiles:
         """Each results file holding images from first_index on, with its bytes, checked whole. With
         ``total`` (a finished job) a gap is damage too. Raises DamagedResults."""
         expected = 0
-        for first, stop, path in self.result_chunks(job_id):
+        for first, stop, path in self.chunks(job_id):
             if total is not None and first != expected and first > first_index:
                 raise DamagedResults(f"results/{job_id}: images {expected}..{first - 1} have no results file")
             expected = stop
@@ -156,7 +151,7 @@ class ResultFiles:
         if total is not None and expected != total:
             raise DamagedResults(f"results/{job_id}: images {expected}..{total - 1} have no results file")
 
-    def results_damage(self, job_id: int, total: int | None = None) -> tuple[Path | None, str] | None:
+    def damage(self, job_id: int, total: int | None = None) -> tuple[Path | None, str] | None:
         """(the damaged file or None, why) if the job's results are not whole, else None. ``total``: the
         job is finished, so its files must cover images 0..total-1. Raises UnreadableResults."""
         try:
@@ -166,7 +161,7 @@ class ResultFiles:
             return exc.path, exc.why
         return None
 
-    def iter_result_lines(self, job_id: int, first_index: int = 0, total: int | None = None) -> Iterator[bytes]:
+    def lines(self, job_id: int, first_index: int = 0, total: int | None = None) -> Iterator[bytes]:
         """Result lines (JSON, no newline) of images first_index onwards, in image order, one file in memory at
         a time; files before first_index are skipped unread. Raises DamagedResults on a damaged file (and, with
         ``total``, on a gap), before yielding any line of it."""
@@ -174,34 +169,35 @@ class ResultFiles:
             lines = data.split(b"\n")[:-1]
             yield from lines[max(0, first_index - first):]
 
-    def read_results(self, job_id: int, first: int, stop: int, path: Path) -> list[dict]:
+    def read(self, job_id: int, first: int, stop: int, path: Path) -> list[ResultLine]:
         """The result lines of one results file; DamagedResults unless it holds exactly images first..stop-1
         (a folder or link in its place is damage too: the daemon moves it aside and redoes its images)."""
         data = _read_results_file(job_id, path)
         why = file_damage(job_id, first, stop, data, path)
-        try:
-            records = [json.loads(line) for line in data.splitlines()] if why is None else []
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            why = f"{path.name}: {exc}"
-        if why is None and [r.get("index") if isinstance(r, dict) else None for r in records] != \
-                list(range(first, stop)):
+        records = []
+        if why is None:
+            try:
+                records = decode(b"[" + data.rstrip(b"\n").replace(b"\n", b",") + b"]", list[ResultLine], path.name)
+            except CorruptFile as exc:
+                why = str(exc)
+        if why is None and [r.index for r in records] != list(range(first, stop)):
             why = f"{path.name}: not the results of images {first}..{stop - 1}"
         if why is not None:
             raise DamagedResults(why, path)
         return records
 
-    def forget_results(self, job_id: int, redo: Callable[[dict], bool]) -> int:
+    def forget(self, job_id: int, redo: Callable[[ResultLine], bool]) -> int:
         """Delete the results for which ``redo(record)`` is true, keeping the others; how many were deleted.
 
         Each results file that loses lines is deleted and its kept lines are written back as smaller
         files: a crash in between redoes good images, never counts one twice. A damaged file cannot say which
         of its images failed: it is moved to corrupt/ and all of them are redone."""
         redone = 0
-        for first, stop, path in self.result_chunks(job_id):
+        for first, stop, path in self.chunks(job_id):
             try:
-                records = self.read_results(job_id, first, stop, path)
+                records = self.read(job_id, first, stop, path)
             except DamagedResults as exc:
-                self.move_aside(path, f"{exc.why}; its images are redone (requeue)")
+                self.files.move_aside(path, f"{exc.why}; its images are redone (requeue)")
                 redone += stop - first
                 continue
             keep = [not redo(record) for record in records]
@@ -213,7 +209,15 @@ class ResultFiles:
                 if ok and run_start is None:
                     run_start = offset
                 elif not ok and run_start is not None:
-                    self.write_results(job_id, first + run_start, first + offset, records[run_start:offset])
+                    self.write(job_id, first + run_start, first + offset, records[run_start:offset])
                     run_start = None
             redone += keep.count(False)
         return redone
+
+    def remove(self, job_id: int) -> None:
+        """Purge: every results file of the job, then its folder."""
+        folder = self.folder(job_id)
+        if folder.exists():
+            for entry in os.scandir(folder):
+                os.unlink(entry.path)
+            folder.rmdir()

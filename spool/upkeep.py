@@ -1,6 +1,6 @@
-"""Upkeep of a spool: checks at start-up, cleaning after crashes, retention and purge. Mixed into Spool
-(spool/__init__.py, which documents the format); kept apart because neither the API nor the daemon's work
-on jobs needs it, only their start-up and the daemon's housekeeping."""
+"""Upkeep of a spool: checks at start-up, cleaning after crashes, retention and purge. Apart from the other
+parts because neither the API nor the daemon's work on jobs needs it, only their start-up, the daemon's
+housekeeping and the operator's purge; and because purge is the one operation that touches every part."""
 from __future__ import annotations
 
 import logging
@@ -9,17 +9,27 @@ import stat
 import time
 from pathlib import Path
 
-from spool import Control, CorruptFile, Folder, pid_exists
+from spool.control import Requests
+from spool.files import CorruptFile, SpoolFiles, pid_exists, read_checked
+from spool.jobs import Jobs
+from spool.keys import Keys
+from spool.outbox import Outbox
+from spool.records import JobStatus
+from spool.results import Results
+from spool.vocabulary import FINISHED_FOLDERS, UNFINISHED_FOLDERS, Folder
 
 log = logging.getLogger("retailpulse.spool")
 
 
 class Upkeep:
-    """Needs Spool's layout (root, FOLDERS, paths) and primitives (move_aside, _read_json, job_ids)."""
+    def __init__(self, files: SpoolFiles, jobs: Jobs, results: Results, keys: Keys, outbox: Outbox,
+                 control: Requests):
+        self.files, self.root = files, files.root
+        self.jobs, self.results, self.keys, self.outbox, self.control = jobs, results, keys, outbox, control
 
     def permission_problem(self) -> str | None:
         """Why other local users could tamper with this spool, or None. The programs refuse to start then."""
-        for path in [self.root, *(self.root / name for name in self.FOLDERS)]:
+        for path in [self.root, *(self.root / name for name in Folder)]:
             try:
                 mode = path.stat().st_mode
             except FileNotFoundError:
@@ -30,7 +40,7 @@ class Upkeep:
 
     def access_problem(self) -> str | None:
         """Why this process cannot work on the spool (a folder it may not read or write), or None."""
-        for path in [self.root, *(self.root / name for name in self.FOLDERS)]:
+        for path in [self.root, *(self.root / name for name in Folder)]:
             if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
                 return f"{path}: cannot read and write it (permissions, or a read-only file system)"
         return None
@@ -39,10 +49,10 @@ class Upkeep:
         """Ids of the finished jobs (done/, failed/) whose final status was written before ``cutoff`` (Unix s)
         and not before ``since``."""
         ids = []
-        for folder in self.FINISHED_FOLDERS:
-            for job_id in self.job_ids(folder):
+        for folder in FINISHED_FOLDERS:
+            for job_id in self.jobs.ids(folder):
                 try:
-                    if since <= self.status_path(job_id).stat().st_mtime < cutoff:
+                    if since <= self.jobs.status_path(job_id).stat().st_mtime < cutoff:
                         ids.append(job_id)
                 except FileNotFoundError:
                     continue
@@ -54,22 +64,19 @@ class Upkeep:
         The job file goes first, so an interrupted purge leaves a job that reads as unknown or, at worst,
         a status without a job; the status goes last, and purging again finishes the work.
         """
-        folder = self.job_folder(job_id)
-        if folder in self.UNFINISHED_FOLDERS:
+        folder = self.jobs.folder_of(job_id)
+        if folder in UNFINISHED_FOLDERS:
             return False
         if folder is not None:
-            self.job_path(folder, job_id).unlink(missing_ok=True)
-        results = self.results_dir(job_id)
-        if results.exists():
-            for entry in os.scandir(results):
-                os.unlink(entry.path)
-            results.rmdir()
-        for verb in Control:
-            (self.root / Folder.CONTROL / f"{job_id}.{verb}").unlink(missing_ok=True)
-        self.forget_notifications(job_id)
-        self.forget_key(job_id, (self.read_meta(job_id) or {}).get("idempotency_key"))  # expires with its job
-        self.meta_path(job_id).unlink(missing_ok=True)
-        self.status_path(job_id).unlink(missing_ok=True)
+            self.jobs.path(folder, job_id).unlink(missing_ok=True)
+        self.results.remove(job_id)
+        self.control.forget(job_id)
+        self.outbox.forget(job_id)
+        meta = self.jobs.read_meta(job_id)
+        if meta is not None and meta.idempotency_key:
+            self.keys.forget(job_id, meta.idempotency_key)  # the key expires with its job
+        self.jobs.meta_path(job_id).unlink(missing_ok=True)
+        self.jobs.status_path(job_id).unlink(missing_ok=True)
         return True
 
     def clean_tmp(self, older_than_s: float) -> int:
@@ -87,7 +94,7 @@ class Upkeep:
             writer = int(pid_text) if pid_text.isascii() and pid_text.isdigit() and len(pid_text) < 12 else None
             try:
                 if not entry.is_file(follow_symlinks=False):
-                    self.move_aside(Path(entry.path), "not a file: tmp/ holds only files being written")
+                    self.files.move_aside(Path(entry.path), "not a file: tmp/ holds only files being written")
                 elif (writer is not None and not pid_exists(writer)) or entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1
@@ -100,14 +107,21 @@ class Upkeep:
         that failed (full disk) or was killed between its two writes left behind."""
         cutoff = time.time() - older_than_s
         orphans = []
-        for job_id in self.job_ids(Folder.META):
+        for job_id in self.jobs.ids(Folder.META):
             try:
-                meta = self.meta_path(job_id).lstat()
-                if (stat.S_ISREG(meta.st_mode) and meta.st_mtime < cutoff and self.job_folder(job_id) is None
-                        and not self.status_path(job_id).exists()):
+                meta = self.jobs.meta_path(job_id).lstat()
+                if (stat.S_ISREG(meta.st_mode) and meta.st_mtime < cutoff and self.jobs.folder_of(job_id) is None
+                        and not self.jobs.status_path(job_id).exists()):
                     orphans.append(job_id)
             except FileNotFoundError:
                 continue
+        return orphans
+
+    def remove_orphan_metas(self, older_than_s: float) -> list[int]:
+        """Remove the meta files orphan_meta_ids finds; their ids."""
+        orphans = self.orphan_meta_ids(older_than_s)
+        for job_id in orphans:
+            self.jobs.meta_path(job_id).unlink(missing_ok=True)
         return orphans
 
     def unreadable_status_ids(self) -> list[int]:
@@ -115,9 +129,9 @@ class Upkeep:
         is a folder or link. One this process may not read (permissions) is not corrupt: it is logged, left
         alone, and the API answers 503 naming it until an operator fixes it."""
         ids = []
-        for job_id in self.job_ids(Folder.STATUS):
+        for job_id in self.jobs.ids(Folder.STATUS):
             try:
-                self._read_json(self.status_path(job_id))
+                read_checked(self.jobs.status_path(job_id), JobStatus)
             except CorruptFile:
                 ids.append(job_id)
             except FileNotFoundError:

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
+import msgspec
 import pytest
 from PIL import Image
 
 from spool import Spool
+from spool.records import ResultLine, Visit
 from tests import openapi_check
 
 from tests.service import REAL_STORE_MASTER, REPO, SAMPLE_STORE_MASTER, Service, free_port  # noqa: F401 (re-exported)
@@ -25,6 +27,19 @@ from tests.service import REAL_STORE_MASTER, REPO, SAMPLE_STORE_MASTER, Service,
 def visit(store_id: str, urls: list[str], visit_time: str = "2026-11-23T10:00:00") -> dict:
     """One store visit as clients submit it."""
     return {"store_id": store_id, "visit_time": visit_time, "image_url": urls}
+
+
+def records(visits: list[dict]) -> list[Visit]:
+    """Visits as the spool stores them (spool.records.Visit), from the dicts clients send."""
+    return msgspec.convert(visits, list[Visit])
+
+
+def result_line(index: int, perimeter: int | None = 60, error: str | None = None, url: str = "http://x/a.jpg",
+                store_id: str = "RP00001") -> ResultLine:
+    """One image's result as the daemon records it (a 10 x 20 image unless told otherwise)."""
+    size = (10, 20) if error is None else (None, None)
+    return ResultLine(index, store_id, "CORNER MART", "7100015", "t", url, *size, perimeter if error is None else None,
+                      error)
 
 
 def wait_until(predicate, timeout_s: float = 30, what: str = "condition", interval_s: float = 0.02):

@@ -30,7 +30,7 @@ def one_run(images: int, with_ctl: bool) -> float:
         try:
             job_id = service.submit([{"store_id": "RP00001", "visit_time": "t",
                                       "image_url": [f"{server.base}/a.jpg?n={i}" for i in range(images)]}])
-            while (service.spool.read_heartbeat() or {}).get("images_in_flight", 0) < min(images, 8192):
+            while (service.spool.heartbeat.read() or {}).get("images_in_flight", 0) < min(images, 8192):
                 time.sleep(0.05)
             started = time.monotonic()
             if with_ctl:
@@ -39,7 +39,7 @@ def one_run(images: int, with_ctl: bool) -> float:
             else:
                 said = service.http.post(f"{service.base}/api/cancel", params={"jobid": job_id}, timeout=60).text
             took = time.monotonic() - started
-            print(f"  {images} images: {took:.2f} s, {len(service.spool.result_chunks(job_id))} results files; {said}")
+            print(f"  {images} images: {took:.2f} s, {len(service.spool.results.chunks(job_id))} results files; {said}")
             return took
         finally:
             service.stop()

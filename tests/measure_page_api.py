@@ -9,7 +9,9 @@ from pathlib import Path
 
 import requests
 
-from spool import Phase, Spool, Status, status_document
+from spool import Phase, Spool, Status
+from spool.records import JobStatus
+from tests.conftest import records
 from tests.api_process import running_api
 
 BIG_IMAGES, SMALL_JOBS, CHUNK = 100_000, 1000, 64
@@ -18,18 +20,18 @@ BIG_IMAGES, SMALL_JOBS, CHUNK = 100_000, 1000, 64
 def build(root: Path) -> int:
     spool = Spool(root).create()
     visit = {"store_id": "RP00001", "visit_time": "2026-11-24T09:00:00Z"}
-    big = spool.submit(1, [{**visit, "image_url": [f"http://img.example/{i}.jpg" for i in range(BIG_IMAGES)]}])
+    big = spool.jobs.submit(1, records([{**visit, "image_url": [f"http://img.example/{i}.jpg" for i in range(BIG_IMAGES)]}]))
     for first in range(0, BIG_IMAGES, CHUNK):
         stop = min(first + CHUNK, BIG_IMAGES)
-        spool.write_results(big, first, stop, ({"index": i, **visit, "store_name": "CORNER MART",
+        spool.results.write(big, first, stop, ({"index": i, **visit, "store_name": "CORNER MART",
                                                 "area_code": "7100015", "image_url": f"http://img.example/{i}.jpg",
                                                 "width": 640, "height": 480, "perimeter": 2240, "error": None}
                                                for i in range(first, stop)))
-    spool.write_status(big, status_document(big, Status.COMPLETED, Phase.FINISHED, images_total=BIG_IMAGES,
+    spool.jobs.write_status(JobStatus(str(big), Status.COMPLETED, Phase.FINISHED, images_total=BIG_IMAGES,
                                             images_done=BIG_IMAGES, images_failed=0))
     for _ in range(SMALL_JOBS - 1):
-        job = spool.submit(1, [{**visit, "image_url": ["http://img.example/a.jpg"]}])
-        spool.write_status(job, status_document(job, Status.ONGOING, Phase.RUNNING, images_total=1,
+        job = spool.jobs.submit(1, records([{**visit, "image_url": ["http://img.example/a.jpg"]}]))
+        spool.jobs.write_status(JobStatus(str(job), Status.ONGOING, Phase.RUNNING, images_total=1,
                                                 images_done=0, images_failed=0))
     return big
 

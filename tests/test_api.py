@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from tests.conftest import call_wsgi
+from spool import Phase, Status
+from spool.records import JobStatus, StoreFailure
+from tests.conftest import call_wsgi, result_line
 from webapi.app import make_app
 from webapi.validate import SubmitLimits
 
@@ -27,7 +29,7 @@ def test_submit_stores_job_and_answers_201_with_increasing_ids(app, spool):
     assert first.headers["content-type"] == "application/json"
     ids = [first.json()["job_id"], second.json()["job_id"]]
     assert all(isinstance(i, int) for i in ids) and ids[0] < ids[1]
-    stored = json.loads(spool.job_path("incoming", ids[0]).read_text())
+    stored = json.loads(spool.jobs.path("incoming", ids[0]).read_text())
     assert stored["visits"] == [VISIT] and stored["count"] == 1
 
 
@@ -36,7 +38,7 @@ def test_invalid_submission_is_400_json_and_stores_nothing(app, spool):
     assert r.status_code == 400
     assert r.headers["content-type"] == "application/json"
     assert "count" in r.json()["error"]
-    assert spool.job_ids("incoming") == []
+    assert spool.jobs.ids("incoming") == []
 
 
 def test_body_over_the_limit_is_413_before_it_is_read(spool):
@@ -49,7 +51,7 @@ def test_body_over_the_limit_is_413_before_it_is_read(spool):
 def test_spool_write_failure_is_503_json(app, spool, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(spool, "submit", disk_full)
+    monkeypatch.setattr(spool.jobs, "submit", disk_full)
     r = submit(app, {"count": 1, "visits": [VISIT]})
     assert r.status_code == 503
     assert r.json()["error"] == "cannot store the job now: No space left on device"
@@ -65,10 +67,11 @@ def test_status_of_a_queued_job_is_ongoing(app):
 
 def test_status_serves_what_the_daemon_wrote(app, spool):
     job_id = submit(app, {"count": 1, "visits": [VISIT]}).json()["job_id"]
-    written = {"job_id": str(job_id), "status": "failed", "phase": "finished",
-               "error": [{"store_id": "RP00001", "error": "HTTP 404"}]}
-    spool.write_status(job_id, written)
-    assert call_wsgi(app, "GET", "/api/status", query=f"jobid={job_id}").json() == written
+    written = JobStatus(str(job_id), Status.FAILED, Phase.FINISHED, error=[StoreFailure("RP00001", "HTTP 404")])
+    spool.jobs.write_status(written)
+    assert call_wsgi(app, "GET", "/api/status", query=f"jobid={job_id}").json() == {
+        "job_id": str(job_id), "status": "failed", "phase": "finished",
+        "error": [{"store_id": "RP00001", "error": "HTTP 404"}]}
 
 
 def test_unknown_job_is_400_with_empty_object(app):
@@ -94,8 +97,8 @@ def test_unknown_route_and_method_answer_json(app):
 
 def test_results_stream_in_image_order(app, spool):
     job_id = submit(app, {"count": 1, "visits": [VISIT]}).json()["job_id"]
-    spool.write_results(job_id, 2, 4, [{"index": 2}, {"index": 3}])  # written first, listed second
-    spool.write_results(job_id, 0, 2, [{"index": 0}, {"index": 1}])
+    spool.results.write(job_id, 2, 4, [result_line(2), result_line(3)])  # written first, listed second
+    spool.results.write(job_id, 0, 2, [result_line(0), result_line(1)])
     r = call_wsgi(app, "GET", "/api/results", query=f"jobid={job_id}")
     assert r.status_code == 200
     doc = r.json()

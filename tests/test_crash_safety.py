@@ -217,7 +217,7 @@ def test_api_sigterm_finishes_the_request_in_flight(start_service, image_server)
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 201"), reply[:200]
     job_id = json.loads(reply.split(b"\r\n\r\n", 1)[1])["job_id"]
-    assert service.spool.job_path("incoming", job_id).exists() or service.spool.read_status(job_id)
+    assert service.spool.jobs.path("incoming", job_id).exists() or service.spool.status(job_id)
     assert service.api.wait(timeout=30) == 0
 
 
@@ -246,7 +246,7 @@ def test_api_killed_while_writing_a_job_leaves_no_job_or_a_whole_one(start_servi
     wait_until(lambda: not pid_exists(killed), what="the killed API worker to be gone")
     # Either the rename had happened (a whole job) or there is no job at all; never a partial one.
     for folder in ("incoming", "active", "done", "failed"):
-        path = service.spool.job_path(folder, job_id)
+        path = service.spool.jobs.path(folder, job_id)
         if path.exists():
             assert json.loads(path.read_bytes())["count"] == 1
     assert not list((service.spool.root / "corrupt").iterdir())

@@ -106,8 +106,8 @@ def test_finished_job_is_filed_by_state_with_readable_files(start_service, image
     service.wait(ok)
     service.wait(bad)
     root = service.spool.root
-    assert service.spool.job_ids("done") == [ok] and service.spool.job_ids("failed") == [bad]
-    assert service.spool.job_ids("incoming") == service.spool.job_ids("active") == []
+    assert service.spool.jobs.ids("done") == [ok] and service.spool.jobs.ids("failed") == [bad]
+    assert service.spool.jobs.ids("incoming") == service.spool.jobs.ids("active") == []
     assert json.loads((root / "status" / f"{bad}.json").read_text())["status"] == "failed"
     assert list((root / "tmp").iterdir()) == []
 

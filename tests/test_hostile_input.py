@@ -73,8 +73,8 @@ def test_undeclared_endless_body_is_cut_one_byte_past_the_limit(spool):
 def test_hostile_job_id_is_400_and_touches_no_file(spool, monkeypatch, query):
     def no_file(*args, **kwargs):
         raise AssertionError("a file was looked at for a malformed job id")
-    for name in ("read_status", "read_meta", "iter_result_lines"):
-        monkeypatch.setattr(spool, name, no_file)
+    for part, name in ((spool.jobs, "read_status"), (spool.jobs, "read_meta"), (spool.results, "lines")):
+        monkeypatch.setattr(part, name, no_file)
     app = make_app(spool)
     for path in ("/api/status", "/api/results"):
         r = call_wsgi(app, "GET", path, query=query)
@@ -121,7 +121,7 @@ def test_without_a_valid_token_every_route_is_401(spool, tokens, token):
         r = call_as(app, token, method, path, body, query="jobid=1")
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
         assert "token" in r.json()["error"]
-    assert spool.job_ids("incoming") == []
+    assert spool.jobs.ids("incoming") == []
 
 
 def test_a_job_is_visible_only_to_the_token_that_submitted_it(spool, tokens):
@@ -133,7 +133,7 @@ def test_a_job_is_visible_only_to_the_token_that_submitted_it(spool, tokens):
     unknown = call_as(app, "zeta-secret", "GET", "/api/status", query="jobid=999")
     assert (theirs.status_code, theirs.body) == (unknown.status_code, unknown.body) == (400, b"{}")
     assert call_as(app, "zeta-secret", "GET", "/api/results", query=f"jobid={job_id}").status_code == 400
-    assert spool.read_meta(job_id)["owner"] == "acme"
+    assert spool.jobs.read_meta(job_id).owner == "acme"
 
 
 @pytest.mark.parametrize("content, message", [("", "no tokens"), ("acme secret\n", "expected '<name> <64 hex"),
@@ -153,10 +153,10 @@ def test_submit_beyond_the_queue_limit_is_503_with_retry_after(spool):
     r = call_wsgi(app, "POST", "/api/submit/", six)
     assert r.status_code == 503 and r.headers["retry-after"] == "60"
     assert "6 images waiting, limit 10" in r.json()["error"]
-    assert len(spool.job_ids("incoming")) == 1
+    assert len(spool.jobs.ids("incoming")) == 1
     # the daemon took the first job and says 2 of its images remain: there is room again
-    spool.claim(spool.job_ids("incoming")[0])
-    spool.write_heartbeat({"images_remaining_active": 2})
+    spool.jobs.claim(spool.jobs.ids("incoming")[0])
+    spool.heartbeat.write({"images_remaining_active": 2})
     assert call_wsgi(app, "POST", "/api/submit/", six).status_code == 201
 
 
@@ -215,7 +215,7 @@ def test_integer_too_long_to_convert_is_400_naming_why(spool, body):
     r = call_wsgi(make_app(spool), "POST", "/api/submit/", body)
     assert (r.status_code, r.headers["content-type"]) == (400, "application/json")
     assert "more than 4300 digits" in r.json()["error"]
-    assert spool.job_ids("incoming") == []
+    assert spool.jobs.ids("incoming") == []
 
 
 def test_integer_at_the_limit_still_parses_to_the_usual_field_error(spool):

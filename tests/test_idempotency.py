@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from spool import Folder, Spool
+from spool import JOB_FOLDERS, Folder, Spool
 from spool.keys import key_digest
 from tests import openapi_check
 from tests.api_process import running_api
-from tests.conftest import call_wsgi, visit
+from tests.conftest import call_wsgi, records, visit
 from webapi.app import make_app
 from webapi.auth import Tokens, digest
 
@@ -31,7 +31,7 @@ def submit(app, body: dict | bytes, key: str | None = None, token: str | None = 
 
 
 def jobs(spool: Spool) -> list[int]:
-    return sorted(job_id for folder in Spool.JOB_FOLDERS for job_id in spool.job_ids(folder))
+    return sorted(job_id for folder in JOB_FOLDERS for job_id in spool.jobs.ids(folder))
 
 
 def test_a_retry_with_the_same_key_answers_the_first_job_and_says_it_is_a_replay(spool):
@@ -86,9 +86,9 @@ def test_a_replay_is_answered_even_when_the_queue_is_full(spool):
 def test_a_key_expires_with_its_job(spool):
     app = make_app(spool)
     job_id = submit(app, JOB, key="k").json()["job_id"]
-    spool.claim(job_id)
-    spool.finish(job_id, "completed")
-    assert spool.purge(job_id)  # what retention_days does to a finished job
+    spool.jobs.claim(job_id)
+    spool.jobs.finish(job_id, "completed")
+    assert spool.upkeep.purge(job_id)  # what retention_days does to a finished job
     assert os.listdir(spool.root / Folder.IDEMPOTENCY) == [f"{key_digest(None, 'k')[:2]}.lock"]
     again = submit(app, JOB, key="k")
     assert again.status_code == 201 and again.json()["job_id"] != job_id
@@ -124,20 +124,20 @@ def test_a_crash_at_any_step_of_a_keyed_submit_leaves_no_job_and_no_key_or_both(
         child = context.Process(target=_submit_then_die_at_step, args=(str(spool.root), step))
         child.start()
         child.join(60)
-        made, key = jobs(spool), spool.key_record(key_digest(None, "retry-me"))
+        made, key = jobs(spool), spool.keys.record(key_digest(None, "retry-me"))
         # The promise: a job exists exactly when its key does, and a job that exists is whole.
         assert (made == []) == (key is None), (step, made, key)
         for job_id in made:
-            assert spool.read_job(spool.job_path(Folder.INCOMING, job_id))["visits"] == JOB["visits"]
-            assert key["job_id"] == job_id
+            assert spool.jobs.read(spool.jobs.path(Folder.INCOMING, job_id)).visits == records(JOB["visits"])
+            assert key.job_id == job_id
         # The client retries: it gets that job if there was one, else a new one; never two.
         retry = submit(make_app(spool), JOB, key="retry-me")
         assert retry.status_code == 201
         assert (retry.headers.get("idempotent-replayed") == "true") == bool(made)
         assert jobs(spool) == (made or [retry.json()["job_id"]])
         # What the dead writer left behind (tmp/ files, a key record without its job) is tidied away.
-        spool.clean_tmp(older_than_s=3600)
-        spool.remove_orphan_keys(older_than_s=0)
+        spool.upkeep.clean_tmp(older_than_s=3600)
+        spool.keys.remove_orphans(older_than_s=0)
         assert os.listdir(spool.root / Folder.TMP) == []
         assert len([n for n in os.listdir(spool.root / Folder.IDEMPOTENCY) if n.endswith(".json")]) == 1
         outcomes.append("whole" if made else "none")

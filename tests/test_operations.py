@@ -10,8 +10,9 @@ import pytest
 import requests
 
 from daemon.supervisor.housekeeping import Housekeeping
-from spool import Control, Spool, Status
-from tests.conftest import REPO, call_wsgi, held_open, image_bytes, visit, wait_until
+from spool import Control, Executor, Phase, Spool, Status
+from spool.records import Heartbeat, JobStatus
+from tests.conftest import REPO, call_wsgi, held_open, image_bytes, visit, wait_until, records
 from webapi.app import make_app
 
 SLOW = ["--gpu-sleep-min-s", "0.2", "--gpu-sleep-max-s", "0.3", "--chunk-images", "4",
@@ -27,8 +28,11 @@ def ctl(service, *args):
     return result.returncode, result.stdout, result.stderr
 
 
-def heartbeat(service) -> dict:
-    return service.spool.read_heartbeat() or {}
+NO_BEAT = Heartbeat(pid=0, heartbeat_at=0, executor=Executor.LOCAL)
+
+
+def heartbeat(service) -> Heartbeat | None:
+    return service.spool.heartbeat.read()
 
 
 @pytest.fixture
@@ -94,7 +98,7 @@ def test_ctl_purge_deletes_finished_jobs_and_refuses_running_ones(start_service,
     assert code == 0 and out.strip() == f"job {done}: purged"
     r = service.http.get(f"{service.base}/api/status", params={"jobid": done})
     assert (r.status_code, r.json()) == (400, {})
-    assert not service.spool.results_dir(done).exists() and not service.spool.meta_path(done).exists()
+    assert not service.spool.results.folder(done).exists() and not service.spool.jobs.meta_path(done).exists()
 
 
 def test_cancel_and_purge_over_http(start_service, shelf):
@@ -124,24 +128,24 @@ def test_cancel_and_purge_over_http(start_service, shelf):
 
 
 def test_retention_deletes_finished_jobs_older_than_the_setting(spool):
-    old, recent = (spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])]) for _ in range(2))
+    old, recent = (spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg"])])) for _ in range(2))
     for job_id in (old, recent):
-        spool.claim(job_id)
-        spool.write_status(job_id, {"job_id": str(job_id), "status": "completed"})
-        spool.finish(job_id, Status.COMPLETED)
-    os.utime(spool.status_path(old), (time.time() - 8 * 86400,) * 2)
+        spool.jobs.claim(job_id)
+        spool.jobs.write_status(JobStatus(str(job_id), Status.COMPLETED, Phase.FINISHED))
+        spool.jobs.finish(job_id, Status.COMPLETED)
+    os.utime(spool.jobs.status_path(old), (time.time() - 8 * 86400,) * 2)
     Housekeeping(spool, retention_s=7 * 86400).apply_retention()
-    assert spool.job_ids("done") == [recent] and spool.read_status(old) is None
+    assert spool.jobs.ids("done") == [recent] and spool.status(old) is None
 
 
 def test_healthz_names_what_is_wrong(spool):
     app = make_app(spool)
     r = call_wsgi(app, "GET", "/healthz")
     assert r.status_code == 503 and "no heartbeat" in r.json()["checks"]["daemon"]
-    spool.write_heartbeat({"pid": os.getpid(), "heartbeat_at": time.time()})
+    spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time(), executor=Executor.LOCAL))
     r = call_wsgi(app, "GET", "/healthz")
     assert (r.status_code, r.json()["ok"]) == (200, True)
-    spool.write_heartbeat({"pid": os.getpid(), "heartbeat_at": time.time() - 60})
+    spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time() - 60, executor=Executor.LOCAL))
     assert "last heartbeat 60 s ago" in call_wsgi(app, "GET", "/healthz").json()["checks"]["daemon"]
 
 
@@ -188,7 +192,7 @@ def test_ctl_cancel_of_a_running_job_of_640_images_ends_it_failed_at_once_and_sa
     service = start_service("--gpu-sleep-min-s", "5", "--gpu-sleep-max-s", "5")
     bystander = service.submit([visit("RP00002", [f"{shelf}?other={i}" for i in range(10)])])
     job_id = service.submit([visit("RP00001", [f"{shelf}?n={i}" for i in range(640)])])
-    wait_until(lambda: heartbeat(service).get("images_in_flight") == 650, what="both jobs wholly in flight")
+    wait_until(lambda: (heartbeat(service) or NO_BEAT).images_in_flight == 650, what="both jobs wholly in flight")
     started = time.monotonic()
     code, out, err = ctl(service, "cancel", str(job_id))
     took = time.monotonic() - started
@@ -239,15 +243,15 @@ def test_a_daemon_killed_in_the_middle_of_a_cancel_leaves_exactly_one_result_per
     wait_until(lambda: service.status(job_id).get("images_done", 0) >= 64, what="work under way")
 
     def cancel_files():
-        return [p for p in service.spool.result_chunks(job_id) if p[1] - p[0] > 8]
+        return [p for p in service.spool.results.chunks(job_id) if p[1] - p[0] > 8]
 
-    service.spool.request(job_id, Control.CANCEL)  # what ctl and the API write; no waiting for the daemon here
-    wait_until(lambda: cancel_files() or not service.spool.request_pending(job_id, Control.CANCEL),
+    service.spool.control.request(job_id, Control.CANCEL)  # what ctl and the API write; no waiting for the daemon here
+    wait_until(lambda: cancel_files() or not service.spool.control.pending(job_id, Control.CANCEL),
                interval_s=0.001, what="the cancel to write its first file")
     service.daemon.send_signal(signal.SIGKILL)
     service.daemon.wait()
     print(f"killed with {len(cancel_files())} cancel file(s) written, request "
-          f"{'still pending' if service.spool.request_pending(job_id, Control.CANCEL) else 'carried out'}")
+          f"{'still pending' if service.spool.control.pending(job_id, Control.CANCEL) else 'carried out'}")
     service.start_daemon()
     service.wait_for_daemon()
     final = service.wait(job_id, timeout_s=60)
@@ -264,9 +268,9 @@ def test_every_ctl_command_says_no_job_for_a_job_that_does_not_exist(spool):
 
 
 def test_ctl_purge_older_than_names_the_jobs_it_purged(spool):
-    old = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
-    spool.claim(old)
-    spool.write_status(old, {"job_id": str(old), "status": "completed"})
-    spool.finish(old, Status.COMPLETED)
+    old = spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg"])]))
+    spool.jobs.claim(old)
+    spool.jobs.write_status(JobStatus(str(old), Status.COMPLETED, Phase.FINISHED))
+    spool.jobs.finish(old, Status.COMPLETED)
     code, out, _ = ctl(spool, "purge", "--older-than-days", "0")
     assert (code, out.strip()) == (0, f"purged 1 job(s) finished more than 0 days ago: {old}")

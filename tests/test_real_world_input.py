@@ -219,8 +219,8 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(start_service):
 def test_a_folder_in_place_of_a_job_file_is_moved_aside_and_the_daemon_runs_on(start_service, image_server):
     service = start_service()
     spool = service.spool
-    job_id = spool.next_job_id()
-    spool.job_path("incoming", job_id).mkdir()
+    job_id = spool.jobs.next_id()
+    spool.jobs.path("incoming", job_id).mkdir()
     wait_until(lambda: service.status(job_id).get("status") == Status.FAILED, timeout_s=15, what="the job to fail")
     [failure] = service.status(job_id)["error"]
     assert "not a file" in failure["error"]
@@ -240,7 +240,7 @@ def test_an_unreadable_status_file_is_a_log_line_and_a_503_never_a_crash_loop(st
     (image_server.folder / "a.jpg").write_bytes(JPEG)
     job_id = service.submit([visit("RP00001", [f"{image_server.base}/a.jpg"])])
     service.wait(job_id)
-    os.chmod(service.spool.status_path(job_id), 0)
+    os.chmod(service.spool.jobs.status_path(job_id), 0)
     service.daemon.terminate()
     service.daemon.wait(timeout=30)
     service.start_daemon()
@@ -258,7 +258,7 @@ def test_unreadable_results_status_and_spool_root_are_503_naming_them(start_serv
     service.wait(job_id)
     root, get = service.spool.root, lambda path, **params: service.http.get(f"{service.base}{path}", params=params,
                                                                            timeout=30)
-    [results_file] = service.spool.results_dir(job_id).iterdir()
+    [results_file] = service.spool.results.folder(job_id).iterdir()
     os.chmod(results_file, 0)
     for route in ("/api/results", "/api/results.csv"):
         r = get(route, jobid=job_id)
@@ -290,7 +290,7 @@ def test_a_damaged_line_anywhere_is_a_503_naming_it_and_requeue_redoes_the_job_o
     (image_server.folder / "a.jpg").write_bytes(JPEG)
     job_id = service.submit([visit("RP00001", [f"{image_server.base}/a.jpg?n={i}" for i in range(8)])])
     assert service.wait(job_id)["status"] == Status.COMPLETED
-    first, second = sorted(service.spool.results_dir(job_id).iterdir())
+    first, second = sorted(service.spool.results.folder(job_id).iterdir())
     lines = first.read_bytes().split(b"\n")
     lines[1] = lines[1][:30] + b"#garbled#" + lines[1][39:]  # the first and last lines stay intact
     first.write_bytes(b"\n".join(lines))

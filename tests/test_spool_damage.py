@@ -8,9 +8,10 @@ import time
 import pytest
 
 from daemon.supervisor.housekeeping import Housekeeping
-from spool import Phase, Spool, Status, status_document
+from spool import Folder, Phase, Spool, Status
+from spool.records import JobStatus
 from webapi.app import make_app
-from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, mount_tmpfs, unmount, visit
+from tests.conftest import REPO, SAMPLE_STORE_MASTER, call_wsgi, mount_tmpfs, unmount, visit, records, result_line
 
 
 def test_tmp_leftovers_of_any_shape_are_never_fatal(spool):
@@ -33,43 +34,43 @@ def test_tmp_leftovers_of_any_shape_are_never_fatal(spool):
 
 
 def test_meta_file_of_a_submission_that_never_got_its_job_file_is_removed(spool):
-    kept = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
+    kept = spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg"])]))
     orphan = kept + 1  # what a kill -9 between the two writes of a submit leaves
-    spool.write_atomic(spool.meta_path(orphan), b'{"job_id": 2, "images": 1, "owner": null}')
+    spool.files.write_atomic(spool.jobs.meta_path(orphan), b'{"job_id": 2, "images": 1, "owner": null}')
     recent = kept + 2
-    spool.write_atomic(spool.meta_path(recent), b'{"job_id": 3, "images": 1, "owner": null}')
-    os.utime(spool.meta_path(orphan), (time.time() - 120,) * 2)
-    os.utime(spool.meta_path(kept), (time.time() - 120,) * 2)
+    spool.files.write_atomic(spool.jobs.meta_path(recent), b'{"job_id": 3, "images": 1, "owner": null}')
+    os.utime(spool.jobs.meta_path(orphan), (time.time() - 120,) * 2)
+    os.utime(spool.jobs.meta_path(kept), (time.time() - 120,) * 2)
 
     Housekeeping(spool, retention_s=0).clean_tmp()
 
-    assert not spool.meta_path(orphan).exists()
-    assert spool.meta_path(kept).exists() and spool.meta_path(recent).exists()  # a submit may be writing it
+    assert not spool.jobs.meta_path(orphan).exists()
+    assert spool.jobs.meta_path(kept).exists() and spool.jobs.meta_path(recent).exists()  # a submit may be writing it
 
 
 def test_failed_submit_leaves_no_meta_file(spool, monkeypatch):
-    real = spool.write_atomic
+    real = spool.files.write_atomic
 
     def no_space_for_jobs(dest, data, durable=True):
         if dest.parent.name == "incoming":
             raise OSError(28, "No space left on device")
         return real(dest, data, durable)
 
-    monkeypatch.setattr(spool, "write_atomic", no_space_for_jobs)
+    monkeypatch.setattr(spool.files, "write_atomic", no_space_for_jobs)
     with pytest.raises(OSError):
-        spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
+        spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg"])]))
     assert os.listdir(spool.root / "meta") == [] and os.listdir(spool.root / "incoming") == []
 
 
 @pytest.mark.parametrize("folder, status", [("done", Status.COMPLETED), ("failed", Status.FAILED)])
 def test_finished_job_with_unreadable_status_still_reads_as_finished(spool, folder, status):
-    job_id = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
-    spool.claim(job_id)
-    spool.write_status(job_id, {"job_id": str(job_id), "status": status.value})
-    spool.finish(job_id, status)
-    spool.status_path(job_id).write_bytes(b'{"job_id": "1", "sta')  # a disk that lied, a hand edit
-    doc = spool.read_status(job_id)
-    assert doc["status"] == status.value and "unreadable" in doc["note"]
+    job_id = spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg"])]))
+    spool.jobs.claim(job_id)
+    spool.jobs.write_status(JobStatus(str(job_id), status, Phase.RUNNING))
+    spool.jobs.finish(job_id, status)
+    spool.jobs.status_path(job_id).write_bytes(b'{"job_id": "1", "sta')  # a disk that lied, a hand edit
+    doc = spool.status(job_id)
+    assert doc.status is status and "unreadable" in doc.note
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def read_only_spool(tmp_path):
     mount_point = tmp_path / "ro"
     mount_tmpfs(mount_point)
     try:
-        for name in Spool.FOLDERS:  # a whole spool, so that only the read-only mount stops start-up
+        for name in tuple(Folder):  # a whole spool, so that only the read-only mount stops start-up
             (mount_point / "spool" / name).mkdir(parents=True)
         subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
         yield mount_point / "spool"
@@ -102,17 +103,17 @@ def test_read_only_spool_stops_start_up_with_one_line_and_exit_2(read_only_spool
 
 def results_file(spool, job_id, first, stop):
     """The results file of images first..stop-1 (its name ends with its checksum)."""
-    [path] = spool.results_dir(job_id).glob(f"{first:08d}-{stop:08d}.*.jsonl")
+    [path] = spool.results.folder(job_id).glob(f"{first:08d}-{stop:08d}.*.jsonl")
     return path
 
 
 def finished_with_results(spool, n=6, per_file=3):
-    job_id = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"] * n)])
-    spool.claim(job_id)
+    job_id = spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg"] * n)]))
+    spool.jobs.claim(job_id)
     for first in range(0, n, per_file):
-        spool.write_results(job_id, first, first + per_file,
-                            [{"index": i, "perimeter": 4, "error": None} for i in range(first, first + per_file)])
-    spool.finish(job_id, Status.COMPLETED)
+        spool.results.write(job_id, first, first + per_file,
+                            [result_line(i, perimeter=4) for i in range(first, first + per_file)])
+    spool.jobs.finish(job_id, Status.COMPLETED)
     return job_id
 
 
@@ -124,37 +125,37 @@ def finished_with_results(spool, n=6, per_file=3):
 ])
 def test_a_damaged_results_file_is_named(spool, damage, why):
     job_id = finished_with_results(spool)
-    assert spool.results_damage(job_id, total=6) is None
+    assert spool.results.damage(job_id, total=6) is None
     path = results_file(spool, job_id, 3, 6)
     path.write_bytes(damage(path.read_bytes()))
-    found, message = spool.results_damage(job_id, total=6)
+    found, message = spool.results.damage(job_id, total=6)
     assert found == path and message.startswith(f"results/{job_id}/{path.name}: ") and why in message
 
 
 def test_a_missing_results_file_of_a_finished_job_is_named(spool):
     job_id = finished_with_results(spool)
     results_file(spool, job_id, 0, 3).unlink()
-    assert spool.results_damage(job_id, total=6) == (None, f"results/{job_id}: images 0..2 have no results file")
-    assert spool.results_damage(job_id) is None  # a running job has gaps
+    assert spool.results.damage(job_id, total=6) == (None, f"results/{job_id}: images 0..2 have no results file")
+    assert spool.results.damage(job_id) is None  # a running job has gaps
 
 
 def test_the_daemon_moves_a_damaged_results_file_of_a_finished_job_aside(spool):
     job_id = finished_with_results(spool)
-    spool.write_status(job_id, {"job_id": str(job_id), "status": "completed", "images_total": 6})
+    spool.jobs.write_status(JobStatus(str(job_id), Status.COMPLETED, Phase.FINISHED, images_total=6))
     path = results_file(spool, job_id, 3, 6)
     path.write_bytes(path.read_bytes()[:-7])
     Housekeeping(spool, retention_s=0).check_finished_results()
     assert not path.exists()
     [why] = [p for p in (spool.root / "corrupt").iterdir() if p.suffix == ".why"]
     assert "cut short" in why.read_text()
-    assert spool.read_status(job_id)["status"] == "completed"  # a status never goes back
-    assert spool.results_damage(job_id, total=6) == (None, f"results/{job_id}: images 3..5 have no results file")
+    assert spool.status(job_id).status is Status.COMPLETED  # a status never goes back
+    assert spool.results.damage(job_id, total=6) == (None, f"results/{job_id}: images 3..5 have no results file")
 
 
 def test_many_finished_jobs_are_checked_a_slice_per_turn_not_all_at_once(spool):
     jobs = [finished_with_results(spool) for _ in range(3)]
     for job_id in jobs:
-        spool.write_status(job_id, {"job_id": str(job_id), "status": "completed", "images_total": 6})
+        spool.jobs.write_status(JobStatus(str(job_id), Status.COMPLETED, Phase.FINISHED, images_total=6))
         path = results_file(spool, job_id, 3, 6)
         path.write_bytes(path.read_bytes()[:-7])
     housekeeping = Housekeeping(spool, retention_s=0)
@@ -167,7 +168,7 @@ def test_many_finished_jobs_are_checked_a_slice_per_turn_not_all_at_once(spool):
 
 def test_the_api_names_damaged_results_instead_of_serving_fewer(spool):
     job_id = finished_with_results(spool)
-    spool.write_status(job_id, status_document(job_id, Status.COMPLETED, Phase.FINISHED, images_total=6,
+    spool.jobs.write_status(JobStatus(str(job_id), Status.COMPLETED, Phase.FINISHED, images_total=6,
                                                images_done=6, images_failed=0))
     app = make_app(spool)
     query = f"jobid={job_id}"
@@ -191,7 +192,7 @@ def test_the_api_names_damaged_results_instead_of_serving_fewer(spool):
 
 
 def test_a_folder_where_a_status_should_be_is_not_read_as_one(spool):
-    job_id = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])])
-    spool.status_path(job_id).mkdir()  # odd, not unreadable: the daemon moves it aside at its next start
+    job_id = spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg"])]))
+    spool.jobs.status_path(job_id).mkdir()  # odd, not unreadable: the daemon moves it aside at its next start
     r = call_wsgi(make_app(spool), "GET", "/api/status", query=f"jobid={job_id}")
     assert (r.status_code, r.json()["status"], r.json()["phase"]) == (200, "ongoing", "queued")

@@ -60,8 +60,8 @@ def test_with_tokens_the_list_shows_only_the_callers_jobs(spool, tmp_path):
 
 def test_results_page_holds_the_asked_images_and_unpaged_stays_whole(app, spool):
     job_id = submit(app, [visit("RP00001", [f"http://img.example/{i}.jpg" for i in range(6)])])
-    spool.write_results(job_id, 0, 3, [result(i, f"u{i}") for i in range(3)])
-    spool.write_results(job_id, 3, 6, [result(i, f"u{i}") for i in range(3, 6)])
+    spool.results.write(job_id, 0, 3, [result(i, f"u{i}") for i in range(3)])
+    spool.results.write(job_id, 3, 6, [result(i, f"u{i}") for i in range(3, 6)])
     page = call_wsgi(app, "GET", "/api/results", query=f"jobid={job_id}&offset=2&limit=3").json()
     assert (page["offset"], page["limit"], [r["index"] for r in page["results"]]) == (2, 3, [2, 3, 4])
     whole = call_wsgi(app, "GET", "/api/results", query=f"jobid={job_id}").json()
@@ -70,7 +70,7 @@ def test_results_page_holds_the_asked_images_and_unpaged_stays_whole(app, spool)
 
 def test_csv_has_a_header_and_one_line_per_image_quoted(app, spool):
     job_id = submit(app, [visit("RP00001", ["http://img.example/a.jpg", SCRIPT_URL])])
-    spool.write_results(job_id, 0, 2, [result(0, "http://img.example/a.jpg"), result(1, SCRIPT_URL, "HTTP 404")])
+    spool.results.write(job_id, 0, 2, [result(0, "http://img.example/a.jpg"), result(1, SCRIPT_URL, "HTTP 404")])
     r = call_wsgi(app, "GET", "/api/results.csv", query=f"jobid={job_id}")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(r.body.decode())))

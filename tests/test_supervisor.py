@@ -18,7 +18,7 @@ from daemon.supervisor.stores import load_store_master
 from daemon.supervisor.loop import Events, Supervisor
 from daemon.supervisor.settings import SupervisorSettings
 from spool import Control, Spool, Status
-from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes, mount_tmpfs, unmount, wait_until
+from tests.conftest import SAMPLE_STORE_MASTER, call_wsgi, image_bytes, mount_tmpfs, unmount, wait_until, records, result_line
 from webapi.app import make_app
 
 STORES = load_store_master(SAMPLE_STORE_MASTER)
@@ -102,12 +102,12 @@ def supervised(spool):
 
 def run_until_finished(spool, supervised, chunk_images=3):
     supervisor = supervised(SupervisorSettings(chunk_images=chunk_images, poll_interval_s=0.02))
-    supervisor.run(lambda: bool(spool.job_ids("done") or spool.job_ids("failed")) and not supervisor.jobs)
+    supervisor.run(lambda: bool(spool.jobs.ids("done") or spool.jobs.ids("failed")) and not supervisor.jobs)
 
 
 def put_active_job(spool, urls):
-    job_id = spool.submit(1, [{"store_id": "RP00001", "visit_time": "t", "image_url": urls}])
-    spool.claim(job_id)
+    job_id = spool.jobs.submit(1, records([{"store_id": "RP00001", "visit_time": "t", "image_url": urls}]))
+    spool.jobs.claim(job_id)
     return job_id
 
 
@@ -116,29 +116,28 @@ def test_restarted_daemon_keeps_recorded_results_and_does_only_the_rest(spool, s
     (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
     job_id = put_active_job(spool, [f"{base}/a.png"] * 7)
     # What a daemon killed after its first chunk leaves behind; the marker shows whether it is redone.
-    recorded = [{"index": i, "store_id": "RP00001", "image_url": f"{base}/a.png", "perimeter": -1, "error": None}
-                for i in range(3)]
-    spool.write_results(job_id, 0, 3, recorded)
+    recorded = [result_line(i, perimeter=-1, url=f"{base}/a.png") for i in range(3)]
+    spool.results.write(job_id, 0, 3, recorded)
 
     run_until_finished(spool, supervised)
 
-    results = [json.loads(line) for line in spool.iter_result_lines(job_id)]
+    results = [json.loads(line) for line in spool.results.lines(job_id)]
     assert [r["index"] for r in results] == list(range(7))
     assert [r["perimeter"] for r in results] == [-1, -1, -1, 60, 60, 60, 60]
-    assert spool.read_status(job_id)["status"] == "completed"
-    assert spool.job_ids("done") == [job_id]
+    assert spool.status(job_id).status == "completed"
+    assert spool.jobs.ids("done") == [job_id]
 
 
 def test_unreadable_results_file_is_moved_aside_and_its_images_redone(spool, supervised, image_server):
     base, folder = image_server
     (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
     job_id = put_active_job(spool, [f"{base}/a.png"] * 4)
-    (spool.results_dir(job_id)).mkdir()
-    (spool.results_dir(job_id) / "00000000-00000003.jsonl").write_bytes(b'{"index": 0}\n{"ind')
+    (spool.results.folder(job_id)).mkdir()
+    (spool.results.folder(job_id) / "00000000-00000003.jsonl").write_bytes(b'{"index": 0}\n{"ind')
 
     run_until_finished(spool, supervised)
 
-    assert [json.loads(line)["perimeter"] for line in spool.iter_result_lines(job_id)] == [60] * 4
+    assert [json.loads(line)["perimeter"] for line in spool.results.lines(job_id)] == [60] * 4
     assert [p.name for p in (spool.root / "corrupt").iterdir() if p.suffix == ".why"]
 
 
@@ -146,10 +145,10 @@ def test_unreadable_job_file_fails_that_job_with_the_reason(spool, supervised):
     (spool.root / "incoming" / "5.json").write_bytes(b"\x00not json")
     supervisor = supervised()
     supervisor.admit_incoming()
-    status = spool.read_status(5)
-    assert status["status"] == "failed"
-    assert status["error"][0]["error"].startswith("job file unreadable")
-    assert spool.job_ids("active") == [] and len(list((spool.root / "corrupt").iterdir())) == 2
+    status = spool.status(5)
+    assert status.status == "failed"
+    assert status.error[0].error.startswith("job file unreadable")
+    assert spool.jobs.ids("active") == [] and len(list((spool.root / "corrupt").iterdir())) == 2
 
 
 def dead_pid() -> int:
@@ -171,19 +170,18 @@ def test_start_up_removes_leftovers_of_dead_writers_but_not_a_write_in_progress(
 
 def finished_job(spool, base, n):
     job_id = put_active_job(spool, [f"{base}/a.png"] * n)
-    lines = [{"index": i, "store_id": "RP00001", "image_url": f"{base}/a.png", "perimeter": 60, "error": None}
-             for i in range(n)]
-    spool.write_results(job_id, 0, n, lines)
-    spool.finish(job_id, Status.COMPLETED)
+    lines = [result_line(i, url=f"{base}/a.png") for i in range(n)]
+    spool.results.write(job_id, 0, n, lines)
+    spool.jobs.finish(job_id, Status.COMPLETED)
     return job_id
 
 
 def test_garbage_status_of_finished_job_is_moved_aside_and_rebuilt(spool, supervised, image_server):
     job_id = finished_job(spool, image_server.base, 3)
-    spool.status_path(job_id).write_bytes(b'{"job_id": "1", "sta')
+    spool.jobs.status_path(job_id).write_bytes(b'{"job_id": "1", "sta')
     supervised().run(lambda: True)
-    status = spool.read_status(job_id)
-    assert (status["status"], status["images_done"]) == ("completed", 3)
+    status = spool.status(job_id)
+    assert (status.status, status.images_done) == ("completed", 3)
     moved = sorted(p.name for p in (spool.root / "corrupt").iterdir())
     assert len(moved) == 2 and moved[0].startswith(f"status-{job_id}.json.") and moved[1].endswith(".why")
 
@@ -192,11 +190,11 @@ def test_finished_job_with_garbage_status_and_results_goes_back_and_is_redone(sp
     base, folder = image_server
     (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
     job_id = finished_job(spool, base, 3)
-    spool.status_path(job_id).write_bytes(b"\x00")
-    next(spool.results_dir(job_id).iterdir()).write_bytes(b"{trunc")
+    spool.jobs.status_path(job_id).write_bytes(b"\x00")
+    next(spool.results.folder(job_id).iterdir()).write_bytes(b"{trunc")
     run_until_finished(spool, supervised)
-    assert spool.read_status(job_id)["status"] == "completed"
-    assert [json.loads(line)["index"] for line in spool.iter_result_lines(job_id)] == [0, 1, 2]
+    assert spool.status(job_id).status == "completed"
+    assert [json.loads(line)["index"] for line in spool.results.lines(job_id)] == [0, 1, 2]
 
 
 # ---------------------------------------------------------------- a full disk, for real
@@ -247,16 +245,16 @@ def test_full_disk_pauses_the_job_and_never_finishes_it_without_results(small_di
     wait_until(lambda: supervisor.step() or supervisor.recorder.unrecorded, what="a write to hit the full disk")
     for _ in range(20):  # paused: however long the loop turns, nothing moves until the retry is due
         supervisor.step()
-    assert spool.job_ids("active") == [job_id] and not spool.job_ids("done")
+    assert spool.jobs.ids("active") == [job_id] and not spool.jobs.ids("done")
     assert not supervisor.dispatched  # nothing new dispatched while results are owed
     filler.unlink()
     supervisor.step()
     assert supervisor.recorder.paused, "a write was tried again before disk_retry_interval_s"
     clock.now += 5
-    wait_until(lambda: supervisor.step() or spool.job_ids("done"), what="the job to finish")
+    wait_until(lambda: supervisor.step() or spool.jobs.ids("done"), what="the job to finish")
     supervisor.drain()
-    assert spool.read_status(job_id)["status"] == "completed"
-    assert [json.loads(line)["index"] for line in spool.iter_result_lines(job_id)] == list(range(7))
+    assert spool.status(job_id).status == "completed"
+    assert [json.loads(line)["index"] for line in spool.results.lines(job_id)] == list(range(7))
 
 
 def test_full_disk_submit_is_503_and_leaves_no_partial_job(small_disk):
@@ -268,7 +266,7 @@ def test_full_disk_submit_is_503_and_leaves_no_partial_job(small_disk):
     r = call_wsgi(app, "POST", "/api/submit/", body)
     assert r.status_code == 503 and r.headers["retry-after"]
     assert "No space left on device" in r.json()["error"]
-    assert spool.job_ids("incoming") == [] and list((spool.root / "tmp").iterdir()) == []
+    assert spool.jobs.ids("incoming") == [] and list((spool.root / "tmp").iterdir()) == []
 
 
 def test_a_cancel_that_meets_a_full_disk_keeps_its_request_until_its_results_are_written(small_disk):
@@ -277,19 +275,19 @@ def test_a_cancel_that_meets_a_full_disk_keeps_its_request_until_its_results_are
     supervisor = Supervisor(spool, STORES, SupervisorSettings(chunk_images=2), RecordingRunner(room_for_tasks=0),
                             Events(), clock=lambda: now[0])
     job_id = put_active_job(spool, [f"http://x/{i}.jpg" for i in range(6)])
-    supervisor.load(job_id, spool.job_path("active", job_id))
-    spool.request(job_id, Control.CANCEL)
+    supervisor.load(job_id, spool.jobs.path("active", job_id))
+    spool.control.request(job_id, Control.CANCEL)
     filler = fill(small_disk)
     supervisor.handle_requests()
     assert supervisor.recorder.owes(job_id)
-    assert spool.request_pending(job_id, Control.CANCEL), "a kill now must not lose the cancel"
+    assert spool.control.pending(job_id, Control.CANCEL), "a kill now must not lose the cancel"
     filler.unlink()
     now[0] += 60  # past the retry interval
     supervisor.forget_finished(supervisor.recorder.retry())
     supervisor.handle_requests()
-    assert not spool.request_pending(job_id, Control.CANCEL)
-    assert spool.read_status(job_id)["images_cancelled"] == 6
-    assert [json.loads(line)["error"] for line in spool.iter_result_lines(job_id)] == ["cancelled by request"] * 6
+    assert not spool.control.pending(job_id, Control.CANCEL)
+    assert spool.status(job_id).images_cancelled == 6
+    assert [json.loads(line)["error"] for line in spool.results.lines(job_id)] == ["cancelled by request"] * 6
 
 
 class RecordingRunner:
@@ -311,7 +309,7 @@ def test_chunks_go_out_one_job_after_another_and_a_chunk_that_saw_a_death_goes_i
     supervisor = Supervisor(spool, STORES, SupervisorSettings(chunk_images=2), runner, Events())
     ids = [put_active_job(spool, [f"http://x/{j}-{i}.jpg" for i in range(4)]) for j in range(3)]
     for job_id in ids:
-        supervisor.load(job_id, spool.job_path("active", job_id))
+        supervisor.load(job_id, spool.jobs.path("active", job_id))
     supervisor.jobs[ids[1]].pending.appendleft(Chunk(ids[1], 0, 1, deaths=1))
     supervisor.dispatch()
     assert runner.tasks == [(["0-0.jpg", "0-1.jpg"], False), (["1-0.jpg"], True), (["2-0.jpg", "2-1.jpg"], False),
@@ -341,7 +339,7 @@ def test_lost_tasks_follow_the_policy_and_the_poison_image_alone_is_failed(spool
     events = Events()
     supervisor = Supervisor(spool, STORES, SupervisorSettings(chunk_images=4, max_worker_deaths=2), runner, events)
     job_id = put_active_job(spool, [f"http://x/{i}.jpg" for i in range(4)])
-    supervisor.load(job_id, spool.job_path("active", job_id))
+    supervisor.load(job_id, spool.jobs.path("active", job_id))
     poison = "2.jpg"
     while supervisor.jobs:
         supervisor.dispatch()
@@ -353,7 +351,7 @@ def test_lost_tasks_follow_the_policy_and_the_poison_image_alone_is_failed(spool
                 events.put(TaskDone(task_id, [ImageOutcome(i, 1, 1, 4, None, None, 0.0, 10)
                                               for i, _ in runner.images[task_id]]))
         supervisor.wait_for_events(0)
-    results = [json.loads(line) for line in spool.iter_result_lines(job_id)]
+    results = [json.loads(line) for line in spool.results.lines(job_id)]
     # 4 deaths: the shared process, the chunk alone, its half, the image alone (max_worker_deaths counts alone).
     assert [r["error"] for r in results] == [None, None, "the process measuring this image died each time (4 attempts)",
                                              None]

@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from spool.records import Visit
+
 from webapi.validate import InvalidSubmission, SubmitLimits, parse_submission
 
 LIMITS = SubmitLimits()
@@ -26,7 +28,7 @@ def error_for(raw: bytes, limits=LIMITS) -> str:
 def test_valid_submission_is_kept_with_only_known_fields():
     count, visits = parse_submission(body({"count": 1, "visits": [visit(extra="x")], "note": "n"}), LIMITS)
     assert count == 1
-    assert visits == [{"store_id": "RP00001", "visit_time": "2024-03-11T10:00:00Z", "image_url": [URL]}]
+    assert visits == [Visit("RP00001", "2024-03-11T10:00:00Z", [URL])]
 
 
 @pytest.mark.parametrize("doc, names", [

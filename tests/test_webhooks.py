@@ -12,9 +12,9 @@ from standardwebhooks import Webhook
 
 from config import webhook_secrets
 from daemon.supervisor.settings import WebhookSettings
-from daemon.supervisor.webhooks import next_attempt_delay_s, sign
+from daemon.notifications.delivery import next_attempt_delay_s, sign
 from spool import Folder
-from tests.conftest import REPO, call_wsgi, image_bytes, visit, wait_until
+from tests.conftest import REPO, call_wsgi, image_bytes, visit, wait_until, records
 from tests.test_status_page_browser import browser  # noqa: F401 (a fixture: Debian's headless Chromium)
 from tests.webhook_receiver import HANG, Receiver
 from webapi.app import make_app
@@ -121,7 +121,7 @@ def test_a_callback_url_is_checked_at_submit(spool, secrets_file):
     assert r.status_code == 400 and "no webhook_secrets_file" in r.json()["error"]
     r = call_wsgi(with_secrets, "POST", "/api/submit/", json.dumps({**job, "callback_url": "https://x/hook"}).encode())
     assert r.status_code == 201
-    assert spool.read_job(spool.job_path(Folder.INCOMING, r.json()["job_id"]))["callback_url"] == "https://x/hook"
+    assert spool.jobs.read(spool.jobs.path(Folder.INCOMING, r.json()["job_id"])).callback_url == "https://x/hook"
 
 
 def test_the_notification_is_on_disk_before_the_status_says_finished(spool, syscalls):
@@ -131,21 +131,21 @@ def test_the_notification_is_on_disk_before_the_status_says_finished(spool, sysc
     from daemon.supervisor.stores import load_store_master
     from tests.conftest import SAMPLE_STORE_MASTER
     from tests.test_spool import assert_durable_write
-    job_id = spool.submit(1, [visit("RP00001", ["http://x/a.jpg"])], callback_url="https://x/hook")
+    job_id = spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg"])]), callback_url="https://x/hook")
     supervisor = Supervisor(spool, load_store_master(SAMPLE_STORE_MASTER), SupervisorSettings(), runner=None,
                             events=Events())
-    supervisor.load(job_id, spool.claim(job_id))
+    supervisor.load(job_id, spool.jobs.claim(job_id))
     job = supervisor.jobs[job_id]
     del syscalls[:]
     chunk = job.pending.popleft()
     job.chunks_in_flight += 1
     supervisor.record(job, chunk, [ImageOutcome(0, 1, 1, 4, None, None, 0.2, 100)])
-    notification = assert_durable_write(syscalls, spool.notification_path(job_id))
-    status = assert_durable_write(syscalls, spool.status_path(job_id))
-    assert notification < status < assert_durable_write(syscalls, spool.job_path("done", job_id), new_file=False)
-    record = spool.read_notification(job_id)
-    assert record["body"]["status"] == "completed" and record["url"] == "https://x/hook"
-    assert spool.read_status(job_id)["callback"]["state"] == "pending"
+    notification = assert_durable_write(syscalls, spool.outbox.path(job_id))
+    status = assert_durable_write(syscalls, spool.jobs.status_path(job_id))
+    assert notification < status < assert_durable_write(syscalls, spool.jobs.path("done", job_id), new_file=False)
+    record = spool.outbox.read(job_id)
+    assert record.body.status == "completed" and record.url == "https://x/hook"
+    assert spool.status(job_id).callback.state == "pending"
 
 
 # ------------------------------------------------------------------ real processes
@@ -169,7 +169,7 @@ def test_a_receiver_that_fails_twice_gets_it_on_the_third_attempt_same_id_signed
         assert doc == {k: v for k, v in final.items() if k != "callback"}
         assert doc["status"] == "completed" and doc["images_done"] == 2
     assert os.listdir(service.spool.root / Folder.OUTBOX) == []
-    assert service.spool.read_notification(job_id, Folder.SENT)["state"] == "delivered"
+    assert service.spool.outbox.read(job_id, Folder.SENT).state == "delivered"
 
     metrics = wait_until(lambda: (m := scraped_metrics(service)).get(
         'retailpulse_webhook_deliveries_total{result="delivered"}') == 1 and m, what="the delivery in /metrics")

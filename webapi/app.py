@@ -9,13 +9,15 @@ from collections.abc import Mapping
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
-from spool import (Control, DamagedResults, Executor, KeyBusy, KeyReused, Phase, Spool, UnreadableResults,
-                   parse_job_id)
+from spool import (UNFINISHED_FOLDERS, Control, DamagedResults, Executor, KeyBusy, KeyReused, Spool,
+                   UnreadableResults, parse_job_id)
+from spool.files import encode
+from spool.heartbeat import daemon_health, worker_health
+from spool.records import JobStatus
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webapi.metrics import render as render_metrics
 from webapi import openapi, pages, submit_options
-from webapi.health import carried_out, daemon_health, full_disk_checks, worker_health
 from webapi.validate import InvalidSubmission, SubmitLimits, check_submission, decode_submission
 
 log = logging.getLogger("retailpulse.webapi")
@@ -28,9 +30,9 @@ CANCEL_WAIT_S = 5.0
 # bottle.request.body. webapi/__main__ still sets Bottle's MEMFILE_MAX on purpose (see BOTTLE_MEMFILE_MAX).
 
 
-def json_response(status: int, payload: dict, **headers) -> HTTPResponse:
-    body = json.dumps(payload, separators=(",", ":"))
-    return HTTPResponse(body, status=status, headers={"Content-Type": "application/json",
+def json_response(status: int, payload: object, **headers) -> HTTPResponse:
+    """``payload``: a dict, or a spool record (a status document) as it is."""
+    return HTTPResponse(encode(payload), status=status, headers={"Content-Type": "application/json",
                                                       "Cache-Control": "no-store", **headers})
 
 
@@ -81,9 +83,12 @@ class _Api:
         return name
 
     def owns(self, job_id: int, owner: str | None) -> bool:
-        return self.tokens is None or (self.spool.read_meta(job_id) or {}).get("owner") == owner
+        if self.tokens is None:
+            return True
+        meta = self.spool.jobs.read_meta(job_id)
+        return meta is not None and meta.owner == owner
 
-    def known_job(self) -> tuple[int, dict]:
+    def known_job(self) -> tuple[int, JobStatus]:
         """The job named by ?jobid= and its status; raises the 400 that explains why there is none.
 
         With tokens on, another client's job is answered exactly like a job that does not exist."""
@@ -97,7 +102,7 @@ class _Api:
         if not self.owns(job_id, owner):
             raise json_response(400, {})
         try:
-            doc = self.spool.read_status(job_id)
+            doc = self.spool.status(job_id)
         except OSError as exc:  # permissions, a folder where a file should be: the operator's to fix
             log.error("job %d: cannot read its status: %s", job_id, exc)
             raise json_response(503, {"error": f"cannot read job {job_id}'s status from the spool: "
@@ -120,13 +125,13 @@ class _Api:
             callback_url = submit_options.callback_url(doc.callback(), self.limits, owner, self.webhook_secrets)
         except InvalidSubmission as exc:
             return json_response(400, {"error": str(exc)})
-        images = sum(len(visit["image_url"]) for visit in visits)
+        images = sum(len(visit.image_url) for visit in visits)
         try:
             if key is None:
                 self.refuse_when_queue_full(images)
-                job_id, replayed = self.spool.submit(count, visits, owner=owner, callback_url=callback_url), False
+                job_id, replayed = self.spool.jobs.submit(count, visits, owner, callback_url), False
             else:
-                job_id, replayed = self.spool.submit_once(
+                job_id, replayed = self.spool.keys.submit_once(
                     owner, key, submit_options.request_sha256(count, visits, callback_url), count, visits,
                     callback_url, admit=lambda: self.refuse_when_queue_full(images))
         except KeyReused as exc:
@@ -163,7 +168,7 @@ class _Api:
 
     def results(self):
         job_id, doc = self.known_job()
-        head = {"job_id": doc["job_id"], "status": doc["status"]}
+        head = {"job_id": doc.job_id, "status": doc.status}
         total = finished_total(doc)
         if pages.is_paged():
             offset, limit = pages.page_window(json_response)
@@ -186,7 +191,7 @@ class _Api:
         """Before a whole-job answer starts streaming: every results file whole, and for a finished job
         no gap, or the error that names the damage (never fewer results served as all of them)."""
         try:
-            damage = self.spool.results_damage(job_id, total)
+            damage = self.spool.results.damage(job_id, total)
         except UnreadableResults as exc:
             raise unreadable(job_id, exc.why) from None
         if damage is not None:
@@ -216,26 +221,26 @@ class _Api:
         """Ask the daemon to stop a job: every image without a result gets "cancelled by request". While a
         daemon runs, wait for it to do so and say how many images that was (200); else 202, still asked."""
         job_id, _doc = self.known_job()
-        folder = self.spool.job_folder(job_id)
-        if folder not in Spool.UNFINISHED_FOLDERS:
+        folder = self.spool.jobs.folder_of(job_id)
+        if folder not in UNFINISHED_FOLDERS:
             return json_response(409, {"error": f"job {job_id} is not queued or running (it is {folder})"})
         try:
-            self.spool.request(job_id, Control.CANCEL)
+            self.spool.control.request(job_id, Control.CANCEL)
         except OSError as exc:
             return json_response(503, {"error": f"cannot store the request now: {exc.strerror or exc}"},
                                  **{"Retry-After": "30"})
         log.info("job %d: cancel requested", job_id)
-        if not carried_out(self.spool, job_id, Control.CANCEL, CANCEL_WAIT_S):
+        if not self.spool.control.wait(job_id, Control.CANCEL, CANCEL_WAIT_S):
             return json_response(202, {"job_id": str(job_id), "cancel": "requested"})
-        doc = self.spool.read_status(job_id) or {}
-        return json_response(200, {"job_id": str(job_id), "cancel": "done", "status": doc.get("status"),
-                                   "images_cancelled": doc.get("images_cancelled", 0)})
+        doc = self.spool.status(job_id)
+        return json_response(200, {"job_id": str(job_id), "cancel": "done", "status": doc and doc.status,
+                                   "images_cancelled": (doc and doc.images_cancelled) or 0})
 
     def purge_one(self):
         """Delete a finished job: its file, status and results. 409 while it is queued or running."""
         job_id, _doc = self.known_job()
         try:
-            purged = self.spool.purge(job_id)
+            purged = self.spool.upkeep.purge(job_id)
         except OSError as exc:
             return json_response(503, {"error": f"cannot delete now: {exc.strerror or exc}"}, **{"Retry-After": "30"})
         if not purged:
@@ -253,32 +258,32 @@ class _Api:
                 raise ValueError
         except ValueError:
             return json_response(400, {"error": "older_than_days: must be a number of days, 0 to 36500"})
-        purged = [job_id for job_id in self.spool.finished_before(time.time() - days * 86400)
-                  if self.owns(job_id, owner) and self.spool.purge(job_id)]
+        purged = [job_id for job_id in self.spool.upkeep.finished_before(time.time() - days * 86400)
+                  if self.owns(job_id, owner) and self.spool.upkeep.purge(job_id)]
         log.info("purged %d finished job(s) older than %g days", len(purged), days)
         return json_response(200, {"purged": sorted(purged)})
 
     def healthz(self):
         """200 when the API can write the spool and the daemon's heartbeat is fresh; 503 naming what is not."""
         try:
-            beat, unreadable_beat = self.spool.read_heartbeat(), None
+            beat, unreadable_beat = self.spool.heartbeat.read(), None
         except OSError as exc:  # the spool root itself unreadable (permissions)
             beat, unreadable_beat = None, f"cannot read daemon.json: {exc.strerror or exc}"
-        checks = {"api": "ok", "spool_writable": "ok", "spool_readable": self.spool.access_problem() or "ok",
+        checks = {"api": "ok", "spool_writable": "ok", "spool_readable": self.spool.upkeep.access_problem() or "ok",
                   "daemon": unreadable_beat or daemon_health(beat)}
-        beat = beat or {}
-        if beat.get("executor") == Executor.DASK and not beat.get("workers"):
-            checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.get('scheduler')}): nothing runs"
-        checks.update(worker_health(beat))
+        if beat is not None:
+            if beat.executor is Executor.DASK and not beat.workers:
+                checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.scheduler}): nothing runs"
+            checks.update(worker_health(beat))
         try:
-            self.spool.check_writable()
+            self.spool.files.check_writable()
         except OSError as exc:
             checks["spool_writable"] = f"cannot write: {exc.strerror or exc}"
-        checks.update(full_disk_checks(self.spool, beat))
+        checks.update(self.spool.heartbeat.full_disk_checks(beat))
         healthy = all(value == "ok" for value in checks.values())
         doc = {"ok": healthy, "checks": checks}
-        if beat.get("executor") in tuple(Executor) and isinstance(beat.get("workers"), int):
-            doc.update(executor=beat["executor"], workers=beat["workers"])
+        if beat is not None:
+            doc.update(executor=beat.executor, workers=beat.workers)
         return json_response(200 if healthy else 503, doc)
 
     def metrics(self):
@@ -330,10 +335,9 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | 
     return app
 
 
-def finished_total(doc: dict) -> int | None:
+def finished_total(doc: JobStatus) -> int | None:
     """A finished job's image count (its results must cover every image), None while it runs."""
-    total = doc.get("images_total")
-    return total if doc.get("phase") == Phase.FINISHED and isinstance(total, int) else None
+    return doc.images_total if doc.finished and isinstance(doc.images_total, int) else None
 
 
 def damaged(job_id: int, exc: DamagedResults) -> HTTPResponse:
@@ -354,7 +358,7 @@ def stream_results(spool: Spool, job_id: int, head: dict):
     """{"job_id":..,"status":..,"results":[...]}, produced a batch at a time: memory does not grow with the job."""
     opening = json.dumps(head, separators=(",", ":"))[:-1] + ',"results":['
     batch, size, separator = [opening.encode()], 0, b""
-    for line in spool.iter_result_lines(job_id):
+    for line in spool.results.lines(job_id):
         batch.append(separator + line)
         separator = b","
         size += len(line)

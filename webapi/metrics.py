@@ -1,5 +1,5 @@
-"""GET /metrics: Prometheus text, from what the spool says. The daemon counts (daemon/metrics.py) and writes
-the counts into daemon.json every second; the API only reads files, so every API process serves the same
+"""GET /metrics: Prometheus text, from what the spool says. The daemon counts (daemon/supervisor/metrics.py)
+and writes the counts into its heartbeat (daemon.json) every second; the API only reads files, so every API process serves the same
 numbers and nothing is shared in memory across processes.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ import time
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from spool import DeliveryState, Folder, Spool
+from spool import JOB_FOLDERS, DeliveryState, Folder, Spool
+from spool.records import Heartbeat, ImageCounts, RunnerView, WebhookCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -21,50 +22,51 @@ class SpoolCollector:
 
     def collect(self):
         jobs = GaugeMetricFamily("retailpulse_jobs", "Jobs by state (the spool folder they are in)", labels=["state"])
-        for folder in Spool.JOB_FOLDERS:
+        for folder in JOB_FOLDERS:
             jobs.add_metric([folder], sum(1 for _ in os.scandir(self.spool.root / folder)))
         yield jobs
-        beat = self.spool.read_heartbeat() or {}
+        beat: Heartbeat | None = self.spool.heartbeat.read()
         age = GaugeMetricFamily("retailpulse_daemon_heartbeat_age_seconds", "Seconds since the daemon's last heartbeat")
-        age.add_metric([], time.time() - beat["heartbeat_at"] if "heartbeat_at" in beat else float("inf"))
+        age.add_metric([], time.time() - beat.heartbeat_at if beat is not None else float("inf"))
         yield age
-        yield from runner_metrics(beat)
-        for name, key, help_text in (
-                ("retailpulse_workers", "workers", "Processes the daemon can hand work to now: its connected pool "
-                 "processes, or the Dask workers it sees"),
-                ("retailpulse_images_in_flight", "images_in_flight", "Images handed to the pool, not yet recorded"),
-                ("retailpulse_images_remaining_active", "images_remaining_active",
+        yield from runner_metrics(beat if beat is not None else RunnerView(), beat.executor if beat else None)
+        for name, value, help_text in (
+                ("retailpulse_workers", beat.workers if beat else 0, "Processes the daemon can hand work to now: "
+                 "its connected pool processes, or the Dask workers it sees"),
+                ("retailpulse_images_in_flight", beat.images_in_flight if beat else 0,
+                 "Images handed to the pool, not yet recorded"),
+                ("retailpulse_images_remaining_active", beat.images_remaining_active if beat else 0,
                  "Images of running jobs without a result yet")):
             gauge = GaugeMetricFamily(name, help_text)
-            gauge.add_metric([], beat.get(key, 0))
+            gauge.add_metric([], value)
             yield gauge
         queue = GaugeMetricFamily("retailpulse_queue_depth_images", "Images waiting or in progress")
         queue.add_metric([], self.spool.queued_images())
         yield queue
-        counts = beat.get("metrics", {})
+        counts = beat.metrics if beat is not None else ImageCounts()
         processed = CounterMetricFamily("retailpulse_images_processed", "Images with a recorded result",
                                         labels=["result"])
-        processed.add_metric(["ok"], counts.get("images_ok", 0))
-        processed.add_metric(["failed"], sum(counts.get("images_failed", {}).values()))
+        processed.add_metric(["ok"], counts.images_ok)
+        processed.add_metric(["failed"], sum(counts.images_failed.values()))
         yield processed
         failed = CounterMetricFamily("retailpulse_images_failed", "Failed images by reason", labels=["reason"])
-        for reason, count in sorted(counts.get("images_failed", {}).items()):
+        for reason, count in sorted(counts.images_failed.items()):
             failed.add_metric([reason], count)
         yield failed
         downloaded = CounterMetricFamily("retailpulse_download_bytes", "Bytes of image bodies downloaded")
-        downloaded.add_metric([], counts.get("download_bytes", 0))
+        downloaded.add_metric([], counts.download_bytes)
         yield downloaded
         finished = CounterMetricFamily("retailpulse_jobs_finished", "Jobs finished by status", labels=["status"])
-        for status, count in sorted(counts.get("jobs_finished", {}).items()):
+        for status, count in sorted(counts.jobs_finished.items()):
             finished.add_metric([status], count)
         yield finished
         seconds = histogram("retailpulse_image_processing_seconds", "Per image: download, measure and GPU wait",
                             counts)
         if seconds is not None:
             yield seconds
-        yield from self.webhooks(beat.get("webhooks", {}))
+        yield from self.webhooks(beat.webhooks if beat is not None and beat.webhooks else WebhookCounts())
 
-    def webhooks(self, counts: dict):
+    def webhooks(self, counts: WebhookCounts):
         """Completion webhooks: what waits in outbox/ (from the folder), and the delivery thread's counters."""
         pending = GaugeMetricFamily("retailpulse_webhooks_pending",
                                     "Completion webhooks not yet delivered or given up (outbox/)")
@@ -72,12 +74,12 @@ class SpoolCollector:
         yield pending
         deliveries = CounterMetricFamily("retailpulse_webhook_deliveries", "Completion webhooks whose delivery "
                                          "is over, by result", labels=["result"])
-        for result in (DeliveryState.DELIVERED, DeliveryState.GAVE_UP):
-            deliveries.add_metric([result.value], counts.get(result.value, 0))
+        deliveries.add_metric([DeliveryState.DELIVERED.value], counts.delivered)
+        deliveries.add_metric([DeliveryState.GAVE_UP.value], counts.gave_up)
         yield deliveries
         attempts = CounterMetricFamily("retailpulse_webhook_attempts", "Webhook POSTs made, by outcome (ok, or "
                                        "the failure's kind)", labels=["outcome"])
-        for outcome, count in sorted(counts.get("attempts", {}).items()):
+        for outcome, count in sorted(counts.attempts.items()):
             attempts.add_metric([outcome], count)
         yield attempts
         seconds = histogram("retailpulse_webhook_delivery_seconds", "From a job's final status to its receiver's "
@@ -86,9 +88,9 @@ class SpoolCollector:
             yield seconds
 
 
-def histogram(name: str, help_text: str, counts: dict) -> HistogramMetricFamily | None:
-    """A histogram from daemon.json's seconds_buckets (bounds), seconds_counts (per bucket) and seconds_sum."""
-    bounds, per_bucket = counts.get("seconds_buckets", []), counts.get("seconds_counts", [])
+def histogram(name: str, help_text: str, counts: ImageCounts | WebhookCounts) -> HistogramMetricFamily | None:
+    """A histogram from the heartbeat's seconds_buckets (bounds), seconds_counts (per bucket) and seconds_sum."""
+    bounds, per_bucket = counts.seconds_buckets, counts.seconds_counts
     if not per_bucket:
         return None
     cumulative, buckets = 0, []
@@ -96,35 +98,35 @@ def histogram(name: str, help_text: str, counts: dict) -> HistogramMetricFamily 
         cumulative += count
         buckets.append((bound, cumulative))
     family = HistogramMetricFamily(name, help_text)
-    family.add_metric([], buckets, counts.get("seconds_sum", 0.0))
+    family.add_metric([], buckets, counts.seconds_sum)
     return family
 
 
-def runner_metrics(beat: dict):
+def runner_metrics(view: RunnerView, executor: str | None):
     """Where the work runs and on which workers: the executor, each worker's tasks, the stalled and failing."""
-    executor = GaugeMetricFamily("retailpulse_executor_info", "Where the daemon runs the image work (value 1)",
-                                 labels=["executor", "scheduler"])
-    if beat.get("executor"):
-        executor.add_metric([str(beat["executor"]), str(beat.get("scheduler", ""))], 1)
-    yield executor
-    if "processes" in beat:  # the local pool only
+    info = GaugeMetricFamily("retailpulse_executor_info", "Where the daemon runs the image work (value 1)",
+                             labels=["executor", "scheduler"])
+    if executor:
+        info.add_metric([str(executor), view.scheduler or ""], 1)
+    yield info
+    if view.processes:  # the local pool only
         processes = GaugeMetricFamily("retailpulse_pool_processes", "Pool processes of the daemon (executor = local)")
-        processes.add_metric([], beat["processes"])
+        processes.add_metric([], view.processes)
         yield processes
     tasks = GaugeMetricFamily("retailpulse_worker_tasks", "Tasks each pool process or Dask worker holds",
                               labels=["worker"])
-    for worker, count in sorted((beat.get("tasks_by_worker") or {}).items()):
-        tasks.add_metric([str(worker)], count)
+    for worker, count in sorted(view.tasks_by_worker.items()):
+        tasks.add_metric([worker], count)
     yield tasks
-    for name, key, help_text in (
-            ("retailpulse_workers_stalled", "stalled", "Pool processes or Dask workers that hold tasks and "
+    for name, items, help_text in (
+            ("retailpulse_workers_stalled", view.stalled, "Pool processes or Dask workers that hold tasks and "
              "finished none for stall_timeout_s"),
-            ("retailpulse_workers_failing", "failing", "Dask workers on which tasks fail")):
+            ("retailpulse_workers_failing", view.failing or (), "Dask workers on which tasks fail")):
         gauge = GaugeMetricFamily(name, help_text)
-        gauge.add_metric([], len(beat.get(key) or ()))
+        gauge.add_metric([], len(items))
         yield gauge
     replaced = CounterMetricFamily("retailpulse_stalled_replaced", "Stalled pool processes killed and replaced")
-    replaced.add_metric([], beat.get("stalled_replaced", 0))
+    replaced.add_metric([], view.stalled_replaced or 0)
     yield replaced
 
 

@@ -4,7 +4,10 @@ Kept true by the tests: every response the suite sees (in-process and over HTTP)
 (tests/openapi_check.py), and Schemathesis fuzzes the running API with it (tests/test_openapi.py)."""
 from __future__ import annotations
 
-from spool import JOB_ID_PATTERN, DeliveryState, Executor, Status
+import msgspec
+
+from spool import JOB_ID_PATTERN, Executor, Status
+from spool.records import JobStatus, ResultLine
 from webapi.submit_options import IDEMPOTENCY_HEADER, KEY_PATTERN, REPLAYED_HEADER
 
 #: The one job-id check (spool.JOB_ID_PATTERN), anchored as JSON Schema's "pattern" wants it.
@@ -14,40 +17,17 @@ _STATUSES = [status.value for status in Status]
 JSON = "application/json"
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string", "minLength": 1}}}
 _EMPTY = {"type": "object", "maxProperties": 0, "description": "unknown job (or another token's job)"}
-_FAILURE = {"type": "object", "required": ["store_id", "error"], "properties": {
-    "store_id": {"type": "string"}, "error": {"type": "string"}, "image_url": {"type": "string"},
-    "images_failed": {"type": "integer", "minimum": 0}}}
-_STATUS = {"type": "object", "required": ["job_id", "status"], "properties": {
-    "job_id": {"type": "string", "pattern": _JOB_ID},
-    "status": {"enum": _STATUSES},
-    "phase": {"enum": ["queued", "running", "finished"]},
-    "images_total": {"type": "integer", "minimum": 0}, "images_done": {"type": "integer", "minimum": 0},
-    "images_failed": {"type": "integer", "minimum": 0},
-    "images_cancelled": {"type": "integer", "minimum": 1,
-                         "description": "of the failed, those cancelled by request; only when there are any"},
-    "submitted_at": {"type": "string"}, "updated_at": {"type": "string"},
-    "error": {"type": "array", "items": {"$ref": "#/components/schemas/StoreFailure"}},
-    "callback": {"$ref": "#/components/schemas/Callback"}}}
-_CALLBACK = {"type": "object", "required": ["url", "state"], "description": "the job's completion webhook",
-             "properties": {
-                 "url": {"type": "string"}, "state": {"enum": [state.value for state in DeliveryState]},
-                 "webhook_id": {"type": "string", "description": "the webhook-id header: the same on every attempt"},
-                 "attempts": {"type": "integer", "minimum": 0}, "last_error": {"type": ["string", "null"]},
-                 "next_attempt_at": {"type": ["string", "null"]}, "delivered_at": {"type": "string"}}}
-_RESULT = {"type": "object", "required": ["index"], "properties": {
-    "index": {"type": "integer", "minimum": 0}, "store_id": {"type": "string"},
-    "store_name": {"type": ["string", "null"]}, "area_code": {"type": ["string", "null"]},
-    "visit_time": {"type": "string"}, "image_url": {"type": "string"},
-    "width": {"type": ["integer", "null"]}, "height": {"type": ["integer", "null"]},
-    "perimeter": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]}}}
+#: The spool's records, as JSON Schema (msgspec generates it from the types the daemon writes and the API
+#: serves): a status document with its failures and callback, a result line, and the enums they use.
+_RECORDS = msgspec.json.schema_components([JobStatus, ResultLine], ref_template="#/components/schemas/{name}")[1]
 _RESULTS = {"type": "object", "required": ["job_id", "status", "results"], "properties": {
     "job_id": {"type": "string", "pattern": _JOB_ID}, "status": {"enum": _STATUSES},
     "offset": {"type": "integer", "minimum": 0}, "limit": {"type": "integer", "minimum": 1},
-    "results": {"type": "array", "items": {"$ref": "#/components/schemas/Result"}}}}
+    "results": {"type": "array", "items": {"$ref": "#/components/schemas/ResultLine"}}}}
 _JOBS = {"type": "object", "required": ["total", "offset", "limit", "jobs"], "properties": {
     "total": {"type": "integer", "minimum": 0}, "offset": {"type": "integer", "minimum": 0},
     "limit": {"type": "integer", "minimum": 1},
-    "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Status"}}}}
+    "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobStatus"}}}}
 _SUBMISSION = {"type": "object", "required": ["count", "visits"], "properties": {
     "count": {"type": "integer", "minimum": 1},
     "callback_url": {"type": "string", "format": "uri", "maxLength": 2048,
@@ -132,7 +112,7 @@ def document() -> dict:
     """The whole document. A function, not a module constant: callers may change their copy freely."""
     job_routes = {
         "/api/status": {"get": {"summary": "A job's status", "parameters": [_JOBID], "responses": {
-            "200": _json("the status document", _ref("Status")), "400": _BAD_JOB, "401": _UNAUTHORIZED,
+            "200": _json("the status document", _ref("JobStatus")), "400": _BAD_JOB, "401": _UNAUTHORIZED,
             "503": _SPOOL_UNREADABLE}}},
         "/api/results": {"get": {"summary": "A job's results; paged when offset or limit is given",
                                  "parameters": [_JOBID, _OFFSET, _LIMIT], "responses": {
@@ -192,9 +172,8 @@ def document() -> dict:
                               "404": _json("no such file", _ref("Error"))}}},
         },
         "components": {
-            "schemas": {"Error": _ERROR, "Empty": _EMPTY, "StoreFailure": _FAILURE, "Status": _STATUS,
-                        "Result": _RESULT, "Results": _RESULTS, "Jobs": _JOBS, "Submission": _SUBMISSION,
-                        "Health": _HEALTH, "Callback": _CALLBACK},
+            "schemas": {"Error": _ERROR, "Empty": _EMPTY, **_RECORDS, "Results": _RESULTS, "Jobs": _JOBS,
+                        "Submission": _SUBMISSION, "Health": _HEALTH},
             "securitySchemes": {"token": {"type": "http", "scheme": "bearer",
                                           "description": "only when the API is started with a tokens file"}},
         },

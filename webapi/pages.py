@@ -13,6 +13,8 @@ from pathlib import Path
 from bottle import HTTPResponse, request
 
 from spool import Folder, Spool
+from spool.files import decode
+from spool.records import RESULT_COLUMNS, ResultLine
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: The only files /ui/ serves, with their types: no path from the request ever reaches the filesystem.
@@ -20,8 +22,7 @@ STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javasc
                 "style.css": "text/css; charset=utf-8"}
 MAX_PAGE_ITEMS = 1000
 DEFAULT_PAGE_ITEMS = 50
-CSV_COLUMNS = ("index", "store_id", "store_name", "area_code", "visit_time", "image_url", "width", "height",
-               "perimeter", "error")
+CSV_COLUMNS = RESULT_COLUMNS  # a result line's fields, in order (spool/records.py, ResultLine)
 _CSV_BATCH_ROWS = 512
 #: What a spreadsheet takes as the start of a formula (OWASP, "CSV Injection"): =, +, -, @, tab, carriage return.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -58,10 +59,10 @@ def is_paged() -> bool:
 
 def jobs_page(spool: Spool, visible, offset: int, limit: int) -> dict:
     """Newest first, each job's status document plus "images" (from its meta file) and its owner check."""
-    ids = [job_id for job_id in reversed(spool.job_ids(Folder.META)) if visible(job_id)]
+    ids = [job_id for job_id in reversed(spool.jobs.ids(Folder.META)) if visible(job_id)]
     jobs = []
     for job_id in ids[offset:offset + limit]:
-        doc = spool.read_status(job_id)
+        doc = spool.status(job_id)
         if doc is not None:
             jobs.append(doc)
     return {"total": len(ids), "offset": offset, "limit": limit, "jobs": jobs}
@@ -71,7 +72,7 @@ def results_page(spool: Spool, job_id: int, head: dict, offset: int, limit: int,
                  total: int | None) -> HTTPResponse:
     """Results of images offset .. offset+limit-1 (those recorded so far), as JSON. Only the results files
     of the window are read (and checked: DamagedResults); ``total`` for a finished job, where a gap is damage."""
-    lines = list(itertools.islice(spool.iter_result_lines(job_id, offset, total), limit))
+    lines = list(itertools.islice(spool.results.lines(job_id, offset, total), limit))
     body = (json.dumps({**head, "offset": offset, "limit": limit}, separators=(",", ":"))[:-1]
             + ',"results":[' + ",".join(line.decode() for line in lines) + "]}")
     return HTTPResponse(body, status=200, headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
@@ -83,12 +84,12 @@ def results_csv(spool: Spool, job_id: int) -> HTTPResponse:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\r\n")
         writer.writerow(CSV_COLUMNS)
-        lines = spool.iter_result_lines(job_id)
+        lines = spool.results.lines(job_id)
         while True:
             batch = list(itertools.islice(lines, _CSV_BATCH_ROWS))
             for line in batch:
-                result = json.loads(line)
-                writer.writerow([csv_cell(result.get(col)) for col in CSV_COLUMNS])
+                result = decode(line, ResultLine, "results")
+                writer.writerow([csv_cell(getattr(result, col)) for col in CSV_COLUMNS])
             yield buffer.getvalue().encode("utf-8", "backslashreplace")  # a lone surrogate of an old job too
             buffer.seek(0)
             buffer.truncate()

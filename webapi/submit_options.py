@@ -8,6 +8,10 @@ import json
 import re
 from collections.abc import Mapping
 
+import msgspec
+
+from spool.records import Visit
+
 from webapi.validate import InvalidSubmission, SubmitLimits, check_url
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -34,10 +38,11 @@ def idempotency_key(header: str | None) -> str | None:
     return key
 
 
-def request_sha256(count: int, visits: list, callback_url: str | None) -> str:
+def request_sha256(count: int, visits: list[Visit], callback_url: str | None) -> str:
     """The request as the service understands it, fingerprinted: the same job sent with other spacing or key
-    order is the same request; any change to what would be stored is another."""
-    canonical = json.dumps({"count": count, "visits": visits, "callback_url": callback_url},
+    order is the same request; any change to what would be stored is another. (The same text as before
+    visits were records: a retry across an upgrade still finds its key.)"""
+    canonical = json.dumps({"count": count, "visits": msgspec.to_builtins(visits), "callback_url": callback_url},
                            sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from daemon.engine.urls import ascii_url
+from spool.records import Visit
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,12 @@ def check_url(url: str, where: str, limits: SubmitLimits) -> str:
     return url
 
 
-def parse_submission(body: bytes, limits: SubmitLimits) -> tuple[int, list[dict]]:
+def parse_submission(body: bytes, limits: SubmitLimits) -> tuple[int, list[Visit]]:
     """(count, visits) of a valid submission, with only the fields the service uses."""
     return check_submission(decode_submission(body, limits), limits)
 
 
-def check_submission(doc: Submission, limits: SubmitLimits) -> tuple[int, list[dict]]:
+def check_submission(doc: Submission, limits: SubmitLimits) -> tuple[int, list[Visit]]:
     """(count, visits) of a decoded submission, every rule checked (submit_options.py checks the rest)."""
     count, visits = doc.count, doc.visits
     if not visits:
@@ -138,7 +139,7 @@ def check_submission(doc: Submission, limits: SubmitLimits) -> tuple[int, list[d
         if images > limits.max_images_per_job:
             raise InvalidSubmission(f"too many images: more than {limits.max_images_per_job} in one job")
         urls = [check_url(url, f"{where}.image_url[{j}]", limits) for j, url in enumerate(visit.image_url)]
-        clean.append({"store_id": store_id, "visit_time": visit_time, "image_url": urls})
+        clean.append(Visit(store_id, visit_time, urls))
     return count, clean
 
 

@@ -10,7 +10,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from spool import Spool, UnreadableResults
+from spool import FINISHED_FOLDERS, Spool, UnreadableResults
+from spool.records import Heartbeat
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -32,7 +33,7 @@ class Housekeeping:
         self.results_to_check: deque[int] = deque()  # finished jobs whose results files are still to check
 
     def due(self, heartbeat) -> None:
-        """Do whatever is due now. ``heartbeat()`` builds the heartbeat document when one is due."""
+        """Do whatever is due now. ``heartbeat(pid, now)`` builds the heartbeat when one is due."""
         now = self.clock()
         if now >= self.next_tmp_clean:
             self.clean_tmp()
@@ -41,21 +42,19 @@ class Housekeeping:
         if self.results_to_check or now >= self.next_results_check:
             self.check_finished_results()
         if now >= self.next_heartbeat:
-            self.beat(heartbeat())
+            self.beat(heartbeat)
 
     def clean_tmp(self) -> None:
         """Leftovers of writes that never finished: tmp/ files, and meta files without their job."""
         self.next_tmp_clean = self.clock() + TMP_CLEAN_INTERVAL_S
-        removed = self.spool.clean_tmp(older_than_s=TMP_LEFTOVER_AGE_S)
+        removed = self.spool.upkeep.clean_tmp(older_than_s=TMP_LEFTOVER_AGE_S)
         if removed:
             log.info("removed %d unfinished file(s) left in tmp/ by a crashed writer", removed)
-        orphans = self.spool.orphan_meta_ids(older_than_s=ORPHAN_META_AGE_S)
-        for job_id in orphans:
-            self.spool.meta_path(job_id).unlink(missing_ok=True)
+        orphans = self.spool.upkeep.remove_orphan_metas(older_than_s=ORPHAN_META_AGE_S)
         if orphans:
             log.info("removed the meta file of %d submission(s) that never got their job file: %s",
                      len(orphans), ", ".join(map(str, orphans)))
-        keys = self.spool.remove_orphan_keys(older_than_s=ORPHAN_META_AGE_S)
+        keys = self.spool.keys.remove_orphans(older_than_s=ORPHAN_META_AGE_S)
         if keys:
             log.info("removed %d Idempotency-Key record(s) whose job was never written or is purged", keys)
 
@@ -70,7 +69,7 @@ class Housekeeping:
         if self.clock() >= self.next_results_check:
             self.next_results_check = self.clock() + RESULTS_CHECK_INTERVAL_S
             since, self.results_checked_at = self.results_checked_at, time.time() - 1
-            self.results_to_check.extend(self.spool.finished_before(float("inf"), since=since))
+            self.results_to_check.extend(self.spool.upkeep.finished_before(float("inf"), since=since))
         deadline = self.clock() + budget_s
         while self.results_to_check:  # one job at least, then as many as the budget allows
             self.check_results_of(self.results_to_check.popleft())
@@ -78,11 +77,12 @@ class Housekeeping:
                 return
 
     def check_results_of(self, job_id: int) -> None:
-        if self.spool.job_folder(job_id) not in Spool.FINISHED_FOLDERS:
+        if self.spool.jobs.folder_of(job_id) not in FINISHED_FOLDERS:
             return  # requeued or purged since it was queued
         try:
-            total = (self.spool.read_status(job_id) or {}).get("images_total")
-            damage = self.spool.results_damage(job_id, total if isinstance(total, int) else None)
+            status = self.spool.jobs.read_status(job_id)
+            total = status.images_total if status is not None and status.images_total else None
+            damage = self.spool.results.damage(job_id, total)
         except (OSError, UnreadableResults) as exc:  # permissions: the operator's to fix; nothing to move
             log.error("job %d: cannot check its results: %s", job_id, getattr(exc, "why", exc))
             return
@@ -91,21 +91,21 @@ class Housekeeping:
         path, why = damage
         log.error("job %d: %s; requeue the job to redo its images", job_id, why)
         if path is not None:
-            self.spool.move_aside(path, f"{why}; the job's other results are intact")
+            self.spool.files.move_aside(path, f"{why}; the job's other results are intact")
 
     def apply_retention(self) -> None:
         self.next_retention = self.clock() + RETENTION_INTERVAL_S
         if not self.retention_s:
             return
-        old = self.spool.finished_before(time.time() - self.retention_s)
-        purged = sum(self.spool.purge(job_id) for job_id in old)
+        old = self.spool.upkeep.finished_before(time.time() - self.retention_s)
+        purged = sum(self.spool.upkeep.purge(job_id) for job_id in old)
         if purged:
             log.info("retention: deleted %d finished job(s) older than %g days", purged, self.retention_s / 86400)
 
-    def beat(self, doc: dict) -> None:
+    def beat(self, heartbeat: Callable[[int, float], Heartbeat]) -> None:
         """Write daemon.json: the API's health check and backpressure read it; operators can cat it."""
         self.next_heartbeat = self.clock() + HEARTBEAT_INTERVAL_S
         try:
-            self.spool.write_heartbeat({"pid": os.getpid(), "heartbeat_at": round(time.time(), 3), **doc})
+            self.spool.heartbeat.write(heartbeat(os.getpid(), round(time.time(), 3)))
         except OSError as exc:
             log.warning("cannot write the heartbeat: %s", exc)

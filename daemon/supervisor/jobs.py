@@ -8,10 +8,11 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from daemon.engine import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
+from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
 from daemon.runners import Loss
 from daemon.supervisor.stores import Store
-from spool import DeliveryState, Phase, Status, status_document, utc_now
+from spool import DeliveryState, Phase, Status, utc_now
+from spool.records import UNSET, Callback, JobFile, JobStatus, ResultLine, StoreFailure
 
 UNKNOWN_STORE = "store_id not in the store master"
 CANCELLED = CANCELLED_BY_REQUEST
@@ -49,19 +50,18 @@ def uncovered(total: int, covered: list[tuple[int, int]], size: int) -> Iterator
 class ActiveJob:
     """Bookkeeping of one claimed job: which images are waiting, in flight, done, and which stores failed."""
 
-    def __init__(self, job_id: int, doc: dict):
+    def __init__(self, job_id: int, job: JobFile):
         self.job_id = job_id
-        self.submitted_at = doc.get("submitted_at")
+        self.submitted_at = job.submitted_at
         # One (store_id, visit_time, url) per image, in submission order; the position is the image index.
-        self.images = [(visit["store_id"], visit["visit_time"], url)
-                       for visit in doc["visits"] for url in visit["image_url"]]
+        self.images = [(visit.store_id, visit.visit_time, url) for visit in job.visits for url in visit.image_url]
         self.pending: deque[Chunk] = deque()
         self.chunks_in_flight = 0
         self.recorded = 0  # images with a result on disk ("images_done" on the wire)
         self.failed = 0
         self.cancelled = 0  # of the failed, those "cancelled by request" ("images_cancelled")
         self.failed_stores: dict[str, list] = {}  # store_id -> [first error, its image_url, images failed]
-        self.callback_url: str | None = doc.get("callback_url")  # told when the job finishes (webhooks.py)
+        self.callback_url: str | None = job.callback_url or None  # told when the job finishes (notifications/)
 
     @property
     def total(self) -> int:
@@ -80,33 +80,31 @@ class ActiveJob:
             entry = self.failed_stores.setdefault(store_id, [error, url, 0])
             entry[2] += 1
 
-    def result_line(self, index: int, outcome: ImageOutcome, stores: dict[str, Store]) -> dict:
-        """The results file's line for image ``index`` (format: spool/__init__.py)."""
+    def result_line(self, index: int, outcome: ImageOutcome, stores: dict[str, Store]) -> ResultLine:
+        """The results file's line for image ``index``."""
         store_id, visit_time, url = self.images[index]
         store = stores.get(store_id)
-        return {"index": index, "store_id": store_id, "store_name": store.name if store else None,
-                "area_code": store.area_code if store else None, "visit_time": visit_time, "image_url": url,
-                "width": outcome.width, "height": outcome.height, "perimeter": outcome.perimeter,
-                "error": outcome.error}
+        return ResultLine(index, store_id, store.name if store else None, store.area_code if store else None,
+                          visit_time, url, outcome.width, outcome.height, outcome.perimeter, outcome.error)
 
-    def status_doc(self) -> dict:
+    def status(self) -> JobStatus:
+        """The job's status document, as of now."""
         if not self.finished:
             status, phase = Status.ONGOING, Phase.RUNNING
         else:
             status = Status.FAILED if self.failed_stores else Status.COMPLETED
             phase = Phase.FINISHED
-        counts = {"images_total": self.total, "images_done": self.recorded, "images_failed": self.failed}
-        if self.cancelled:
-            counts["images_cancelled"] = self.cancelled
-        doc = status_document(self.job_id, status, phase, **counts, submitted_at=self.submitted_at,
-                              updated_at=utc_now())
+        errors = UNSET
         if status is Status.FAILED:
-            doc["error"] = [{"store_id": store_id, "error": error, "image_url": url, "images_failed": count}
-                            for store_id, (error, url, count) in self.failed_stores.items()]
+            errors = [StoreFailure(store_id, error, url, count)
+                      for store_id, (error, url, count) in self.failed_stores.items()]
+        callback = UNSET
         if self.callback_url:
-            state = DeliveryState.PENDING if phase is Phase.FINISHED else DeliveryState.WAITING
-            doc["callback"] = {"url": self.callback_url, "state": state.value}
-        return doc
+            callback = Callback(self.callback_url,
+                                DeliveryState.PENDING if phase is Phase.FINISHED else DeliveryState.WAITING)
+        return JobStatus(str(self.job_id), status, phase, images_total=self.total, images_done=self.recorded,
+                         images_failed=self.failed, images_cancelled=self.cancelled or UNSET,
+                         submitted_at=self.submitted_at, updated_at=utc_now(), error=errors, callback=callback)
 
 
 def spans(chunks: list[Chunk], most_images: int) -> list[tuple[int, int]]:

@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 
 from daemon.supervisor.jobs import ActiveJob, Chunk, uncovered
-from spool import CorruptFile, DamagedResults, Phase, Spool, Status, UnreadableResults, status_document, utc_now
+from spool import FINISHED_FOLDERS, CorruptFile, DamagedResults, Phase, Spool, Status, UnreadableResults, utc_now
+from spool.records import JobStatus, StoreFailure
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -25,8 +26,8 @@ class JobLoader:
         """The job at ``path`` with its recorded results counted and the rest queued as chunks; None (and
         the job failed, naming why) when its file cannot be read."""
         try:
-            job = ActiveJob(job_id, self.spool.read_job(path))
-        except (CorruptFile, KeyError, TypeError) as exc:
+            job = ActiveJob(job_id, self.spool.jobs.read(path))
+        except CorruptFile as exc:
             self.reject(job_id, path, f"job file unreadable: {exc}")
             return None
         except OSError as exc:
@@ -46,41 +47,42 @@ class JobLoader:
     def read_recorded(self, job: ActiveJob) -> list[tuple[int, int]]:
         """Count the job's recorded results; move unreadable results files aside. The (first, stop) covered."""
         covered = []
-        for first, stop, path in self.spool.result_chunks(job.job_id):
+        for first, stop, path in self.spool.results.chunks(job.job_id):
             try:
-                records = self.spool.read_results(job.job_id, first, stop, path)
+                records = self.spool.results.read(job.job_id, first, stop, path)
             except DamagedResults as exc:
-                self.spool.move_aside(path, f"results file unreadable, images redone: {exc}")
+                self.spool.files.move_aside(path, f"results file unreadable, images redone: {exc}")
                 continue
             for record in records:
-                job.count(record.get("store_id", ""), record.get("error"), record.get("image_url"))
+                job.count(record.store_id, record.error, record.image_url)
             covered.append((first, stop))
         return covered
 
     def repair_status(self, job_id: int) -> None:
         """A status file that does not parse: move it aside; rebuild it from the job's results."""
-        self.spool.move_aside(self.spool.status_path(job_id), "status file unreadable; rebuilt from the results")
-        for folder in Spool.FINISHED_FOLDERS:
-            path = self.spool.job_path(folder, job_id)
+        self.spool.files.move_aside(self.spool.jobs.status_path(job_id),
+                                    "status file unreadable; rebuilt from the results")
+        for folder in FINISHED_FOLDERS:
+            path = self.spool.jobs.path(folder, job_id)
             if path.exists():
                 try:
-                    job = ActiveJob(job_id, self.spool.read_job(path))
+                    job = ActiveJob(job_id, self.spool.jobs.read(path))
                     self.read_recorded(job)
-                except (CorruptFile, KeyError, TypeError, OSError, UnreadableResults) as exc:
+                except (CorruptFile, OSError, UnreadableResults) as exc:
                     log.error("job %d: status not rebuilt: %s", job_id, exc)
                     return  # the job file itself is broken or unreadable; its status stays unknown
                 if job.finished:
-                    self.spool.write_status(job_id, job.status_doc())
+                    self.spool.jobs.write_status(job.status())
                     log.warning("job %d: status file was unreadable; rebuilt from its results", job_id)
                 else:  # results went missing too: do the missing images again
-                    self.spool.reopen(job_id, folder)
+                    self.spool.jobs.reopen(job_id, folder)
                     log.warning("job %d: status and results incomplete; back to active/ to redo them", job_id)
                 return
         # incoming/ or active/: open() and the daemon's next write replace it.
 
     def reject(self, job_id: int, path: Path, why: str) -> None:
         log.error("job %d: %s", job_id, why)
-        self.spool.move_aside(path, why)
-        self.spool.write_status(job_id, status_document(
-            job_id, Status.FAILED, Phase.FINISHED, images_total=0, images_done=0, images_failed=0,
-            updated_at=utc_now(), error=[{"store_id": "", "error": why}]))
+        self.spool.files.move_aside(path, why)
+        self.spool.jobs.write_status(JobStatus(
+            str(job_id), Status.FAILED, Phase.FINISHED, images_total=0, images_done=0, images_failed=0,
+            updated_at=utc_now(), error=[StoreFailure("", why)]))

@@ -26,7 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.engine import ErrorKind, ImageOutcome
+import msgspec
+
+from daemon.engine.outcome import ErrorKind, ImageOutcome
+from daemon.notifications.outbox import Outbox
 from daemon.runners import Loss, TaskDone, TaskLost, TaskRunner
 from daemon.supervisor.housekeeping import Housekeeping
 from daemon.supervisor.jobs import ActiveJob, Chunk, after_loss, cancelled, spans, unknown_store
@@ -36,8 +39,8 @@ from daemon.supervisor.notify import Notifier
 from daemon.supervisor.recording import Recorder
 from daemon.supervisor.settings import SupervisorSettings
 from daemon.supervisor.stores import Store
-from daemon.supervisor.webhooks import Outbox
-from spool import Control, CorruptFile, DamagedResults, Executor, Folder, Spool
+from spool import FINISHED_FOLDERS, Control, CorruptFile, DamagedResults, Executor, Folder, Spool
+from spool.records import Heartbeat, RunnerView
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -98,10 +101,10 @@ class Supervisor:
     def recover(self) -> None:
         """Start-up: remove stale tmp/ files, repair unreadable status files, resume the jobs in active/."""
         self.housekeeping.clean_tmp()
-        for job_id in self.spool.unreadable_status_ids():
+        for job_id in self.spool.upkeep.unreadable_status_ids():
             self.loader.repair_status(job_id)
-        for job_id in self.spool.job_ids(Folder.ACTIVE):
-            self.load(job_id, self.spool.job_path(Folder.ACTIVE, job_id))
+        for job_id in self.spool.jobs.ids(Folder.ACTIVE):
+            self.load(job_id, self.spool.jobs.path(Folder.ACTIVE, job_id))
 
     def step(self) -> None:
         """One turn of the main loop: requests, admit, dispatch, record what finished, look for dead processes.
@@ -130,13 +133,16 @@ class Supervisor:
             log.warning("stopping with %d chunk(s) unrecorded; they are redone on restart",
                         len(self.dispatched) + len(self.recorder.unrecorded))
 
-    def heartbeat(self) -> dict:
-        """The fields of daemon.json (spool/__init__.py documents them)."""
-        return {"executor": self.executor, **self.runner.describe(), "jobs_active": len(self.jobs),
-                "tasks_in_flight": len(self.dispatched), "images_in_flight": self.images_in_flight,
-                "images_remaining_active": sum(job.total - job.recorded for job in self.jobs.values()),
-                "paused": self.recorder.paused, "metrics": self.metrics.snapshot(),
-                "webhooks": self.recorder.outbox.snapshot()}
+    def heartbeat(self, pid: int, now: float) -> Heartbeat:
+        """daemon.json (spool/records.py, Heartbeat): the runner's view, what is in flight, the counters."""
+        webhooks = self.recorder.outbox.snapshot()
+        view = msgspec.convert(self.runner.describe(), RunnerView)  # checked: the runners cannot import spool/
+        return Heartbeat(pid=pid, heartbeat_at=now, executor=self.executor, **msgspec.structs.asdict(view),
+                         jobs_active=len(self.jobs), tasks_in_flight=len(self.dispatched),
+                         images_in_flight=self.images_in_flight,
+                         images_remaining_active=sum(job.total - job.recorded for job in self.jobs.values()),
+                         paused=self.recorder.paused, metrics=self.metrics.snapshot(),
+                         **({"webhooks": webhooks} if webhooks is not None else {}))
 
     def status_line(self) -> str:
         """For `systemctl status`: STATUS=3 jobs, 412 images in flight."""
@@ -146,7 +152,8 @@ class Supervisor:
     # ------------------------------------------------------- operator requests
     def handle_requests(self) -> None:
         """Carry out control/ requests (cancel, requeue, requeue-failed), then remove them."""
-        for job_id, verb, path in self.spool.requests():
+        for request in self.spool.control.waiting():
+            job_id, verb = request.job_id, request.verb
             try:
                 if verb is Control.CANCEL:
                     self.cancel(job_id)
@@ -157,7 +164,7 @@ class Supervisor:
                 continue
             if verb is Control.CANCEL and self.recorder.owes(job_id):
                 continue  # some of what it cancelled waits for the disk: the request stays until it is written
-            path.unlink(missing_ok=True)
+            self.spool.control.carried_out(request)
 
     def cancel(self, job_id: int) -> None:
         """Every image of the job without a result gets "cancelled by request", now: those waiting and those
@@ -165,10 +172,10 @@ class Supervisor:
         longer dispatched). Recorded like any result, so a crash part-way leaves each image with one
         result or none, and the request, still in control/, is carried out again at restart."""
         if job_id not in self.jobs:
-            if self.spool.job_folder(job_id) != Folder.INCOMING:
+            if self.spool.jobs.folder_of(job_id) != Folder.INCOMING:
                 log.info("job %d: cancel: not queued or running; nothing to do", job_id)
                 return
-            self.load(job_id, self.spool.claim(job_id))
+            self.load(job_id, self.spool.jobs.claim(job_id))
             if job_id not in self.jobs:
                 return
         job = self.jobs[job_id]
@@ -188,26 +195,26 @@ class Supervisor:
 
     def requeue(self, job_id: int, failed_only: bool) -> None:
         """Send a finished job round again: all its images, or only the failed ones."""
-        folder = self.spool.job_folder(job_id)
-        if folder not in Spool.FINISHED_FOLDERS:
+        folder = self.spool.jobs.folder_of(job_id)
+        if folder not in FINISHED_FOLDERS:
             log.info("job %d: requeue: not finished; nothing to do", job_id)
             return
-        redone = self.spool.forget_results(job_id, lambda line: not failed_only or line["error"] is not None)
-        self.spool.reopen(job_id, folder)
+        redone = self.spool.results.forget(job_id, lambda line: not failed_only or line.error is not None)
+        self.spool.jobs.reopen(job_id, folder)
         log.info("job %d: requeued, %d images to do again", job_id, redone)
-        self.load(job_id, self.spool.job_path(Folder.ACTIVE, job_id))
+        self.load(job_id, self.spool.jobs.path(Folder.ACTIVE, job_id))
 
     # ------------------------------------------------------------- admitting
     def admit_incoming(self) -> None:
         """Claim queued jobs, oldest first, while fewer than max_active_jobs run; a small job (at most
         small_job_images) is claimed at once whatever runs, so it never waits behind a crowd of big ones."""
-        for job_id in self.spool.job_ids(Folder.INCOMING):
+        for job_id in self.spool.jobs.ids(Folder.INCOMING):
             crowded = len(self.jobs) >= self.settings.max_active_jobs
             if crowded and self.images_of(job_id) > self.settings.small_job_images:
                 continue
             self.incoming_images.pop(job_id, None)
             try:
-                path = self.spool.claim(job_id)
+                path = self.spool.jobs.claim(job_id)
             except FileNotFoundError:
                 continue  # cancelled and claimed meanwhile
             self.load(job_id, path)
@@ -215,8 +222,8 @@ class Supervisor:
     def images_of(self, job_id: int) -> int:
         """A queued job's size, from its meta file (read once: it never changes); unknown counts as big."""
         if job_id not in self.incoming_images:
-            images = (self.spool.read_meta(job_id) or {}).get("images")
-            self.incoming_images[job_id] = images if isinstance(images, int) else 2**62
+            meta = self.spool.jobs.read_meta(job_id)
+            self.incoming_images[job_id] = meta.images if meta is not None else 2**62
         return self.incoming_images[job_id]
 
     def load(self, job_id: int, path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 
 from daemon.engine.outcome import ErrorKind, ImageOutcome
+from spool.records import ImageCounts
 
 #: Upper bounds (seconds) of the per-image processing time histogram: download + measure + GPU wait.
 SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -35,8 +36,8 @@ class Metrics:
     def job(self, status: str) -> None:
         self.jobs_finished[status] = self.jobs_finished.get(status, 0) + 1
 
-    def snapshot(self) -> dict:
-        return {"images_ok": self.images_ok, "images_failed": dict(self.images_failed),
-                "download_bytes": self.download_bytes, "seconds_buckets": list(SECONDS_BUCKETS),
-                "seconds_counts": list(self.seconds_buckets), "seconds_sum": round(self.seconds_sum, 6),
-                "jobs_finished": dict(self.jobs_finished)}
+    def snapshot(self) -> ImageCounts:
+        return ImageCounts(images_ok=self.images_ok, images_failed=dict(self.images_failed),
+                           download_bytes=self.download_bytes, seconds_buckets=list(SECONDS_BUCKETS),
+                           seconds_counts=list(self.seconds_buckets), seconds_sum=round(self.seconds_sum, 6),
+                           jobs_finished=dict(self.jobs_finished))

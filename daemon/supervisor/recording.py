@@ -12,12 +12,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from daemon.engine.outcome import ImageOutcome
+from daemon.notifications.outbox import Outbox
 from daemon.supervisor.jobs import ActiveJob, Chunk
 from daemon.supervisor.metrics import Metrics
-from daemon.engine import ImageOutcome
 from daemon.supervisor.stores import Store
-from daemon.supervisor.webhooks import Outbox
-from spool import Spool, Status
+from spool import Spool
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -26,7 +26,7 @@ class Recorder:
     def __init__(self, spool: Spool, stores: dict[str, Store], metrics: Metrics, retry_interval_s: float,
                  clock: Callable[[], float] = time.monotonic, outbox: Outbox | None = None):
         self.spool, self.stores, self.metrics, self.clock = spool, stores, metrics, clock
-        self.outbox = outbox or Outbox(spool)  # completion webhooks (webhooks.py)
+        self.outbox = outbox or Outbox(spool)  # completion notifications (daemon/notifications/)
         self.retry_interval_s = retry_interval_s
         self.unrecorded: deque[tuple[ActiveJob, Chunk, list[ImageOutcome]]] = deque()
         self.unpublished: dict[int, ActiveJob] = {}
@@ -48,26 +48,26 @@ class Recorder:
         results are on disk."""
         lines = [job.result_line(o.index, o, self.stores) for o in outcomes]
         try:
-            self.spool.write_results(job.job_id, chunk.first, chunk.stop, lines)
+            self.spool.results.write(job.job_id, chunk.first, chunk.stop, lines)
         except OSError as exc:
             self._failed(f"job {job.job_id}: cannot write results of images {chunk.first}..{chunk.stop - 1}", exc)
             self.unrecorded.append((job, chunk, outcomes))
             return False
         job.chunks_in_flight -= 1
         for line, outcome in zip(lines, outcomes, strict=True):
-            job.count(line["store_id"], line["error"], line["image_url"])
+            job.count(line.store_id, line.error, line.image_url)
             self.metrics.image(outcome)
         return self.publish(job)
 
     def publish(self, job: ActiveJob) -> bool:
         """Write the job's status; once every image has a result, move the job out of active/. True then."""
-        doc = job.status_doc()
+        status = job.status()
         try:
             if job.finished and job.callback_url:  # before the status says finished: no crash loses it
-                self.outbox.add(job.job_id, job.callback_url, doc)
-            self.spool.write_status(job.job_id, doc)
+                self.outbox.add(job.job_id, job.callback_url, status)
+            self.spool.jobs.write_status(status)
             if job.finished:
-                self.spool.finish(job.job_id, Status(doc["status"]))
+                self.spool.jobs.finish(job.job_id, status.status)
         except OSError as exc:
             self._failed(f"job {job.job_id}: cannot write its status", exc)
             self.unpublished[job.job_id] = job
@@ -76,8 +76,8 @@ class Recorder:
         if job.finished:
             if job.callback_url:
                 self.outbox.ready(job.job_id)
-            self.metrics.job(doc["status"])
-            log.info("job %d: %s, %d images, %d failed", job.job_id, doc["status"], job.total, job.failed)
+            self.metrics.job(status.status)
+            log.info("job %d: %s, %d images, %d failed", job.job_id, status.status, job.total, job.failed)
         return job.finished
 
     def retry(self) -> list[ActiveJob]:

@@ -1,9 +1,5 @@
-"""Completion webhooks: the outbox's writer (the supervisor's side) and its delivery thread.
-
-When a job with a ``callback_url`` finishes, the recorder calls ``Outbox.add`` before it writes the final
-status, so the notification is on disk (outbox/, spool/outbox.py) before anyone can see the job finished:
-no crash loses it. ``Deliveries`` (an Outbox with a thread of its own, started by daemon/__main__.py) then
-POSTs the job's final status document to the URL, signed per Standard Webhooks:
+"""The delivery thread of completion notifications: POSTs each finished job's final status document to its
+``callback_url``, signed per Standard Webhooks:
 
     webhook-id: msg_...            the same on every attempt and after any restart (spool.outbox.webhook_id)
     webhook-timestamp: 1795000000  Unix seconds of this attempt
@@ -24,7 +20,6 @@ import base64
 import bisect
 import hashlib
 import hmac
-import json
 import logging
 import random
 import threading
@@ -32,13 +27,16 @@ import time
 from collections.abc import Callable, Mapping
 
 import pycurl
+from msgspec.structs import replace
 
 from daemon.engine.limits import DownloadLimits
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.transfer import Failure, Post, finished
+from daemon.notifications.outbox import Outbox
 from daemon.supervisor.settings import WebhookSettings
-from spool import DeliveryState, Spool
-from spool.outbox import webhook_id
+from spool import FINISHED_FOLDERS, DeliveryState, Spool
+from spool.files import encode
+from spool.records import Notification, WebhookCounts
 
 log = logging.getLogger("retailpulse.webhooks")
 
@@ -62,33 +60,6 @@ def next_attempt_delay_s(attempts: int, settings: WebhookSettings, retry_after_s
     return min(max(wait, retry_after_s or 0.0), settings.max_backoff_s)
 
 
-class Outbox:
-    """The supervisor's side: write a finished job's notification (durably, before its final status)."""
-
-    def __init__(self, spool: Spool, clock: Callable[[], float] = time.time):
-        self.spool, self.clock = spool, clock
-        self.lock = threading.Lock()  # the supervisor's writes against the delivery thread's rewrites
-
-    def add(self, job_id: int, url: str, doc: dict) -> None:
-        """The job's final status ``doc`` goes into outbox/<id>.json; raises OSError when it cannot be written
-        (the recorder then retries the whole publish, as for the status itself)."""
-        body = {key: value for key, value in doc.items() if key != "callback"}
-        record = {"webhook_id": webhook_id(job_id, doc["status"], doc.get("images_done", 0),
-                                           doc.get("images_failed", 0)),
-                  "job_id": job_id, "url": url, "owner": (self.spool.read_meta(job_id) or {}).get("owner"),
-                  "body": body, "created_at": round(self.clock(), 3), "state": DeliveryState.PENDING.value,
-                  "attempts": 0, "next_attempt_at": round(self.clock(), 3), "last_error": None,
-                  "delivered_at": None}
-        with self.lock:
-            self.spool.write_notification(record)
-
-    def ready(self, job_id: int) -> None:
-        """The job's file is in done/ or failed/ now: its notification may go."""
-
-    def snapshot(self) -> dict:
-        return {}
-
-
 class Deliveries(Outbox):
     """The outbox with its delivery thread. ``secrets``: token name (None: tokens off) -> secret bytes."""
 
@@ -100,8 +71,8 @@ class Deliveries(Outbox):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._records: dict[int, dict] = {}  # job id -> its outbox record, as this thread last wrote or read it
-        self._running: dict[int, tuple[Post, dict]] = {}  # id(curl) -> (handle, record being attempted)
+        self._records: dict[int, Notification] = {}  # job id -> its record, as this thread last wrote or read it
+        self._running: dict[int, tuple[Post, Notification]] = {}  # id(curl) -> (handle, record being attempted)
         self._idle: list[Post] = []
         self._multi = pycurl.CurlMulti()
         self._counts_lock = threading.Lock()
@@ -116,12 +87,12 @@ class Deliveries(Outbox):
             self._ready.add(job_id)
         self._wake.set()
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> WebhookCounts:
         """For the heartbeat (daemon.json "webhooks") and so /metrics."""
         with self._counts_lock:
-            return {"delivered": self._delivered, "gave_up": self._gave_up, "attempts": dict(self._attempts),
-                    "seconds_buckets": list(SECONDS_BUCKETS), "seconds_counts": list(self._seconds),
-                    "seconds_sum": round(self._seconds_sum, 6)}
+            return WebhookCounts(delivered=self._delivered, gave_up=self._gave_up, attempts=dict(self._attempts),
+                                 seconds_buckets=list(SECONDS_BUCKETS), seconds_counts=list(self._seconds),
+                                 seconds_sum=round(self._seconds_sum, 6))
 
     # ------------------------------------------------------------ the thread
     def start(self) -> None:
@@ -136,7 +107,7 @@ class Deliveries(Outbox):
             self._thread.join(timeout_s)
 
     def run(self) -> None:
-        left = self.spool.outbox_ids()  # what a crash or a stop left undelivered
+        left = self.spool.outbox.ids()  # what a crash or a stop left undelivered
         with self.lock:
             self._ready.update(left)
         while not self._stop.is_set():
@@ -161,7 +132,7 @@ class Deliveries(Outbox):
             self._multi.select(0.05)  # short: a newly finished job waits at most this for its turn
             self._perform()
             return
-        due = [r["next_attempt_at"] for r in self._records.values()]
+        due = [r.next_attempt_at for r in self._records.values()]
         wait = min([IDLE_LOOK_S, *(max(0.0, at - now) for at in due)])
         self._wake.wait(wait)
 
@@ -169,45 +140,45 @@ class Deliveries(Outbox):
         with self.lock:
             ready, self._ready = self._ready, set()
         for job_id in ready:
-            record = self.spool.read_notification(job_id)
+            record = self.spool.outbox.read(job_id)
             if record is None:
                 self._records.pop(job_id, None)
-            elif record.get("state") != DeliveryState.PENDING:  # a crash between its rewrite and its move
-                self.spool.retire_notification(record)
+            elif record.state is not DeliveryState.PENDING:  # a crash between its rewrite and its move
+                self.spool.outbox.retire(record)
                 self._records.pop(job_id, None)
-            elif not any(r is not None and r["job_id"] == job_id for _h, r in self._running.values()):
+            elif not any(r.job_id == job_id for _h, r in self._running.values()):
                 self._records[job_id] = record
 
     def _start_due(self, now: float) -> None:
         for job_id, record in list(self._records.items()):
             if len(self._running) >= self.settings.deliveries_at_once:
                 return
-            if record["next_attempt_at"] > now:
+            if record.next_attempt_at > now:
                 continue
-            folder = self.spool.job_folder(job_id)
-            if folder not in Spool.FINISHED_FOLDERS:
-                if folder is None and not self.spool.status_path(job_id).exists():  # purged meanwhile
-                    self.spool.notification_path(job_id).unlink(missing_ok=True)
+            folder = self.spool.jobs.folder_of(job_id)
+            if folder not in FINISHED_FOLDERS:
+                if folder is None and not self.spool.jobs.status_path(job_id).exists():  # purged meanwhile
+                    self.spool.outbox.path(job_id).unlink(missing_ok=True)
                     del self._records[job_id]
                 else:  # its final rename has not happened yet (a crash did that): look again later
-                    record["next_attempt_at"] = now + IDLE_LOOK_S
+                    self._records[job_id] = replace(record, next_attempt_at=now + IDLE_LOOK_S)
                 continue
             del self._records[job_id]
             self._attempt(record)
 
-    def _attempt(self, record: dict) -> None:
-        secret = self.secrets.get(record.get("owner"))
+    def _attempt(self, record: Notification) -> None:
+        secret = self.secrets.get(record.owner)
         if secret is None:
-            self._give_up(record, f"no webhook secret for {record.get('owner') or 'jobs without a token'} "
+            self._give_up(record, f"no webhook secret for {record.owner or 'jobs without a token'} "
                                   "(webhook_secrets_file)")
             return
-        body = json.dumps(record["body"], separators=(",", ":")).encode()
+        body = encode(record.body)
         timestamp = int(self.clock())
-        headers = ["Content-Type: application/json", f"webhook-id: {record['webhook_id']}",
+        headers = ["Content-Type: application/json", f"webhook-id: {record.webhook_id}",
                    f"webhook-timestamp: {timestamp}",
-                   f"webhook-signature: {sign(secret, record['webhook_id'], timestamp, body)}"]
+                   f"webhook-signature: {sign(secret, record.webhook_id, timestamp, body)}"]
         handle = self._idle.pop() if self._idle else Post(self.limits, self.policy, self.settings.max_answer_bytes)
-        handle.begin_post(record["url"], body, headers, context=record)
+        handle.begin_post(record.url, body, headers, context=record)
         self._running[id(handle.curl)] = (handle, record)
         self._multi.add_handle(handle.curl)
         self._perform()
@@ -224,64 +195,64 @@ class Deliveries(Outbox):
         failure = handle.answer(code, message)
         handle.release()
         self._idle.append(handle)
-        record = {**record, "attempts": record.get("attempts", 0) + 1}
+        record = replace(record, attempts=record.attempts + 1)
         self._count_attempt("ok" if failure is None else str(failure.kind))
         if failure is None:
             self._delivered_now(record)
         else:
             self._failed(record, failure)
 
-    def _delivered_now(self, record: dict) -> None:
+    def _delivered_now(self, record: Notification) -> None:
         now = self.clock()
-        record.update(state=DeliveryState.DELIVERED.value, delivered_at=round(now, 3), last_error=None)
+        record = replace(record, state=DeliveryState.DELIVERED, delivered_at=round(now, 3), last_error=None)
         if self._rewrite(record, retire=True):
-            log.info("job %d: webhook %s delivered to %s (attempt %d)", record["job_id"], record["webhook_id"],
-                     record["url"], record["attempts"])
+            log.info("job %d: webhook %s delivered to %s (attempt %d)", record.job_id, record.webhook_id,
+                     record.url, record.attempts)
             with self._counts_lock:
                 self._delivered += 1
-                seconds = max(0.0, now - record["created_at"])
+                seconds = max(0.0, now - record.created_at)
                 self._seconds[bisect.bisect_left(SECONDS_BUCKETS, seconds)] += 1
                 self._seconds_sum += seconds
 
-    def _failed(self, record: dict, failure: Failure) -> None:
-        delay = next_attempt_delay_s(record["attempts"], self.settings, failure.retry_after_s, random.uniform(0.5, 1.5))
+    def _failed(self, record: Notification, failure: Failure) -> None:
+        delay = next_attempt_delay_s(record.attempts, self.settings, failure.retry_after_s, random.uniform(0.5, 1.5))
         next_at = self.clock() + delay
-        record["last_error"] = failure.reason
-        if not failure.transient or next_at > record["created_at"] + self.settings.retry_for_s:
+        record = replace(record, last_error=failure.reason)
+        if not failure.transient or next_at > record.created_at + self.settings.retry_for_s:
             why = "permanent" if not failure.transient else f"still failing after {self.settings.retry_for_s:g} s"
-            self._give_up(record, f"{failure.reason} ({why}, {record['attempts']} attempt(s))")
+            self._give_up(record, f"{failure.reason} ({why}, {record.attempts} attempt(s))")
             return
-        record["next_attempt_at"] = round(next_at, 3)
+        record = replace(record, next_attempt_at=round(next_at, 3))
         if self._rewrite(record, retire=False):
-            self._records[record["job_id"]] = record
-            log.warning("job %d: webhook to %s: %s; attempt %d in %.1f s", record["job_id"], record["url"],
-                        failure.reason, record["attempts"] + 1, delay)
+            self._records[record.job_id] = record
+            log.warning("job %d: webhook to %s: %s; attempt %d in %.1f s", record.job_id, record.url,
+                        failure.reason, record.attempts + 1, delay)
 
-    def _give_up(self, record: dict, why: str) -> None:
-        record.update(state=DeliveryState.GAVE_UP.value, last_error=why)
+    def _give_up(self, record: Notification, why: str) -> None:
+        record = replace(record, state=DeliveryState.GAVE_UP, last_error=why)
         if self._rewrite(record, retire=True):
-            log.error("job %d: webhook to %s given up: %s", record["job_id"], record["url"], why)
+            log.error("job %d: webhook to %s given up: %s", record.job_id, record.url, why)
             with self._counts_lock:
                 self._gave_up += 1
 
-    def _rewrite(self, record: dict, retire: bool) -> bool:
+    def _rewrite(self, record: Notification, retire: bool) -> bool:
         """Write the record after an attempt, unless the supervisor wrote a new one for the job meanwhile (the
         job was requeued and finished again), which then wins. False when it did, or when the disk refused."""
         with self.lock:
-            current = self.spool.read_notification(record["job_id"])
+            current = self.spool.outbox.read(record.job_id)
             if current is None:
                 return False  # purged
-            if (current.get("webhook_id"), current.get("created_at")) != (record["webhook_id"], record["created_at"]):
-                self._ready.add(record["job_id"])  # the new one is read on the next turn
+            if (current.webhook_id, current.created_at) != (record.webhook_id, record.created_at):
+                self._ready.add(record.job_id)  # the new one is read on the next turn
                 return False
             try:
                 if retire:
-                    self.spool.retire_notification(record)
+                    self.spool.outbox.retire(record)
                 else:
-                    self.spool.write_notification(record)
+                    self.spool.outbox.write(record)
             except OSError as exc:  # disk full: the record on disk still says pending; it is sent again
-                log.error("job %d: cannot record the webhook's attempt: %s", record["job_id"], exc)
-                self._records[record["job_id"]] = {**current, "next_attempt_at": self.clock() + IDLE_LOOK_S}
+                log.error("job %d: cannot record the webhook's attempt: %s", record.job_id, exc)
+                self._records[record.job_id] = replace(current, next_attempt_at=self.clock() + IDLE_LOOK_S)
                 return False
         return True
 

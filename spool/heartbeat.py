@@ -1,0 +1,80 @@
+"""The daemon's heartbeat (daemon.json, records.py Heartbeat) and what the spool says of the daemon through it:
+alive, paused, stalled, on a full disk. Read by the API's /healthz and /metrics and by retailpulse-ctl, from
+the heartbeat and the file system itself; no HTTP here, so neither of them needs the other."""
+from __future__ import annotations
+
+import os
+import time
+
+from spool.files import CorruptFile, SpoolFiles, pid_exists, read_checked
+from spool.records import Heartbeat
+
+#: The daemon writes its heartbeat every second; this much silence means it is stuck or gone.
+HEARTBEAT_STALE_S = 10.0
+#: Less free space than this where the spool lives is a full disk: a chunk's results file and its status
+#: need more (and the daemon cannot even write its heartbeat then, so readers look for themselves).
+FULL_DISK_BYTES = 64 * 1024
+
+
+class HeartbeatFile:
+    """daemon.json: written every second by the daemon, read by everyone else."""
+
+    def __init__(self, files: SpoolFiles):
+        self.files, self.path = files, files.root / "daemon.json"
+
+    def read(self) -> Heartbeat | None:
+        """The last heartbeat; None when there is none (or it is unreadable). OSError passes (permissions)."""
+        try:
+            return read_checked(self.path, Heartbeat)
+        except (FileNotFoundError, CorruptFile):
+            return None
+
+    def write(self, beat: Heartbeat) -> None:
+        """Rewritten every second; not fsynced (after a crash it is stale anyway, and says so by its age)."""
+        self.files.write(self.path, beat, durable=False)
+
+    def health(self) -> str:
+        """"ok", or what is wrong with the daemon as its heartbeat tells."""
+        return daemon_health(self.read())
+
+    def full_disk_checks(self, beat: Heartbeat | None) -> dict[str, str]:
+        """The checks a full disk fails. Not inferred from the heartbeat: on a full disk the daemon cannot write
+        that either, and would only look silent. A daemon alive on a full disk is paused."""
+        try:
+            fs = os.statvfs(self.files.root)
+        except OSError:
+            return {}
+        free = fs.f_bavail * fs.f_frsize
+        if free >= FULL_DISK_BYTES and not (fs.f_files and fs.f_favail == 0):
+            return {}
+        full = f"the disk holding the spool is full ({free} bytes, {fs.f_favail} inodes free)"
+        checks = {"spool_writable": full}
+        if beat is not None and pid_exists(beat.pid):
+            checks["daemon"] = f"paused: {full}; it cannot record results (or write its heartbeat) until space is freed"
+        return checks
+
+
+def daemon_health(beat: Heartbeat | None, now: float | None = None) -> str:
+    """"ok", or what is wrong with the daemon as its heartbeat tells."""
+    if beat is None:
+        return "no heartbeat (daemon.json missing): daemon not running"
+    age = (time.time() if now is None else now) - beat.heartbeat_at
+    if age > HEARTBEAT_STALE_S:
+        return f"last heartbeat {age:.0f} s ago"
+    if not pid_exists(beat.pid):
+        return f"process {beat.pid} is gone"
+    if beat.paused:
+        return "paused: cannot write results (disk full?)"
+    return "ok"
+
+
+def worker_health(beat: Heartbeat) -> dict[str, str]:
+    """Checks naming the workers that hold work and finish none, or on which tasks fail; nothing when all is
+    well."""
+    checks = {}
+    if beat.stalled:
+        checks["stalled"] = "; ".join(f"{s.worker} holds {s.tasks} task(s) and finished none for {s.seconds:g} s"
+                                      for s in beat.stalled)
+    if beat.failing:
+        checks["failing"] = "; ".join(f"tasks fail on {f.worker}: {f.error}" for f in beat.failing)
+    return checks
