@@ -18,9 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.engine.limits import DownloadLimits
-from daemon.engine.loop import EngineSettings
-from daemon.engine.measure import parse_formats
+from daemon.engine.settings import DownloadLimits, EngineSettings, parse_formats
 from daemon.supervisor.settings import SupervisorSettings, WebhookSettings
 from spool import Executor
 from webapi.validate import SubmitLimits

@@ -13,8 +13,8 @@ import filelock
 
 from config import Config, webhook_secrets
 from config.startup import StartupError, open_spool, run_main, start
-from daemon.engine import AddressPolicy, DownloadLimits, EngineSettings
-from daemon.engine.netguard import parse_networks
+from daemon.engine.netguard import AddressPolicy, parse_networks
+from daemon.engine.settings import DownloadLimits, EngineSettings
 from daemon.runners import OnEvent, TaskRunner
 from daemon.runners.pool import LocalPool
 from daemon.runners.sandbox import deadline_s

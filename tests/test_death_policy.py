@@ -1,6 +1,6 @@
 """The pure rules of the runner/supervisor seam, in milliseconds: what becomes of a lost task's chunk
 (jobs.after_loss) and when a pool process or worker counts as stalled (runners.Progress)."""
-from daemon.engine import ErrorKind
+from daemon.engine.outcome import ErrorKind
 from daemon.runners import Loss, Progress, Stall
 from daemon.supervisor.jobs import Chunk, after_loss
 

@@ -13,8 +13,8 @@ import time
 import pytest
 from PIL import Image
 
-from daemon.engine.limits import DownloadLimits
-from daemon.engine.loop import Engine, EngineSettings, measure
+from daemon.engine.loop import Engine, measure
+from daemon.engine.settings import DownloadLimits, EngineSettings
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.outcome import ErrorKind
 from tests.conftest import image_bytes, wait_until

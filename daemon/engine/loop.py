@@ -26,15 +26,14 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
 
 import pycurl
 
-from daemon.engine.limits import DownloadLimits
 from daemon.engine.measure import BodyReader, ImageError, perimeter
-from daemon.engine.netguard import AddressPolicy
-from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
+from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome, TaskImages
+from daemon.engine.settings import EngineSettings
 from daemon.engine.transfer import Failure, Transfer, finished
 
 log = logging.getLogger("retailpulse.engine")
@@ -42,17 +41,6 @@ log = logging.getLogger("retailpulse.engine")
 #: Called once per task: its outcomes, or None when the engine closed before the task finished (nothing of
 #: it was recorded: send it again).
 Done = Callable[[list[ImageOutcome] | None], None]
-#: One task's images: (index in the job, url) pairs.
-TaskImages = Sequence[tuple[int, str]]
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    max_transfers: int = 256  # downloads at once (images in their GPU wait, or waiting for a slot, do not count)
-    gpu_sleep_min_s: float = 0.1
-    gpu_sleep_max_s: float = 0.4
-    limits: DownloadLimits = field(default_factory=DownloadLimits)
-    addresses: AddressPolicy = field(default_factory=AddressPolicy)  # public addresses only, by default
 
 
 class _Task:

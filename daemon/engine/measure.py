@@ -21,52 +21,22 @@ perimeter 2 * (width + height) as it is. The decompression-bomb limit is Pillow'
 from __future__ import annotations
 
 import struct
-from enum import StrEnum
 
 from PIL import Image
 
 from daemon.engine import headers
 from daemon.engine.headers import NEXT_MARKER, ImageError, JPEG_MARKER, Read, Skip
 from daemon.engine.outcome import ErrorKind
+from daemon.engine.settings import DEFAULT_FORMATS, DEFAULT_MAX_HEADER_BYTES, Format
 
-__all__ = ["BodyReader", "Format", "ImageError", "image_size", "parse_formats", "perimeter"]
+__all__ = ["BodyReader", "ImageError", "image_size", "perimeter"]
 
-
-class Format(StrEnum):
-    """The formats the service can measure; the values are the names the ``image_formats`` setting and the
-    error messages use."""
-
-    JPEG = "JPEG"
-    PNG = "PNG"
-    WEBP = "WebP"
-    HEIF = "HEIF"  # HEIC included: HEIF with HEVC inside, the iPhone camera's default
-    AVIF = "AVIF"
-
-
-DEFAULT_FORMATS: tuple[Format, ...] = tuple(Format)
-#: How far into a body its size may be: a JPEG's metadata before its frame header (XMP extensions carrying a
-#: depth map run to megabytes), a HEIF file's boxes up to its meta box. Scanned, not kept.
-DEFAULT_MAX_HEADER_BYTES = 16 * 1024 * 1024
 _SNIFF_BYTES = 12
 
 #: Magic numbers of formats we name when we refuse them. Checked before any parser sees a byte.
 _OTHER_MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
                 (b"\x00\x00\x01\x00", "ICO"), (b"%PDF", "PDF"), (b"8BPS", "PSD"), (b"\xff\x0a", "JPEG XL"),
                 (b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"))
-
-
-def parse_formats(text: str) -> tuple[Format, ...]:
-    """``"jpeg, png, heic"`` -> the formats named (case does not matter; HEIC is HEIF). ValueError names a
-    name that is not one."""
-    by_name = {f.value.lower(): f for f in Format} | {"heic": Format.HEIF, "jpg": Format.JPEG}
-    chosen = []
-    for name in filter(None, (part.strip().lower() for part in text.split(","))):
-        if name not in by_name:
-            raise ValueError(f"{name!r} is not one of {', '.join(Format)}")
-        chosen.append(by_name[name])
-    if not chosen:
-        raise ValueError(f"name at least one of {', '.join(Format)}")
-    return tuple(dict.fromkeys(chosen))
 
 
 def perimeter(width: int, height: int) -> int:

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field, replace
 
 import pycurl
 
-from daemon.engine.limits import DownloadLimits
 from daemon.engine.measure import BodyReader
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.outcome import ErrorKind
+from daemon.engine.settings import DownloadLimits
 from daemon.engine.urls import ascii_url
 
 try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from daemon.engine import ImageOutcome, TaskImages
+from daemon.engine.outcome import ImageOutcome, TaskImages
 
 __all__ = ["Loss", "Message", "OnEvent", "Progress", "Stall", "TaskDone", "TaskImages", "TaskLost", "TaskRunner"]
 

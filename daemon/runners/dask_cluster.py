@@ -36,7 +36,9 @@ import uuid
 from distributed import Client, KilledWorker, Security, WorkerPlugin, get_worker
 from distributed.protocol.pickle import dumps as dask_dumps
 
-from daemon.engine import Engine, EngineSettings, ImageOutcome, TaskImages
+from daemon.engine.loop import Engine
+from daemon.engine.outcome import ImageOutcome, TaskImages
+from daemon.engine.settings import EngineSettings
 from daemon.runners import Loss, OnEvent, Progress, TaskDone, TaskLost
 from daemon.runners.plain_data import (RESULT_DESERIALIZERS, InvalidResult, encode_result, parse_result,
                                        refuse_code_from_the_cluster)

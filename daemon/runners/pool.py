@@ -33,7 +33,8 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Listener
 
-from daemon.engine import EngineSettings, TaskImages
+from daemon.engine.outcome import TaskImages
+from daemon.engine.settings import EngineSettings
 from daemon.runners import Message, OnEvent, Progress, TaskDone, TaskLost
 from daemon.runners.pool_process import serve
 

@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from multiprocessing.connection import Client, Connection
 
-from daemon.engine import Engine, EngineSettings, ImageOutcome, TaskImages
+from daemon.engine.loop import Engine
+from daemon.engine.outcome import ImageOutcome, TaskImages
+from daemon.engine.settings import EngineSettings
 from daemon.runners import Message
 from daemon.runners.sandbox import run_isolated
 

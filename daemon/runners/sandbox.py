@@ -14,7 +14,9 @@ import sys
 import threading
 import time
 
-from daemon.engine import EngineSettings, ImageOutcome, TaskImages, measure
+from daemon.engine.loop import measure
+from daemon.engine.outcome import ImageOutcome, TaskImages
+from daemon.engine.settings import EngineSettings
 
 
 def deadline_s(settings: EngineSettings) -> float:

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from daemon.engine import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
+from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
 from daemon.runners import Loss
 from daemon.supervisor.stores import Store
 from spool import DeliveryState, Phase, Status, status_document, utc_now

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.engine import ErrorKind, ImageOutcome
+from daemon.engine.outcome import ErrorKind, ImageOutcome
 from daemon.runners import Loss, TaskDone, TaskLost, TaskRunner
 from daemon.supervisor.housekeeping import Housekeeping
 from daemon.supervisor.jobs import ActiveJob, Chunk, after_loss, cancelled, spans, unknown_store

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from daemon.supervisor.jobs import ActiveJob, Chunk
 from daemon.supervisor.metrics import Metrics
-from daemon.engine import ImageOutcome
+from daemon.engine.outcome import ImageOutcome
 from daemon.supervisor.stores import Store
 from daemon.supervisor.webhooks import Outbox
 from spool import Spool, Status

@@ -33,8 +33,8 @@ from collections.abc import Callable, Mapping
 
 import pycurl
 
-from daemon.engine.limits import DownloadLimits
 from daemon.engine.netguard import AddressPolicy
+from daemon.engine.settings import DownloadLimits
 from daemon.engine.transfer import Failure, Post, finished
 from daemon.supervisor.settings import WebhookSettings
 from spool import DeliveryState, Spool
