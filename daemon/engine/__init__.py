@@ -8,7 +8,8 @@ modules, so it ships to a worker host alone and can be tested alone:
     settings.py   EngineSettings, DownloadLimits (the numbers those rules use), the image formats
     netguard.py   AddressPolicy: which addresses a download may connect to
     measure.py    BodyReader: a body as it streams -> (width, height), or why not; perimeter(); pure, no I/O
-    headers.py    where each format (JPEG, PNG, WebP, HEIF, AVIF) says its size and where its image ends
+    headers.py    where JPEG, PNG and WebP say their size and where their image ends; the parsers' vocabulary
+    isobmff.py    the same for HEIF and AVIF (ISO base media boxes)
     outcome.py    TaskImages, ImageOutcome and ErrorKind: what goes in and comes out, across process boundaries
     urls.py       URLs in the ASCII form a browser sends
 

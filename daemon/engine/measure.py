@@ -1,8 +1,8 @@
 """Image measurement. Pure: bytes in, a size or a clear error out; no HTTP, no files.
 
 A body is read as it downloads (``BodyReader.feed``, from libcurl's write callback), never held whole: each
-format's parser (headers.py) keeps only what says the image's size and follows the body to where its primary
-image ends. So memory per image in flight stays small whatever the image's size or its metadata's, and
+format's parser (headers.py, isobmff.py) keeps only what says the image's size and follows the body to where
+its primary image ends. So memory per image in flight stays small whatever the image's size or its metadata's, and
 "truncated" means exactly that the primary image stops before its end: bytes after it (a motion photo's
 video, a maker trailer, a second image) are allowed and never read. Pixels are never decoded.
 
@@ -24,7 +24,7 @@ import struct
 
 from PIL import Image
 
-from daemon.engine import headers
+from daemon.engine import headers, isobmff
 from daemon.engine.headers import NEXT_MARKER, ImageError, JPEG_MARKER, Read, Skip
 from daemon.engine.outcome import ErrorKind
 from daemon.engine.settings import DEFAULT_FORMATS, DEFAULT_MAX_HEADER_BYTES, Format
@@ -54,7 +54,7 @@ def _sniff(head: bytes, allowed: tuple[str, ...]):
     elif head[:4] == b"RIFF" and (head[8:12] == b"WEBP" or len(head) < _SNIFF_BYTES and b"WEBP".startswith(head[8:])):
         parser, fmt = headers.webp, Format.WEBP
     elif head[4:8] == b"ftyp" or (len(head) < _SNIFF_BYTES and 4 < len(head) and b"ftyp".startswith(head[4:8])):
-        return headers.iso_media  # HEIF or AVIF or neither: its ftyp box says, and the parser checks
+        return isobmff.iso_media  # HEIF or AVIF or neither: its ftyp box says, and the parser checks
     else:
         for magic, name in _OTHER_MAGIC:
             if head.startswith(magic):
