@@ -10,10 +10,11 @@ modules, so it ships to a worker host alone and can be tested alone:
     measure.py    BodyReader: a body as it streams -> (width, height), or why not; perimeter(); pure, no I/O
     headers.py    where JPEG, PNG and WebP say their size and where their image ends; the parsers' vocabulary
     isobmff.py    the same for HEIF and AVIF (ISO base media boxes)
+    backoff.py    the wait before a retry: doubling, jittered, at least Retry-After, capped
     outcome.py    TaskImages, ImageOutcome and ErrorKind: what goes in and comes out, across process boundaries
     urls.py       URLs in the ASCII form a browser sends
 
 Import what you need from its module (``from daemon.engine.loop import Engine``): this file imports nothing,
-so the light modules (settings, outcome, netguard, urls) load without libcurl or Pillow, for the
+so the light modules (settings, outcome, netguard, backoff, urls) load without libcurl or Pillow, for the
 daemon's start-up, the API and the settings table.
 """

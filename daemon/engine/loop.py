@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import pycurl
 
+from daemon.engine.backoff import JITTER, backoff_s
 from daemon.engine.measure import BodyReader, ImageError, perimeter
 from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome, TaskImages
 from daemon.engine.settings import EngineSettings
@@ -335,8 +336,9 @@ class Engine:
     def _failed_attempt(self, image: _Image, failure: Failure, nbytes: int) -> None:
         limits = self.settings.limits
         if failure.transient and image.attempt < limits.attempts:
-            wait = limits.backoff_s * 2 ** (image.attempt - 1) * random.uniform(0.5, 1.5)
-            self._after(min(max(wait, failure.retry_after_s or 0), limits.max_backoff_s), lambda: self._retry(image))
+            wait = backoff_s(image.attempt, limits.backoff_s, limits.max_backoff_s, random.uniform(*JITTER),
+                             failure.retry_after_s)
+            self._after(wait, lambda: self._retry(image))
             return
         if failure.transient:
             reason = f"{failure.reason} (transient, gave up after {image.attempt} attempts)"
