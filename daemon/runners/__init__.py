@@ -34,7 +34,7 @@ class Message(StrEnum):
     HELLO = "hello"  # process -> supervisor, once: (HELLO, pid)
     TASK = "task"  # supervisor -> process: (TASK, task_id, images, isolated)
     DONE = "done"  # process -> supervisor: (DONE, task_id, outcomes)
-    LOST = "lost"  # process -> supervisor: (LOST, task_id, why), an isolated task's process died
+    LOST = "lost"  # process -> supervisor: (LOST, task_id, why, cause: a Loss value), as a Dask worker says it
     CANCEL = "cancel"  # supervisor -> process: (CANCEL, task_ids); each answers at once with a DONE
 
 

@@ -43,7 +43,7 @@ from daemon.runners import Loss, OnEvent, Progress, TaskDone, TaskLost
 from daemon.runners.plain_data import (RESULT_DESERIALIZERS, InvalidResult, encode_result, parse_result,
                                        refuse_code_from_the_cluster)
 from daemon.runners.pool_process import exit_on_engine_death
-from daemon.runners.sandbox import STOPPED, run_isolated
+from daemon.runners.sandbox import loss_of, run_isolated
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -96,7 +96,7 @@ def measure_task(images: TaskImages, isolated: bool, cancel_key: str | None = No
         if isolated:
             result = run_isolated(images, plugin.settings, plugin.closing)
             if isinstance(result, str):
-                return encode_result(worker.address, lost=result, cause=Loss.AWAY if result == STOPPED else Loss.DIED)
+                return encode_result(worker.address, lost=result, cause=loss_of(result))
             return encode_result(worker.address, result)
         finished = threading.Event()
         answer: list[list[ImageOutcome] | None] = []

@@ -8,7 +8,7 @@ task keeps for ever, stalling every process. Instead each process connects back 
 own (authenticated with a key only the daemon and its children know) and tasks and outcomes travel on it:
 
     supervisor --(TASK, id, images, isolated)--> process      process --(DONE, id, outcomes)--> supervisor
-    supervisor --(CANCEL, ids)-------------------> process      process --(LOST, id, why)-------> supervisor
+    supervisor --(CANCEL, ids)-------------------> process      process --(LOST, id, why, cause)-> supervisor
 
 (the Message enum, daemon/runners/__init__.py).
 
@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection, Listener
 
 from daemon.engine.outcome import TaskImages
 from daemon.engine.settings import EngineSettings
-from daemon.runners import Message, OnEvent, Progress, TaskDone, TaskLost
+from daemon.runners import Loss, Message, OnEvent, Progress, TaskDone, TaskLost
 from daemon.runners.pool_process import serve
 
 log = logging.getLogger("retailpulse.daemon")
@@ -71,6 +71,15 @@ def _hang_up(conn: Connection) -> None:
     except OSError:
         pass  # already closed
     conn.close()
+
+
+def answer_event(kind: Message, task_id: int, payload: list, holder: str) -> TaskDone | TaskLost:
+    """A pool process's answer: DONE with the outcomes, or LOST with why and the Loss (as a Dask worker's)."""
+    if kind == Message.DONE:
+        (outcomes,) = payload
+        return TaskDone(task_id, outcomes)
+    why, cause = payload
+    return TaskLost(task_id, why, Loss(cause), where=holder)
 
 
 class LocalPool:
@@ -210,7 +219,7 @@ class LocalPool:
     def _read_forever(self, process: _Connected) -> None:
         while True:
             try:
-                kind, task_id, payload = process.conn.recv()
+                kind, task_id, *payload = process.conn.recv()
             except (EOFError, OSError):
                 break
             with self._lock:
@@ -219,7 +228,7 @@ class LocalPool:
                 self._progress.finished(process.name, now)
                 self._progress.holding(process.name, len(process.tasks), now)
             if known:
-                self._on_event(TaskDone(task_id, payload) if kind == Message.DONE else TaskLost(task_id, payload))
+                self._on_event(answer_event(kind, task_id, payload, process.name))
         with self._lock:
             self._connected.pop(process.pid, None)
             lost, process.tasks = list(process.tasks), {}
