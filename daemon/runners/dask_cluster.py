@@ -65,7 +65,7 @@ class DaskRunner:
     """A TaskRunner (daemon/runners/) on a Dask cluster."""
 
     def __init__(self, scheduler: str, settings: EngineSettings, on_event: OnEvent, images_per_worker: int,
-                 tls: Security | None = None, stall_timeout_s: float = 180.0):
+                 tls: Security | None, stall_timeout_s: float):
         refuse_code_from_the_cluster()
         self.scheduler, self.images_per_worker = scheduler, images_per_worker
         self._on_event = on_event

@@ -86,7 +86,7 @@ class LocalPool:
     """A TaskRunner (daemon/runners/) on this machine."""
 
     def __init__(self, processes: int, settings: EngineSettings, on_event: OnEvent, images_per_process: int,
-                 stall_timeout_s: float = 180.0):
+                 stall_timeout_s: float):
         self.processes, self.images_per_process = processes, images_per_process
         self._on_event = on_event
         self._lock = threading.Lock()  # guards _connected, _progress, _replacing: accept, reader, main threads
