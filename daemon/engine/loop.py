@@ -5,7 +5,8 @@ once every image has its ImageOutcome (in the task's order), or ``done(None)`` i
 every task handed in is answered exactly once, so nothing waiting for one (a Dask worker's thread) waits
 for ever, and whoever sent it can send it again. ``Engine.cancel(keys)`` stops tasks handed in with those
 keys: they answer at once, their images not yet measured "cancelled by request". It knows nothing of pool
-processes or Dask: a local pool process and a Dask worker each run one Engine, and ``measure()`` runs one for a single task (tests, isolated tasks).
+processes or Dask: a local pool process and a Dask worker each run one Engine, and ``measure()`` runs one
+for a single task (tests, isolated tasks).
 
 One loop serves everything: libcurl's sockets (its socket and timer callbacks drive an epoll selector), a
 wake-up socket for tasks handed in by other threads, and a heap of deadlines. An image's simulated GPU

@@ -1,9 +1,9 @@
 """Where downloads may connect: public addresses only, checked on the address actually connected to.
 
 Clients choose the URLs, so without this a job could make the daemon fetch http://169.254.169.254/ (cloud
-metadata) or an internal admin page. The check runs in libcurl's open-socket callback (daemon/transfer.py),
-after the name is resolved and before the socket connects, and the socket connects to the very address that
-was checked: a DNS answer that changes between two lookups (rebinding) cannot get around it, and every
+metadata) or an internal admin page. The check runs in libcurl's open-socket callback (transfer.py), after
+the name is resolved and before the socket connects, and the socket connects to the very address that was
+checked: a DNS answer that changes between two lookups (rebinding) cannot get around it, and every
 redirect hop opens its connection through the same callback. Numeric spellings of an address (2130706433,
 0x7f000001, 0177.0.0.1, ::ffff:127.0.0.1) are covered because the check sees what the resolver made of them.
 """

@@ -1,5 +1,5 @@
 """One image's download on libcurl: the options that carry every download rule, what is kept of the body,
-and the translation of libcurl's outcome into our wording and kinds. No event loop here (daemon/engine.py).
+and the translation of libcurl's outcome into our wording and kinds. No event loop here (loop.py).
 
 Each rule and the libcurl option that enforces it:
     connect within connect_timeout_s             CONNECTTIMEOUT_MS
