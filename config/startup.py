@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
-from config import Config, SettingError, load
+from config import Config, SettingError, load, webhook_secrets
 from spool import Spool
 
 #: The exit code of a start-up refused for a setting or the spool; the units do not restart on it.
@@ -21,10 +22,12 @@ class StartupError(Exception):
     """Start-up cannot go on; the message is the one line the operator reads."""
 
 
-def start(prog: str, description: str | None, sections: Iterable[str], argv: list[str] | None) -> Config:
-    """Settings resolved and logging configured. Raises StartupError."""
+def start(prog: str, description: str | None, classes: Iterable[type], sections: Iterable[str],
+          argv: list[str] | None) -> Config:
+    """Settings resolved (CommonSettings and ``classes``'; ``sections``: the INI sections the program owns)
+    and logging configured. Raises StartupError."""
     try:
-        config = load(prog, description, sections, argv)
+        config = load(prog, description, classes, sections, argv)
     except SettingError as exc:
         raise StartupError(str(exc)) from None
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
@@ -44,6 +47,17 @@ def open_spool(config: Config) -> Spool:
     if problem:
         raise StartupError(f"{where}: {problem}")
     return spool
+
+
+def load_webhook_secrets(config: Config) -> dict[str | None, bytes] | None:
+    """The secrets webhook_secrets_file names (config/webhook_secrets.py), or None when it names none.
+    Raises StartupError."""
+    if not config.webhook_secrets_file:
+        return None
+    try:
+        return webhook_secrets.load(Path(config.webhook_secrets_file))
+    except webhook_secrets.SecretsFileError as exc:
+        raise StartupError(f"webhook_secrets_file ({config.source('webhook_secrets_file')}): {exc}") from None
 
 
 def run_main(prog: str, main) -> int:

@@ -5,6 +5,9 @@ bytes), and ``#`` comments. Jobs submitted with that token are signed with that 
 can verify them. ``*`` names the secret of jobs submitted with tokens off (no api_tokens_file). The API
 refuses a ``callback_url`` from a caller with no secret; the daemon signs with it. Make a secret and its line
 with ``python -m config.webhook_secrets <name>``; give the client the secret (over a safe channel).
+
+The setting that names the file is declared here too (SecretsSettings): both programs read it, and config is
+the one package both may import; the API may not import the daemon, nor the daemon the API.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import binascii
 import re
 import secrets
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PREFIX = "whsec_"
@@ -23,6 +27,15 @@ MIN_SECRET_BYTES, MAX_SECRET_BYTES = 24, 64
 
 class SecretsFileError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class SecretsSettings:
+    webhook_secrets_file: str = field(default="", metadata={
+        "section": "webhook",
+        "help": "file of '<token name> whsec_<base64>' lines ('*' for jobs submitted with tokens off): the secret "
+                "each job's completion webhook is signed with. Empty: no webhooks, and a callback_url is refused "
+                "(make a line: python -m config.webhook_secrets NAME)"})
 
 
 def parse_secret(text: str) -> bytes:

@@ -1,39 +1,41 @@
 """``python -m daemon``: run the supervisor and its process pool until SIGTERM or Ctrl-C."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
 import signal
 import sys
 import threading
-from pathlib import Path
 
 import filelock
 
-from config import Config, webhook_secrets
-from config.startup import StartupError, open_spool, run_main, start
-from daemon.engine import AddressPolicy, DownloadLimits, EngineSettings
-from daemon.engine.netguard import parse_networks
+from config import Config
+from config.startup import StartupError, load_webhook_secrets, open_spool, run_main, start
+from daemon.engine.netguard import AddressPolicy
+from daemon.engine.settings import EngineSettings
 from daemon.runners import OnEvent, TaskRunner
 from daemon.runners.pool import LocalPool
 from daemon.runners.sandbox import deadline_s
+from daemon.runners.settings import RunnerSettings
+from daemon.settings import CLASSES, SECTIONS
 from daemon.supervisor.loop import Events, Supervisor
 from daemon.supervisor.notify import Notifier
-from daemon.supervisor.settings import SupervisorSettings, WebhookSettings
+from daemon.notifications.settings import WebhookSettings
+from daemon.supervisor.settings import SupervisorSettings
 from daemon.notifications.delivery import Deliveries
 from daemon.notifications.outbox import Outbox
 from daemon.supervisor.stores import StoreMasterError, load_store_master
 from spool import Executor, Spool
 
-SECTIONS = ("daemon", "download", "webhook")
 FILES_BESIDE_SOCKETS = 64
 log = logging.getLogger("retailpulse.daemon")
 
 
 def load_config(argv: list[str] | None) -> Config:
     """The daemon's settings, with the checks that span two settings. Raises StartupError."""
-    config = start("retailpulse-daemon", __doc__, SECTIONS, argv)
+    config = start("retailpulse-daemon", __doc__, CLASSES, SECTIONS, argv)
     if config.gpu_sleep_min_s > config.gpu_sleep_max_s:
         raise StartupError(f"gpu_sleep_min_s ({config.source('gpu_sleep_min_s')}): must not exceed "
                            f"gpu_sleep_max_s ({config.gpu_sleep_max_s})")
@@ -42,46 +44,22 @@ def load_config(argv: list[str] | None) -> Config:
     tls_files = [config.dask_tls_ca_file, config.dask_tls_cert_file, config.dask_tls_key_file]
     if any(tls_files) and not all(tls_files):
         raise StartupError("dask_tls_ca_file, dask_tls_cert_file, dask_tls_key_file: set all three or none")
-    for name in ("download_allowed_networks", "webhook_allowed_networks"):
-        try:
-            parse_networks(getattr(config, name))
-        except ValueError as exc:
-            raise StartupError(f"{name} ({config.source(name)}): {exc}") from None
     return config
 
 
-def make_deliveries(config: Config, spool: Spool, settings: EngineSettings) -> Outbox:
+def make_deliveries(config: Config, spool: Spool, engine: EngineSettings) -> Outbox:
     """The completion webhooks' outbox and its delivery thread (not started), or, without a secrets file, an
     outbox that only writes: the API then takes no callback_url, so there is nothing to send."""
-    if not config.webhook_secrets_file:
+    secrets = load_webhook_secrets(config)
+    if secrets is None:
         waiting = spool.outbox.ids()
         if waiting:
             log.warning("%d webhook(s) wait in %s but webhook_secrets_file is not set: they are not sent",
                         len(waiting), spool.root / "outbox")
         return Outbox(spool)
-    try:
-        secrets = webhook_secrets.load(Path(config.webhook_secrets_file))
-    except webhook_secrets.SecretsFileError as exc:
-        raise StartupError(f"webhook_secrets_file ({config.source('webhook_secrets_file')}): {exc}") from None
-    policy = AddressPolicy(allow_private=config.allow_private_addresses,
-                           allowed_networks=parse_networks(config.webhook_allowed_networks))
-    return Deliveries(spool, secrets, settings.limits, policy,
-                      WebhookSettings(retry_for_s=config.webhook_retry_for_s, backoff_s=config.webhook_backoff_s))
-
-
-def engine_settings(config: Config, max_transfers: int) -> EngineSettings:
-    return EngineSettings(
-        max_transfers=max_transfers,
-        gpu_sleep_min_s=config.gpu_sleep_min_s, gpu_sleep_max_s=config.gpu_sleep_max_s,
-        limits=DownloadLimits(connect_timeout_s=config.download_connect_timeout_s,
-                              read_timeout_s=config.download_read_timeout_s,
-                              total_timeout_s=config.download_total_timeout_s,
-                              max_image_bytes=config.max_image_bytes,
-                              attempts=config.download_attempts, backoff_s=config.download_backoff_s,
-                              max_redirects=config.max_redirects, image_formats=config.image_formats,
-                              max_header_bytes=config.max_header_bytes),
-        addresses=AddressPolicy(allow_private=config.allow_private_addresses,
-                                allowed_networks=parse_networks(config.download_allowed_networks)))
+    settings = config.build(WebhookSettings)
+    policy = AddressPolicy(allow_private=engine.addresses.allow_private, allowed_networks=settings.allowed_networks)
+    return Deliveries(spool, secrets, engine.limits, policy, settings)
 
 
 def raise_open_file_limit(wanted: int) -> int:
@@ -96,26 +74,27 @@ def raise_open_file_limit(wanted: int) -> int:
     return soft
 
 
-def make_runner(config: Config, processes: int, settings: EngineSettings, on_event: OnEvent) -> TaskRunner:
+def make_runner(config: Config, runner: RunnerSettings, executor: Executor, processes: int, engine: EngineSettings,
+                on_event: OnEvent) -> TaskRunner:
     """Where tasks run: the local pool, or the Dask cluster (imported only then: an optional extra)."""
-    if config.stall_timeout_s < deadline_s(settings):
+    if runner.stall_timeout_s < deadline_s(engine):
         log.warning("stall_timeout_s (%s) is %g s, less than one image may take with these download limits "
                     "(%.0f s): a healthy process may be reported stalled", config.source("stall_timeout_s"),
-                    config.stall_timeout_s, deadline_s(settings))
-    if config.executor == Executor.LOCAL:
-        return LocalPool(processes, settings, on_event, config.images_per_process, config.stall_timeout_s)
+                    runner.stall_timeout_s, deadline_s(engine))
+    if executor == Executor.LOCAL:
+        return LocalPool(processes, engine, on_event, runner.images_per_process, runner.stall_timeout_s)
     try:
         from daemon.runners.dask_cluster import DaskRunner, security
     except ImportError as exc:
         raise StartupError(f"executor ({config.source('executor')}): dask needs the dask extra "
                            f"(pip install 'retail-pulse[dask]'): {exc}") from None
-    tls = security(config.dask_tls_ca_file, config.dask_tls_cert_file, config.dask_tls_key_file)
+    tls = security(runner.dask_tls_ca_file, runner.dask_tls_cert_file, runner.dask_tls_key_file)
     try:
-        return DaskRunner(config.dask_scheduler, settings, on_event, config.images_per_process, tls,
-                          config.stall_timeout_s)
+        return DaskRunner(runner.dask_scheduler, engine, on_event, runner.images_per_process, tls,
+                          runner.stall_timeout_s)
     except (OSError, TimeoutError) as exc:
         # Not exit 2: the scheduler may be on its way up; systemd tries again (Restart=on-failure).
-        raise SystemExit(f"retailpulse-daemon: cannot reach the Dask scheduler {config.dask_scheduler}: {exc}")
+        raise SystemExit(f"retailpulse-daemon: cannot reach the Dask scheduler {runner.dask_scheduler}: {exc}")
 
 
 def describe_workers(executor: str, runner: dict, processes: int) -> str:
@@ -134,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(argv: list[str] | None) -> int:
     config = load_config(argv)
+    settings, runner_settings = config.build(SupervisorSettings), config.build(RunnerSettings)
+    engine = config.build(EngineSettings)
     try:
-        stores = load_store_master(config.store_master)
+        stores = load_store_master(settings.store_master)
     except StoreMasterError as exc:
         raise StartupError(f"store_master ({config.source('store_master')}): {exc}") from None
     spool = open_spool(config)
@@ -144,19 +125,15 @@ def serve(argv: list[str] | None) -> int:
         lock.acquire()
     except filelock.Timeout:
         raise StartupError(f"another daemon is working on {spool.root} (it holds {lock.lock_file})") from None
-    processes = config.processes or os.cpu_count() or 1
-    settings = SupervisorSettings(
-        chunk_images=config.chunk_images, max_active_jobs=config.max_active_jobs,
-        small_job_images=config.small_job_images,
-        drain_timeout_s=config.drain_timeout_s, max_worker_deaths=config.max_worker_deaths,
-        retention_days=config.retention_days, stall_timeout_s=config.stall_timeout_s)
+    processes = runner_settings.processes or os.cpu_count() or 1
     # Sockets in flight, plus room for the files and pipes a process has anyway.
-    downloads = min(config.downloads_per_process, config.images_per_process)
+    downloads = min(engine.max_transfers, runner_settings.images_per_process)
     open_files = raise_open_file_limit(downloads + FILES_BESIDE_SOCKETS)
     max_transfers = max(1, min(downloads, open_files - FILES_BESIDE_SOCKETS))
     if max_transfers < downloads:
         log.warning("open-file limit %d: at most %d downloads at once per process (downloads_per_process is %d); "
                     "raise LimitNOFILE", open_files, max_transfers, downloads)
+    engine = dataclasses.replace(engine, max_transfers=max_transfers)
 
     stop = threading.Event()
     # Handlers only set the flag; the main loop notices it within poll_interval_s and drains.
@@ -168,16 +145,16 @@ def serve(argv: list[str] | None) -> int:
     # a reader), and fewer arenas keep its memory flat. Inherited by the pool processes, so set first.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     events: Events = Events()
-    outbox = make_deliveries(config, spool, engine_settings(config, max_transfers))
-    runner = make_runner(config, processes, engine_settings(config, max_transfers), events.put)
-    supervisor = Supervisor(spool, stores, settings, runner, events, Executor(config.executor), notifier,
-                            outbox=outbox)
+    outbox = make_deliveries(config, spool, engine)
+    runner = make_runner(config, runner_settings, settings.executor, processes, engine, events.put)
+    supervisor = Supervisor(spool, stores, settings, runner, events, settings.executor, notifier, outbox=outbox)
     try:
         def ready() -> None:  # after the recovery scan: systemd starts counting us up only now
-            where = describe_workers(config.executor, runner.describe(), processes)
+            where = describe_workers(settings.executor, runner.describe(), processes)
+            per_process = runner_settings.images_per_process
             log.info("daemon ready: spool %s, %d stores, executor %s: %s, %d images in flight each",
-                     spool.root, len(stores), config.executor, where, config.images_per_process)
-            notifier.send(READY=1, STATUS=f"ready: {where}, {config.images_per_process} images each")
+                     spool.root, len(stores), settings.executor, where, per_process)
+            notifier.send(READY=1, STATUS=f"ready: {where}, {per_process} images each")
 
         def stopping() -> bool:
             if stop.is_set():

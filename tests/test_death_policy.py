@@ -1,7 +1,11 @@
 """The pure rules of the runner/supervisor seam, in milliseconds: what becomes of a lost task's chunk
-(jobs.after_loss) and when a pool process or worker counts as stalled (runners.Progress)."""
-from daemon.engine import ErrorKind
-from daemon.runners import Loss, Progress, Stall
+(jobs.after_loss), what a lost task's answer says (the same from a pool process as from a Dask worker), and
+when a pool process or worker counts as stalled (runners.Progress)."""
+from daemon.engine.outcome import ErrorKind
+from daemon.runners import Loss, Message, Progress, Stall, TaskLost
+from daemon.runners.plain_data import encode_result, parse_result
+from daemon.runners.pool import answer_event
+from daemon.runners.sandbox import STOPPED, loss_of
 from daemon.supervisor.jobs import Chunk, after_loss
 
 
@@ -61,3 +65,14 @@ def test_an_idle_holder_is_never_stalled_and_its_clock_starts_when_it_takes_work
     assert progress.stalled(now=59) == [] and progress.stalled(now=60) == [Stall("w", 1, 10)]
     progress.forget("w")
     assert progress.stalled(now=100) == []
+
+
+def test_a_lost_task_says_why_and_its_cause_the_same_from_a_pool_process_as_from_a_dask_worker():
+    images = [(0, "http://img.example/a.jpg")]
+    for why in ("the isolated process was killed by SIGKILL", STOPPED):
+        pool = answer_event(Message.LOST, 7, [why, loss_of(why).value], "pool process 12")
+        dask, _worker = parse_result(7, encode_result("tls://10.0.0.7:8790", lost=why, cause=loss_of(why)), images)
+        assert pool == TaskLost(7, why, loss_of(why), where="pool process 12")
+        assert (dask.why, dask.cause) == (pool.why, pool.cause)
+    assert loss_of("the isolated process was killed by SIGKILL") is Loss.DIED  # its images are suspects
+    assert loss_of(STOPPED) is Loss.AWAY  # sent again as it was

@@ -13,8 +13,9 @@ import time
 import pytest
 from PIL import Image
 
-from daemon.engine.limits import DownloadLimits
-from daemon.engine.loop import Engine, EngineSettings, measure
+from daemon.engine.backoff import backoff_s
+from daemon.engine.loop import Engine, measure
+from daemon.engine.settings import DownloadLimits, EngineSettings
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.outcome import ErrorKind
 from tests.conftest import image_bytes, wait_until
@@ -189,6 +190,15 @@ def test_retry_after_is_honoured_and_capped(server):
     assert outcome.perimeter == 224
     assert seen[1] - seen[0] >= 1.0  # Retry-After: 1, not the 0.01 s backoff
     assert 2 - 0.1 <= seen[2] - seen[1] < 2 + 1.5  # an hour's Retry-After is capped at max_backoff_s
+
+
+
+def test_the_wait_before_a_retry_doubles_with_its_jitter_honours_retry_after_and_is_capped():
+    assert [backoff_s(n, 0.5, 10.0) for n in (1, 2, 3, 4, 5, 6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
+    assert backoff_s(2, 0.5, 10.0, jitter=1.5) == 1.5 and backoff_s(2, 0.5, 10.0, jitter=0.5) == 0.5
+    assert backoff_s(1, 0.5, 10.0, retry_after_s=3.0) == 3.0  # the server's word, when longer
+    assert backoff_s(1, 0.5, 10.0, retry_after_s=3600.0) == 10.0  # but never past the cap
+    assert backoff_s(5000, 1.0, 600.0) == 600.0  # thousands of attempts (a webhook retried for weeks): no overflow
 
 
 # ---------------------------------------------------------------- time limits

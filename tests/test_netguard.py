@@ -1,8 +1,8 @@
 """Downloads reach public addresses only: checked on the address connected to, on every redirect hop."""
 import pytest
 
-from daemon.engine.limits import DownloadLimits
-from daemon.engine.loop import EngineSettings, measure
+from daemon.engine.loop import measure
+from daemon.engine.settings import DownloadLimits, EngineSettings
 from daemon.engine.netguard import AddressPolicy, forbidden_reason, parse_networks
 from tests.conftest import ImageServer, image_bytes
 

@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from daemon.engine import ErrorKind, ImageOutcome
+from daemon.engine.outcome import ErrorKind, ImageOutcome
 from daemon.runners import Loss, TaskDone, TaskLost
 from daemon.runners.plain_data import InvalidResult, NotPlainData, encode_result, parse_result, plain_loads
 

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import pytest
 import requests
 
-from daemon.engine.limits import DownloadLimits
-from daemon.engine.loop import EngineSettings, measure
+from daemon.engine.loop import measure
+from daemon.engine.settings import DownloadLimits, EngineSettings
 from daemon.engine.outcome import ErrorKind
 from daemon.runners import Message
 from daemon.runners.pool_process import EXIT_ENGINE_DIED, serve

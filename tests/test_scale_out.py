@@ -230,7 +230,7 @@ def test_a_worker_with_another_version_of_the_package_fails_its_tasks_bounded_an
     # Another version of the package on that host: its task takes other arguments.
     other = tmp_path / "other-version"
     shutil.copytree(REPO / "daemon", other / "daemon", ignore=shutil.ignore_patterns("__pycache__"))
-    with (other / "daemon/runners/dask_cluster.py").open("a") as f:
+    with (other / "daemon/runners/dask_worker.py").open("a") as f:
         f.write("\n\ndef measure_task(images):  # another version: the task takes other arguments\n"
                 "    raise AssertionError('not reached: the call itself fails')\n")
     bad = cluster.start_worker(env={"PYTHONPATH": str(other)})
@@ -292,7 +292,7 @@ def test_a_worker_that_holds_tasks_and_finishes_none_is_named_by_healthz_and_the
 ROGUE = '''"""A compromised worker: its task answers with pickles that run code wherever they are unpickled."""
 import os
 
-import daemon.runners.dask_cluster as tasks
+import daemon.runners.dask_worker as tasks
 
 RUN = "import os; open(os.path.join({markers!r}, str(os.getpid())), 'w').close()"
 

@@ -19,6 +19,10 @@ def exit_code(main, argv):
     (["--store-master", "/no/such/stores.csv"], {}, "store_master (--store-master): /no/such/stores.csv"),
     ([], {"RETAILPULSE_PROCESSES": "many"}, "processes (RETAILPULSE_PROCESSES): invalid literal for int()"),
     ([], {"RETAILPULSE_LOG_LEVEL": "LOUD"}, "log_level (RETAILPULSE_LOG_LEVEL): not one of"),
+    (["--executor", "cluster"], {}, "executor (--executor): not one of local, dask"),
+    (["--executor", "dask"], {}, "dask_scheduler (default): must be set when executor is dask"),
+    (["--webhook-allowed-networks", "10.0.0.0/33"], {}, "webhook_allowed_networks (--webhook-allowed-networks): "),
+    ([], {"RETAILPULSE_IMAGE_FORMATS": "jpeg, gif"}, "image_formats (RETAILPULSE_IMAGE_FORMATS): 'gif' is not one of"),
 ])
 def test_daemon_refuses_bad_settings(tmp_path, monkeypatch, capsys, argv, env, names):
     for key, value in env.items():
@@ -31,6 +35,7 @@ def test_daemon_refuses_bad_settings(tmp_path, monkeypatch, capsys, argv, env, n
     (["--port", "70000"], "port (--port): must be at most 65535"),
     (["--api-workers", "0"], "api_workers (--api-workers): must be at least 1"),
     (["--max-body-bytes", "lots"], "max_body_bytes (--max-body-bytes): invalid literal for int()"),
+    (["--webhook-secrets-file", "/no/such/secrets"], "webhook_secrets_file (--webhook-secrets-file): /no/such/secrets"),
 ])
 def test_api_refuses_bad_settings(tmp_path, capsys, argv, names):
     assert exit_code(api_main, ["--spool-dir", str(tmp_path / "spool"), *argv]) == 2

@@ -10,8 +10,10 @@ import time
 
 import pytest
 
-from daemon.engine import AddressPolicy, Engine, EngineSettings
-from daemon.engine import ImageOutcome
+from daemon.engine.loop import Engine
+from daemon.engine.netguard import AddressPolicy
+from daemon.engine.outcome import ImageOutcome
+from daemon.engine.settings import EngineSettings
 from daemon.runners import Loss, TaskDone, TaskLost
 from daemon.supervisor.jobs import Chunk, after_loss, spans, uncovered
 from daemon.supervisor.stores import load_store_master

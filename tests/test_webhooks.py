@@ -11,7 +11,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from config import webhook_secrets
-from daemon.supervisor.settings import WebhookSettings
+from daemon.notifications.settings import WebhookSettings
 from daemon.notifications.delivery import next_attempt_delay_s, sign
 from spool import Folder
 from tests.conftest import REPO, call_wsgi, image_bytes, visit, wait_until, records

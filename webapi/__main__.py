@@ -7,13 +7,11 @@ from pathlib import Path
 import bottle
 from gunicorn.app.base import BaseApplication
 
-from config import webhook_secrets
-from config.startup import StartupError, open_spool, run_main, start
+from config.startup import StartupError, load_webhook_secrets, open_spool, run_main, start
 from webapi.app import make_app
 from webapi.auth import TokenFileError, Tokens
-from webapi.validate import SubmitLimits
+from webapi.settings import CLASSES, SECTIONS, ApiSettings
 
-SECTIONS = ("api", "webhook")
 #: Bottle's own body limit. Nothing here reads bottle.request.body/json (read_body does, against
 #: max_body_bytes), so this only matters if someone adds a route that does: keep Bottle's 100 KiB, on purpose.
 BOTTLE_MEMFILE_MAX = 100 * 1024
@@ -48,27 +46,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(argv: list[str] | None) -> int:
-    config = start("retailpulse-api", __doc__, SECTIONS, argv)
+    config = start("retailpulse-api", __doc__, CLASSES, SECTIONS, argv)
+    settings = config.build(ApiSettings)
     spool = open_spool(config)
     tokens = None
-    if config.api_tokens_file:
+    if settings.api_tokens_file:
         try:
-            tokens = Tokens.load(Path(config.api_tokens_file))
+            tokens = Tokens.load(Path(settings.api_tokens_file))
         except TokenFileError as exc:
             raise StartupError(f"api_tokens_file ({config.source('api_tokens_file')}): {exc}") from None
-    secrets = None
-    if config.webhook_secrets_file:
-        try:
-            secrets = webhook_secrets.load(Path(config.webhook_secrets_file))
-        except webhook_secrets.SecretsFileError as exc:
-            raise StartupError(f"webhook_secrets_file ({config.source('webhook_secrets_file')}): {exc}") from None
+    secrets = load_webhook_secrets(config)
     bottle.BaseRequest.MEMFILE_MAX = BOTTLE_MEMFILE_MAX
-    limits = SubmitLimits(max_body_bytes=config.max_body_bytes, max_images_per_job=config.max_images_per_job,
-                          max_url_chars=config.max_url_chars)
+    host, port = settings.host, settings.port
     options = {
-        "bind": f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}",
-        "workers": config.api_workers,
-        "threads": config.api_threads,
+        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "workers": settings.api_workers,
+        "threads": settings.api_threads,
         # gunicorn's gthread worker, whose own error answers (bad request line, 414, 431) are JSON too
         "worker_class": "webapi.server.JsonErrorThreadWorker",
         "when_ready": _announce,
@@ -81,7 +74,7 @@ def serve(argv: list[str] | None) -> int:
         "loglevel": config.log_level.lower(),
         "accesslog": None,
     }
-    app = make_app(spool, limits, tokens, max_queued_images=config.max_queued_images or None,
+    app = make_app(spool, settings.limits, tokens, max_queued_images=settings.max_queued_images or None,
                    webhook_secrets=secrets)
     _Server(app, options).run()
     return 0

@@ -13,33 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import msgspec
 
 from daemon.engine.urls import ascii_url
 from spool.records import Visit
-
-
-@dataclass(frozen=True)
-class SubmitLimits:
-    max_body_bytes: int = 64 * 1024 * 1024  # a job of 200,000 URLs of ~100 characters is ~25 MB
-    max_images_per_job: int = 200_000
-    max_url_chars: int = 2048
-    max_field_chars: int = 256  # store_id, visit_time
-
-    @property
-    def max_commas(self) -> int:
-        """Commas outside strings a body may hold: a job of max_images_per_job images, one visit each, needs
-        three per image (between a visit's fields and between visits); one more per image spare."""
-        return 4 * self.max_images_per_job + 10_000
-
-    @property
-    def max_strings(self) -> int:
-        """Strings a body may hold: such a job has five per image (three keys, store_id, visit_time) and its
-        URLs; some spare. Checked only for a body with more than max_commas commas."""
-        return 8 * self.max_images_per_job + 10_000
+from webapi.settings import SubmitLimits  # the limits are settings, declared with the API's others
 
 
 class InvalidSubmission(ValueError):

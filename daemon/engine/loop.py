@@ -5,7 +5,8 @@ once every image has its ImageOutcome (in the task's order), or ``done(None)`` i
 every task handed in is answered exactly once, so nothing waiting for one (a Dask worker's thread) waits
 for ever, and whoever sent it can send it again. ``Engine.cancel(keys)`` stops tasks handed in with those
 keys: they answer at once, their images not yet measured "cancelled by request". It knows nothing of pool
-processes or Dask: a local pool process and a Dask worker each run one Engine, and ``measure()`` runs one for a single task (tests, isolated tasks).
+processes or Dask: a local pool process and a Dask worker each run one Engine, and ``measure()`` runs one
+for a single task (tests, isolated tasks).
 
 One loop serves everything: libcurl's sockets (its socket and timer callbacks drive an epoll selector), a
 wake-up socket for tasks handed in by other threads, and a heap of deadlines. An image's simulated GPU
@@ -26,15 +27,15 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
 
 import pycurl
 
-from daemon.engine.limits import DownloadLimits
+from daemon.engine.backoff import JITTER, backoff_s
 from daemon.engine.measure import BodyReader, ImageError, perimeter
-from daemon.engine.netguard import AddressPolicy
-from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
+from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome, TaskImages
+from daemon.engine.settings import EngineSettings
 from daemon.engine.transfer import Failure, Transfer, finished
 
 log = logging.getLogger("retailpulse.engine")
@@ -42,17 +43,6 @@ log = logging.getLogger("retailpulse.engine")
 #: Called once per task: its outcomes, or None when the engine closed before the task finished (nothing of
 #: it was recorded: send it again).
 Done = Callable[[list[ImageOutcome] | None], None]
-#: One task's images: (index in the job, url) pairs.
-TaskImages = Sequence[tuple[int, str]]
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    max_transfers: int = 256  # downloads at once (images in their GPU wait, or waiting for a slot, do not count)
-    gpu_sleep_min_s: float = 0.1
-    gpu_sleep_max_s: float = 0.4
-    limits: DownloadLimits = field(default_factory=DownloadLimits)
-    addresses: AddressPolicy = field(default_factory=AddressPolicy)  # public addresses only, by default
 
 
 class _Task:
@@ -347,8 +337,9 @@ class Engine:
     def _failed_attempt(self, image: _Image, failure: Failure, nbytes: int) -> None:
         limits = self.settings.limits
         if failure.transient and image.attempt < limits.attempts:
-            wait = limits.backoff_s * 2 ** (image.attempt - 1) * random.uniform(0.5, 1.5)
-            self._after(min(max(wait, failure.retry_after_s or 0), limits.max_backoff_s), lambda: self._retry(image))
+            wait = backoff_s(image.attempt, limits.backoff_s, limits.max_backoff_s, random.uniform(*JITTER),
+                             failure.retry_after_s)
+            self._after(wait, lambda: self._retry(image))
             return
         if failure.transient:
             reason = f"{failure.reason} (transient, gave up after {image.attempt} attempts)"

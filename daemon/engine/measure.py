@@ -1,8 +1,8 @@
 """Image measurement. Pure: bytes in, a size or a clear error out; no HTTP, no files.
 
 A body is read as it downloads (``BodyReader.feed``, from libcurl's write callback), never held whole: each
-format's parser (headers.py) keeps only what says the image's size and follows the body to where its primary
-image ends. So memory per image in flight stays small whatever the image's size or its metadata's, and
+format's parser (headers.py, isobmff.py) keeps only what says the image's size and follows the body to where
+its primary image ends. So memory per image in flight stays small whatever the image's size or its metadata's, and
 "truncated" means exactly that the primary image stops before its end: bytes after it (a motion photo's
 video, a maker trailer, a second image) are allowed and never read. Pixels are never decoded.
 
@@ -21,52 +21,22 @@ perimeter 2 * (width + height) as it is. The decompression-bomb limit is Pillow'
 from __future__ import annotations
 
 import struct
-from enum import StrEnum
 
 from PIL import Image
 
-from daemon.engine import headers
+from daemon.engine import headers, isobmff
 from daemon.engine.headers import NEXT_MARKER, ImageError, JPEG_MARKER, Read, Skip
 from daemon.engine.outcome import ErrorKind
+from daemon.engine.settings import DEFAULT_FORMATS, DEFAULT_MAX_HEADER_BYTES, Format
 
-__all__ = ["BodyReader", "Format", "ImageError", "image_size", "parse_formats", "perimeter"]
+__all__ = ["BodyReader", "ImageError", "image_size", "perimeter"]
 
-
-class Format(StrEnum):
-    """The formats the service can measure; the values are the names the ``image_formats`` setting and the
-    error messages use."""
-
-    JPEG = "JPEG"
-    PNG = "PNG"
-    WEBP = "WebP"
-    HEIF = "HEIF"  # HEIC included: HEIF with HEVC inside, the iPhone camera's default
-    AVIF = "AVIF"
-
-
-DEFAULT_FORMATS: tuple[Format, ...] = tuple(Format)
-#: How far into a body its size may be: a JPEG's metadata before its frame header (XMP extensions carrying a
-#: depth map run to megabytes), a HEIF file's boxes up to its meta box. Scanned, not kept.
-DEFAULT_MAX_HEADER_BYTES = 16 * 1024 * 1024
 _SNIFF_BYTES = 12
 
 #: Magic numbers of formats we name when we refuse them. Checked before any parser sees a byte.
 _OTHER_MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
                 (b"\x00\x00\x01\x00", "ICO"), (b"%PDF", "PDF"), (b"8BPS", "PSD"), (b"\xff\x0a", "JPEG XL"),
                 (b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"))
-
-
-def parse_formats(text: str) -> tuple[Format, ...]:
-    """``"jpeg, png, heic"`` -> the formats named (case does not matter; HEIC is HEIF). ValueError names a
-    name that is not one."""
-    by_name = {f.value.lower(): f for f in Format} | {"heic": Format.HEIF, "jpg": Format.JPEG}
-    chosen = []
-    for name in filter(None, (part.strip().lower() for part in text.split(","))):
-        if name not in by_name:
-            raise ValueError(f"{name!r} is not one of {', '.join(Format)}")
-        chosen.append(by_name[name])
-    if not chosen:
-        raise ValueError(f"name at least one of {', '.join(Format)}")
-    return tuple(dict.fromkeys(chosen))
 
 
 def perimeter(width: int, height: int) -> int:
@@ -84,7 +54,7 @@ def _sniff(head: bytes, allowed: tuple[str, ...]):
     elif head[:4] == b"RIFF" and (head[8:12] == b"WEBP" or len(head) < _SNIFF_BYTES and b"WEBP".startswith(head[8:])):
         parser, fmt = headers.webp, Format.WEBP
     elif head[4:8] == b"ftyp" or (len(head) < _SNIFF_BYTES and 4 < len(head) and b"ftyp".startswith(head[4:8])):
-        return headers.iso_media  # HEIF or AVIF or neither: its ftyp box says, and the parser checks
+        return isobmff.iso_media  # HEIF or AVIF or neither: its ftyp box says, and the parser checks
     else:
         for magic, name in _OTHER_MAGIC:
             if head.startswith(magic):

@@ -1,13 +1,18 @@
-"""What measuring one image gives: a small, picklable value, never an exception.
+"""What goes into the engine and what comes out: a task's images (TaskImages), and what measuring one image
+gives (ImageOutcome: a small, picklable value, never an exception).
 
-It crosses process boundaries (pool processes, Dask workers) and feeds the results files and the metrics, so
-the error's kind travels beside its wording: metrics count kinds and never parse messages.
+Both cross process boundaries (pool processes, Dask workers). An outcome feeds the results files and the
+metrics, so the error's kind travels beside its wording: metrics count kinds and never parse messages.
+Light: no libcurl, no Pillow.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+#: One task's images: (index in the job, url) pairs.
+TaskImages = Sequence[tuple[int, str]]
 
 #: The result of an image whose job was cancelled before it was measured (the engine drops it in flight,
 #: the supervisor records it for images not yet dispatched): one wording wherever it is written.

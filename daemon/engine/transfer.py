@@ -1,5 +1,5 @@
 """One image's download on libcurl: the options that carry every download rule, what is kept of the body,
-and the translation of libcurl's outcome into our wording and kinds. No event loop here (daemon/engine.py).
+and the translation of libcurl's outcome into our wording and kinds. No event loop here (loop.py).
 
 Each rule and the libcurl option that enforces it:
     connect within connect_timeout_s             CONNECTTIMEOUT_MS
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field, replace
 
 import pycurl
 
-from daemon.engine.limits import DownloadLimits
 from daemon.engine.measure import BodyReader
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.outcome import ErrorKind
+from daemon.engine.settings import DownloadLimits
 from daemon.engine.urls import ascii_url
 
 try:

@@ -29,11 +29,12 @@ from collections.abc import Callable, Mapping
 import pycurl
 from msgspec.structs import replace
 
-from daemon.engine.limits import DownloadLimits
+from daemon.engine.backoff import JITTER, backoff_s
 from daemon.engine.netguard import AddressPolicy
+from daemon.engine.settings import DownloadLimits
 from daemon.engine.transfer import Failure, Post, finished
 from daemon.notifications.outbox import Outbox
-from daemon.supervisor.settings import WebhookSettings
+from daemon.notifications.settings import WebhookSettings
 from spool import FINISHED_FOLDERS, DeliveryState, Spool
 from spool.files import encode
 from spool.records import Notification, WebhookCounts
@@ -45,20 +46,16 @@ SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0, 3600.
 #: While no attempt is in flight, how often records waiting for their job's final rename are looked at again.
 IDLE_LOOK_S = 1.0
 
-
 def sign(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     """The webhook-signature header's value (Standard Webhooks, "v1": HMAC-SHA256, base64)."""
     digest = hmac.new(secret, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 
-
 def next_attempt_delay_s(attempts: int, settings: WebhookSettings, retry_after_s: float | None,
                          jitter: float) -> float:
     """Wait after ``attempts`` failed attempts: doubling from backoff_s (x jitter, 0.5..1.5), at least the
     receiver's Retry-After, at most max_backoff_s. Pure, so the schedule is tested without waiting."""
-    wait = settings.backoff_s * 2 ** (attempts - 1) * jitter
-    return min(max(wait, retry_after_s or 0.0), settings.max_backoff_s)
-
+    return backoff_s(attempts, settings.backoff_s, settings.max_backoff_s, jitter, retry_after_s)
 
 class Deliveries(Outbox):
     """The outbox with its delivery thread. ``secrets``: token name (None: tokens off) -> secret bytes."""
@@ -215,7 +212,7 @@ class Deliveries(Outbox):
                 self._seconds_sum += seconds
 
     def _failed(self, record: Notification, failure: Failure) -> None:
-        delay = next_attempt_delay_s(record.attempts, self.settings, failure.retry_after_s, random.uniform(0.5, 1.5))
+        delay = next_attempt_delay_s(record.attempts, self.settings, failure.retry_after_s, random.uniform(*JITTER))
         next_at = self.clock() + delay
         record = replace(record, last_error=failure.reason)
         if not failure.transient or next_at > record.created_at + self.settings.retry_for_s:

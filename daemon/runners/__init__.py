@@ -4,8 +4,9 @@ A task is one chunk's images handed to a runner once, ``(index, url)`` pairs; it
 ImageOutcome per image) or a TaskLost (the process or worker holding it died, or the task could not run
 there: its Loss says which, and the supervisor decides what becomes of its chunk, daemon/supervisor/jobs.py).
 Two runners run the same engine (daemon/engine/): LocalPool (pool.py, a multiprocessing.Pool on this
-machine, the default) and DaskRunner (dask_cluster.py, a Dask cluster). This package imports nothing of ours
-but the engine.
+machine, the default; what each process runs: pool_process.py) and DaskRunner (dask_cluster.py, a Dask
+cluster; what each worker runs: dask_worker.py). Their settings: settings.py. This package imports nothing
+of ours but the engine.
 
 Stalls: a pool process or worker that holds tasks and finishes none for ``stall_timeout_s`` is stalled
 (Progress, below, the same rule for both runners). The runner logs it by name, ``describe()`` lists it, so
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from daemon.engine import ImageOutcome, TaskImages
+from daemon.engine.outcome import ImageOutcome, TaskImages
 
 __all__ = ["Loss", "Message", "OnEvent", "Progress", "Stall", "TaskDone", "TaskImages", "TaskLost", "TaskRunner"]
 
@@ -34,7 +35,7 @@ class Message(StrEnum):
     HELLO = "hello"  # process -> supervisor, once: (HELLO, pid)
     TASK = "task"  # supervisor -> process: (TASK, task_id, images, isolated)
     DONE = "done"  # process -> supervisor: (DONE, task_id, outcomes)
-    LOST = "lost"  # process -> supervisor: (LOST, task_id, why), an isolated task's process died
+    LOST = "lost"  # process -> supervisor: (LOST, task_id, why, cause: a Loss value), as a Dask worker says it
     CANCEL = "cancel"  # supervisor -> process: (CANCEL, task_ids); each answers at once with a DONE
 
 

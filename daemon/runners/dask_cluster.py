@@ -1,11 +1,10 @@
 """DaskRunner: the image work on a Dask cluster (``executor = dask``), for when one machine is not enough.
+This is the daemon's side; what runs on the workers (the engine plugin, the task) is dask_worker.py.
 
 The API, the spool and the supervisor stay on their machine and keep every guarantee; only tasks travel.
 Each Dask worker process runs the same engine as a local pool process (daemon/engine/), made once per
-worker by a worker plugin, so the address policy and every download limit apply on the workers. A task is
-one chunk: it runs on a worker thread that hands its images to the worker's engine and waits, so a worker
-with ``--nthreads 64`` keeps 64 chunks (4,096 images) in flight on one event loop. Its result comes back as
-plain data the daemon checks, never as a pickle it runs (plain_data.py).
+worker by the plugin the runner gives the scheduler. A task's result comes back as plain data the daemon
+checks, never as a pickle it runs (plain_data.py).
 
 Failures, mapped onto the supervisor's (Loss, daemon/runners/__init__.py; the policy: supervisor/jobs.py):
 - a worker dies (kill -9, OOM, its machine): the scheduler must be run with
@@ -21,8 +20,7 @@ Failures, mapped onto the supervisor's (Loss, daemon/runners/__init__.py; the po
   nothing piles up. Dask's client gives up reconnecting after its timeout and closes; the runner then
   connects a new client in the background, every second, for as long as it takes;
 - a worker closes (its scheduler went away, SIGTERM, or a restarted daemon gives the workers a new plugin):
-  the plugin's teardown closes the engine, which answers every task it holds (Loss.AWAY), so no worker
-  thread is left waiting and the worker exits at once, busy or not;
+  its tasks answer Loss.AWAY at once (dask_worker.py) and go out again as they were;
 - a worker that holds tasks and finishes none for ``stall_timeout_s`` (Progress), or tasks that wait while
   nothing finishes anywhere: logged by name and listed in ``describe()`` (so /healthz says 503).
 """
@@ -33,19 +31,17 @@ import threading
 import time
 import uuid
 
-from distributed import Client, KilledWorker, Security, WorkerPlugin, get_worker
+from distributed import Client, KilledWorker, Security
 from distributed.protocol.pickle import dumps as dask_dumps
 
-from daemon.engine import Engine, EngineSettings, ImageOutcome, TaskImages
+from daemon.engine.outcome import TaskImages
+from daemon.engine.settings import EngineSettings
 from daemon.runners import Loss, OnEvent, Progress, TaskDone, TaskLost
-from daemon.runners.plain_data import (RESULT_DESERIALIZERS, InvalidResult, encode_result, parse_result,
-                                       refuse_code_from_the_cluster)
-from daemon.runners.pool_process import exit_on_engine_death
-from daemon.runners.sandbox import STOPPED, run_isolated
+from daemon.runners.dask_worker import PLUGIN_NAME, EnginePlugin, cancel_on_worker, measure_task
+from daemon.runners.plain_data import RESULT_DESERIALIZERS, InvalidResult, parse_result, refuse_code_from_the_cluster
 
 log = logging.getLogger("retailpulse.daemon")
 
-PLUGIN_NAME = "retailpulse-engine"
 CONNECT_TIMEOUT_S = 30
 #: How long the workers the scheduler reported are used before asking again.
 WORKERS_CHECK_INTERVAL_S = 0.5
@@ -55,83 +51,6 @@ PROCESSING_CHECK_INTERVAL_S = 1.0
 SCHEDULER_CALL_TIMEOUT_S = 5.0
 #: The holder that stands for all of the daemon's tasks: work is pending and nothing finishes anywhere.
 CLUSTER = "the Dask cluster (all tasks)"
-#: How long a task waits for the worker's engine plugin (being replaced by a restarted daemon) to be there.
-PLUGIN_WAIT_S = 10.0
-
-
-class EnginePlugin(WorkerPlugin):
-    """Runs on every worker (those that join later too): one engine per worker process, on its own thread."""
-
-    def __init__(self, settings: EngineSettings):
-        self.settings = settings
-        self.engine: Engine | None = None
-        self.closing: threading.Event | None = None  # made on the worker (it does not pickle); set on teardown
-
-    def setup(self, worker) -> None:
-        self.closing = threading.Event()
-        self.engine = Engine(self.settings)
-        self.engine.start(on_death=exit_on_engine_death)  # as a pool process: its tasks end in KilledWorker
-
-    def teardown(self, worker) -> None:
-        """The worker is closing, or a daemon gave it a new plugin: every task waiting here is answered
-        (as lost, so the daemon sends it again) and the worker's threads are free at once."""
-        if self.closing is not None:
-            self.closing.set()  # isolated tasks stop too
-        if self.engine is not None:
-            self.engine.close(timeout_s=5)
-
-
-def measure_task(images: TaskImages, isolated: bool, cancel_key: str | None = None) -> bytes:
-    """The Dask task: encode_result's JSON. Never raises: an image's trouble is its outcome, and anything
-    else is said in the answer, with this worker's address. ``cancel_key``: what cancel_on_worker() knows
-    the task's images by in the worker's engine."""
-    worker = get_worker()
-    try:
-        plugin = _plugin_of(worker)
-        if plugin is None:
-            return encode_result(worker.address, lost="this Dask worker has no engine: the daemon's plugin is not "
-                                 "installed on it", cause=Loss.RAISED)
-        if isolated:
-            result = run_isolated(images, plugin.settings, plugin.closing)
-            if isinstance(result, str):
-                return encode_result(worker.address, lost=result, cause=Loss.AWAY if result == STOPPED else Loss.DIED)
-            return encode_result(worker.address, result)
-        finished = threading.Event()
-        answer: list[list[ImageOutcome] | None] = []
-
-        def done(outcomes: list[ImageOutcome] | None) -> None:
-            answer.append(outcomes)
-            finished.set()
-
-        plugin.engine.submit(images, done, key=cancel_key)
-        finished.wait()
-        if answer[0] is None:
-            return encode_result(worker.address, lost="the worker's engine closed (the worker is stopping, or a "
-                                 "new daemon gave it a new one)", cause=Loss.AWAY)
-        return encode_result(worker.address, answer[0])
-    except Exception as exc:  # our bug on this worker: say so, with the worker's name
-        return encode_result(worker.address, lost=f"{type(exc).__name__}: {exc}", cause=Loss.RAISED)
-
-
-def cancel_on_worker(cancel_keys: list[str], dask_worker=None) -> None:
-    """Run on each worker by DaskRunner.cancel (``Client.run``): the worker's engine drops these tasks' images
-    and answers them at once, so the threads waiting in measure_task return."""
-    plugin = dask_worker.plugins.get(PLUGIN_NAME) if dask_worker is not None else None
-    if plugin is not None and plugin.engine is not None:
-        plugin.engine.cancel(cancel_keys)
-
-
-def _plugin_of(worker, wait_s: float = PLUGIN_WAIT_S) -> EnginePlugin | None:
-    """The worker's engine plugin. While a restarted daemon replaces it (the old one torn down, the new one
-    being set up) there is none for a moment: wait for it rather than count a failure against the chunk."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        plugin = worker.plugins.get(PLUGIN_NAME)
-        if plugin is not None and plugin.engine is not None:
-            return plugin
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.05)
 
 
 def security(ca_file: str, cert_file: str, key_file: str) -> Security | None:
@@ -146,7 +65,7 @@ class DaskRunner:
     """A TaskRunner (daemon/runners/) on a Dask cluster."""
 
     def __init__(self, scheduler: str, settings: EngineSettings, on_event: OnEvent, images_per_worker: int,
-                 tls: Security | None = None, stall_timeout_s: float = 180.0):
+                 tls: Security | None, stall_timeout_s: float):
         refuse_code_from_the_cluster()
         self.scheduler, self.images_per_worker = scheduler, images_per_worker
         self._on_event = on_event

@@ -23,7 +23,7 @@ import pickle
 import sys
 from enum import Enum
 
-from daemon.engine import ErrorKind, ImageOutcome, TaskImages
+from daemon.engine.outcome import ErrorKind, ImageOutcome, TaskImages
 from daemon.runners import Loss, TaskDone, TaskLost
 
 #: What the daemon's Dask client accepts as the serialisation of a result: msgpack, which carries only

@@ -8,7 +8,7 @@ task keeps for ever, stalling every process. Instead each process connects back 
 own (authenticated with a key only the daemon and its children know) and tasks and outcomes travel on it:
 
     supervisor --(TASK, id, images, isolated)--> process      process --(DONE, id, outcomes)--> supervisor
-    supervisor --(CANCEL, ids)-------------------> process      process --(LOST, id, why)-------> supervisor
+    supervisor --(CANCEL, ids)-------------------> process      process --(LOST, id, why, cause)-> supervisor
 
 (the Message enum, daemon/runners/__init__.py).
 
@@ -33,8 +33,9 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Listener
 
-from daemon.engine import EngineSettings, TaskImages
-from daemon.runners import Message, OnEvent, Progress, TaskDone, TaskLost
+from daemon.engine.outcome import TaskImages
+from daemon.engine.settings import EngineSettings
+from daemon.runners import Loss, Message, OnEvent, Progress, TaskDone, TaskLost
 from daemon.runners.pool_process import serve
 
 log = logging.getLogger("retailpulse.daemon")
@@ -72,11 +73,20 @@ def _hang_up(conn: Connection) -> None:
     conn.close()
 
 
+def answer_event(kind: Message, task_id: int, payload: list, holder: str) -> TaskDone | TaskLost:
+    """A pool process's answer: DONE with the outcomes, or LOST with why and the Loss (as a Dask worker's)."""
+    if kind == Message.DONE:
+        (outcomes,) = payload
+        return TaskDone(task_id, outcomes)
+    why, cause = payload
+    return TaskLost(task_id, why, Loss(cause), where=holder)
+
+
 class LocalPool:
     """A TaskRunner (daemon/runners/) on this machine."""
 
     def __init__(self, processes: int, settings: EngineSettings, on_event: OnEvent, images_per_process: int,
-                 stall_timeout_s: float = 180.0):
+                 stall_timeout_s: float):
         self.processes, self.images_per_process = processes, images_per_process
         self._on_event = on_event
         self._lock = threading.Lock()  # guards _connected, _progress, _replacing: accept, reader, main threads
@@ -209,7 +219,7 @@ class LocalPool:
     def _read_forever(self, process: _Connected) -> None:
         while True:
             try:
-                kind, task_id, payload = process.conn.recv()
+                kind, task_id, *payload = process.conn.recv()
             except (EOFError, OSError):
                 break
             with self._lock:
@@ -218,7 +228,7 @@ class LocalPool:
                 self._progress.finished(process.name, now)
                 self._progress.holding(process.name, len(process.tasks), now)
             if known:
-                self._on_event(TaskDone(task_id, payload) if kind == Message.DONE else TaskLost(task_id, payload))
+                self._on_event(answer_event(kind, task_id, payload, process.name))
         with self._lock:
             self._connected.pop(process.pid, None)
             lost, process.tasks = list(process.tasks), {}

@@ -14,9 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from multiprocessing.connection import Client, Connection
 
-from daemon.engine import Engine, EngineSettings, ImageOutcome, TaskImages
-from daemon.runners import Message
-from daemon.runners.sandbox import run_isolated
+from daemon.engine.loop import Engine
+from daemon.engine.outcome import ImageOutcome, TaskImages
+from daemon.engine.settings import EngineSettings
+from daemon.runners import Loss, Message
+from daemon.runners.sandbox import loss_of, run_isolated
 
 #: Isolated tasks (sandbox.py) one pool process runs at once, each in a process of its own.
 ISOLATED_AT_ONCE = 8
@@ -64,13 +66,16 @@ class _PoolProcess:
 
     def done(self, task_id: int, outcomes: list[ImageOutcome] | None) -> None:
         if outcomes is None:  # the engine closed under it: not the images' doing
-            self.send((Message.LOST, task_id, "the pool process's engine closed"))
+            self.send((Message.LOST, task_id, "the pool process's engine closed", Loss.AWAY.value))
             return
         self.send((Message.DONE, task_id, outcomes))
 
     def run_isolated(self, task_id: int, images: TaskImages) -> None:
         result = run_isolated(images, self.settings)
-        self.send((Message.LOST, task_id, result) if isinstance(result, str) else (Message.DONE, task_id, result))
+        if isinstance(result, str):
+            self.send((Message.LOST, task_id, result, loss_of(result).value))
+        else:
+            self.send((Message.DONE, task_id, result))
 
 
 def serve(address: str, authkey: bytes, settings: EngineSettings) -> None:

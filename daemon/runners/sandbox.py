@@ -14,7 +14,10 @@ import sys
 import threading
 import time
 
-from daemon.engine import EngineSettings, ImageOutcome, TaskImages, measure
+from daemon.engine.loop import measure
+from daemon.engine.outcome import ImageOutcome, TaskImages
+from daemon.engine.settings import EngineSettings
+from daemon.runners import Loss
 
 
 def deadline_s(settings: EngineSettings) -> float:
@@ -25,6 +28,12 @@ def deadline_s(settings: EngineSettings) -> float:
 
 #: Why run_isolated gave up when told to stop: not the images' doing (the caller sends them again as they were).
 STOPPED = "the isolated process was stopped: its worker is closing"
+
+
+def loss_of(why: str) -> Loss:
+    """What run_isolated's answer of a lost task means: the process died with its images (suspects), or
+    it was stopped (STOPPED), through no fault of theirs."""
+    return Loss.AWAY if why == STOPPED else Loss.DIED
 #: How often a run that may be told to stop looks at its ``stopping`` event.
 STOP_CHECK_S = 0.2
 
@@ -32,7 +41,8 @@ STOP_CHECK_S = 0.2
 def run_isolated(images: TaskImages, settings: EngineSettings,
                  stopping: threading.Event | None = None) -> list[ImageOutcome] | str:
     """The outcomes, or why the process died (a string): the caller treats that as a death of the task, but
-    for STOPPED: ``stopping`` set (a Dask worker closing) kills the process and returns that at once."""
+    for STOPPED (``loss_of`` says which): ``stopping`` set (a Dask worker closing) kills the process and
+    returns that at once."""
     proc = subprocess.Popen([sys.executable, "-m", "daemon.runners.sandbox"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     data: bytes | None = pickle.dumps((settings, list(images)))

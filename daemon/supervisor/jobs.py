@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from daemon.engine.backoff import backoff_s
 from daemon.engine.outcome import CANCELLED_BY_REQUEST, ErrorKind, ImageOutcome
 from daemon.runners import Loss
 from daemon.supervisor.stores import Store
@@ -166,7 +167,7 @@ def after_loss(chunk: Chunk, cause: Loss, max_deaths: int, why: str = "") -> Aft
             return AfterLoss(give_up=f"the task could not run on the cluster ({failures} attempts): {why}"[:1000],
                              kind=ErrorKind.TASK_FAILED)
         again = Chunk(chunk.job_id, chunk.first, chunk.stop, chunk.deaths, failures)
-        return AfterLoss(retry=(again,), delay_s=min(FAILURE_BACKOFF_S * 2 ** (failures - 1), MAX_FAILURE_BACKOFF_S))
+        return AfterLoss(retry=(again,), delay_s=backoff_s(failures, FAILURE_BACKOFF_S, MAX_FAILURE_BACKOFF_S))
     deaths = chunk.deaths + 1
     if chunk.images == 1 and chunk.deaths and deaths >= max_deaths:
         return AfterLoss(give_up=f"the process measuring this image died each time ({deaths} attempts)")

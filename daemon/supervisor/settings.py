@@ -1,31 +1,49 @@
-"""The supervisor's settings. The defaults here are the settings table's defaults (config/__init__.py)."""
+"""The supervisor's settings. Light: the settings table and the daemon's start-up
+read them without loading the rest of the supervisor.
+
+Each field an operator sets says so in its metadata (section, setting name when not the field's, meaning,
+bounds; config/__init__.py reads it), and its default is the setting's; the other fields are fixed here.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spool import Executor
 
 
 @dataclass(frozen=True)
 class SupervisorSettings:
-    chunk_images: int = 64  # images per chunk: the unit of fairness, of results files and of redoing
-    max_active_jobs: int = 32  # jobs progressing at once; more wait in incoming/, but for small ones
-    small_job_images: int = 1000  # a job this small is started at once, however many jobs run
+    store_master: Path = field(default=Path("/etc/retail-pulse/stores.csv"), metadata={
+        "section": "daemon", "help": "CSV with AreaCode,StoreName,StoreID"})
+    # Which runner the supervisor dispatches to; a value of the spool's (daemon.json says it), so here, where
+    # the spool may be imported, and not with the runners' own settings.
+    executor: Executor = field(default=Executor.LOCAL, metadata={
+        "section": "daemon",
+        "help": "where images are measured: local (a process pool on this machine) or dask (the Dask cluster at "
+                "dask_scheduler; needs retail-pulse[dask])"})
+    chunk_images: int = field(default=64, metadata={
+        "section": "daemon", "min": 1, "max": 100_000,
+        "help": "images per chunk: the unit of fairness between jobs, of results files and of work redone after a "
+                "crash"})
+    max_active_jobs: int = field(default=32, metadata={
+        "section": "daemon", "min": 1, "max": 100_000,
+        "help": "jobs progressing at once (their images share the pool chunk by chunk); more wait in incoming/, "
+                "except small ones"})
+    small_job_images: int = field(default=1000, metadata={
+        "section": "daemon", "min": 0, "max": 1_000_000,
+        "help": "a job of at most this many images starts at once, however many jobs run: it never waits behind a "
+                "crowd of big ones"})
     poll_interval_s: float = 0.1  # how often incoming/ is looked at while idle
-    drain_timeout_s: float = 60.0  # on stop, how long in-flight chunks may take to finish and be recorded
-    max_worker_deaths: int = 3  # an image alone in a chunk whose process died this often is failed
+    drain_timeout_s: float = field(default=60.0, metadata={
+        "section": "daemon", "min": 0, "max": 3600,
+        "help": "on SIGTERM, how long in-flight images may take to finish; the rest is redone after the restart"})
+    max_worker_deaths: int = field(default=3, metadata={
+        "section": "daemon", "min": 1, "max": 100,
+        "help": "an image whose process dies this many times is failed (a poison image); also the tries of a task "
+                "that cannot run on a Dask worker before its images fail"})
     disk_retry_interval_s: float = 5.0  # while writes fail (disk full), how often they are tried again
-    retention_days: float = 7.0  # finished jobs older than this are deleted; 0 keeps them forever
-    # A pool process or Dask worker holding tasks that finishes none for this long is stalled (reported, and
-    # replaced if local). Well above the longest one image can take with the default download limits
-    # (3 attempts x 30 s, 2 backoffs of at most 10 s, the GPU wait: about 111 s).
-    stall_timeout_s: float = 180.0
-
-
-@dataclass(frozen=True)
-class WebhookSettings:
-    """Completion notifications (daemon/supervisor/webhooks.py)."""
-
-    retry_for_s: float = 86400.0  # a notification is retried for this long after its job finished, then given up
-    backoff_s: float = 1.0  # wait before the 2nd attempt; doubled before each later one, with jitter
-    max_backoff_s: float = 600.0  # longest wait between two attempts, whatever Retry-After or the doubling say
-    deliveries_at_once: int = 32  # attempts in flight at once: receivers that hang hold only these slots
-    max_answer_bytes: int = 64 * 1024  # of a receiver's answer; only its status code matters
+    retention_days: float = field(default=7.0, metadata={
+        "section": "daemon", "min": 0,
+        "help": "finished jobs (files, status, results) older than this are deleted, checked every 10 minutes; 0 "
+                "keeps them forever"})
