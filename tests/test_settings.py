@@ -46,4 +46,4 @@ def test_named_config_file_must_exist(tmp_path):
 
 
 def test_readme_lists_every_setting_as_the_code_defines_it():
-    assert markdown_table() in (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert markdown_table() in (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
