@@ -1,11 +1,14 @@
 """The checkout explains itself: `make run` as the README's quick start runs it, the README's first job (taken
-from the README itself) completing on the images `make run` serves, and `make ctl` on the same spool."""
+from the README itself) completing on the images `make run` serves, `make ctl` on the same spool, every command
+of the quick start printing what the README says it prints, and every link of the documentation landing."""
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 import requests
@@ -14,7 +17,44 @@ from tests.conftest import REPO, wait_until
 from tests.service import free_port
 
 README = REPO / "README.md"
+#: The documentation a newcomer reads, whose links must land.
+DOCS = [README, *sorted((REPO / "docs").glob("*.md")), REPO / "tests" / "README.md", REPO / "bench" / "README.md",
+        REPO / "spool" / "README.md"]
 
+
+def readme_section(title: str) -> str:
+    """The text of the README's ``## title`` section, up to the next ``## ``."""
+    return README.read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def fenced_blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)
+
+
+def transcript(block: str) -> list[tuple[str, list[str]]]:
+    """A console block as (command, the lines it prints) pairs: ``$ `` starts a command."""
+    steps = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            assert steps, f"the README shows output before any command: {line!r}"
+            steps[-1][1].append(line)
+    return steps
+
+
+def printed_as_shown(shown: list[str], printed: list[str]) -> bool:
+    """Whether ``printed`` is what the README shows, where ``...`` stands for anything and ``<crc32>`` for the
+    8 hex digits of a CRC-32."""
+    patterns = [re.escape(line).replace(re.escape("..."), ".*").replace(re.escape("<crc32>"), "[0-9a-f]{8}")
+                for line in shown]
+    return len(patterns) == len(printed) and all(re.fullmatch(p, line) for p, line in zip(patterns, printed))
+
+
+def run_shell(command: str, cwd: Path) -> str:
+    done = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"$ {command}\nexit {done.returncode}\n{done.stderr}"
+    return done.stdout
 
 
 def readme_first_job() -> dict:
@@ -81,11 +121,76 @@ def test_the_readme_first_job_completes_and_make_ctl_sees_it_on_the_same_spool(m
                            text=True, timeout=60)
     assert shown.returncode == 0 and "perimeter 2240" in shown.stdout, shown.stderr
 
+    # The same job on disk, as the README walks through it: each command run as written, from the folder
+    # that holds make run's var/, printing what the README shows. The status turns final just before the job
+    # file moves to done/.
+    assert job_id == 1, "the README's walk-through names job 1, the first of a fresh var/"
+    wait_until(lambda: (var / "spool" / "done" / f"{job_id}.json").exists(), what="the job file in done/")
+    [walk] = fenced_blocks(readme_section("Quick start"), "console")
+    steps = transcript(walk)
+    assert [command.split()[0] for command, _ in steps] == ["ls", "cat", "ls"], "update this test with the README"
+    for command, shown in steps:
+        printed = run_shell(command, cwd=var.parent).splitlines()
+        assert printed_as_shown(shown, printed), f"$ {command}\nthe README shows:\n" + "\n".join(shown) + \
+            "\nit printed:\n" + "\n".join(printed)
+
     # Owner-only, as the README says: the spool folder, the lock files, the INI file make run wrote.
     spool = var / "spool"
     for path, mode in ((spool, 0o700), (spool / "daemon.lock", 0o600), (spool / "next_job_id.lock", 0o600),
                        (var / "retail-pulse.ini", 0o600)):
         assert stat.S_IMODE(path.stat().st_mode) == mode, f"{path.name}: {oct(path.stat().st_mode)}"
+
+
+def test_the_readme_curl_commands_print_what_the_readme_says(make_run):
+    """The quick start's three curl commands, run as written (only the ports are make run's here), against
+    what the README says of them: the job id, the status, each image's size and perimeter."""
+    missing = [tool for tool in ("curl", "jq") if shutil.which(tool) is None]
+    if missing:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"the README's commands need {' and '.join(missing)}")
+    base, images_port, var, _settings = make_run
+    quick_start = readme_section("Quick start")
+    [block] = [block for block in fenced_blocks(quick_start, "sh") if "curl " in block]
+    submit, status, results = re.split(r"\n(?=curl )", block.strip())  # a command starts each `curl` line
+    assert submit.startswith("curl -s -X POST") and "/api/status?" in status and "/api/results?" in results
+
+    def run(command: str) -> str:
+        here = command.replace("127.0.0.1:8080", base.removeprefix("http://")).replace(
+            "127.0.0.1:8081", f"127.0.0.1:{images_port}")
+        return run_shell(here, cwd=var.parent)
+
+    assert run(submit) == re.search(r"The submit answers `(.*?)`", quick_start)[1]
+    said_status = re.search(r'"status": "(\w+)"', status.split("#", 1)[1])[1]
+    doc = wait_until(lambda: (doc := json.loads(run(status)))["status"] != "ongoing" and doc,
+                     what="the first job to finish")
+    assert doc["status"] == said_status, doc
+    said_sizes = [tuple(map(int, size)) for size in re.findall(r"(\d+)x(\d+), (?:perimeter )?(\d+)",
+                                                              results.split("#", 1)[1])]
+    measured = json.loads(run(results))["results"]
+    assert len(said_sizes) == 2 and [(r["width"], r["height"], r["perimeter"]) for r in measured] == said_sizes
+
+
+def test_every_link_of_the_documentation_lands():
+    """Every relative link of the README and docs/ names a file that exists and, with #anchor, one of its
+    headings (GitHub's anchors: lower case, punctuation dropped, spaces as hyphens)."""
+    def anchors(path: Path) -> set[str]:
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+        headings = re.findall(r"^#{1,6} (.+)$", text, re.M)
+        return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+    broken = []
+    for doc in DOCS:
+        text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M)
+        text = re.sub(r"`[^`\n]*`", "", text)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            path = (doc.parent / file).resolve() if file else doc
+            if not path.exists():
+                broken.append(f"{doc.relative_to(REPO)}: {target}: no such file")
+            elif anchor and anchor not in anchors(path):
+                broken.append(f"{doc.relative_to(REPO)}: {target}: no such heading")
+    assert not broken, "\n".join(broken)
 
 
 def test_retailpulse_ctl_without_settings_says_how_to_name_the_spool(tmp_path):

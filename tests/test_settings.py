@@ -158,4 +158,4 @@ def test_every_setting_operators_know_keeps_its_name_section_default_and_bounds(
 
 
 def test_readme_lists_every_setting_as_the_code_defines_it():
-    assert table() in (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert table() in (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
