@@ -41,7 +41,7 @@ ENV_PREFIX = "RETAILPULSE_"
 #: The sections of the INI file. Which program reads which: daemon, download: the daemon; api: the API;
 #: webhook: the daemon, and the API its webhook_secrets_file; common: every program.
 SECTIONS = ("common", "daemon", "download", "webhook", "api")
-#: Defaults are facts of an installation on a VM (the paths the README's steps and the systemd units use),
+#: Defaults are facts of an installation on a VM (the paths docs/operations.md's steps and the systemd units use),
 #: never paths inside the source tree: an installed package has no source tree. A development checkout
 #: names its own folders (``make run`` passes the local spool and the bundled sample store master).
 DEFAULT_CONFIG_FILE = Path("/etc/retail-pulse/retail-pulse.ini")

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config.name_files import NAME, NameFileError, read_name_file
+
 PREFIX = "whsec_"
 ANYONE = "*"  # the line for jobs without an owner (tokens off)
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as the tokens file's names (webapi/auth.py)
 MIN_SECRET_BYTES, MAX_SECRET_BYTES = 24, 64
 
 
-class SecretsFileError(ValueError):
+class SecretsFileError(NameFileError):
     pass
 
 
@@ -52,27 +52,13 @@ def parse_secret(text: str) -> bytes:
 
 
 def load(path: Path) -> dict[str | None, bytes]:
-    """Token name (None for ``*``) -> secret bytes. Raises SecretsFileError naming the line."""
-    found: dict[str | None, bytes] = {}
+    """Token name (None for ``*``) -> secret bytes; a name given twice keeps its last line. Raises
+    SecretsFileError naming the line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SecretsFileError(f"{path}: {exc}") from None
-    for number, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        if len(parts) != 2 or not (parts[0] == ANYONE or _NAME.fullmatch(parts[0])):
-            raise SecretsFileError(f"{path}:{number}: expected '<token name or *> whsec_<base64>'")
-        try:
-            secret = parse_secret(parts[1])
-        except ValueError as exc:
-            raise SecretsFileError(f"{path}:{number}: {exc}") from None
-        found[None if parts[0] == ANYONE else parts[0]] = secret
-    if not found:
-        raise SecretsFileError(f"{path}: no secrets")
-    return found
+        lines = read_name_file(path, parse_secret, "<token name or *> whsec_<base64>", other_names=(ANYONE,))
+    except NameFileError as exc:
+        raise SecretsFileError(str(exc).replace(": no lines", ": no secrets")) from None
+    return {None if name == ANYONE else name: secret for name, secret in lines}
 
 
 def new_secret() -> str:
@@ -80,7 +66,7 @@ def new_secret() -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not (argv[0] == ANYONE or _NAME.fullmatch(argv[0])):
+    if len(argv) != 1 or not (argv[0] == ANYONE or NAME.fullmatch(argv[0])):
         print("usage: python -m config.webhook_secrets <token name, or * with tokens off>", file=sys.stderr)
         return 2
     print(f"{argv[0]} {new_secret()}")

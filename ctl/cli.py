@@ -12,7 +12,7 @@ moves job files), wait for it, and say what it did; with no daemon at work they 
 it. list, show, follow and purge work on the files directly, with or without a daemon. Every command says
 what it did; an unknown job is an error (exit 1, one line).
 
-The spool is the one the settings name (option, environment, INI file; see README "Configuration"). In a
+The spool is the one the settings name (option, environment, INI file; see docs/configuration.md). In a
 checkout, `make run` writes var/retail-pulse.ini and `make ctl ARGS=list` runs this with it.
 """
 from __future__ import annotations

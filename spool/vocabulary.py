@@ -1,6 +1,6 @@
 """The spool's words, defined once: the wire values of a job's status, the folders and what they mean, the
 requests a daemon carries out, and the one job-id check. Imports nothing of ours: every other module of
-the project may use it (README "Layout": the rooms import downward)."""
+the project may use it (daemon/__init__.py: the rooms import downward)."""
 from __future__ import annotations
 
 import re

@@ -4,12 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from config import webhook_secrets
+from spool import Executor
+from spool.records import Heartbeat
 from tests.conftest import call_wsgi
 from webapi.app import make_app
 from webapi.auth import TokenFileError, Tokens, digest
@@ -145,6 +149,18 @@ def test_bad_tokens_file_is_refused(tmp_path, content, message):
         Tokens.load(path)
 
 
+@pytest.mark.parametrize("load, line", [(Tokens.load, f"acme {digest('acme-secret')}\n"),
+                                        (webhook_secrets.load, f"acme {webhook_secrets.new_secret()}\n")])
+def test_a_tokens_or_secrets_file_every_user_may_write_is_refused(tmp_path, load, line):
+    """Whoever can write the tokens file can let themselves in; the secrets file, sign as anyone."""
+    path = tmp_path / "file"
+    path.write_text(line)
+    load(path)
+    path.chmod(0o646)
+    with pytest.raises(ValueError, match="writable by every user"):
+        load(path)
+
+
 # ---------------------------------------------------------------- backpressure
 def test_submit_beyond_the_queue_limit_is_503_with_retry_after(spool):
     app = make_app(spool, max_queued_images=10)
@@ -156,8 +172,12 @@ def test_submit_beyond_the_queue_limit_is_503_with_retry_after(spool):
     assert len(spool.jobs.ids("incoming")) == 1
     # the daemon took the first job and says 2 of its images remain: there is room again
     spool.jobs.claim(spool.jobs.ids("incoming")[0])
-    spool.heartbeat.write({"images_remaining_active": 2})
+    spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time(), executor=Executor.LOCAL,
+                                    images_remaining_active=2))
     assert call_wsgi(app, "POST", "/api/submit/", six).status_code == 201
+    spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time(), executor=Executor.LOCAL,
+                                    images_remaining_active=5))  # 6 + 5 more would pass the limit
+    assert call_wsgi(app, "POST", "/api/submit/", six).status_code == 503
 
 
 # ---------------------------------------------------------------- fuzz

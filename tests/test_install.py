@@ -1,5 +1,5 @@
-"""Installed as the README's VM steps install it, the programs work: a non-editable install into a fresh venv
-outside the checkout, the INI file, the daemon, the API and every retailpulse-ctl command of the README,
+"""Installed as docs/operations.md's VM steps install it, the programs work: a non-editable install into a fresh venv
+outside the checkout, the INI file, the daemon, the API and every retailpulse-ctl command of docs/operations.md,
 run with the units' environment from another working directory, against one spool.
 
 Differences from a VM, on purpose: the INI file is named by RETAILPULSE_CONFIG instead of sitting in
@@ -47,7 +47,7 @@ def installed(tmp_path_factory):
 
 @pytest.fixture
 def vm(tmp_path, installed):
-    """The INI file of the README (spool_dir and store_master in it) and the units' environment."""
+    """The INI file of docs/operations.md (spool_dir and store_master in it) and the units' environment."""
     etc = tmp_path / "etc"
     etc.mkdir()
     shutil.copy(SAMPLE_STORE_MASTER, etc / "stores.csv")
@@ -112,7 +112,7 @@ def test_installed_service_runs_a_job_and_every_ctl_command_of_the_readme_works(
 
         done = submit([shelf, f"{shelf}?n=2"])
         wait_until(lambda: status(done) == Status.COMPLETED, what="the job to complete")
-        # The status turns final just before the job file moves to done/ (README, "How it works").
+        # The status turns final just before the job file moves to done/ (docs/design.md, "How it works").
         wait_until(lambda: (spool_dir / "done" / f"{done}.json").exists(), what="the job file in the INI's spool")
 
         def ctl(*argv):

@@ -351,7 +351,7 @@ def test_certificates_are_v3_one_key_per_role_and_a_new_ca_rolls_in_through_the_
     keys = {(folder / f"{name}.key").read_bytes() for name in texts}
     assert len(keys) == 3
 
-    # Rotation (README): a new CA; every host trusts both (ca.pem holds both), new certificates, then the
+    # Rotation (docs/scale-out.md): a new CA; every host trusts both (ca.pem holds both), new certificates, then the
     # old CA goes. Here: a worker certified by the new CA is refused while ca.pem holds the old CA only, and
     # joins once ca.pem holds both, while the daemon's certificate (the old CA's) is still good.
     new = Installation(tmp_path / "new")

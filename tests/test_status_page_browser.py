@@ -1,6 +1,6 @@
 """The status page as a person uses it: the real API and daemon, Debian's headless Chromium, a job with a
 failing store, a 404 and a URL that tries to be HTML; straight from the API and through the shipped nginx
-site (tokens on, as the README installs it), at desktop and phone width. Screenshots land in
+site (tokens on, as docs/operations.md installs it), at desktop and phone width. Screenshots land in
 tests/artifacts/ (gitignored)."""
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ SCHEDULER, WORKER = "retail-pulse-dask-scheduler.service", "retail-pulse-dask-wo
 
 
 class Machine:
-    """One folder standing for a VM set up as the README says, and the units' programs started in it."""
+    """One folder standing for a VM set up as docs/operations.md says, and the units' programs started in it."""
 
     def __init__(self, root):
         self.vm = Installation(root)
@@ -39,7 +39,7 @@ class Machine:
         self.logs = root.parent
 
     def configure(self, daemon: dict[str, str]) -> None:
-        """/etc/retail-pulse/retail-pulse.ini as the README's steps write it (the test's port and settings),
+        """/etc/retail-pulse/retail-pulse.ini as docs/operations.md's steps write it (the test's port and settings),
         named by /etc/retail-pulse/env, which the units read."""
         ini = self.vm.etc / "retail-pulse.ini"
         lines = ["[common]", f"spool_dir = {self.vm.root}/var/lib/retail-pulse/spool", "[api]", f"port = {self.port}",

@@ -89,7 +89,7 @@ class Installation:
         return self.root / "etc/retail-pulse"
 
     def make_certificates(self, *roles: tuple[str, str]) -> Path:
-        """Run systemd/dask-cert as the README says: a CA, then each (role, name) with SAN IP:127.0.0.1, into
+        """Run systemd/dask-cert as docs/scale-out.md says: a CA, then each (role, name) with SAN IP:127.0.0.1, into
         etc/retail-pulse/dask (the CA's key included: a test machine is its own CA's keeper)."""
         folder = self.etc / "dask"
         if not (folder / "ca.key").exists():

@@ -12,16 +12,22 @@ import hashlib
 import hmac
 import re
 import secrets
-import stat
 import sys
 from pathlib import Path
 
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+from config.name_files import NAME, NameFileError, read_name_file
+
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-class TokenFileError(ValueError):
+class TokenFileError(NameFileError):
     pass
+
+
+def _digest(text: str) -> str:
+    if not _DIGEST.fullmatch(text):
+        raise ValueError("expected '<name> <64 hex digits>'")
+    return text
 
 
 def digest(token: str) -> str:
@@ -34,25 +40,12 @@ class Tokens:
 
     @classmethod
     def load(cls, path: Path) -> Tokens:
-        digests = {}
+        """The tokens file; a name may have several tokens (one per line: rotation). Raises TokenFileError."""
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-            mode = path.stat().st_mode
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TokenFileError(f"{path}: {exc}") from None
-        if mode & stat.S_IWOTH:  # whoever can write it can let themselves in
-            raise TokenFileError(f"{path} is writable by every user (mode {stat.filemode(mode)}); chmod o-w it")
-        for number, line in enumerate(lines, 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            parts = line.split()
-            if len(parts) != 2 or not _NAME.fullmatch(parts[0]) or not _DIGEST.fullmatch(parts[1]):
-                raise TokenFileError(f"{path}:{number}: expected '<name> <64 hex digits>'")
-            digests[parts[1]] = parts[0]
-        if not digests:
-            raise TokenFileError(f"{path}: no tokens")
-        return cls(digests)
+            lines = read_name_file(path, _digest, "<name> <64 hex digits>")
+        except NameFileError as exc:
+            raise TokenFileError(str(exc).replace(": no lines", ": no tokens")) from None
+        return cls({digest: name for name, digest in lines})
 
     def identify(self, authorization: str | None) -> str | None:
         """The name behind an ``Authorization`` header, or None if it carries no valid bearer token."""
@@ -70,7 +63,7 @@ class Tokens:
 def main(argv: list[str] | None = None) -> int:
     """``retailpulse-token <name>``: a new token for a client, and its line for the tokens file."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not _NAME.fullmatch(argv[0]):
+    if len(argv) != 1 or not NAME.fullmatch(argv[0]):
         print("usage: retailpulse-token <name>   (letters, digits, _ . -)", file=sys.stderr)
         return 2
     token = secrets.token_urlsafe(32)

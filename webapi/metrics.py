@@ -1,6 +1,6 @@
 """GET /metrics: Prometheus text, from what the spool says. The daemon counts (daemon/supervisor/metrics.py)
-and writes the counts into its heartbeat (daemon.json) every second; the API only reads files, so every API process serves the same
-numbers and nothing is shared in memory across processes.
+and writes the counts into its heartbeat (daemon.json) every second; the API only reads files, so every API
+process serves the same numbers and nothing is shared in memory across processes.
 """
 from __future__ import annotations
 

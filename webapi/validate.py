@@ -1,6 +1,6 @@
 """Checking a submission. Pure: bytes in, a clean job or an InvalidSubmission naming the field out.
 
-Memory is bounded whatever the body's shape (README, "Limits and security"). The body is decoded by
+Memory is bounded whatever the body's shape (docs/guarantees.md, "Limits and security"). The body is decoded by
 msgspec straight into the fields the service uses: fields it does not use are skipped while scanning,
 never built, so ``{"x": [{},{},...]}`` costs nothing; strings are decoded one by one from the bytes, so one
 emoji does not widen a copy of the whole body. What msgspec does build (the visits and their URL lists) is

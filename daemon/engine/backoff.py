@@ -1,5 +1,6 @@
 """The wait before trying again, one rule for every retry in the service: a download's next attempt (the
-engine), a failed task's chunk (supervisor/jobs.py), a completion webhook's next POST (daemon/notifications/delivery.py).
+engine), a failed task's chunk (supervisor/jobs.py), a completion webhook's next POST
+(daemon/notifications/delivery.py).
 
     wait = base_s * 2 ** (failures - 1) * jitter, at least the server's Retry-After, at most max_s
 
