@@ -389,8 +389,8 @@ def soak(bench: Bench, minutes: float) -> dict:
 
 
 # ------------------------------------------------------------------ main
-WORKLOADS = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "DASK-SCALING", "DASK-W2", "DASK-FAULTS", "SOAK")
-DEFAULT = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "DASK-SCALING", "DASK-W2", "DASK-FAULTS")
+WORKLOADS = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "VISITS", "DASK-SCALING", "DASK-W2", "DASK-FAULTS", "SOAK")
+DEFAULT = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "VISITS", "DASK-SCALING", "DASK-W2", "DASK-FAULTS")
 
 
 def parse_args(argv=None):
@@ -400,11 +400,17 @@ def parse_args(argv=None):
                     help=f"any of {', '.join(WORKLOADS)} (default: all but SOAK). W1: 1,000 small images; "
                          "W2: 10,000 mixed with status at 200 req/s; W3: 20 x 200 mixed at once; KILL: W2's job "
                          "with a pool process SIGKILLed 1 s in; BIG: a huge job "
-                         "and a small one behind it; CROWD: 50 x 10,000 at once and a small one behind them; "
+                         "and a small one behind it; CROWD: 50 x 10,000 at once and a small one behind them; VISITS: jobs of "
+                         "one visit of 5 photos from 1, 64 and 256 clients, polling and waiting (bench/visits.py); "
                          "DASK-SCALING: 1, 2, 4, 8 Dask workers; DASK-W2: W2 on Dask; DASK-FAULTS: a worker, the "
                          "scheduler, the daemon killed mid-job; SOAK: rounds of W3. The DASK ones need no ../shared")
     ap.add_argument("--repeat", type=int, default=3, help="runs of W1, W2, W3, DASK-W2 (medians are reported)")
     ap.add_argument("--big-images", type=int, default=100_000)
+    ap.add_argument("--visits-clients", default="1,64,256", type=lambda text: [int(n) for n in text.split(",")],
+                    help="VISITS: the numbers of clients at once")
+    ap.add_argument("--visits-modes", default="poll,wait", type=lambda text: text.split(","),
+                    help="VISITS: poll (every 50 ms), wait (Prefer: wait=30)")
+    ap.add_argument("--visits-seconds", type=float, default=10.0, help="VISITS: the measured window of each run")
     ap.add_argument("--crowd-jobs", type=int, default=50)
     ap.add_argument("--crowd-images", type=int, default=10_000)
     ap.add_argument("--dask-workers", default="1,2,4,8")
@@ -453,6 +459,11 @@ def main(argv=None) -> int:
                         keep({"run": run, **many_jobs(bench)})
                     if "KILL" in local:
                         keep({"run": run, **killed_process(bench)})
+                    if "VISITS" in local:
+                        from bench.visits import visits
+                        for clients in args.visits_clients:
+                            for mode in args.visits_modes:
+                                keep({"run": run, **visits(bench, clients, mode, args.visits_seconds)})
                 if "BIG" in local:
                     keep(small_behind_big(bench, args.big_images))
                 if "CROWD" in local:

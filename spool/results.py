@@ -111,10 +111,39 @@ class Results:
 
     def write(self, job_id: int, first: int, stop: int, lines: list[ResultLine]) -> None:
         """Record the results of images first..stop-1 as one file. Durable when this returns."""
-        folder = self.folder(job_id)
-        folder.mkdir(mode=0o700, exist_ok=True)
-        body = encode_lines(lines)
-        self.files.write_atomic(folder / f"{first:08d}-{stop:08d}.{zlib.crc32(body):08x}.jsonl", body)
+        [error] = self.write_many([(job_id, first, stop, lines)])
+        if error is not None:
+            raise error
+
+    def write_many(self, files: list[tuple[int, int, int, list[ResultLine]]]) -> list[OSError | None]:
+        """Several results files (job id, first, stop, lines) at once, each durable when this returns, sharing
+        the folders' fsyncs (files.py, write_all): what the supervisor records in one turn of its loop. A
+        job's first file makes its folder, and the folder's entry in results/ is made durable too. For each
+        file: None, or the OSError that kept it from being written."""
+        made, errors, items, where = [], [None] * len(files), [], []
+        results = os.path.join(self.root, Folder.RESULTS)
+        for i, (job_id, first, stop, lines) in enumerate(files):
+            folder = f"{results}/{job_id}"
+            try:
+                os.mkdir(folder, 0o700)
+                made.append(i)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                errors[i] = exc
+                continue
+            body = encode_lines(lines)
+            items.append((f"{folder}/{first:08d}-{stop:08d}.{zlib.crc32(body):08x}.jsonl", body))
+            where.append(i)
+        if made:
+            try:
+                self.files.sync_folder(results)
+            except OSError as exc:
+                for i in made:
+                    errors[i] = exc
+        for i, error in zip(where, self.files.write_all(items)):
+            errors[i] = errors[i] or error
+        return errors
 
     def chunks(self, job_id: int) -> list[tuple[int, int, Path]]:
         """(first, stop, path) of each results file of a job, in image order."""

@@ -58,7 +58,7 @@ class Upkeep:
                     continue
         return sorted(ids)
 
-    def purge(self, job_id: int) -> bool:
+    def purge(self, job_id: int, remember_counter: bool = True) -> bool:
         """Delete a finished job and everything about it. False (nothing deleted) if it is not finished.
 
         The job file goes first, so an interrupted purge leaves a job that reads as unknown or, at worst,
@@ -67,6 +67,8 @@ class Upkeep:
         folder = self.jobs.folder_of(job_id)
         if folder in UNFINISHED_FOLDERS:
             return False
+        if remember_counter:
+            self.jobs.remember_counter()  # its id must stay taken after a power loss, though nothing names it
         if folder is not None:
             self.jobs.path(folder, job_id).unlink(missing_ok=True)
         self.results.remove(job_id)
@@ -78,6 +80,11 @@ class Upkeep:
         self.jobs.meta_path(job_id).unlink(missing_ok=True)
         self.jobs.status_path(job_id).unlink(missing_ok=True)
         return True
+
+    def purge_all(self, job_ids: list[int]) -> list[int]:
+        """purge() each of these jobs; the ones it deleted. The id counter is made durable once for all."""
+        self.jobs.remember_counter()
+        return [job_id for job_id in job_ids if self.purge(job_id, remember_counter=False)]
 
     def clean_tmp(self, older_than_s: float) -> int:
         """Remove leftovers of writes that never finished (a crash between write and rename).

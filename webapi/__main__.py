@@ -63,7 +63,7 @@ def serve(argv: list[str] | None) -> int:
         "workers": settings.api_workers,
         "threads": settings.api_threads,
         # gunicorn's gthread worker, whose own error answers (bad request line, 414, 431) are JSON too
-        "worker_class": "webapi.server.JsonErrorThreadWorker",
+        "worker_class": "webapi.server.ApiWorker",
         "when_ready": _announce,
         "graceful_timeout": 30,  # SIGTERM: requests in flight get this long to finish
         # gunicorn's own request limits, set on purpose: request line (path + query) and headers are small
