@@ -125,6 +125,12 @@ class Sampler:
         with self._lock:
             return sum(cpu for (name, _), cpu in self._cpu.items() if name in names)
 
+    def cpu_of(self, name: str, pid: int) -> float:
+        """CPU seconds of one process of a tree (e.g. the daemon's supervisor, without its pool processes)."""
+        self._snapshot()
+        with self._lock:
+            return self._cpu.get((name, pid), 0.0)
+
     def add(self, name: str, pid: int) -> None:
         with self._lock:
             self.roots.setdefault(name, []).append(pid)
@@ -406,6 +412,7 @@ def parse_args(argv=None):
                          "scheduler, the daemon killed mid-job; SOAK: rounds of W3. The DASK ones need no ../shared")
     ap.add_argument("--repeat", type=int, default=3, help="runs of W1, W2, W3, DASK-W2 (medians are reported)")
     ap.add_argument("--big-images", type=int, default=100_000)
+    ap.add_argument("--status-rate", type=float, default=200, help="W2: GET /api/status per second meanwhile [200]")
     ap.add_argument("--visits-clients", default="1,64,256", type=lambda text: [int(n) for n in text.split(",")],
                     help="VISITS: the numbers of clients at once")
     ap.add_argument("--visits-modes", default="poll,wait", type=lambda text: text.split(","),
@@ -454,7 +461,7 @@ def main(argv=None) -> int:
                     if "W1" in local:
                         keep({"run": run, **one_job(bench, "W1", 1_000, "small")})
                     if "W2" in local:
-                        keep({"run": run, **one_job(bench, "W2", 10_000, "mixed", status_rate=200)})
+                        keep({"run": run, **one_job(bench, "W2", 10_000, "mixed", status_rate=args.status_rate)})
                     if "W3" in local:
                         keep({"run": run, **many_jobs(bench)})
                     if "KILL" in local:

@@ -182,10 +182,13 @@ def visits(bench, clients: int, mode: str, seconds: float = 10.0, warm_up_s: flo
     crowd = Clients(bench.base, payloads(bench, random.Random(clients)), clients, mode)
     try:
         crowd.run(warm_up_s)
+        supervisor = bench.service.daemon.pid
         daemon0, api0, t0 = bench.sampler.cpu_s("daemon"), bench.sampler.cpu_s("api"), time.perf_counter()
+        super0 = bench.sampler.cpu_of("daemon", supervisor)
         crowd.done.clear()
         crowd.run(seconds)
         daemon1, api1, t1 = bench.sampler.cpu_s("daemon"), bench.sampler.cpu_s("api"), time.perf_counter()
+        super1 = bench.sampler.cpu_of("daemon", supervisor)
     finally:
         crowd.close()
     rows = [row for row in crowd.done if row["started"] >= t0]  # jobs started and finished in the window
@@ -197,5 +200,6 @@ def visits(bench, clients: int, mode: str, seconds: float = 10.0, warm_up_s: flo
             "floor_ms": round(FLOOR_MS), "submit_p50_ms": pct(submits, 50), "submit_p99_ms": pct(submits, 99),
             "daemon_cpu_ms_per_job": (daemon1 - daemon0) * 1000 / max(jobs, 1),
             "api_cpu_ms_per_job": (api1 - api0) * 1000 / max(jobs, 1),
+            "supervisor_cpu_ms_per_job": (super1 - super0) * 1000 / max(jobs, 1),  # of the daemon's figure
             "requests_per_job": statistics.mean(row["requests"] for row in rows) if rows else float("nan"),
             "failed": crowd.failed, "waits_applied": crowd.waits_applied}

@@ -62,6 +62,9 @@ def serve(argv: list[str] | None) -> int:
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": settings.api_workers,
         "threads": settings.api_threads,
+        # Open connections per API process: gunicorn's default (1,000), doubled so that a thousand clients
+        # waiting on their jobs (Prefer: wait, at most half of these: webapi/waits.py) leave as many for the rest.
+        "worker_connections": 2000,
         # gunicorn's gthread worker, whose own error answers (bad request line, 414, 431) are JSON too
         "worker_class": "webapi.server.ApiWorker",
         "when_ready": _announce,

@@ -18,6 +18,7 @@ looked at with a stat each time; the answer is re-read and re-encoded only when 
 from __future__ import annotations
 
 import contextvars
+import os
 import re
 import time
 from collections import OrderedDict
@@ -91,6 +92,7 @@ class StatusViews:
         self.spool, self.max_jobs = spool, max_jobs
         self._views: OrderedDict[int, tuple[tuple, View]] = OrderedDict()
         self._metas: OrderedDict[int, JobMeta] = OrderedDict()
+        self._beat: tuple[tuple | None, int] = (None, 0)  # the heartbeat's (inode, mtime), its images remaining
 
     def view(self, job_id: int) -> View | None:
         """The job's status as the API answers it, None for an unknown job. Raises OSError when the spool
@@ -124,13 +126,24 @@ class StatusViews:
         return meta
 
     def queued_images(self) -> int:
-        """Spool.queued_images, each waiting job's size read once (a submit asks it every time)."""
+        """Spool.queued_images, as every submit asks it: each waiting job's size read once, the heartbeat read
+        again only when its file changed."""
         waiting = 0
         for job_id in self.spool.jobs.ids(Folder.INCOMING):
             meta = self.meta(job_id)
             waiting += meta.images if meta is not None else 0
-        beat = self.spool.heartbeat.read()
-        return waiting + (beat.images_remaining_active if beat is not None else 0)
+        return waiting + self._remaining_active()
+
+    def _remaining_active(self) -> int:
+        try:
+            st = os.stat(self.spool.heartbeat.path)
+            signature = (st.st_ino, st.st_mtime_ns)
+        except FileNotFoundError:
+            return 0
+        if self._beat[0] != signature:
+            beat = self.spool.heartbeat.read()
+            self._beat = (signature, beat.images_remaining_active if beat is not None else 0)
+        return self._beat[1]
 
 
 def _etag(signature: tuple | None, status: JobStatus) -> str:
