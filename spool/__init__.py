@@ -74,7 +74,7 @@ from pathlib import Path
 import filelock
 
 from spool.control import Requests
-from spool.files import DIR_MODE, FILE_MODE, CorruptFile, SpoolFiles, pid_exists
+from spool.files import DIR_MODE, FILE_MODE, CorruptFile, SpoolFiles, fsync_dir, pid_exists
 from spool.heartbeat import HeartbeatFile
 from spool.jobs import Jobs
 from spool.keys import KeyBusy, KeyReused, Keys
@@ -106,14 +106,22 @@ class Spool:
         self.upkeep = Upkeep(self.files, self.jobs, self.results, self.keys, self.outbox, self.control)
 
     def create(self) -> Spool:
-        """Make the folders (idempotent), readable by the owner only."""
+        """Make the folders (idempotent), readable by the owner only, and durably: a folder's own entry
+        survives a power cut only once the folder holding it is fsynced, and with it every job inside."""
         old_umask = os.umask(0o077)
+        made = [path for path in (self.root, *self.root.parents) if not path.exists()]
         try:
             self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             for name in Folder:
-                (self.root / name).mkdir(mode=DIR_MODE, exist_ok=True)
+                try:
+                    (self.root / name).mkdir(mode=DIR_MODE)
+                    made.append(self.root / name)
+                except FileExistsError:  # made before, or by the other program starting at the same time
+                    pass
         finally:
             os.umask(old_umask)
+        for parent in sorted({path.parent for path in made}, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(parent)
         return self
 
     def daemon_lock(self) -> filelock.FileLock:

@@ -1,6 +1,6 @@
 """The spool's file primitives: every write is atomic (tmp/ + fsync + rename + fsync of the folder), every
-read is checked (a regular file, decoded into its record type), every move is a rename whose folders are
-fsynced. The parts of the spool (jobs.py, results.py, ...) do all their I/O through these.
+read is checked (a regular file, decoded into its record type), every move keeps a durable name (a link into
+the new folder, fsynced, before the old name goes). The parts of the spool (jobs.py, results.py, ...) do all their I/O through these.
 
 Encoding is msgspec's (records.py): the same JSON as json.dumps with compact separators, but for non-ASCII
 text, which is written as UTF-8 instead of \\u escapes (both read back the same). Jobs stored before the API
@@ -154,7 +154,24 @@ class SpoolFiles:
         self.write_atomic(dest, encode(record), durable)
 
     def rename(self, src: Path, dest: Path) -> None:
-        """Move a file, durably: both folders are fsynced, so after a power loss it is in one of them."""
+        """Move a file, durably, so that a power cut at any instant leaves it under one of its names at least.
+
+        Across folders the new name is linked and its folder fsynced before the old name is removed and its
+        folder fsynced: with a plain rename, any fsync of the source folder (another job stored there
+        meanwhile) makes the removal durable before the new name is, and the file is lost. A cut between the
+        two leaves both names; readers take the later state (Jobs.folder_of) and the daemon's start-up removes
+        the stale name (Upkeep.remove_stale_names). Over an existing file it is a rename: the old file stays
+        until the new one replaces it."""
+        if src.parent != dest.parent:
+            try:
+                os.link(src, dest, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            else:
+                fsync_dir(dest.parent)
+                os.unlink(src)
+                fsync_dir(src.parent)
+                return
         os.replace(src, dest)
         fsync_dir(dest.parent)
         if src.parent != dest.parent:

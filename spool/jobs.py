@@ -34,8 +34,11 @@ class Jobs:
         return ids_in(self.root / folder)
 
     def folder_of(self, job_id: int) -> Folder | None:
-        """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none."""
-        for folder in JOB_FOLDERS:
+        """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none.
+
+        After a power cut a job file can have two names, when a rename's second folder fsync never happened;
+        the later state is the true one (spool/__init__.py), so the folders are looked at latest first."""
+        for folder in reversed(JOB_FOLDERS):
             if self.path(folder, job_id).exists():
                 return folder
         return None

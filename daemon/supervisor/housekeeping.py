@@ -47,6 +47,9 @@ class Housekeeping:
     def clean_tmp(self) -> None:
         """Leftovers of writes that never finished: tmp/ files, and meta files without their job."""
         self.next_tmp_clean = self.clock() + TMP_CLEAN_INTERVAL_S
+        for job_id, folder in self.spool.upkeep.remove_stale_names():
+            log.warning("job %d: its file was in two folders after a power cut; removed the stale name in %s/",
+                        job_id, folder)
         removed = self.spool.upkeep.clean_tmp(older_than_s=TMP_LEFTOVER_AGE_S)
         if removed:
             log.info("removed %d unfinished file(s) left in tmp/ by a crashed writer", removed)
