@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from config import webhook_secrets
-from spool import Folder, Spool, Status
+from spool import JOB_FOLDERS, Folder, Spool, Status
 from tests.conftest import REPO, wait_until
 from tests.powerloss import sweep
 from tests.powerloss.durable import Replay
@@ -207,3 +207,137 @@ def test_every_cut_of_a_jobs_life_keeps_every_promise(tmp_path, request, start_s
         (Path(saved) / "failures.txt").write_text("\n".join(failures) + "\n")
         pytest.fail(f"{len(failures)} cut(s) lost something (run saved in {saved}; one cut again: "
                     f"POWERLOSS_RUN={saved} POWERLOSS_CUT=<cut> make test-powerloss):\n" + "\n".join(failures[:25]))
+
+
+# ------------------------------------------------------------------ live cuts where the sweep found losses
+def power_cut(fs, service, tmp_path, name: str = "after-cut") -> Path:
+    """The power goes (if a fault has not taken it already): the filesystem freezes, the processes are killed,
+    and what was durable is the spool that survived, as a plain folder."""
+    fs.freeze()
+    kill(service)
+    trace = fs.trace(tmp_path / f"{name}.pickle")
+    replay = Replay(trace)
+    replay.advance(len(trace.ops))
+    return replay.snapshot(tmp_path / name) / sweep.SPOOL
+
+
+def shelf_visits(image_server, n: int, tag: str = "n") -> list[dict]:
+    from tests.conftest import image_bytes, visit
+    (image_server.folder / "shelf.jpg").write_bytes(image_bytes("JPEG", 64, 48))
+    return [visit("RP00001", [f"{image_server.base}/shelf.jpg?{tag}={i}" for i in range(n)])]
+
+
+def post_job(service, visits) -> "requests.Response":
+    return service.http.post(f"{service.base}/api/submit/", json={"count": len(visits), "visits": visits},
+                             timeout=30)
+
+
+def test_a_new_spools_folders_survive_with_its_first_job(tmp_path, lazyfs, start_service, image_server, webhooks):
+    """Found by the sweep: nothing fsynced the spool's folders after making them, so a cut lost every job."""
+    lazyfs.crash_after("fsyncdir", r"^spool/incoming$")  # the first job's folder fsync: the 201 may go now
+    service = start(start_service, lazyfs.mount / sweep.SPOOL, webhooks[0])
+    r = post_job(service, shelf_visits(image_server, 2))
+    assert r.status_code == 201, r.text
+    spool = Spool(power_cut(lazyfs, service, tmp_path))
+    assert spool.jobs.folder_of(r.json()["job_id"]) is Folder.INCOMING
+    assert spool.jobs.read_meta(r.json()["job_id"]).images == 2
+
+
+def test_a_finished_job_keeps_its_results_folder(tmp_path, lazyfs, start_service, image_server, webhooks):
+    """Found by the sweep: results/<id>/ itself was never fsynced into results/, so a job marked completed
+    lost every result in a cut."""
+    service = start(start_service, lazyfs.mount / sweep.SPOOL, webhooks[0])
+    job_id = service.submit(shelf_visits(image_server, 3))
+    service.wait(job_id)
+    root = power_cut(lazyfs, service, tmp_path)
+    assert Spool(root).results.damage(job_id, 3) is None, "a completed job without all its results"
+    again = start(start_service, root, webhooks[0])
+    assert [r["index"] for r in again.results(job_id)["results"]] == [0, 1, 2]
+
+
+def test_a_job_under_two_names_after_a_cut_is_done_once(tmp_path, lazyfs, start_service, image_server, webhooks):
+    """Found by the sweep: a cut between the claim's two folder fsyncs left the job in incoming/ and active/;
+    the restarted daemon loaded it twice and crashed at every start. The later name wins, the stale one goes."""
+    lazyfs.crash_after("fsyncdir", r"^spool/active$")
+    service = start(start_service, lazyfs.mount / sweep.SPOOL, webhooks[0])
+    job_id = service.submit(shelf_visits(image_server, 3))
+    wait_until(lazyfs.frozen, what="the claim's cut")
+    root = power_cut(lazyfs, service, tmp_path)
+    assert Spool(root).jobs.path(Folder.INCOMING, job_id).exists() and Spool(root).jobs.path(Folder.ACTIVE, job_id).exists()
+    again = start(start_service, root, webhooks[0])
+    assert again.wait(job_id, timeout_s=30)["images_done"] == 3
+    assert [r["index"] for r in again.results(job_id)["results"]] == [0, 1, 2]
+    assert again.daemon.poll() is None and not Spool(root).jobs.path(Folder.INCOMING, job_id).exists()
+
+
+def test_a_move_keeps_a_durable_name_when_another_writer_fsyncs_the_old_folder(tmp_path, lazyfs):
+    """Found by the sweep: a rename out of incoming/ whose old folder another writer fsynced (the next job
+    stored there) before the new folder was fsynced lost a job answered 201. Moves now link first."""
+    spool = Spool(lazyfs.mount / sweep.SPOOL).create()
+    from tests.conftest import records, visit
+    job_id = spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg"])]))
+    lazyfs.crash_after("rename|unlink", rf"^spool/incoming/{job_id}\.json$", sync="spool/incoming")
+    try:
+        spool.jobs.claim(job_id)
+    except OSError:
+        pass  # the power went in the middle of it
+    trace = lazyfs.trace(tmp_path / "trace.pickle")
+    replay = Replay(trace)
+    replay.advance(len(trace.ops))
+    left = Spool(replay.snapshot(tmp_path / "after") / sweep.SPOOL)
+    assert left.jobs.folder_of(job_id) in (Folder.INCOMING, Folder.ACTIVE), "the job lost in the move"
+
+
+def test_a_purge_answered_stays_purged(tmp_path, lazyfs, start_service, image_server, webhooks):
+    """Found by the sweep: purge's removals were not fsynced, so a purged job came back after a cut."""
+    service = start(start_service, lazyfs.mount / sweep.SPOOL, webhooks[0])
+    kept, job_id = service.submit(shelf_visits(image_server, 1)), service.submit(shelf_visits(image_server, 1))
+    service.wait(kept), service.wait(job_id)
+    assert service.http.delete(f"{service.base}/api/job", params={"jobid": job_id}, timeout=30).status_code == 200
+    spool = Spool(power_cut(lazyfs, service, tmp_path))
+    assert spool.jobs.folder_of(job_id) is None and not spool.jobs.status_path(job_id).exists()
+    assert spool.jobs.folder_of(kept) is Folder.DONE
+
+
+# ------------------------------------------------------------------ fsync failures (EIO)
+def test_a_submit_whose_folder_fsync_fails_is_a_503_and_never_processed(lazyfs, start_service, image_server,
+                                                                        webhooks):
+    """fsyncgate: the job file is in incoming/ when its folder's fsync fails. It must not be processed as if
+    stored (the daemon looks at incoming/ ten times a second meanwhile), nor stay to make a duplicate when the
+    client retries: the API takes it back and answers 503; the retry makes the one job."""
+    lazyfs.fail("fsyncdir", r"^spool/incoming$", occurrence=1, delay_s=1.0)
+    service = start(start_service, lazyfs.mount / sweep.SPOOL, webhooks[0])
+    visits = shelf_visits(image_server, 2, tag="once")
+    r = post_job(service, visits)
+    assert r.status_code == 503 and "cannot store the job" in r.json()["error"], r.text
+    first = Spool(lazyfs.mount / sweep.SPOOL).jobs
+    assert first.folder_of(1) is None and not first.status_path(1).exists(), "a job answered 503 was stored"
+    retry = post_job(service, visits)
+    assert retry.status_code == 201
+    assert service.wait(retry.json()["job_id"])["images_done"] == 2
+    assert sum(n for path, n in image_server.hits.items() if "once=" in path) == 2, "the images measured twice"
+    assert first.folder_of(1) is None and service.status(1) == {}
+
+
+@pytest.mark.parametrize("op, path, occurrence", [
+    ("fsync", r"^spool/tmp/\d{8}-\d{8}\.", 1),  # a results file's own fsync
+    ("fsyncdir", r"^spool/results/\d+$", 1),  # its folder's, after the rename made it visible
+    ("fsyncdir", r"^spool/active$", 2),  # the finish's: the job left active/ but that is not durable
+], ids=["results-file", "results-folder", "finish"])
+def test_a_result_that_could_not_be_made_durable_is_written_again_never_taken_as_done(
+        op, path, occurrence, lazyfs, start_service, image_server, webhooks):
+    """The daemon pauses, says so in its log and /healthz, writes the same thing again (never fsyncs the same
+    pages again hoping), and the job ends with one result per image, in done/ alone."""
+    lazyfs.fail(op, path, occurrence)
+    service = start(start_service, lazyfs.mount / sweep.SPOOL, webhooks[0])
+    job_id = service.submit(shelf_visits(image_server, 3))
+    health = wait_until(lambda: (r := service.http.get(f"{service.base}/healthz", timeout=10)).status_code == 503
+                        and "paused" in r.json()["checks"]["daemon"] and r.json(), what="/healthz to say paused")
+    assert "durable" in health["checks"]["daemon"]
+    assert "Input/output error" in service.daemon_output()
+    assert service.wait(job_id, timeout_s=30)["images_done"] == 3
+    assert [r["index"] for r in service.results(job_id)["results"]] == [0, 1, 2]
+    spool = Spool(lazyfs.mount / sweep.SPOOL)
+    assert [f for f in JOB_FOLDERS if spool.jobs.path(f, job_id).exists()] == [Folder.DONE]
+    wait_until(lambda: service.http.get(f"{service.base}/healthz", timeout=10).status_code == 200,
+               what="/healthz 200 once the writes work again")

@@ -2,7 +2,7 @@
 
 What processes see is served at once from a real backing folder (the page cache). Beside it, the trace
 records every operation that could change what is on disk, in the order the kernel handed them to us (one
-thread serves them all, so that order is the order of their effects), with what the disk would hold after it:
+mutex serves them one at a time, so that order is the order of their effects), with what the disk would hold after it:
 a file's data becomes durable only at its fsync/fdatasync (the trace keeps those bytes), a folder's entries
 (create, rename, unlink, mkdir, rmdir) only at an fsync of that folder; a rename across folders needs both.
 ``durable.py`` turns any prefix of the trace into the spool a power cut there leaves behind.
@@ -61,10 +61,11 @@ class Fault:
     pattern: re.Pattern
     occurrence: int
     delay_s: float = 0.0
+    sync: str = ""  # crash: a folder fsynced (by "another process") right before the power goes
     seen: int = 0
 
     def matches(self, op: str, path: str) -> bool:
-        if op != self.op or not self.pattern.search(path):
+        if op not in self.op.split("|") or not self.pattern.search(path):
             return False
         self.seen += 1
         return self.seen == self.occurrence
@@ -141,8 +142,10 @@ class PassThrough:
         for fault in self.faults:
             if fault.matches(kind, path.lstrip("/")):
                 if fault.action == "eio":
-                    if fault.delay_s:
+                    if fault.delay_s:  # the other operations go on meanwhile, as on a slow failing disk
+                        self.mutex.release()
                         time.sleep(fault.delay_s)
+                        self.mutex.acquire()
                     raise OSError(errno.EIO, "injected fsync failure")
                 crash = fault
         return crash
@@ -150,6 +153,8 @@ class PassThrough:
     def _record(self, op: Op, crash: Fault | None) -> None:
         self.trace.ops.append(op)
         if crash is not None:
+            if crash.sync:
+                self.trace.ops.append(Op("fsyncdir", 0, crash.sync, ino=self._lookup("/" + crash.sync)[2]))
             self.frozen = True
 
     def _pid(self) -> int:
@@ -353,8 +358,9 @@ class PassThrough:
                 self.trace.ops.append(Op("mark", os.getpid(), line.split(None, 1)[1]))
                 return str(len(self.trace.ops))
             if words[0] in ("crash", "eio"):
-                delay = float(words[4]) if len(words) > 4 else 0.0
-                self.faults.append(Fault(words[0], words[1], re.compile(words[2]), int(words[3]), delay))
+                extra = words[4] if len(words) > 4 else ""
+                delay, sync = (float(extra or 0), "") if words[0] == "eio" else (0.0, extra)
+                self.faults.append(Fault(words[0], words[1], re.compile(words[2]), int(words[3]), delay, sync))
                 return "ok"
             if words[0] == "freeze":
                 self.frozen = True
@@ -384,9 +390,9 @@ def serve(backing: Path, mount: Path) -> None:
         threading.Thread(target=control, daemon=True).start()
 
     ops.init = init
-    # -s: one thread serves every request, so the trace's order is the order of the operations' effects.
+    # Each operation runs under one mutex, so the trace's order is the order of the operations' effects.
     # Entries and attributes are not cached by the kernel, so every lookup after a power cut fails too.
-    mfusepy.FUSE(ops, str(mount), foreground=True, nothreads=True, fsname="lazyfs", hard_remove=True, entry_timeout=0,
+    mfusepy.FUSE(ops, str(mount), foreground=True, fsname="lazyfs", hard_remove=True, entry_timeout=0,
                  attr_timeout=0, negative_timeout=0)
 
 
@@ -418,8 +424,10 @@ class LazyFS:
     def mark(self, text: str) -> int:
         return int(self.ask(f"mark {text}"))
 
-    def crash_after(self, op: str, pattern: str, occurrence: int = 1) -> None:
-        assert self.ask(f"crash {op} {pattern} {occurrence}") == "ok"
+    def crash_after(self, op: str, pattern: str, occurrence: int = 1, sync: str = "") -> None:
+        """Freeze right after the ``occurrence``-th ``op`` (kinds joined by |) on a path matching ``pattern``;
+        ``sync``: a folder fsynced just before, as another process's fsync would."""
+        assert self.ask(f"crash {op} {pattern} {occurrence} {sync}".rstrip()) == "ok"
 
     def fail(self, op: str, pattern: str, occurrence: int = 1, delay_s: float = 0.0) -> None:
         assert self.ask(f"eio {op} {pattern} {occurrence} {delay_s}") == "ok"
