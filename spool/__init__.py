@@ -58,6 +58,14 @@ in [brackets] below: its fields, their meaning, and which are optional are there
                            first and stop-1; a finished job's files cover 0..N-1 with no gap. Files named
                            <first>-<stop>.jsonl (written before checksums) are checked line by line.
 
+Power loss: a file's data is durable once fsynced, a name once its folder is (every folder, the spool's own
+included, is fsynced after it is made). A move between folders links the new name and fsyncs its folder
+before it removes the old name and fsyncs that one, so a power cut leaves a job under one name at least; one
+left under two names is in the later state (done/ or failed/, then active/, then incoming/), and the daemon
+removes the stale name at start-up. The API holds a job file it stores
+in incoming/ under flock until that folder's fsync returns, and takes it back if the fsync failed; the
+daemon claims no job file so held (tests/test_power_loss.py cuts and fails these writes).
+
 Any file named by a spool folder must be a regular file: a folder, link or FIFO in its place is read as
 corrupt and moved to corrupt/, never followed.
 

@@ -190,8 +190,8 @@ class SpoolFiles:
         Across folders the new name is linked and its folder fsynced before the old name is removed and its
         folder fsynced: with a plain rename, any fsync of the source folder (another job stored there
         meanwhile) makes the removal durable before the new name is, and the file is lost. A cut between the
-        two leaves both names; readers take the later state (Jobs.folder_of) and the daemon's start-up removes
-        the stale name (Upkeep.remove_stale_names). Over an existing file it is a rename: the old file stays
+        two leaves both names; the later state is the true one, and the daemon's start-up removes the stale name
+        (Upkeep.remove_stale_names). Over an existing file it is a rename: the old file stays
         until the new one replaces it."""
         if src.parent != dest.parent:
             try:

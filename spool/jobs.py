@@ -43,9 +43,10 @@ class Jobs:
     def folder_of(self, job_id: int) -> Folder | None:
         """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none.
 
-        After a power cut a job file can have two names, when a rename's second folder fsync never happened;
-        the later state is the true one (spool/__init__.py), so the folders are looked at latest first."""
-        for folder in reversed(JOB_FOLDERS):
+        Looked at in the order jobs move, so a job moving on while we look is found in its new folder. After a
+        power cut a job file can have two names (a move whose second folder fsync never happened) until the
+        daemon's start-up removes the stale one (Upkeep.remove_stale_names); the status file says the rest."""
+        for folder in JOB_FOLDERS:
             if self.path(folder, job_id).exists():
                 return folder
         return None

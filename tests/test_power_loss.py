@@ -30,10 +30,10 @@ from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.powerloss
 
-SEED = int(os.environ.get("POWERLOSS_SEED", "1"))
+SEED = int(os.environ.get("POWERLOSS_SEED") or "1")
 SAVED_RUN = os.environ.get("POWERLOSS_RUN")  # a folder a failing sweep saved: check its cuts again
 ONLY_CUT = os.environ.get("POWERLOSS_CUT")
-RESTARTS = int(os.environ.get("POWERLOSS_RESTARTS", "6"))  # cut states the real processes restart on
+RESTARTS = int(os.environ.get("POWERLOSS_RESTARTS") or "6")  # cut states the real processes restart on
 ARTIFACTS = REPO / "tests" / "artifacts" / "powerloss"
 SECRET = webhook_secrets.new_secret()
 
@@ -248,7 +248,7 @@ def test_a_finished_job_keeps_its_results_folder(tmp_path, lazyfs, start_service
     lost every result in a cut."""
     service = start(start_service, lazyfs.mount / sweep.SPOOL, webhooks[0])
     job_id = service.submit(shelf_visits(image_server, 3))
-    service.wait(job_id)
+    sweep.wait_finished(service, job_id)
     root = power_cut(lazyfs, service, tmp_path)
     assert Spool(root).results.damage(job_id, 3) is None, "a completed job without all its results"
     again = start(start_service, root, webhooks[0])
@@ -292,7 +292,7 @@ def test_a_purge_answered_stays_purged(tmp_path, lazyfs, start_service, image_se
     """Found by the sweep: purge's removals were not fsynced, so a purged job came back after a cut."""
     service = start(start_service, lazyfs.mount / sweep.SPOOL, webhooks[0])
     kept, job_id = service.submit(shelf_visits(image_server, 1)), service.submit(shelf_visits(image_server, 1))
-    service.wait(kept), service.wait(job_id)
+    sweep.wait_finished(service, kept), sweep.wait_finished(service, job_id)
     assert service.http.delete(f"{service.base}/api/job", params={"jobid": job_id}, timeout=30).status_code == 200
     spool = Spool(power_cut(lazyfs, service, tmp_path))
     assert spool.jobs.folder_of(job_id) is None and not spool.jobs.status_path(job_id).exists()
@@ -314,7 +314,7 @@ def test_a_submit_whose_folder_fsync_fails_is_a_503_and_never_processed(lazyfs, 
     assert first.folder_of(1) is None and not first.status_path(1).exists(), "a job answered 503 was stored"
     retry = post_job(service, visits)
     assert retry.status_code == 201
-    assert service.wait(retry.json()["job_id"])["images_done"] == 2
+    assert sweep.wait_finished(service, retry.json()["job_id"])["images_done"] == 2
     assert sum(n for path, n in image_server.hits.items() if "once=" in path) == 2, "the images measured twice"
     assert first.folder_of(1) is None and service.status(1) == {}
 
@@ -335,7 +335,7 @@ def test_a_result_that_could_not_be_made_durable_is_written_again_never_taken_as
                         and "paused" in r.json()["checks"]["daemon"] and r.json(), what="/healthz to say paused")
     assert "durable" in health["checks"]["daemon"]
     assert "Input/output error" in service.daemon_output()
-    assert service.wait(job_id, timeout_s=30)["images_done"] == 3
+    assert sweep.wait_finished(service, job_id, timeout_s=30)["images_done"] == 3
     assert [r["index"] for r in service.results(job_id)["results"]] == [0, 1, 2]
     spool = Spool(lazyfs.mount / sweep.SPOOL)
     assert [f for f in JOB_FOLDERS if spool.jobs.path(f, job_id).exists()] == [Folder.DONE]
