@@ -1,6 +1,7 @@
 """The spool's file primitives: every write is atomic (tmp/ + fsync + rename + fsync of the folder), every
 read is checked (a regular file, decoded into its record type), every move keeps a durable name (a link into
-the new folder, fsynced, before the old name goes). The parts of the spool (jobs.py, results.py, ...) do all their I/O through these.
+the new folder, fsynced, before the old name goes). The parts of the spool (jobs.py, results.py, ...) do all
+their I/O through these.
 
 Encoding is msgspec's (records.py): the same JSON as json.dumps with compact separators, but for non-ASCII
 text, which is written as UTF-8 instead of \\u escapes (both read back the same). Jobs stored before the API

@@ -15,7 +15,6 @@ import pickle
 import random
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -122,7 +121,8 @@ def restart_real(state: Path, work: Path, recording: sweep.Recording, cut: sweep
     service = start(start_service, spool_dir, webhooks[0])
     bad = []
     try:
-        purged = {a.job_id for a in sweep.acknowledged(recording, cut.at, "purge") + sweep.maybe(recording, cut.at, "purge")}
+        purges = sweep.acknowledged(recording, cut.at, "purge") + sweep.maybe(recording, cut.at, "purge")
+        purged = {a.job_id for a in purges}
         for ack in sweep.acknowledged(recording, cut.at, "submit"):
             if ack.job_id in purged:
                 continue
@@ -180,7 +180,8 @@ def test_every_cut_of_a_jobs_life_keeps_every_promise(tmp_path, request, start_s
         if not new:
             continue
         distinct.append((cut, state))
-    restart_at = {c.at for c, _ in rng.sample(distinct[1:-1], min(RESTARTS - 1, len(distinct) - 2))} | {distinct[-1][0].at}
+    sample = rng.sample(distinct[1:-1], min(RESTARTS - 1, len(distinct) - 2))
+    restart_at = {c.at for c, _ in sample} | {distinct[-1][0].at}  # the last state too: after a whole life
     for cut, state in distinct:
         checked += 1
         root = state / sweep.SPOOL
@@ -263,7 +264,8 @@ def test_a_job_under_two_names_after_a_cut_is_done_once(tmp_path, lazyfs, start_
     job_id = service.submit(shelf_visits(image_server, 3))
     wait_until(lazyfs.frozen, what="the claim's cut")
     root = power_cut(lazyfs, service, tmp_path)
-    assert Spool(root).jobs.path(Folder.INCOMING, job_id).exists() and Spool(root).jobs.path(Folder.ACTIVE, job_id).exists()
+    jobs = Spool(root).jobs
+    assert jobs.path(Folder.INCOMING, job_id).exists() and jobs.path(Folder.ACTIVE, job_id).exists()
     again = start(start_service, root, webhooks[0])
     assert again.wait(job_id, timeout_s=30)["images_done"] == 3
     assert [r["index"] for r in again.results(job_id)["results"]] == [0, 1, 2]

@@ -15,7 +15,6 @@ losses, to show a live cut and a recorded one agree.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -23,7 +22,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 
 from daemon.supervisor.loop import Events, Supervisor
 from daemon.supervisor.settings import SupervisorSettings
@@ -33,7 +31,7 @@ from spool.files import read_checked
 from spool.keys import key_digest
 from spool.records import Heartbeat, JobFile, JobStatus, KeyRecord, Notification
 from tests.conftest import SAMPLE_STORE_MASTER, held_open, image_bytes, visit, wait_until
-from tests.powerloss.durable import DURABLE_KINDS, Replay
+from tests.powerloss.durable import Replay
 from tests.powerloss.lazyfs import MUTATIONS, Trace
 
 STORES = load_store_master(SAMPLE_STORE_MASTER)
@@ -137,7 +135,8 @@ def life_of_jobs(service, fs, image_server, receiver, rng: random.Random) -> Rec
         image_server.on(f"/held-{i}.jpg", held_open(closed))
     held = submit([visit("RP00001", urls(2, "c") + [f"{image_server.base}/held-{i}.jpg" for i in range(3)])],
                   callback=receiver.url).job_id
-    wait_until(lambda: service.http.get(f"{base}/api/status", params={"jobid": held}, timeout=30).json().get("images_done", 0) >= 2, what="the first images of the held job")
+    wait_until(lambda: http.get(f"{base}/api/status", params={"jobid": held}, timeout=30).json().get("images_done", 0)
+               >= 2, what="the first images of the held job")
     sent = fs.count()
     r = http.post(f"{base}/api/cancel", params={"jobid": held}, timeout=30)
     assert r.status_code == 200, r.text
@@ -226,7 +225,8 @@ def check_spool(root: Path, recording: Recording, cut: int) -> list[str]:
         if ack.key and spool.keys.record(key_digest(None, ack.key)) is None:
             bad.append(f"job {ack.job_id} was answered 201 for key {ack.key!r}, which no longer names it")
     for job_id in purged:
-        left = [f"{f}/" for f in files.get(job_id, [])] + (["status"] if spool.jobs.status_path(job_id).exists() else [])
+        left = [f"{f}/" for f in files.get(job_id, [])]
+        left += ["status"] if spool.jobs.status_path(job_id).exists() else []
         if left:
             bad.append(f"job {job_id} was purged (answered 200) and is back: {', '.join(left)}")
     ids = set(files)
@@ -372,10 +372,6 @@ def recover_in_process(root: Path, timeout_s: float = 30) -> None:
         runner.close()
 
 
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 def states(recording: Recording, cuts: list[Cut], work: Path):
     """(cut, the folder holding its spool) for each cut, one folder per distinct durable picture and set of
     answers (a cut after a write equals the cut after the fsync before it, answered the same)."""
@@ -391,10 +387,3 @@ def states(recording: Recording, cuts: list[Cut], work: Path):
         else:
             yield cut, seen[key], False
 
-
-def encode_recording(recording: Recording) -> bytes:
-    return msgspec.msgpack.encode({"acks": [a.__dict__ for a in recording.acks], "phases": recording.phases})
-
-
-__all__ = ["Ack", "Cut", "DURABLE_KINDS", "Recording", "check_recovered", "check_spool", "cut_points",
-           "life_of_jobs", "recover_in_process", "states"]
