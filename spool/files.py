@@ -197,6 +197,8 @@ class SpoolFiles:
         if src.parent != dest.parent:
             try:
                 os.link(src, dest, follow_symlinks=False)
+            except FileNotFoundError:
+                raise
             except FileExistsError:
                 if not _same_file(src, dest):
                     os.replace(src, dest)
@@ -205,6 +207,11 @@ class SpoolFiles:
                     return
                 os.unlink(dest)  # a retry after a failed fsync: the link is made anew, not trusted
                 os.link(src, dest, follow_symlinks=False)
+            except OSError:  # no hard link to a folder (a folder moved aside to corrupt/): renamed instead
+                os.replace(src, dest)
+                fsync_dir(dest.parent)
+                fsync_dir(src.parent)
+                return
             fsync_dir(dest.parent)
             os.unlink(src)
             fsync_dir(src.parent)
