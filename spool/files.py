@@ -1,6 +1,7 @@
 """The spool's file primitives: every write is atomic (tmp/ + fsync + rename + fsync of the folder), every
-read is checked (a regular file, decoded into its record type), every move is a rename whose folders are
-fsynced. The parts of the spool (jobs.py, results.py, ...) do all their I/O through these.
+read is checked (a regular file, decoded into its record type), every move keeps a durable name (a link into
+the new folder, fsynced, before the old name goes). The parts of the spool (jobs.py, results.py, ...) do all
+their I/O through these.
 
 Encoding is msgspec's (records.py): the same JSON as json.dumps with compact separators, but for non-ASCII
 text, which is written as UTF-8 instead of \\u escapes (both read back the same). Jobs stored before the API
@@ -10,6 +11,7 @@ alone json (which escapes them) is the fallback, both ways.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -110,6 +112,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    sa, sb = os.lstat(a), os.lstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def pid_exists(pid: int) -> bool:
     """Whether a process with this pid exists on this machine (signal 0 checks without sending)."""
     if not 0 < pid <= 2**22:  # the kernel's largest pid (pid_max); 0 and negatives mean process groups
@@ -149,12 +156,66 @@ class SpoolFiles:
         if durable:
             fsync_dir(dest.parent)
 
+    def publish(self, dest: Path, data: bytes) -> None:
+        """write_atomic for a file another process takes from its folder (a job into incoming/): held under an
+        exclusive flock from before it appears until its folder is fsynced, so the taker (Jobs.claim) leaves
+        it alone meanwhile. If that fsync fails (EIO), the file is taken back out of the folder before the
+        error is raised: the caller answers that it was not stored, and nothing stored it behind its back.
+        (After a failed fsync nothing says what the disk holds; another fsync would not prove more.)"""
+        tmp = self.root / Folder.TMP / f"{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+            os.fsync(fd)
+            os.replace(tmp, dest)
+            try:
+                fsync_dir(dest.parent)
+            except OSError:
+                os.replace(dest, tmp)  # taken back: the taker never held it (it waits for the lock)
+                raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+
     def write(self, dest: Path, record: object, durable: bool = True) -> None:
         """A record, encoded, written as write_atomic writes."""
         self.write_atomic(dest, encode(record), durable)
 
     def rename(self, src: Path, dest: Path) -> None:
-        """Move a file, durably: both folders are fsynced, so after a power loss it is in one of them."""
+        """Move a file, durably, so that a power cut at any instant leaves it under one of its names at least.
+
+        Across folders the new name is linked and its folder fsynced before the old name is removed and its
+        folder fsynced: with a plain rename, any fsync of the source folder (another job stored there
+        meanwhile) makes the removal durable before the new name is, and the file is lost. A cut between the
+        two leaves both names; the later state is the true one, and the daemon's start-up removes the stale name
+        (Upkeep.remove_stale_names). Over an existing file it is a rename: the old file stays
+        until the new one replaces it."""
+        if src.parent != dest.parent:
+            try:
+                os.link(src, dest, follow_symlinks=False)
+            except FileNotFoundError:
+                raise
+            except FileExistsError:
+                if not _same_file(src, dest):
+                    os.replace(src, dest)
+                    fsync_dir(dest.parent)
+                    fsync_dir(src.parent)
+                    return
+                os.unlink(dest)  # a retry after a failed fsync: the link is made anew, not trusted
+                os.link(src, dest, follow_symlinks=False)
+            except OSError:  # no hard link to a folder (a folder moved aside to corrupt/): renamed instead
+                os.replace(src, dest)
+                fsync_dir(dest.parent)
+                fsync_dir(src.parent)
+                return
+            fsync_dir(dest.parent)
+            os.unlink(src)
+            fsync_dir(src.parent)
+            return
         os.replace(src, dest)
         fsync_dir(dest.parent)
         if src.parent != dest.parent:

@@ -2,17 +2,24 @@
 they are named by. The API stores jobs; only the daemon moves them and writes their status."""
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 from pathlib import Path
 
 import filelock
 from msgspec import UNSET
 
-from spool.files import FILE_MODE, CorruptFile, SpoolFiles, ids_in, read_checked
+from spool.files import FILE_MODE, CorruptFile, SpoolFiles, encode, ids_in, read_checked
 from spool.records import Callback, JobFile, JobMeta, JobStatus, Visit
 from spool.vocabulary import (FINISHED_FOLDERS, JOB_FOLDERS, DeliveryState, Folder, Phase, Status, utc_now)
 
 #: A submit waits this long for another API process to take its id.
 ID_LOCK_TIMEOUT_S = 30
+
+
+class NotYetStored(FileNotFoundError):
+    """A job file in incoming/ that its writer still holds: not there yet, for the daemon (Jobs.claim)."""
 
 
 class Jobs:
@@ -34,7 +41,11 @@ class Jobs:
         return ids_in(self.root / folder)
 
     def folder_of(self, job_id: int) -> Folder | None:
-        """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none."""
+        """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none.
+
+        Looked at in the order jobs move, so a job moving on while we look is found in its new folder. After a
+        power cut a job file can have two names (a move whose second folder fsync never happened) until the
+        daemon's start-up removes the stale one (Upkeep.remove_stale_names); the status file says the rest."""
         for folder in JOB_FOLDERS:
             if self.path(folder, job_id).exists():
                 return folder
@@ -70,7 +81,7 @@ class Jobs:
         meta = JobMeta(job_id, job.images, owner, UNSET if idempotency_key is None else idempotency_key, callback_url)
         self.files.write(self.meta_path(job_id), meta)
         try:
-            self.files.write(self.path(Folder.INCOMING, job_id), job)
+            self.files.publish(self.path(Folder.INCOMING, job_id), encode(job))
         except BaseException:
             self.meta_path(job_id).unlink(missing_ok=True)  # no half-made job (a kill here: upkeep's orphans)
             raise
@@ -121,18 +132,40 @@ class Jobs:
         return read_checked(path, JobFile)
 
     def claim(self, job_id: int) -> Path:
-        """Move a job from incoming/ to active/; the daemon owns it from now on."""
-        dest = self.path(Folder.ACTIVE, job_id)
-        self.files.rename(self.path(Folder.INCOMING, job_id), dest)
+        """Move a job from incoming/ to active/; the daemon owns it from now on. NotYetStored while the API
+        still holds it (SpoolFiles.publish: its folder's fsync has not returned, and may yet fail)."""
+        src, dest = self.path(Folder.INCOMING, job_id), self.path(Folder.ACTIVE, job_id)
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            fd = None  # a link or a FIFO in its place: moved as it is, and the loader puts it aside
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise NotYetStored(errno.EAGAIN, "the API is still storing it", str(src)) from None
+            self.files.rename(src, dest)
+        finally:
+            if fd is not None:
+                os.close(fd)
         return dest
 
     def write_status(self, status: JobStatus) -> None:
         self.files.write(self.status_path(int(status.job_id)), status)
 
     def finish(self, job_id: int, status: Status) -> None:
-        """Move a job out of active/ once its final status and every result are on disk."""
+        """Move a job out of active/ once its final status and every result are on disk.
+
+        Called again after it raised (a folder's fsync failed, EIO): a move made but not proven durable is made
+        again (the old name linked back, then moved as the first time), never taken as done."""
         folder = Folder.DONE if status is Status.COMPLETED else Folder.FAILED
-        self.files.rename(self.path(Folder.ACTIVE, job_id), self.path(folder, job_id))
+        src, dest = self.path(Folder.ACTIVE, job_id), self.path(folder, job_id)
+        if not src.exists() and dest.exists():
+            os.link(dest, src, follow_symlinks=False)
+        self.files.rename(src, dest)
 
     def reopen(self, job_id: int, folder: str) -> None:
         """Move a finished job back to active/, for the daemon to redo the images that lost their results."""

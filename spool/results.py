@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from spool.files import CorruptFile, SpoolFiles, decode, encode_lines, read_regular
+from spool.files import CorruptFile, SpoolFiles, decode, encode_lines, fsync_dir, read_regular
 from spool.records import ResultLine
 from spool.vocabulary import Folder
 
@@ -112,7 +112,11 @@ class Results:
     def write(self, job_id: int, first: int, stop: int, lines: list[ResultLine]) -> None:
         """Record the results of images first..stop-1 as one file. Durable when this returns."""
         folder = self.folder(job_id)
-        folder.mkdir(mode=0o700, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700)
+            fsync_dir(folder.parent)  # the job's folder is an entry of results/: durable only once that is fsynced
+        except FileExistsError:
+            pass
         body = encode_lines(lines)
         self.files.write_atomic(folder / f"{first:08d}-{stop:08d}.{zlib.crc32(body):08x}.jsonl", body)
 

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 from spool.control import Requests
-from spool.files import CorruptFile, SpoolFiles, pid_exists, read_checked
+from spool.files import CorruptFile, SpoolFiles, fsync_dir, pid_exists, read_checked
 from spool.jobs import Jobs
 from spool.keys import Keys
 from spool.outbox import Outbox
 from spool.records import JobStatus
 from spool.results import Results
-from spool.vocabulary import FINISHED_FOLDERS, UNFINISHED_FOLDERS, Folder
+from spool.vocabulary import FINISHED_FOLDERS, JOB_FOLDERS, UNFINISHED_FOLDERS, Folder
 
 log = logging.getLogger("retailpulse.spool")
 
@@ -63,12 +63,15 @@ class Upkeep:
 
         The job file goes first, so an interrupted purge leaves a job that reads as unknown or, at worst,
         a status without a job; the status goes last, and purging again finishes the work.
+        Each removal is made durable (its folder fsynced), the job file's first: a purge answered is not undone
+        by a power cut, and one cut short leaves the same as one interrupted.
         """
         folder = self.jobs.folder_of(job_id)
         if folder in UNFINISHED_FOLDERS:
             return False
         if folder is not None:
             self.jobs.path(folder, job_id).unlink(missing_ok=True)
+            fsync_dir(self.root / folder)
         self.results.remove(job_id)
         self.control.forget(job_id)
         self.outbox.forget(job_id)
@@ -77,6 +80,9 @@ class Upkeep:
             self.keys.forget(job_id, meta.idempotency_key)  # the key expires with its job
         self.jobs.meta_path(job_id).unlink(missing_ok=True)
         self.jobs.status_path(job_id).unlink(missing_ok=True)
+        for name in (Folder.RESULTS, Folder.CONTROL, Folder.OUTBOX, Folder.SENT, Folder.IDEMPOTENCY, Folder.META,
+                     Folder.STATUS):
+            fsync_dir(self.root / name)
         return True
 
     def clean_tmp(self, older_than_s: float) -> int:
@@ -100,6 +106,23 @@ class Upkeep:
                     removed += 1
             except FileNotFoundError:
                 continue
+        return removed
+
+    def remove_stale_names(self) -> list[tuple[int, Folder]]:
+        """A job file under two names (a power cut between the two folder fsyncs of its rename): keep the
+        later state (done/failed over active over incoming, the order renames move a job, and requeue's
+        own request stays until its move is done), remove the earlier name durably. What was removed."""
+        seen: dict[int, Folder] = {}
+        removed = []
+        for folder in reversed(JOB_FOLDERS):
+            for job_id in self.jobs.ids(folder):
+                if job_id not in seen:
+                    seen[job_id] = folder
+                    continue
+                self.jobs.path(folder, job_id).unlink(missing_ok=True)
+                removed.append((job_id, folder))
+        for folder in {folder for _, folder in removed}:
+            fsync_dir(self.root / folder)
         return removed
 
     def orphan_meta_ids(self, older_than_s: float) -> list[int]:
