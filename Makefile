@@ -11,7 +11,7 @@ PORT ?= 8080
 # The sample images in data/images/, served so that the README's first job has something to measure.
 IMAGES_PORT ?= 8081
 
-.PHONY: run ctl test test-fast clean
+.PHONY: run ctl test test-fast test-powerloss clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,18 @@ ctl: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
-# The inner loop: everything but the browser, Dask, nginx, install and slow tests (about a minute on 2 cores).
+# The inner loop: everything but the browser, Dask, nginx, install, power-loss and slow tests (about a minute
+# on 2 cores).
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -m 'not (browser or dask or nginx or install or slow)'
+	$(BIN)/python -m pytest -m 'not (browser or dask or nginx or install or slow or powerloss)'
+
+# Power cuts on lazyfs, a FUSE filesystem that keeps only what was fsynced (tests/test_power_loss.py): the
+# sweep over a job's whole life, live cuts and fsync failures, against whatever this checkout holds. Another
+# run: make test-powerloss POWERLOSS_SEED=7. A failing sweep saves its run; one cut of it again:
+# make test-powerloss POWERLOSS_RUN=tests/artifacts/powerloss/seed-7 POWERLOSS_CUT=123
+export POWERLOSS_SEED POWERLOSS_RUN POWERLOSS_CUT POWERLOSS_RESTARTS
+test-powerloss: $(BIN)/.installed
+	$(BIN)/python -m pytest -m powerloss tests/test_power_loss.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache *.egg-info

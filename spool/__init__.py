@@ -62,6 +62,14 @@ in [brackets] below: its fields, their meaning, and which are optional are there
                            first and stop-1; a finished job's files cover 0..N-1 with no gap. Files named
                            <first>-<stop>.jsonl (written before checksums) are checked line by line.
 
+Power loss: a file's data is durable once fsynced, a name once its folder is (every folder, the spool's own
+included, is fsynced after it is made). A move between folders links the new name and fsyncs its folder
+before it removes the old name and fsyncs that one, so a power cut leaves a job under one name at least; one
+left under two names is in the later state (done/ or failed/, then active/, then incoming/), and the daemon
+removes the stale name at start-up. The API holds a job file it stores
+in incoming/ under flock until that folder's fsync returns, and takes it back if the fsync failed; the
+daemon claims no job file so held (tests/test_power_loss.py cuts and fails these writes).
+
 Any file named by a spool folder must be a regular file: a folder, link or FIFO in its place is read as
 corrupt and moved to corrupt/, never followed.
 
@@ -78,7 +86,7 @@ from pathlib import Path
 import filelock
 
 from spool.control import Requests
-from spool.files import DIR_MODE, FILE_MODE, CorruptFile, SpoolFiles, pid_exists
+from spool.files import DIR_MODE, FILE_MODE, CorruptFile, SpoolFiles, fsync_dir, pid_exists
 from spool.heartbeat import HeartbeatFile
 from spool.jobs import Jobs
 from spool.keys import KeyBusy, KeyReused, Keys
@@ -110,14 +118,22 @@ class Spool:
         self.upkeep = Upkeep(self.files, self.jobs, self.results, self.keys, self.outbox, self.control)
 
     def create(self) -> Spool:
-        """Make the folders (idempotent), readable by the owner only."""
+        """Make the folders (idempotent), readable by the owner only, and durably: a folder's own entry
+        survives a power cut only once the folder holding it is fsynced, and with it every job inside."""
         old_umask = os.umask(0o077)
+        made = [path for path in (self.root, *self.root.parents) if not path.exists()]
         try:
             self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             for name in Folder:
-                (self.root / name).mkdir(mode=DIR_MODE, exist_ok=True)
+                try:
+                    (self.root / name).mkdir(mode=DIR_MODE)
+                    made.append(self.root / name)
+                except FileExistsError:  # made before, or by the other program starting at the same time
+                    pass
         finally:
             os.umask(old_umask)
+        for parent in sorted({path.parent for path in made}, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(parent)
         return self
 
     def daemon_lock(self) -> filelock.FileLock:

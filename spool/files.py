@@ -1,6 +1,7 @@
 """The spool's file primitives: every write is atomic (tmp/ + fsync + rename + fsync of the folder), every
-read is checked (a regular file, decoded into its record type), every move is a rename whose folders are
-fsynced. The parts of the spool (jobs.py, results.py, ...) do all their I/O through these.
+read is checked (a regular file, decoded into its record type), every move keeps a durable name (a link into
+the new folder, fsynced, before the old name goes). The parts of the spool (jobs.py, results.py, ...) do all
+their I/O through these.
 
 Encoding is msgspec's (records.py): the same JSON as json.dumps with compact separators, but for non-ASCII
 text, which is written as UTF-8 instead of \\u escapes (both read back the same). Jobs stored before the API
@@ -10,6 +11,7 @@ alone json (which escapes them) is the fallback, both ways.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -120,6 +122,11 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    sa, sb = os.lstat(a), os.lstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def pid_exists(pid: int) -> bool:
     """Whether a process with this pid exists on this machine (signal 0 checks without sending)."""
     if not 0 < pid <= 2**22:  # the kernel's largest pid (pid_max); 0 and negatives mean process groups
@@ -227,14 +234,48 @@ class SpoolFiles:
         if durable:
             self.sync_folder(os.path.dirname(dest))
 
+    def publish(self, dest: Path, data: bytes) -> None:
+        """write_atomic for a file another process takes from its folder (a job into incoming/): held under an
+        exclusive flock from before it appears until its folder is fsynced, so the taker (Jobs.claim) leaves
+        it alone meanwhile. If that fsync fails (EIO), the file is taken back out of the folder before the
+        error is raised: the caller answers that it was not stored, and nothing stored it behind its back.
+        (After a failed fsync nothing says what the disk holds; another fsync would not prove more.)"""
+        tmp = self.root / Folder.TMP / f"{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+            os.fsync(fd)
+            os.replace(tmp, dest)
+            try:
+                self.sync_folder(dest.parent)  # shared with the other submits of this moment (FolderSync)
+            except OSError:
+                os.replace(dest, tmp)  # taken back: the taker never held it (it waits for the lock)
+                raise
+            # Unlocked before the close: the close is what wakes the daemon (IN_CLOSE_WRITE, spool/watch.py),
+            # and the kernel reports it before it drops a lock the close would release.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+
     def write(self, dest: Path, record: object, durable: bool = True) -> None:
         """A record, encoded, written as write_atomic writes."""
         self.write_atomic(dest, encode(record), durable)
 
-    def write_all(self, items: Sequence[tuple[str | Path, bytes]], durable: bool = True) -> list[OSError | None]:
+    def write_all(self, items: Sequence[tuple[str | Path, bytes]], durable: bool = True,
+                  folders: bool = True) -> list[OSError | None]:
         """Write several files as write_atomic writes each, sharing their folders' fsyncs: every file is
         written (and fsynced), then renamed into place, then each folder is fsynced once. For each item, in
-        order: None once it is in place (durable, when asked), or the OSError that kept it from being so."""
+        order: None once it is in place (durable, when asked), or the OSError that kept it from being so.
+
+        ``folders=False`` (with ``durable``): each file's bytes are fsynced before its rename, but not its
+        folder: after a power cut a reader finds the old file or the whole new one, never a name whose bytes
+        were lost (which a later fsync of the folder by anyone would otherwise make durable). For files whose
+        loss is harmless, as long as they are never garbage (a running job's status)."""
         errors: list[OSError | None] = [None] * len(items)
         renamed: dict[str, list[int]] = {}
         for i, (dest, data) in enumerate(items):
@@ -250,7 +291,7 @@ class SpoolFiles:
                 errors[i] = exc
                 continue
             renamed.setdefault(os.path.dirname(dest), []).append(i)
-        if durable:
+        if durable and folders:
             for folder, written in renamed.items():
                 try:
                     self.sync_folder(folder)
@@ -259,35 +300,75 @@ class SpoolFiles:
                         errors[i] = exc
         return errors
 
-    def rename(self, src: Path, dest: Path) -> None:
-        """Move a file, durably: both folders are fsynced, so after a power loss it is in one of them."""
-        os.replace(src, dest)
-        self.sync_folder(dest.parent)
-        if src.parent != dest.parent:
-            self.sync_folder(src.parent)
+    def rename(self, src: str | Path, dest: str | Path) -> None:
+        """Move a file, durably: rename_all for one."""
+        [error] = self.rename_all([(src, dest)])
+        if error is not None:
+            raise error
 
     def rename_all(self, moves: Sequence[tuple[str | Path, str | Path]]) -> list[OSError | None]:
-        """Several renames, each durable once this returns, sharing their folders' fsyncs (destinations first,
-        then sources: after a power loss a file is in one of the two). For each move: None, or its OSError."""
+        """Move files, each durably, so that a power cut at any instant leaves each under one of its names at
+        least; moves that share folders share those folders' fsyncs (what one turn of the daemon moves).
+
+        Across folders the new name is linked and its folder fsynced before the old name is removed and its
+        folder fsynced: with a plain rename, any fsync of the source folder (another job stored there
+        meanwhile) makes the removal durable before the new name is, and the file is lost. A cut between the
+        two leaves both names; the later state is the true one, and the daemon's start-up removes the stale
+        name (Upkeep.remove_stale_names). Over an existing file it is a rename: the old file stays until the
+        new one replaces it. For each move, in order: None once it is durable, or its OSError (a move whose
+        new name's folder could not be fsynced keeps its old name too)."""
         errors: list[OSError | None] = [None] * len(moves)
-        for i, (src, dest) in enumerate(moves):
+        linked, replaced = [], []  # indexes: old name still to remove / moved by a rename
+        pairs = [(os.fspath(src), os.fspath(dest)) for src, dest in moves]
+        for i, (src, dest) in enumerate(pairs):
             try:
-                os.replace(src, dest)
+                if os.path.dirname(src) == os.path.dirname(dest):
+                    os.replace(src, dest)
+                    replaced.append(i)
+                    continue
+                try:
+                    os.link(src, dest, follow_symlinks=False)
+                except FileExistsError:
+                    if not _same_file(src, dest):
+                        os.replace(src, dest)
+                        replaced.append(i)
+                        continue
+                    os.unlink(dest)  # a retry after a failed fsync: the link is made anew, not trusted
+                    os.link(src, dest, follow_symlinks=False)
+                except FileNotFoundError:
+                    raise
+                except OSError:  # no hard link to a folder (a folder moved aside to corrupt/): renamed instead
+                    os.replace(src, dest)
+                    replaced.append(i)
+                    continue
+                linked.append(i)
             except OSError as exc:
                 errors[i] = exc
-        moved = [i for i, error in enumerate(errors) if error is None]
+        self._sync_folders_of([pairs[i][1] for i in (*linked, *replaced)], [*linked, *replaced], errors)
+        gone = []
+        for i in linked:
+            if errors[i] is None:
+                try:
+                    os.unlink(pairs[i][0])
+                    gone.append(i)
+                except OSError as exc:
+                    errors[i] = exc
+        moved_across = gone + [i for i in replaced if errors[i] is None
+                               and os.path.dirname(pairs[i][0]) != os.path.dirname(pairs[i][1])]
+        self._sync_folders_of([pairs[i][0] for i in moved_across], moved_across, errors)
+        return errors
+
+    def _sync_folders_of(self, paths: list[str], indexes: list[int], errors: list[OSError | None]) -> None:
+        """fsync the folder of each path once; a failure is the error of every index whose path is there."""
         folders: dict[str, list[int]] = {}
-        for i in moved:
-            folders.setdefault(os.path.dirname(os.fspath(moves[i][1])), []).append(i)
-        for i in moved:
-            folders.setdefault(os.path.dirname(os.fspath(moves[i][0])), []).append(i)
-        for folder, moved in folders.items():
+        for path, i in zip(paths, indexes):
+            folders.setdefault(os.path.dirname(path), []).append(i)
+        for folder, members in folders.items():
             try:
                 self.sync_folder(folder)
             except OSError as exc:
-                for i in moved:
-                    errors[i] = exc
-        return errors
+                for i in members:
+                    errors[i] = errors[i] or exc
 
     def move_aside(self, path: Path, why: str) -> Path:
         """Move an unreadable file into corrupt/ with a note, so a human can look at it."""

@@ -64,7 +64,7 @@ def daemon_health(beat: Heartbeat | None, now: float | None = None) -> str:
     if not pid_exists(beat.pid):
         return f"process {beat.pid} is gone"
     if beat.paused:
-        return "paused: cannot write results (disk full?)"
+        return "paused: cannot make results durable (disk full or failing: the daemon's log says which); retrying"
     return "ok"
 
 

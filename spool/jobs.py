@@ -3,6 +3,7 @@ they are named by. The API stores jobs; only the daemon moves them and writes th
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -20,6 +21,10 @@ def _read_counter(fd: int) -> int:
     """The counter's value; 0 when it is empty or not a number (a power loss can leave it so)."""
     text = os.pread(fd, 32, 0).split(b"\n", 1)[0].strip()
     return int(text) if text.isdigit() and len(text) < 18 else 0
+
+
+class NotYetStored(FileNotFoundError):
+    """A job file in incoming/ that its writer still holds: not there yet, for the daemon (Jobs.claim)."""
 
 
 class Jobs:
@@ -45,7 +50,11 @@ class Jobs:
         return ids_in(self.root / folder)
 
     def folder_of(self, job_id: int) -> Folder | None:
-        """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none."""
+        """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none.
+
+        Looked at in the order jobs move, so a job moving on while we look is found in its new folder. After a
+        power cut a job file can have two names (a move whose second folder fsync never happened) until the
+        daemon's start-up removes the stale one (Upkeep.remove_stale_names); the status file says the rest."""
         for folder in JOB_FOLDERS:
             if self.path(folder, job_id).exists():
                 return folder
@@ -126,7 +135,7 @@ class Jobs:
         self.files.write(self.meta_path(job_id), meta)
         try:
             between()
-            self.files.write(self.path(Folder.INCOMING, job_id), job)
+            self.files.publish(self.path(Folder.INCOMING, job_id), encode(job))
         except BaseException:
             self.meta_path(job_id).unlink(missing_ok=True)  # no half-made job (a kill here: upkeep's orphans)
             raise
@@ -177,36 +186,74 @@ class Jobs:
         return read_checked(path, JobFile)
 
     def claim(self, job_id: int) -> Path:
-        """Move a job from incoming/ to active/; the daemon owns it from now on."""
-        dest = self.path(Folder.ACTIVE, job_id)
-        self.files.rename(self.path(Folder.INCOMING, job_id), dest)
-        return dest
+        """Move a job from incoming/ to active/; the daemon owns it from now on. NotYetStored while the API
+        still holds it (SpoolFiles.publish: its folder's fsync has not returned, and may yet fail)."""
+        [error] = self.claim_all([job_id])
+        if error is not None:
+            raise error
+        return self.path(Folder.ACTIVE, job_id)
+
+    def claim_all(self, job_ids: list[int]) -> list[OSError | None]:
+        """claim() several jobs, sharing the folders' fsyncs: what one turn of the daemon admits. For each: None,
+        or its error (FileNotFoundError: claimed or cancelled meanwhile; NotYetStored: still being stored)."""
+        incoming, active = self._text[Folder.INCOMING], self._text[Folder.ACTIVE]
+        errors: list[OSError | None] = [None] * len(job_ids)
+        held, moves, where = [], [], []
+        try:
+            for i, job_id in enumerate(job_ids):
+                src = f"{incoming}/{job_id}.json"
+                try:
+                    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except FileNotFoundError as exc:
+                    errors[i] = exc
+                    continue
+                except OSError:
+                    fd = None  # a link or a FIFO in its place: moved as it is, and the loader puts it aside
+                if fd is not None:
+                    held.append(fd)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        errors[i] = NotYetStored(errno.EAGAIN, "the API is still storing it", src)
+                        continue
+                moves.append((src, f"{active}/{job_id}.json"))
+                where.append(i)
+            for i, error in zip(where, self.files.rename_all(moves)):
+                errors[i] = error
+        finally:
+            for fd in held:
+                os.close(fd)
+        return errors
 
     def write_status(self, status: JobStatus) -> None:
         self.files.write(self.status_path(int(status.job_id)), status)
 
     def write_statuses(self, statuses: list[JobStatus], durable: bool) -> list[OSError | None]:
-        """Several status files at once, sharing status/'s fsync when ``durable``. For each: None or its error."""
+        """Several status files at once, sharing status/'s fsync when ``durable``; otherwise each file's bytes are
+        fsynced but not the folder (files.py, write_all): a status that may be lost, never one that is garbage.
+        For each: None or its error."""
         folder = self._text[Folder.STATUS]
-        return self.files.write_all([(f"{folder}/{s.job_id}.json", encode(s)) for s in statuses], durable)
-
-    def claim_all(self, job_ids: list[int]) -> list[OSError | None]:
-        """claim() several jobs, sharing the folders' fsyncs. For each: None, or its error (FileNotFoundError:
-        claimed or cancelled meanwhile)."""
-        incoming, active = self._text[Folder.INCOMING], self._text[Folder.ACTIVE]
-        return self.files.rename_all([(f"{incoming}/{i}.json", f"{active}/{i}.json") for i in job_ids])
+        return self.files.write_all([(f"{folder}/{s.job_id}.json", encode(s)) for s in statuses], durable=True,
+                                    folders=durable)
 
     def finish_all(self, finished: list[tuple[int, Status]]) -> list[OSError | None]:
-        """finish() several jobs, sharing the folders' fsyncs. For each: None, or its error."""
+        """finish() several jobs, sharing the folders' fsyncs. For each: None, or its error.
+
+        Called again after it failed (a folder's fsync failed, EIO): a move made but not proven durable is made
+        again (the old name linked back, then moved as the first time), never taken as done."""
         active, done, failed = self._text[Folder.ACTIVE], self._text[Folder.DONE], self._text[Folder.FAILED]
-        return self.files.rename_all([(f"{active}/{job_id}.json",
-                                       f"{done if status is Status.COMPLETED else failed}/{job_id}.json")
-                                      for job_id, status in finished])
+        moves = [(f"{active}/{job_id}.json", f"{done if status is Status.COMPLETED else failed}/{job_id}.json")
+                 for job_id, status in finished]
+        for src, dest in moves:
+            if not os.path.exists(src) and os.path.exists(dest):
+                os.link(dest, src, follow_symlinks=False)
+        return self.files.rename_all(moves)
 
     def finish(self, job_id: int, status: Status) -> None:
         """Move a job out of active/ once its final status and every result are on disk."""
-        folder = Folder.DONE if status is Status.COMPLETED else Folder.FAILED
-        self.files.rename(self.path(Folder.ACTIVE, job_id), self.path(folder, job_id))
+        [error] = self.finish_all([(job_id, status)])
+        if error is not None:
+            raise error
 
     def reopen(self, job_id: int, folder: str) -> None:
         """Move a finished job back to active/, for the daemon to redo the images that lost their results."""

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from spool.files import CorruptFile, SpoolFiles, decode, encode_lines, read_regu
 from spool.records import ResultLine
 from spool.vocabulary import Folder
 
+#: How many jobs' folders Results remembers as durable; beyond that, the oldest are fsynced again if written.
+DURABLE_FOLDERS_KEPT = 100_000
 RESULT_NAME = re.compile(r"([0-9]{8})-([0-9]{8})(?:\.([0-9a-f]{8}))?\.jsonl")
 
 
@@ -105,6 +108,8 @@ class Results:
 
     def __init__(self, files: SpoolFiles):
         self.files, self.root = files, files.root
+        # Jobs whose folder's entry in results/ this process has made durable (fsynced results/ after it).
+        self._folders_durable: OrderedDict[int, None] = OrderedDict()
 
     def folder(self, job_id: int) -> Path:
         return self.root / Folder.RESULTS / str(job_id)
@@ -126,18 +131,23 @@ class Results:
             folder = f"{results}/{job_id}"
             try:
                 os.mkdir(folder, 0o700)
-                made.append(i)
             except FileExistsError:
                 pass
             except OSError as exc:
                 errors[i] = exc
                 continue
+            if job_id not in self._folders_durable:  # made now, or by a process that may have died before
+                made.append(i)                       # its fsync of results/ (kill -9 keeps what it made)
             body = encode_lines(lines)
             items.append((f"{folder}/{first:08d}-{stop:08d}.{zlib.crc32(body):08x}.jsonl", body))
             where.append(i)
         if made:
             try:
                 self.files.sync_folder(results)
+                for i in made:
+                    self._folders_durable[files[i][0]] = None
+                while len(self._folders_durable) > DURABLE_FOLDERS_KEPT:
+                    self._folders_durable.popitem(last=False)
             except OSError as exc:
                 for i in made:
                     errors[i] = exc

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 from spool.control import Requests
-from spool.files import CorruptFile, SpoolFiles, pid_exists, read_checked
+from spool.files import CorruptFile, SpoolFiles, fsync_dir, pid_exists, read_checked
 from spool.jobs import Jobs
 from spool.keys import Keys
 from spool.outbox import Outbox
 from spool.records import JobStatus
 from spool.results import Results
-from spool.vocabulary import FINISHED_FOLDERS, UNFINISHED_FOLDERS, Folder
+from spool.vocabulary import FINISHED_FOLDERS, JOB_FOLDERS, UNFINISHED_FOLDERS, Folder
 
 log = logging.getLogger("retailpulse.spool")
 
@@ -58,33 +58,42 @@ class Upkeep:
                     continue
         return sorted(ids)
 
-    def purge(self, job_id: int, remember_counter: bool = True) -> bool:
-        """Delete a finished job and everything about it. False (nothing deleted) if it is not finished.
-
-        The job file goes first, so an interrupted purge leaves a job that reads as unknown or, at worst,
-        a status without a job; the status goes last, and purging again finishes the work.
-        """
-        folder = self.jobs.folder_of(job_id)
-        if folder in UNFINISHED_FOLDERS:
-            return False
-        if remember_counter:
-            self.jobs.remember_counter()  # its id must stay taken after a power loss, though nothing names it
-        if folder is not None:
-            self.jobs.path(folder, job_id).unlink(missing_ok=True)
-        self.results.remove(job_id)
-        self.control.forget(job_id)
-        self.outbox.forget(job_id)
-        meta = self.jobs.read_meta(job_id)
-        if meta is not None and meta.idempotency_key:
-            self.keys.forget(job_id, meta.idempotency_key)  # the key expires with its job
-        self.jobs.meta_path(job_id).unlink(missing_ok=True)
-        self.jobs.status_path(job_id).unlink(missing_ok=True)
-        return True
+    def purge(self, job_id: int) -> bool:
+        """Delete a finished job and everything about it. False (nothing deleted) if it is not finished."""
+        return bool(self.purge_all([job_id]))
 
     def purge_all(self, job_ids: list[int]) -> list[int]:
-        """purge() each of these jobs; the ones it deleted. The id counter is made durable once for all."""
+        """Delete these jobs, those finished, and everything about them; the ids deleted.
+
+        The job files go first, so an interrupted purge leaves jobs that read as unknown or, at worst, a
+        status without a job; the statuses go last, and purging again finishes the work. Each removal is made
+        durable (its folder fsynced), the job files' first: a purge answered is not undone by a power cut, and
+        one cut short leaves the same as one interrupted. The id counter is made durable before anything goes
+        (its ids must stay taken after a power loss, though nothing names them), and jobs purged together
+        share every folder's fsync: a purge of thousands costs a dozen fsyncs, not thousands."""
+        finished = [(job_id, folder) for job_id in job_ids
+                    if (folder := self.jobs.folder_of(job_id)) not in UNFINISHED_FOLDERS]
+        if not finished:
+            return []
         self.jobs.remember_counter()
-        return [job_id for job_id in job_ids if self.purge(job_id, remember_counter=False)]
+        for job_id, folder in finished:
+            if folder is not None:
+                self.jobs.path(folder, job_id).unlink(missing_ok=True)
+        for folder in {folder for _, folder in finished if folder is not None}:
+            self.files.sync_folder(self.root / folder)
+        for job_id, _ in finished:
+            self.results.remove(job_id)
+            self.control.forget(job_id)
+            self.outbox.forget(job_id)
+            meta = self.jobs.read_meta(job_id)
+            if meta is not None and meta.idempotency_key:
+                self.keys.forget(job_id, meta.idempotency_key)  # the key expires with its job
+            self.jobs.meta_path(job_id).unlink(missing_ok=True)
+            self.jobs.status_path(job_id).unlink(missing_ok=True)
+        for name in (Folder.RESULTS, Folder.CONTROL, Folder.OUTBOX, Folder.SENT, Folder.IDEMPOTENCY, Folder.META,
+                     Folder.STATUS):
+            self.files.sync_folder(self.root / name)
+        return [job_id for job_id, _ in finished]
 
     def clean_tmp(self, older_than_s: float) -> int:
         """Remove leftovers of writes that never finished (a crash between write and rename).
@@ -107,6 +116,23 @@ class Upkeep:
                     removed += 1
             except FileNotFoundError:
                 continue
+        return removed
+
+    def remove_stale_names(self) -> list[tuple[int, Folder]]:
+        """A job file under two names (a power cut between the two folder fsyncs of its rename): keep the
+        later state (done/failed over active over incoming, the order renames move a job, and requeue's
+        own request stays until its move is done), remove the earlier name durably. What was removed."""
+        seen: dict[int, Folder] = {}
+        removed = []
+        for folder in reversed(JOB_FOLDERS):
+            for job_id in self.jobs.ids(folder):
+                if job_id not in seen:
+                    seen[job_id] = folder
+                    continue
+                self.jobs.path(folder, job_id).unlink(missing_ok=True)
+                removed.append((job_id, folder))
+        for folder in {folder for _, folder in removed}:
+            fsync_dir(self.root / folder)
         return removed
 
     def orphan_meta_ids(self, older_than_s: float) -> list[int]:

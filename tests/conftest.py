@@ -94,9 +94,9 @@ def spool(tmp_path) -> Spool:
 # ------------------------------------------------------------------ syscalls, in the order they happen
 @pytest.fixture
 def syscalls(monkeypatch):
-    """Record fsync (of which file or folder) and rename calls, in order, as they really happen."""
+    """Record fsync (of which file or folder), rename and link calls, in order, as they really happen."""
     events = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -106,8 +106,13 @@ def syscalls(monkeypatch):
         events.append(("rename", str(src), str(dst)))
         return real_replace(src, dst)
 
+    def link(src, dst, **kwargs):
+        events.append(("link", str(src), str(dst)))
+        return real_link(src, dst, **kwargs)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     return events
 
 

@@ -129,8 +129,9 @@ def test_parse_job_id(text, expected):
 
 
 def assert_durable_write(events, dest, new_file=True):
-    """dest was written as: fsync of the new file, rename onto dest, then fsync of dest's folder."""
-    [rename] = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(dest)]
+    """dest was written as: fsync of the new file, rename (or, for a move, link) onto dest, then fsync of dest's
+    folder."""
+    [rename] = [i for i, e in enumerate(events) if e[0] in ("rename", "link") and e[2] == str(dest)]
     if new_file:
         assert ("fsync", events[rename][1]) in events[:rename], "file not fsynced before the rename"
     assert ("fsync", str(dest.parent)) in events[rename + 1:], "folder not fsynced after the rename"

@@ -56,7 +56,11 @@ def test_failed_submit_leaves_no_meta_file(spool, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(dest, data, durable)
 
+    def no_space_to_publish(dest, data):
+        raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(spool.files, "write_atomic", no_space_for_jobs)
+    monkeypatch.setattr(spool.files, "publish", no_space_to_publish)
     with pytest.raises(OSError):
         spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg"])]))
     assert os.listdir(spool.root / "meta") == [] and os.listdir(spool.root / "incoming") == []

@@ -169,7 +169,8 @@ def test_a_receiver_that_fails_twice_gets_it_on_the_third_attempt_same_id_signed
         doc = request.verified
         assert doc == {k: v for k, v in final.items() if k != "callback"}
         assert doc["status"] == "completed" and doc["images_done"] == 2
-    assert os.listdir(service.spool.root / Folder.OUTBOX) == []
+    # The move to sent/ links first and removes the outbox/ name after sent/ is fsynced (power loss: spool/files.py)
+    wait_until(lambda: os.listdir(service.spool.root / Folder.OUTBOX) == [], what="the record's move to sent/")
     assert service.spool.outbox.read(job_id, Folder.SENT).state == "delivered"
 
     metrics = wait_until(lambda: (m := scraped_metrics(service)).get(

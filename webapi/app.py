@@ -267,9 +267,13 @@ class _Api:
             return json_response(503, {"error": f"cannot store the request now: {exc.strerror or exc}"},
                                  **{"Retry-After": "30"})
         log.info("job %d: cancel requested", job_id)
-        if not self.spool.control.wait(job_id, Control.CANCEL, CANCEL_WAIT_S):
+        try:
+            if not self.spool.control.wait(job_id, Control.CANCEL, CANCEL_WAIT_S):
+                return json_response(202, {"job_id": str(job_id), "cancel": "requested"})
+            doc = self.spool.status(job_id)
+        except OSError as exc:  # the heartbeat or the status unreadable now: asked, not known to be done
+            log.error("job %d: cancel asked, but the spool cannot be read: %s", job_id, exc)
             return json_response(202, {"job_id": str(job_id), "cancel": "requested"})
-        doc = self.spool.status(job_id)
         return json_response(200, {"job_id": str(job_id), "cancel": "done", "status": doc and doc.status,
                                    "images_cancelled": (doc and doc.images_cancelled) or 0})
 

@@ -33,14 +33,16 @@ class Housekeeping:
         self.results_to_check: deque[int] = deque()  # finished jobs whose results files are still to check
 
     def due(self, heartbeat) -> None:
-        """Do whatever is due now. ``heartbeat(pid, now)`` builds the heartbeat when one is due."""
+        """Do whatever is due now. ``heartbeat(pid, now)`` builds the heartbeat when one is due. A chore whose
+        write fails (a full or failing disk: EIO from an fsync) is logged and tried again at its next turn,
+        never taken as done and never the end of the daemon."""
         now = self.clock()
         if now >= self.next_tmp_clean:
-            self.clean_tmp()
+            self._chore("cleaning tmp/", self.clean_tmp)
         if now >= self.next_retention:
-            self.apply_retention()
+            self._chore("retention", self.apply_retention)
         if self.results_to_check or now >= self.next_results_check:
-            self.check_finished_results()
+            self._chore("checking finished jobs' results", self.check_finished_results)
         if now >= self.next_heartbeat:
             self.beat(heartbeat)
 
@@ -50,9 +52,18 @@ class Housekeeping:
             return self.clock()
         return min(self.next_tmp_clean, self.next_retention, self.next_heartbeat, self.next_results_check)
 
+    def _chore(self, what: str, chore: Callable[[], None]) -> None:
+        try:
+            chore()
+        except OSError as exc:
+            log.error("%s: %s; tried again later", what, exc)
+
     def clean_tmp(self) -> None:
         """Leftovers of writes that never finished: tmp/ files, and meta files without their job."""
         self.next_tmp_clean = self.clock() + TMP_CLEAN_INTERVAL_S
+        for job_id, folder in self.spool.upkeep.remove_stale_names():
+            log.warning("job %d: its file was in two folders after a power cut; removed the stale name in %s/",
+                        job_id, folder)
         removed = self.spool.upkeep.clean_tmp(older_than_s=TMP_LEFTOVER_AGE_S)
         if removed:
             log.info("removed %d unfinished file(s) left in tmp/ by a crashed writer", removed)

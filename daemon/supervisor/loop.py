@@ -40,6 +40,7 @@ from daemon.supervisor.recording import Recorder
 from daemon.supervisor.settings import SupervisorSettings
 from daemon.supervisor.stores import Store
 from spool import FINISHED_FOLDERS, Control, CorruptFile, DamagedResults, Executor, Folder, Spool
+from spool.jobs import NotYetStored
 from spool.records import Heartbeat, RunnerView
 from spool.watch import Watch
 
@@ -48,6 +49,8 @@ log = logging.getLogger("retailpulse.daemon")
 Events = queue.Queue  # of TaskDone | TaskLost | WAKE, put by other threads, taken by the supervisor's
 #: The event that says a file arrived in incoming/ or control/ (spool/watch.py): look now, not at the next look.
 WAKE = "wake"
+#: How soon to look again at a job file the API still holds (its folder's fsync running: spool/files.py publish).
+NOT_YET_STORED_LOOK_S = 0.01
 #: The longest the loop waits for an event: the runner looks for stalled processes this often (LocalPool).
 MAX_WAIT_S = 0.5
 #: Most images a cancel records in one results file (about 1 MiB of lines).
@@ -257,6 +260,8 @@ class Supervisor:
         for job_id, error in zip(taken, self.spool.jobs.claim_all(taken)):
             if error is None:
                 self.load(job_id, self.spool.jobs.path(Folder.ACTIVE, job_id))
+            elif isinstance(error, NotYetStored):  # the API's close wakes us again; look soon all the same
+                self.next_look = min(self.next_look, self.clock() + NOT_YET_STORED_LOOK_S)
             elif not isinstance(error, FileNotFoundError):
                 log.error("job %d: cannot claim it: %s; will try again", job_id, error)
 

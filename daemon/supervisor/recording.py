@@ -6,8 +6,9 @@ Batched: the supervisor hands over what finished during one turn of its loop (``
 ``flush`` writes it all at once, each step for every job before the next step for any, so that jobs that
 finish together share their folders' fsyncs (spool/files.py, write_all and rename_all): forty small jobs
 finishing in one turn cost one fsync of status/, of done/ and of active/, not forty of each. A status of a
-job still running is written without fsync: it only says how far the job got, which its results files
-(durable) say too, and the daemon rewrites it from them when it loads the job again.
+job still running is fsynced but not its folder: it only says how far the job got, which its results files
+(durable) say too, so after a power cut it may read older (the daemon rewrites it when it loads the job
+again), never garbage.
 
 Disk trouble: when a write fails (ENOSPC, EIO), the chunk or status is kept here, in memory, and tried
 again every ``retry_interval_s``; the supervisor dispatches nothing new meanwhile (``paused``), and a job
