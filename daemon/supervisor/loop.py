@@ -131,7 +131,6 @@ class Supervisor:
         looking = self.look_due()
         if looking:
             self.handle_requests()
-        self.runner.watch()
         self.forget_finished(self.recorder.retry())
         if not self.recorder.paused:
             if looking:
@@ -139,6 +138,7 @@ class Supervisor:
             self.dispatch()
         self.wait_for_events(self.wait_timeout())
         self.forget_finished(self.recorder.flush())
+        self.runner.watch()  # just before the heartbeat, which shows what it saw of the workers
         self.housekeeping.due(self.heartbeat)
         self.notifier.progress(self.status_line())
 
