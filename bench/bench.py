@@ -125,6 +125,12 @@ class Sampler:
         with self._lock:
             return sum(cpu for (name, _), cpu in self._cpu.items() if name in names)
 
+    def cpu_of(self, name: str, pid: int) -> float:
+        """CPU seconds of one process of a tree (e.g. the daemon's supervisor, without its pool processes)."""
+        self._snapshot()
+        with self._lock:
+            return self._cpu.get((name, pid), 0.0)
+
     def add(self, name: str, pid: int) -> None:
         with self._lock:
             self.roots.setdefault(name, []).append(pid)
@@ -147,38 +153,54 @@ def pct(values: list[float], p: float) -> float:
 
 
 class StatusLoad:
-    """GET /api/status for one job at a fixed total rate from a few threads; keeps every latency."""
+    """GET /api/status for one job at a fixed total rate; keeps every latency. One libcurl multi handle on one
+    thread (``connections`` keep-alive connections), so the client costs tens of microseconds a request
+    and 1,000 requests/s measure the service, not the client."""
 
-    def __init__(self, base: str, job_id: int, rate_per_s: float, threads: int = 4):
+    def __init__(self, base: str, job_id: int, rate_per_s: float, connections: int = 8):
+        import pycurl
         self.latencies: list[float] = []
         self.errors = 0
         self._stop = threading.Event()
-        self._lock = threading.Lock()
-        period = threads / rate_per_s
-        self._threads = [threading.Thread(target=self._run, args=(base, job_id, period, i * period / threads),
-                                          daemon=True) for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
+        self._url, self._period = f"{base}/api/status?jobid={job_id}", 1 / rate_per_s
+        self._curls = [pycurl.Curl() for _ in range(connections)]
+        for curl in self._curls:
+            curl.setopt(pycurl.URL, self._url)
+            curl.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+            curl.setopt(pycurl.TIMEOUT, 10)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
-    def _run(self, base: str, job_id: int, period: float, offset: float) -> None:
-        session = requests.Session()
-        next_at = time.monotonic() + offset
+    def _run(self) -> None:
+        import pycurl
+        multi, idle, started = pycurl.CurlMulti(), list(self._curls), {}
+        next_at = time.monotonic()
         while not self._stop.is_set():
-            next_at += period
-            started = time.perf_counter()
+            now = time.monotonic()
+            while next_at <= now and idle:  # requests due; with every connection busy, they wait
+                curl = idle.pop()
+                started[id(curl)] = time.perf_counter()
+                multi.add_handle(curl)
+                next_at += self._period
+            multi.select(min(0.01, max(0.0, next_at - now)))
+            while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+                pass
+            _, ok, failed = multi.info_read()
+            for curl in ok + [c for c, _, _ in failed]:
+                multi.remove_handle(curl)
+                self.latencies.append(time.perf_counter() - started.pop(id(curl)))
+                self.errors += curl not in ok or curl.getinfo(pycurl.RESPONSE_CODE) != 200
+                idle.append(curl)
+        for curl in self._curls:
             try:
-                ok = session.get(base + "/api/status", params={"jobid": job_id}, timeout=10).status_code == 200
-            except requests.RequestException:
-                ok = False
-            with self._lock:
-                self.latencies.append(time.perf_counter() - started)
-                self.errors += not ok
-            time.sleep(max(0.0, next_at - time.monotonic()))
+                multi.remove_handle(curl)
+            except pycurl.error:
+                pass
+        multi.close()
 
     def finish(self) -> list[float]:
         self._stop.set()
-        for thread in self._threads:
-            thread.join()
+        self._thread.join()
         return self.latencies
 
 
@@ -389,8 +411,8 @@ def soak(bench: Bench, minutes: float) -> dict:
 
 
 # ------------------------------------------------------------------ main
-WORKLOADS = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "DASK-SCALING", "DASK-W2", "DASK-FAULTS", "SOAK")
-DEFAULT = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "DASK-SCALING", "DASK-W2", "DASK-FAULTS")
+WORKLOADS = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "VISITS", "DASK-SCALING", "DASK-W2", "DASK-FAULTS", "SOAK")
+DEFAULT = ("W1", "W2", "W3", "KILL", "BIG", "CROWD", "VISITS", "DASK-SCALING", "DASK-W2", "DASK-FAULTS")
 
 
 def parse_args(argv=None):
@@ -400,11 +422,18 @@ def parse_args(argv=None):
                     help=f"any of {', '.join(WORKLOADS)} (default: all but SOAK). W1: 1,000 small images; "
                          "W2: 10,000 mixed with status at 200 req/s; W3: 20 x 200 mixed at once; KILL: W2's job "
                          "with a pool process SIGKILLed 1 s in; BIG: a huge job "
-                         "and a small one behind it; CROWD: 50 x 10,000 at once and a small one behind them; "
+                         "and a small one behind it; CROWD: 50 x 10,000 at once and a small one behind them; VISITS: jobs of "
+                         "one visit of 5 photos from 1, 64 and 256 clients, polling and waiting (bench/visits.py); "
                          "DASK-SCALING: 1, 2, 4, 8 Dask workers; DASK-W2: W2 on Dask; DASK-FAULTS: a worker, the "
                          "scheduler, the daemon killed mid-job; SOAK: rounds of W3. The DASK ones need no ../shared")
     ap.add_argument("--repeat", type=int, default=3, help="runs of W1, W2, W3, DASK-W2 (medians are reported)")
     ap.add_argument("--big-images", type=int, default=100_000)
+    ap.add_argument("--status-rate", type=float, default=200, help="W2: GET /api/status per second meanwhile [200]")
+    ap.add_argument("--visits-clients", default="1,64,256", type=lambda text: [int(n) for n in text.split(",")],
+                    help="VISITS: the numbers of clients at once")
+    ap.add_argument("--visits-modes", default="poll,wait", type=lambda text: text.split(","),
+                    help="VISITS: poll (every 50 ms), wait (Prefer: wait=30)")
+    ap.add_argument("--visits-seconds", type=float, default=10.0, help="VISITS: the measured window of each run")
     ap.add_argument("--crowd-jobs", type=int, default=50)
     ap.add_argument("--crowd-images", type=int, default=10_000)
     ap.add_argument("--dask-workers", default="1,2,4,8")
@@ -448,11 +477,16 @@ def main(argv=None) -> int:
                     if "W1" in local:
                         keep({"run": run, **one_job(bench, "W1", 1_000, "small")})
                     if "W2" in local:
-                        keep({"run": run, **one_job(bench, "W2", 10_000, "mixed", status_rate=200)})
+                        keep({"run": run, **one_job(bench, "W2", 10_000, "mixed", status_rate=args.status_rate)})
                     if "W3" in local:
                         keep({"run": run, **many_jobs(bench)})
                     if "KILL" in local:
                         keep({"run": run, **killed_process(bench)})
+                    if "VISITS" in local:
+                        from bench.visits import visits
+                        for clients in args.visits_clients:
+                            for mode in args.visits_modes:
+                                keep({"run": run, **visits(bench, clients, mode, args.visits_seconds)})
                 if "BIG" in local:
                     keep(small_behind_big(bench, args.big_images))
                 if "CROWD" in local:

@@ -37,7 +37,7 @@ def start(prog: str, description: str | None, classes: Iterable[type], sections:
 
 def open_spool(config: Config) -> Spool:
     """The spool named by the settings, created if missing, refused if others could tamper with it or we
-    cannot write it. Raises StartupError."""
+    cannot write it, its id counter above every id it holds. Raises StartupError."""
     where = f"spool_dir ({config.source('spool_dir')})"
     try:
         spool = Spool(config.spool_dir).create()
@@ -46,6 +46,10 @@ def open_spool(config: Config) -> Spool:
         raise StartupError(f"{where}: {config.spool_dir}: {exc.strerror or exc}") from None
     if problem:
         raise StartupError(f"{where}: {problem}")
+    try:
+        spool.jobs.restore_counter()  # after a power loss the id counter may be older than the last id given
+    except OSError as exc:
+        raise StartupError(f"{where}: {spool.root / 'next_job_id'}: {exc.strerror or exc}") from None
     return spool
 
 

@@ -185,8 +185,7 @@ def cmd_purge(spool: Spool, args) -> int:
             return 1
         print(f"job {args.job_id}: purged")
         return 0
-    purged = [job_id for job_id in spool.upkeep.finished_before(time.time() - args.older_than_days * 86400)
-              if spool.upkeep.purge(job_id)]
+    purged = spool.upkeep.purge_all(spool.upkeep.finished_before(time.time() - args.older_than_days * 86400))
     listed = f": {', '.join(map(str, purged))}" if purged else ""
     print(f"purged {len(purged)} job(s) finished more than {args.older_than_days:g} days ago{listed}")
     return 0

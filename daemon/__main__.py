@@ -20,7 +20,7 @@ from daemon.runners.pool import LocalPool
 from daemon.runners.sandbox import deadline_s
 from daemon.runners.settings import RunnerSettings
 from daemon.settings import CLASSES, SECTIONS
-from daemon.supervisor.loop import Events, Supervisor
+from daemon.supervisor.loop import WAKE, Events, Supervisor
 from daemon.supervisor.notify import Notifier
 from daemon.notifications.settings import WebhookSettings
 from daemon.supervisor.settings import SupervisorSettings
@@ -136,7 +136,8 @@ def serve(argv: list[str] | None) -> int:
     engine = dataclasses.replace(engine, max_transfers=max_transfers)
 
     stop = threading.Event()
-    # Handlers only set the flag; the main loop notices it within poll_interval_s and drains.
+    # Handlers only set the flag; a thread waiting on it wakes the main loop (an event on its queue), which
+    # then drains.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
@@ -145,6 +146,7 @@ def serve(argv: list[str] | None) -> int:
     # a reader), and fewer arenas keep its memory flat. Inherited by the pool processes, so set first.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     events: Events = Events()
+    threading.Thread(target=lambda: (stop.wait(), events.put(WAKE)), name="stop", daemon=True).start()
     outbox = make_deliveries(config, spool, engine)
     runner = make_runner(config, runner_settings, settings.executor, processes, engine, events.put)
     supervisor = Supervisor(spool, stores, settings, runner, events, settings.executor, notifier, outbox=outbox)

@@ -7,9 +7,13 @@ whatever the last rename said (as in Maildir). Each file holds one record whose 
 in [brackets] below: its fields, their meaning, and which are optional are there, in code, once.
 
     daemon.lock            held (filelock) by the one daemon working on this spool; a second one refuses to start.
-    next_job_id            text, one integer: the id the next submission gets. Written by the API under
-                           next_job_id.lock (filelock), so ids only increase, across processes and restarts.
-                           Lock files are empty, mode 0600 like every other file here.
+    next_job_id            text, one integer: the id the next submission gets. Rewritten in place by the API
+                           under an flock of the file itself, so ids only increase, across processes and
+                           restarts; not fsynced each time: a job's meta file is what makes its id taken for
+                           good, so both programs raise the counter above every id the spool holds when they
+                           start, and purge makes it durable before deleting (jobs.py, next_id). The one file
+                           not replaced by a rename: it only grows. (A next_job_id.lock left by versions
+                           before 2026-12 is unused.) Lock files are empty, mode 0600 like every other file.
     tmp/                   files being written, named <final name>.<writer pid>.<random>. Never read.
                            Leftovers of a crash (writer pid gone, or older than an hour) are removed by
                            the daemon at start-up and every ten minutes.
@@ -19,10 +23,10 @@ in [brackets] below: its fields, their meaning, and which are optional are there
                            checks owners without reading job files.
     idempotency/<digest>.json
                            [KeyRecord] an Idempotency-Key and the job it made (keys.py), written by the API
-                           before the job's meta and job file. <digest> is the SHA-256 hex of owner and key
-                           (keys are per token). It counts only while its job exists, so a crash between
-                           the writes leaves no key; purge (retention) removes it with its job, the daemon
-                           removes orphans.
+                           after the job's meta file and before its job file. <digest> is the SHA-256 hex of
+                           owner and key (keys are per token). It counts only while its job exists, so a
+                           crash between the writes leaves no key; purge (retention) removes it with its
+                           job, the daemon removes orphans.
     idempotency/<xx>.lock  flock held while a submit with a key whose digest starts with the hex digits xx
                            runs (256 shards, so unrelated keys rarely wait on each other).
     outbox/<id>.json       [Notification] a completion webhook to deliver (outbox.py): the job has a
@@ -141,6 +145,20 @@ class Spool:
         delivery filled in from the outbox. None for an unknown job; OSError when the spool cannot be read."""
         status = self.jobs.read_status(job_id)
         return None if status is None else self.outbox.with_delivery(status)
+
+    def status_signature(self, job_id: int) -> tuple | None:
+        """What status(job_id) is made of, as (inode, ctime) of its status file and of its notification's
+        outbox/ and sent/ records: every rewrite is a new file, and any change to one (its mode too) moves its
+        ctime, so an unchanged signature is an unchanged answer. None while there is no status file (queued,
+        or unknown). Raises OSError but for missing files."""
+        parts = []
+        for path in (self.jobs.status_path(job_id), self.outbox.path(job_id), self.outbox.path(job_id, Folder.SENT)):
+            try:
+                st = os.stat(path)
+                parts.append((st.st_ino, st.st_ctime_ns))
+            except FileNotFoundError:
+                parts.append(None)
+        return tuple(parts) if parts[0] is not None else None
 
     def queued_images(self) -> int:
         """Images not yet done: those of jobs in incoming/ plus what the daemon last said remains in active/."""

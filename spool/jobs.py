@@ -2,20 +2,25 @@
 they are named by. The API stores jobs; only the daemon moves them and writes their status."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
-import filelock
 from msgspec import UNSET
 
 from spool.files import FILE_MODE, CorruptFile, SpoolFiles, encode, ids_in, read_checked
 from spool.records import Callback, JobFile, JobMeta, JobStatus, Visit
 from spool.vocabulary import (FINISHED_FOLDERS, JOB_FOLDERS, DeliveryState, Folder, Phase, Status, utc_now)
 
-#: A submit waits this long for another API process to take its id.
-ID_LOCK_TIMEOUT_S = 30
+
+def _read_counter(fd: int) -> int:
+    """The counter's value; 0 when it is empty or not a number (a power loss can leave it so)."""
+    text = os.pread(fd, 32, 0).split(b"\n", 1)[0].strip()
+    return int(text) if text.isdigit() and len(text) < 18 else 0
 
 
 class NotYetStored(FileNotFoundError):
@@ -25,6 +30,10 @@ class NotYetStored(FileNotFoundError):
 class Jobs:
     def __init__(self, files: SpoolFiles):
         self.files, self.root = files, files.root
+        self._counter_fd: int | None = None
+        self._counter_pid = 0
+        self._counter_thread_lock = threading.Lock()
+        self._text = {folder: os.path.join(files.root, folder) for folder in Folder}  # for the batched writes
 
     # ------------------------------------------------------------------ names
     def path(self, folder: str, job_id: int) -> Path:
@@ -56,15 +65,56 @@ class Jobs:
 
     # ------------------------------------------------------------------ the API's side
     def next_id(self) -> int:
-        """Take the next job id. Ids only increase, even with several API processes and across restarts."""
-        counter = self.root / "next_job_id"
-        with filelock.FileLock(str(counter) + ".lock", timeout=ID_LOCK_TIMEOUT_S, mode=FILE_MODE):
-            try:
-                job_id = int(counter.read_text().strip() or "1")
-            except FileNotFoundError:
-                job_id = 1
-            self.files.write_atomic(counter, f"{job_id + 1}\n".encode())
+        """Take the next job id. Ids only increase and never repeat, across API processes, crashes and power
+        loss, and taking one costs no fsync and no wait: the counter is read and rewritten in place under
+        an flock (held for two system calls, microseconds; the kernel lets go of it when a holder dies).
+        What makes a given id durable is its job's own meta file, written durably before anyone is told the
+        id; after a power loss the counter may be older than that, so every program raises it at start-up
+        above every id the spool holds (restore_counter), and purge makes it durable before it deletes a job
+        (remember_counter). The counter only grows, so an in-place write never leaves a longer old number's
+        tail behind it; one torn by a power loss reads as no number, and start-up restores it."""
+        with self._counter_locked() as fd:
+            job_id = max(_read_counter(fd), 1)
+            os.pwrite(fd, f"{job_id + 1}\n".encode(), 0)
         return job_id
+
+    @contextlib.contextmanager
+    def _counter_locked(self):
+        """The counter file's descriptor, locked against every other thread and process (one descriptor per
+        process, opened again after a fork: flock excludes open files, not threads, so a lock for this
+        process's threads goes with it)."""
+        with self._counter_thread_lock:
+            if self._counter_fd is None or self._counter_pid != os.getpid():
+                self._counter_fd = os.open(self.root / "next_job_id", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                           FILE_MODE)
+                self._counter_pid = os.getpid()
+            fcntl.flock(self._counter_fd, fcntl.LOCK_EX)
+            try:
+                yield self._counter_fd
+            finally:
+                fcntl.flock(self._counter_fd, fcntl.LOCK_UN)
+
+    def highest_id(self) -> int:
+        """The highest job id anything in the spool names: a meta file (written durably before its id is
+        given to anyone), a job file, a status file. Key records name jobs written after their meta file
+        (keys.py), so they need no look of their own."""
+        folders = (Folder.META, *JOB_FOLDERS, Folder.STATUS)
+        return max((ids[-1] for folder in folders if (ids := self.ids(folder))), default=0)
+
+    def restore_counter(self) -> int:
+        """At start-up: raise the counter above every id the spool holds, durably (a power loss may have
+        left it older than the last id given). The next id."""
+        return self.remember_counter()
+
+    def remember_counter(self) -> int:
+        """Make the counter durable, above every id the spool holds: before a purge deletes the files that
+        name the highest ids, and at start-up. The next id."""
+        with self._counter_locked() as fd:
+            next_id = max(_read_counter(fd), self.highest_id() + 1, 1)
+            os.pwrite(fd, f"{next_id}\n".encode(), 0)
+            os.fsync(fd)
+        self.files.sync_folder(self.root)  # the counter file's own name, made when it was first opened
+        return next_id
 
     def submit(self, count: int, visits: list[Visit], owner: str | None = None,
                callback_url: str | None = None) -> int:
@@ -74,13 +124,17 @@ class Jobs:
         return job_id
 
     def store(self, job_id: int, count: int, visits: list[Visit], owner: str | None,
-              callback_url: str | None = None, idempotency_key: str | None = None) -> None:
-        """submit() with the id taken: its meta file, then its job file (keys.py writes its key before)."""
+              callback_url: str | None = None, idempotency_key: str | None = None,
+              between: Callable[[], None] = lambda: None) -> None:
+        """submit() with the id taken: its meta file, then ``between()`` (keys.py writes the key record
+        there), then its job file, each durable before the next: the meta file is what makes the id taken for
+        good (next_id), and a job file never exists without its meta."""
         callback_url = UNSET if callback_url is None else callback_url
         job = JobFile(job_id, utc_now(), count, visits, callback_url)
         meta = JobMeta(job_id, job.images, owner, UNSET if idempotency_key is None else idempotency_key, callback_url)
         self.files.write(self.meta_path(job_id), meta)
         try:
+            between()
             self.files.publish(self.path(Folder.INCOMING, job_id), encode(job))
         except BaseException:
             self.meta_path(job_id).unlink(missing_ok=True)  # no half-made job (a kill here: upkeep's orphans)
@@ -134,38 +188,72 @@ class Jobs:
     def claim(self, job_id: int) -> Path:
         """Move a job from incoming/ to active/; the daemon owns it from now on. NotYetStored while the API
         still holds it (SpoolFiles.publish: its folder's fsync has not returned, and may yet fail)."""
-        src, dest = self.path(Folder.INCOMING, job_id), self.path(Folder.ACTIVE, job_id)
+        [error] = self.claim_all([job_id])
+        if error is not None:
+            raise error
+        return self.path(Folder.ACTIVE, job_id)
+
+    def claim_all(self, job_ids: list[int]) -> list[OSError | None]:
+        """claim() several jobs, sharing the folders' fsyncs: what one turn of the daemon admits. For each: None,
+        or its error (FileNotFoundError: claimed or cancelled meanwhile; NotYetStored: still being stored)."""
+        incoming, active = self._text[Folder.INCOMING], self._text[Folder.ACTIVE]
+        errors: list[OSError | None] = [None] * len(job_ids)
+        held, moves, where = [], [], []
         try:
-            fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise
-            fd = None  # a link or a FIFO in its place: moved as it is, and the loader puts it aside
-        try:
-            if fd is not None:
+            for i, job_id in enumerate(job_ids):
+                src = f"{incoming}/{job_id}.json"
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise NotYetStored(errno.EAGAIN, "the API is still storing it", str(src)) from None
-            self.files.rename(src, dest)
+                    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except FileNotFoundError as exc:
+                    errors[i] = exc
+                    continue
+                except OSError:
+                    fd = None  # a link or a FIFO in its place: moved as it is, and the loader puts it aside
+                if fd is not None:
+                    held.append(fd)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        errors[i] = NotYetStored(errno.EAGAIN, "the API is still storing it", src)
+                        continue
+                moves.append((src, f"{active}/{job_id}.json"))
+                where.append(i)
+            for i, error in zip(where, self.files.rename_all(moves)):
+                errors[i] = error
         finally:
-            if fd is not None:
+            for fd in held:
                 os.close(fd)
-        return dest
+        return errors
 
     def write_status(self, status: JobStatus) -> None:
         self.files.write(self.status_path(int(status.job_id)), status)
 
-    def finish(self, job_id: int, status: Status) -> None:
-        """Move a job out of active/ once its final status and every result are on disk.
+    def write_statuses(self, statuses: list[JobStatus], durable: bool) -> list[OSError | None]:
+        """Several status files at once, sharing status/'s fsync when ``durable``; otherwise each file's bytes are
+        fsynced but not the folder (files.py, write_all): a status that may be lost, never one that is garbage.
+        For each: None or its error."""
+        folder = self._text[Folder.STATUS]
+        return self.files.write_all([(f"{folder}/{s.job_id}.json", encode(s)) for s in statuses], durable=True,
+                                    folders=durable)
 
-        Called again after it raised (a folder's fsync failed, EIO): a move made but not proven durable is made
+    def finish_all(self, finished: list[tuple[int, Status]]) -> list[OSError | None]:
+        """finish() several jobs, sharing the folders' fsyncs. For each: None, or its error.
+
+        Called again after it failed (a folder's fsync failed, EIO): a move made but not proven durable is made
         again (the old name linked back, then moved as the first time), never taken as done."""
-        folder = Folder.DONE if status is Status.COMPLETED else Folder.FAILED
-        src, dest = self.path(Folder.ACTIVE, job_id), self.path(folder, job_id)
-        if not src.exists() and dest.exists():
-            os.link(dest, src, follow_symlinks=False)
-        self.files.rename(src, dest)
+        active, done, failed = self._text[Folder.ACTIVE], self._text[Folder.DONE], self._text[Folder.FAILED]
+        moves = [(f"{active}/{job_id}.json", f"{done if status is Status.COMPLETED else failed}/{job_id}.json")
+                 for job_id, status in finished]
+        for src, dest in moves:
+            if not os.path.exists(src) and os.path.exists(dest):
+                os.link(dest, src, follow_symlinks=False)
+        return self.files.rename_all(moves)
+
+    def finish(self, job_id: int, status: Status) -> None:
+        """Move a job out of active/ once its final status and every result are on disk."""
+        [error] = self.finish_all([(job_id, status)])
+        if error is not None:
+            raise error
 
     def reopen(self, job_id: int, folder: str) -> None:
         """Move a finished job back to active/, for the daemon to redo the images that lost their results."""

@@ -1,12 +1,13 @@
-"""Idempotency keys: the record that ties a client's ``Idempotency-Key`` to the job its submit made (the
-format is documented in spool/__init__.py). Mixed into Spool.
+"""Idempotency keys: the record (records.py, KeyRecord) that ties a client's ``Idempotency-Key`` to the job its
+submit made; where it lives: spool/__init__.py.
 
 The promise is the job's own: a crash at any instant leaves no job and no key, or both. A submit with a key
 runs under the key's lock (one of 256 lock files, by the key's digest, so unrelated keys rarely wait on each
-other) and writes, in this order: the key record naming the job id it took, the job's meta file, the job
-file. A key record counts only while the job it names exists, and job ids never repeat, so a record whose
-job never got written (a crash in between) counts as no key: the next submit with that key makes the job.
-The lock is a file lock (flock), so the kernel lets go of it when a killed API process dies.
+other) and writes, in this order, each durable before the next: the job's meta file (which makes its id
+taken for good, jobs.py next_id), the key record naming that id, the job file. A key record counts only while
+the job it names exists, and job ids never repeat, so a record whose job never got written (a crash in
+between) counts as no key: the next submit with that key makes the job. The lock is a file lock (flock), so
+the kernel lets go of it when a killed API process dies.
 """
 from __future__ import annotations
 
@@ -81,9 +82,9 @@ class Keys:
                     return record.job_id, True
                 admit()
                 job_id = self.jobs.next_id()
-                self.files.write(self.path(digest), KeyRecord(key, owner, job_id, request_sha256,
-                                                              round(time.time(), 3)))
-                self.jobs.store(job_id, count, visits, owner, callback_url=callback_url, idempotency_key=digest)
+                record = KeyRecord(key, owner, job_id, request_sha256, round(time.time(), 3))
+                self.jobs.store(job_id, count, visits, owner, callback_url=callback_url, idempotency_key=digest,
+                                between=lambda: self.files.write(self.path(digest), record))
                 return job_id, False
         except filelock.Timeout:
             raise KeyBusy from None

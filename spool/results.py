@@ -16,13 +16,16 @@ import json
 import os
 import re
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from spool.files import CorruptFile, SpoolFiles, decode, encode_lines, fsync_dir, read_regular
+from spool.files import CorruptFile, SpoolFiles, decode, encode_lines, read_regular
 from spool.records import ResultLine
 from spool.vocabulary import Folder
 
+#: How many jobs' folders Results remembers as durable; beyond that, the oldest are fsynced again if written.
+DURABLE_FOLDERS_KEPT = 100_000
 RESULT_NAME = re.compile(r"([0-9]{8})-([0-9]{8})(?:\.([0-9a-f]{8}))?\.jsonl")
 
 
@@ -105,20 +108,52 @@ class Results:
 
     def __init__(self, files: SpoolFiles):
         self.files, self.root = files, files.root
+        # Jobs whose folder's entry in results/ this process has made durable (fsynced results/ after it).
+        self._folders_durable: OrderedDict[int, None] = OrderedDict()
 
     def folder(self, job_id: int) -> Path:
         return self.root / Folder.RESULTS / str(job_id)
 
     def write(self, job_id: int, first: int, stop: int, lines: list[ResultLine]) -> None:
         """Record the results of images first..stop-1 as one file. Durable when this returns."""
-        folder = self.folder(job_id)
-        try:
-            folder.mkdir(mode=0o700)
-            fsync_dir(folder.parent)  # the job's folder is an entry of results/: durable only once that is fsynced
-        except FileExistsError:
-            pass
-        body = encode_lines(lines)
-        self.files.write_atomic(folder / f"{first:08d}-{stop:08d}.{zlib.crc32(body):08x}.jsonl", body)
+        [error] = self.write_many([(job_id, first, stop, lines)])
+        if error is not None:
+            raise error
+
+    def write_many(self, files: list[tuple[int, int, int, list[ResultLine]]]) -> list[OSError | None]:
+        """Several results files (job id, first, stop, lines) at once, each durable when this returns, sharing
+        the folders' fsyncs (files.py, write_all): what the supervisor records in one turn of its loop. A
+        job's first file makes its folder, and the folder's entry in results/ is made durable too. For each
+        file: None, or the OSError that kept it from being written."""
+        made, errors, items, where = [], [None] * len(files), [], []
+        results = os.path.join(self.root, Folder.RESULTS)
+        for i, (job_id, first, stop, lines) in enumerate(files):
+            folder = f"{results}/{job_id}"
+            try:
+                os.mkdir(folder, 0o700)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                errors[i] = exc
+                continue
+            if job_id not in self._folders_durable:  # made now, or by a process that may have died before
+                made.append(i)                       # its fsync of results/ (kill -9 keeps what it made)
+            body = encode_lines(lines)
+            items.append((f"{folder}/{first:08d}-{stop:08d}.{zlib.crc32(body):08x}.jsonl", body))
+            where.append(i)
+        if made:
+            try:
+                self.files.sync_folder(results)
+                for i in made:
+                    self._folders_durable[files[i][0]] = None
+                while len(self._folders_durable) > DURABLE_FOLDERS_KEPT:
+                    self._folders_durable.popitem(last=False)
+            except OSError as exc:
+                for i in made:
+                    errors[i] = exc
+        for i, error in zip(where, self.files.write_all(items)):
+            errors[i] = errors[i] or error
+        return errors
 
     def chunks(self, job_id: int) -> list[tuple[int, int, Path]]:
         """(first, stop, path) of each results file of a job, in image order."""

@@ -136,7 +136,7 @@ def test_the_readme_first_job_completes_and_make_ctl_sees_it_on_the_same_spool(m
 
     # Owner-only, as the README says: the spool folder, the lock files, the INI file make run wrote.
     spool = var / "spool"
-    for path, mode in ((spool, 0o700), (spool / "daemon.lock", 0o600), (spool / "next_job_id.lock", 0o600),
+    for path, mode in ((spool, 0o700), (spool / "daemon.lock", 0o600), (spool / "next_job_id", 0o600),
                        (var / "retail-pulse.ini", 0o600)):
         assert stat.S_IMODE(path.stat().st_mode) == mode, f"{path.name}: {oct(path.stat().st_mode)}"
 

@@ -148,6 +148,9 @@ SETTINGS_OPERATORS_KNOW = (
     ("max_images_per_job", "api", "200000", 1, None),
     ("max_url_chars", "api", "2048", 16, 65536),
     ("max_queued_images", "api", "1000000", 0, None),
+    # New since 9ce1eab (issue 28): incoming/ and control/ were looked at every 0.1 s, fixed; now the kernel
+    # wakes the daemon, and this is the fallback.
+    ("poll_interval_s", "daemon", "1.0", 0.001, 86400),
     ("api_tokens_file", "api", "", None, None),
 )
 

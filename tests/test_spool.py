@@ -145,8 +145,27 @@ def test_submitted_job_is_durable_before_the_api_answers(spool, syscalls):
                                                 "image_url": ["http://img.example/a.jpg"]}]}).encode()
     r = call_wsgi(make_app(spool), "POST", "/api/submit/", body)
     assert r.status_code == 201  # call_wsgi returns after the app did: every syscall below came first
-    assert_durable_write(syscalls, spool.jobs.path("incoming", r.json()["job_id"]))
-    assert_durable_write(syscalls, spool.root / "next_job_id")
+    job_id = r.json()["job_id"]
+    meta = assert_durable_write(syscalls, spool.jobs.meta_path(job_id))
+    job = assert_durable_write(syscalls, spool.jobs.path("incoming", job_id))
+    assert meta < job  # the meta file, which keeps the id taken after a power loss, is durable first
+
+
+def test_ids_stay_unique_and_increasing_when_the_counter_is_lost_or_stale(spool):
+    """The counter is not fsynced on every id (next_id): a power loss can leave it empty or older than the last
+    id given. Start-up raises it above every id the spool holds, so no id is ever given twice."""
+    first, second = (spool.jobs.submit(1, records([{"store_id": "RP00001", "visit_time": "t",
+                                                     "image_url": ["http://x/a.jpg"]}])) for _ in range(2))
+    for lost in (b"", b"1\n", b"\x00\x00"):
+        (spool.root / "next_job_id").write_bytes(lost)
+        assert Spool(spool.root).jobs.restore_counter() == second + 1
+        assert Spool(spool.root).jobs.next_id() == second + 1
+    spool.jobs.claim(second)
+    spool.jobs.finish(second, Status.COMPLETED)
+    (spool.root / "next_job_id").write_bytes(b"2\n")  # stale, as a power loss could leave it
+    assert spool.upkeep.purge(second)  # the highest id: nothing names it any more ...
+    assert Spool(spool.root).jobs.restore_counter() > second  # ... but purge made the counter durable first
+    assert first < second
 
 
 def test_results_are_durable_before_the_status_counts_them(spool, syscalls):
@@ -164,6 +183,7 @@ def test_results_are_durable_before_the_status_counts_them(spool, syscalls):
     chunk = job.pending.popleft()  # as dispatching does
     job.chunks_in_flight += 1
     supervisor.record(job, chunk, [ImageOutcome(0, 1, 1, 4, None, None, 0.2, 100)])  # what the pool returned
+    supervisor.forget_finished(supervisor.recorder.flush())  # the turn's writes, all at once
     [written] = spool.results.folder(job_id).glob("00000000-00000001.*.jsonl")  # named with its checksum
     results = assert_durable_write(syscalls, written)
     status = assert_durable_write(syscalls, spool.jobs.status_path(job_id))

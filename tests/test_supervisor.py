@@ -353,6 +353,7 @@ def test_lost_tasks_follow_the_policy_and_the_poison_image_alone_is_failed(spool
                 events.put(TaskDone(task_id, [ImageOutcome(i, 1, 1, 4, None, None, 0.0, 10)
                                               for i, _ in runner.images[task_id]]))
         supervisor.wait_for_events(0)
+        supervisor.forget_finished(supervisor.recorder.flush())
     results = [json.loads(line) for line in spool.results.lines(job_id)]
     # 4 deaths: the shared process, the chunk alone, its half, the image alone (max_worker_deaths counts alone).
     assert [r["error"] for r in results] == [None, None, "the process measuring this image died each time (4 attempts)",

@@ -140,6 +140,7 @@ def test_the_notification_is_on_disk_before_the_status_says_finished(spool, sysc
     chunk = job.pending.popleft()
     job.chunks_in_flight += 1
     supervisor.record(job, chunk, [ImageOutcome(0, 1, 1, 4, None, None, 0.2, 100)])
+    supervisor.forget_finished(supervisor.recorder.flush())  # the turn's writes, all at once
     notification = assert_durable_write(syscalls, spool.outbox.path(job_id))
     status = assert_durable_write(syscalls, spool.jobs.status_path(job_id))
     assert notification < status < assert_durable_write(syscalls, spool.jobs.path("done", job_id), new_file=False)

@@ -62,8 +62,11 @@ def serve(argv: list[str] | None) -> int:
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": settings.api_workers,
         "threads": settings.api_threads,
+        # Open connections per API process: gunicorn's default (1,000), doubled so that a thousand clients
+        # waiting on their jobs (Prefer: wait, at most half of these: webapi/waits.py) leave as many for the rest.
+        "worker_connections": 2000,
         # gunicorn's gthread worker, whose own error answers (bad request line, 414, 431) are JSON too
-        "worker_class": "webapi.server.JsonErrorThreadWorker",
+        "worker_class": "webapi.server.ApiWorker",
         "when_ready": _announce,
         "graceful_timeout": 30,  # SIGTERM: requests in flight get this long to finish
         # gunicorn's own request limits, set on purpose: request line (path + query) and headers are small

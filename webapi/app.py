@@ -18,6 +18,7 @@ from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from webapi.metrics import render as render_metrics
 from webapi import openapi, pages, submit_options
+from webapi.waits import RESUMED, Park, StatusViews, View, etag_matches, wait_preference
 from webapi.validate import InvalidSubmission, SubmitLimits, check_submission, decode_submission
 
 log = logging.getLogger("retailpulse.webapi")
@@ -71,6 +72,7 @@ class _Api:
                  webhook_secrets: Mapping[str | None, bytes] | None = None):
         self.spool, self.limits, self.tokens, self.max_queued_images = spool, limits, tokens, max_queued_images
         self.webhook_secrets = webhook_secrets  # None: no webhooks, so no callback_url
+        self.views = StatusViews(spool)  # status answers, kept while their files are unchanged
 
     def caller(self) -> str | None:
         """The token name of the request (None when tokens are off); raises the 401 that refuses it."""
@@ -85,13 +87,18 @@ class _Api:
     def owns(self, job_id: int, owner: str | None) -> bool:
         if self.tokens is None:
             return True
-        meta = self.spool.jobs.read_meta(job_id)
+        meta = self.views.meta(job_id)
         return meta is not None and meta.owner == owner
 
     def known_job(self) -> tuple[int, JobStatus]:
         """The job named by ?jobid= and its status; raises the 400 that explains why there is none.
 
         With tokens on, another client's job is answered exactly like a job that does not exist."""
+        job_id, view = self.known_view()
+        return job_id, view.status
+
+    def known_view(self) -> tuple[int, View]:
+        """known_job(), as the status route answers it (with its ETag and bytes: waits.py, StatusViews)."""
         owner = self.caller()
         raw = request.query.getunicode("jobid")
         if raw is None or raw == "":
@@ -102,14 +109,14 @@ class _Api:
         if not self.owns(job_id, owner):
             raise json_response(400, {})
         try:
-            doc = self.spool.status(job_id)
+            view = self.views.view(job_id)
         except OSError as exc:  # permissions, a folder where a file should be: the operator's to fix
             log.error("job %d: cannot read its status: %s", job_id, exc)
             raise json_response(503, {"error": f"cannot read job {job_id}'s status from the spool: "
                                                f"{spool_error(exc)}"}, **{"Retry-After": "30"}) from None
-        if doc is None:
+        if view is None:
             raise json_response(400, {})
-        return job_id, doc
+        return job_id, view
 
     def submit(self):
         owner = self.caller()
@@ -155,7 +162,7 @@ class _Api:
         """Raises 503 + Retry-After when taking ``images`` more would pass max_queued_images."""
         if self.max_queued_images is None:
             return
-        queued = self.spool.queued_images()
+        queued = self.views.queued_images()
         if queued + images > self.max_queued_images:
             log.warning("submit refused: %d images queued, %d more asked, limit %d",
                         queued, images, self.max_queued_images)
@@ -164,7 +171,37 @@ class _Api:
                                 **{"Retry-After": "60"})
 
     def status(self):
-        return json_response(200, self.known_job()[1])
+        """The job's status; with ``Prefer: wait=S``, once it is finished or (with If-None-Match) changed
+        (waits.py): a server that can park requests (webapi/server.py) has held it until then."""
+        _job_id, view = self.known_view()
+        headers = {"ETag": view.etag}
+        wait = wait_preference(request.get_header("Prefer"))
+        if wait is not None and RESUMED.get():
+            headers["Preference-Applied"] = f"wait={wait:g}"
+        if etag_matches(request.get_header("If-None-Match"), view.etag):
+            return HTTPResponse(b"", status=304, headers={"Cache-Control": "no-store", **headers})
+        return HTTPResponse(view.body, status=200, headers={"Content-Type": "application/json",
+                                                            "Cache-Control": "no-store", **headers})
+
+    def park(self, environ: dict) -> Park | None:
+        """For webapi/server.py: whether this request is a status request that is to wait, and for what.
+        None for anything that is to be answered now (not a wait, an error, a status that is ready); the
+        route then answers it as usual."""
+        if environ.get("PATH_INFO") != "/api/status" or environ.get("REQUEST_METHOD") != "GET":
+            return None
+        wait = wait_preference(environ.get("HTTP_PREFER"))
+        if wait is None:
+            return None
+        request.bind(environ)
+        try:
+            job_id, view = self.known_view()
+        except HTTPResponse:
+            return None
+        if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+        park = Park(job_id, time.monotonic() + wait, view.etag, until_finished=not if_none_match)
+        if park.ready(view) or (if_none_match and not etag_matches(if_none_match, view.etag)):
+            return None
+        return park
 
     def results(self):
         job_id, doc = self.known_job()
@@ -230,9 +267,13 @@ class _Api:
             return json_response(503, {"error": f"cannot store the request now: {exc.strerror or exc}"},
                                  **{"Retry-After": "30"})
         log.info("job %d: cancel requested", job_id)
-        if not self.spool.control.wait(job_id, Control.CANCEL, CANCEL_WAIT_S):
+        try:
+            if not self.spool.control.wait(job_id, Control.CANCEL, CANCEL_WAIT_S):
+                return json_response(202, {"job_id": str(job_id), "cancel": "requested"})
+            doc = self.spool.status(job_id)
+        except OSError as exc:  # the heartbeat or the status unreadable now: asked, not known to be done
+            log.error("job %d: cancel asked, but the spool cannot be read: %s", job_id, exc)
             return json_response(202, {"job_id": str(job_id), "cancel": "requested"})
-        doc = self.spool.status(job_id)
         return json_response(200, {"job_id": str(job_id), "cancel": "done", "status": doc and doc.status,
                                    "images_cancelled": (doc and doc.images_cancelled) or 0})
 
@@ -258,8 +299,8 @@ class _Api:
                 raise ValueError
         except ValueError:
             return json_response(400, {"error": "older_than_days: must be a number of days, 0 to 36500"})
-        purged = [job_id for job_id in self.spool.upkeep.finished_before(time.time() - days * 86400)
-                  if self.owns(job_id, owner) and self.spool.upkeep.purge(job_id)]
+        purged = self.spool.upkeep.purge_all([job_id for job_id in self.spool.upkeep.finished_before(
+            time.time() - days * 86400) if self.owns(job_id, owner)])
         log.info("purged %d finished job(s) older than %g days", len(purged), days)
         return json_response(200, {"purged": sorted(purged)})
 
@@ -316,6 +357,9 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | 
     api = _Api(spool, limits or SubmitLimits(), tokens, max_queued_images, webhook_secrets)
     app = Bottle()
     app.config["json.enable"] = False  # every route builds its own JSON response
+    # What webapi/server.py's worker needs to park status requests that wait (waits.py).
+    app.config["retailpulse.park"] = api.park
+    app.config["retailpulse.spool_root"] = spool.root
     app.route("/api/submit", "POST", api.submit)
     app.route("/api/submit/", "POST", api.submit)
     app.route("/api/status", "GET", api.status)

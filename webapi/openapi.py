@@ -9,6 +9,7 @@ import msgspec
 from spool import JOB_ID_PATTERN, Executor, Status
 from spool.records import JobStatus, ResultLine
 from webapi.submit_options import IDEMPOTENCY_HEADER, KEY_PATTERN, REPLAYED_HEADER
+from webapi.waits import MAX_WAIT_S
 
 #: The one job-id check (spool.JOB_ID_PATTERN), anchored as JSON Schema's "pattern" wants it.
 _JOB_ID = f"^{JOB_ID_PATTERN.pattern}$"
@@ -77,6 +78,13 @@ _SPOOL_UNREADABLE = _json("the spool (this job's status, or the job list) cannot
                           _ref("Error"), **{"Retry-After": "seconds"})
 _JOBID = {"name": "jobid", "in": "query", "required": True, "schema": {"type": "string", "pattern": _JOB_ID},
           "description": "a job id; anything else is a 400 naming jobid"}
+_PREFER = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
+           "description": f"RFC 7240: wait=S (at most {MAX_WAIT_S}) answers when the job is finished, or, with "
+                          "If-None-Match, when its status differs from that ETag; or when S seconds are up"}
+_IF_NONE_MATCH = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
+                  "description": "the ETag of the status the client has: 304 while it is still the status"}
+_STATUS_HEADERS = {"ETag": "identifies this status (weak): send it back in If-None-Match",
+                   "Preference-Applied": "wait=S when the answer waited for a change (RFC 7240)"}
 _OFFSET = {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10**9}}
 _LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
 _PAGE_ERROR = _json("offset or limit out of range, or a jobid problem", {"oneOf": [_ref("Error"), _ref("Empty")]})
@@ -111,9 +119,13 @@ def _static(summary: str, media_type: str) -> dict:
 def document() -> dict:
     """The whole document. A function, not a module constant: callers may change their copy freely."""
     job_routes = {
-        "/api/status": {"get": {"summary": "A job's status", "parameters": [_JOBID], "responses": {
-            "200": _json("the status document", _ref("JobStatus")), "400": _BAD_JOB, "401": _UNAUTHORIZED,
-            "503": _SPOOL_UNREADABLE}}},
+        "/api/status": {"get": {"summary": "A job's status; with Prefer: wait=S, once it is finished or changed",
+                                "parameters": [_JOBID, _PREFER, _IF_NONE_MATCH], "responses": {
+            "200": _json("the status document", _ref("JobStatus"), **_STATUS_HEADERS),
+            "304": {"description": "If-None-Match named the status as it is: unchanged (after the wait, if asked)",
+                    "headers": {name: {"description": why, "schema": {"type": "string"}}
+                                for name, why in _STATUS_HEADERS.items()}},
+            "400": _BAD_JOB, "401": _UNAUTHORIZED, "503": _SPOOL_UNREADABLE}}},
         "/api/results": {"get": {"summary": "A job's results; paged when offset or limit is given",
                                  "parameters": [_JOBID, _OFFSET, _LIMIT], "responses": {
             "200": _json("results recorded so far, in image order", _ref("Results")), "400": _PAGE_ERROR,

@@ -46,6 +46,12 @@ class Housekeeping:
         if now >= self.next_heartbeat:
             self.beat(heartbeat)
 
+    def next_due(self) -> float:
+        """clock() when the next chore is due (now, while finished jobs wait for their results check)."""
+        if self.results_to_check:
+            return self.clock()
+        return min(self.next_tmp_clean, self.next_retention, self.next_heartbeat, self.next_results_check)
+
     def _chore(self, what: str, chore: Callable[[], None]) -> None:
         try:
             chore()
@@ -109,7 +115,7 @@ class Housekeeping:
         if not self.retention_s:
             return
         old = self.spool.upkeep.finished_before(time.time() - self.retention_s)
-        purged = sum(self.spool.upkeep.purge(job_id) for job_id in old)
+        purged = len(self.spool.upkeep.purge_all(old)) if old else 0
         if purged:
             log.info("retention: deleted %d finished job(s) older than %g days", purged, self.retention_s / 86400)
 

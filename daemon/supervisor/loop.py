@@ -40,11 +40,19 @@ from daemon.supervisor.recording import Recorder
 from daemon.supervisor.settings import SupervisorSettings
 from daemon.supervisor.stores import Store
 from spool import FINISHED_FOLDERS, Control, CorruptFile, DamagedResults, Executor, Folder, Spool
+from spool.jobs import NotYetStored
 from spool.records import Heartbeat, RunnerView
+from spool.watch import Watch
 
 log = logging.getLogger("retailpulse.daemon")
 
-Events = queue.Queue  # of TaskDone | TaskLost, put by the runner's threads, taken by the supervisor's
+Events = queue.Queue  # of TaskDone | TaskLost | WAKE, put by other threads, taken by the supervisor's
+#: The event that says a file arrived in incoming/ or control/ (spool/watch.py): look now, not at the next look.
+WAKE = "wake"
+#: How soon to look again at a job file the API still holds (its folder's fsync running: spool/files.py publish).
+NOT_YET_STORED_LOOK_S = 0.01
+#: The longest the loop waits for an event: the runner looks for stalled processes this often (LocalPool).
+MAX_WAIT_S = 0.5
 #: Most images a cancel records in one results file (about 1 MiB of lines).
 CANCEL_FILE_IMAGES = 4096
 
@@ -84,6 +92,8 @@ class Supervisor:
         self.delayed_seq = itertools.count()  # a tie-breaker in the heap: chunks never compare
         self.next_task_id = 1
         self.incoming_images: dict[int, int] = {}  # job id -> images, of the jobs waiting in incoming/
+        self.woken = True  # a file arrived in incoming/ or control/ (WAKE): look at once
+        self.next_look = 0.0  # clock(): when to look at incoming/ and control/ without a wake-up
 
     @property
     def images_in_flight(self) -> int:
@@ -91,12 +101,18 @@ class Supervisor:
 
     # ------------------------------------------------------------ main loop
     def run(self, stop_requested: Callable[[], bool], ready: Callable[[], None] = lambda: None) -> None:
-        """Recover, call ``ready()``, work until ``stop_requested()``; then let in-flight chunks be recorded."""
-        self.recover()
-        ready()
-        while not stop_requested():
-            self.step()
-        self.drain()
+        """Recover, call ``ready()``, work until ``stop_requested()``; then let in-flight chunks be recorded.
+        Files arriving in incoming/ and control/ wake the loop (spool/watch.py); it also looks every poll_interval_s."""
+        wakeups = Watch([self.spool.root / Folder.INCOMING, self.spool.root / Folder.CONTROL],
+                        lambda _changes: self.events.put(WAKE))
+        try:
+            self.recover()
+            ready()
+            while not stop_requested():
+                self.step()
+            self.drain()
+        finally:
+            wakeups.close()
 
     def recover(self) -> None:
         """Start-up: remove stale tmp/ files, repair unreadable status files, resume the jobs in active/."""
@@ -105,22 +121,44 @@ class Supervisor:
             self.loader.repair_status(job_id)
         for job_id in self.spool.jobs.ids(Folder.ACTIVE):
             self.load(job_id, self.spool.jobs.path(Folder.ACTIVE, job_id))
+        self.forget_finished(self.recorder.flush())
 
     def step(self) -> None:
-        """One turn of the main loop: requests, admit, dispatch, record what finished, look for dead processes.
+        """One turn of the main loop: requests, admit, dispatch, wait for what finishes, record all of it at
+        once, chores. incoming/ and control/ are looked at when a file arrived (WAKE) or poll_interval_s passed.
 
         Control requests come first: a job cancelled while it waited in incoming/ must not be dispatched."""
-        self.handle_requests()
-        self.runner.watch()
+        looking = self.look_due()
+        if looking:
+            self.handle_requests()
         self.forget_finished(self.recorder.retry())
-        if self.recorder.paused:
-            self.wait_for_events(min(self.settings.poll_interval_s, self.recorder.retry_at - self.clock()))
-        else:
-            self.admit_incoming()
+        if not self.recorder.paused:
+            if looking:
+                self.admit_incoming()
             self.dispatch()
-            self.wait_for_events(self.settings.poll_interval_s)
+        self.wait_for_events(self.wait_timeout())
+        self.forget_finished(self.recorder.flush())
+        self.runner.watch()  # just before the heartbeat, which shows what it saw of the workers
         self.housekeeping.due(self.heartbeat)
         self.notifier.progress(self.status_line())
+
+    def look_due(self) -> bool:
+        """Whether to look at incoming/ and control/ now: woken, or poll_interval_s since the last look."""
+        now = self.clock()
+        if not self.woken and now < self.next_look:
+            return False
+        self.woken, self.next_look = False, now + self.settings.poll_interval_s
+        return True
+
+    def wait_timeout(self) -> float:
+        """How long the loop may wait for an event: until the next look, chore, delayed chunk or retry."""
+        now = self.clock()
+        due = [self.next_look, self.housekeeping.next_due(), now + MAX_WAIT_S]
+        if self.delayed:
+            due.append(self.delayed[0][0])
+        if self.recorder.paused:
+            due.append(self.recorder.retry_at)
+        return max(0.0, min(due) - now)
 
     def drain(self) -> None:
         """Record what is in flight, for drain_timeout_s at most in all; the rest is redone after a restart."""
@@ -128,7 +166,8 @@ class Supervisor:
         deadline = self.clock() + self.settings.drain_timeout_s
         while (self.dispatched or self.recorder.paused) and self.clock() < deadline:
             self.forget_finished(self.recorder.retry())
-            self.wait_for_events(min(deadline - self.clock(), self.settings.poll_interval_s), stopping=True)
+            self.wait_for_events(min(deadline - self.clock(), MAX_WAIT_S), stopping=True)
+            self.forget_finished(self.recorder.flush())
         if self.dispatched or self.recorder.paused:
             log.warning("stopping with %d chunk(s) unrecorded; they are redone on restart",
                         len(self.dispatched) + len(self.recorder.unrecorded))
@@ -162,6 +201,7 @@ class Supervisor:
             except (OSError, CorruptFile, DamagedResults) as exc:
                 log.error("job %d: %s: %s; will try again", job_id, verb, exc)
                 continue
+            self.forget_finished(self.recorder.flush())  # what a cancel records is on disk before it is done
             if verb is Control.CANCEL and self.recorder.owes(job_id):
                 continue  # some of what it cancelled waits for the disk: the request stays until it is written
             self.spool.control.carried_out(request)
@@ -208,16 +248,22 @@ class Supervisor:
     def admit_incoming(self) -> None:
         """Claim queued jobs, oldest first, while fewer than max_active_jobs run; a small job (at most
         small_job_images) is claimed at once whatever runs, so it never waits behind a crowd of big ones."""
+        taken = []
         for job_id in self.spool.jobs.ids(Folder.INCOMING):
-            crowded = len(self.jobs) >= self.settings.max_active_jobs
+            crowded = len(self.jobs) + len(taken) >= self.settings.max_active_jobs
             if crowded and self.images_of(job_id) > self.settings.small_job_images:
                 continue
             self.incoming_images.pop(job_id, None)
-            try:
-                path = self.spool.jobs.claim(job_id)
-            except FileNotFoundError:
-                continue  # cancelled and claimed meanwhile
-            self.load(job_id, path)
+            taken.append(job_id)
+        # One claim for all (their renames share the folders' fsyncs); a FileNotFoundError is a job cancelled
+        # and claimed meanwhile.
+        for job_id, error in zip(taken, self.spool.jobs.claim_all(taken)):
+            if error is None:
+                self.load(job_id, self.spool.jobs.path(Folder.ACTIVE, job_id))
+            elif isinstance(error, NotYetStored):  # the API's close wakes us again; look soon all the same
+                self.next_look = min(self.next_look, self.clock() + NOT_YET_STORED_LOOK_S)
+            elif not isinstance(error, FileNotFoundError):
+                log.error("job %d: cannot claim it: %s; will try again", job_id, error)
 
     def images_of(self, job_id: int) -> int:
         """A queued job's size, from its meta file (read once: it never changes); unknown counts as big."""
@@ -233,7 +279,7 @@ class Supervisor:
             return
         self.jobs[job_id] = job
         self.rotation.append(job_id)
-        self.forget_finished([job] if self.recorder.publish(job) else [])
+        self.recorder.touch(job)
 
     # ------------------------------------------------------------ dispatching
     def dispatch(self) -> None:
@@ -266,11 +312,14 @@ class Supervisor:
         return None
 
     def wait_for_events(self, timeout_s: float, stopping: bool = False) -> None:
-        """Handle the runner's events: wait up to timeout_s for the first, then take whatever else is ready."""
+        """Handle the runner's events and wake-ups: wait up to timeout_s for the first, then take whatever else is
+        ready (recorded together at the turn's flush)."""
         try:
             event = self.events.get(timeout=max(timeout_s, 0))
             while True:
-                if isinstance(event, TaskDone):
+                if event is WAKE:
+                    self.woken = True
+                elif isinstance(event, TaskDone):
                     self.task_done(event)
                 else:
                     self.task_lost(event, requeue=not stopping)
@@ -331,7 +380,7 @@ class Supervisor:
         self.record(job, chunk, outcomes)
 
     def record(self, job: ActiveJob, chunk: Chunk, outcomes: list[ImageOutcome]) -> None:
-        self.forget_finished([job] if self.recorder.record(job, chunk, outcomes) else [])
+        self.recorder.record(job, chunk, outcomes)
 
     def forget_finished(self, jobs: list[ActiveJob]) -> None:
         """Jobs that left active/: no more bookkeeping for them."""

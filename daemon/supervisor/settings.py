@@ -34,7 +34,10 @@ class SupervisorSettings:
         "section": "daemon", "min": 0, "max": 1_000_000,
         "help": "a job of at most this many images starts at once, however many jobs run: it never waits behind a "
                 "crowd of big ones"})
-    poll_interval_s: float = 0.1  # how often incoming/ is looked at while idle
+    poll_interval_s: float = field(default=1.0, metadata={
+        "section": "daemon", "min": 0.001, "max": 86400,
+        "help": "how often incoming/ and control/ are looked at without a wake-up: the kernel (inotify) tells "
+                "the daemon of a new job or request at once; this is the fallback where it cannot"})
     drain_timeout_s: float = field(default=60.0, metadata={
         "section": "daemon", "min": 0, "max": 3600,
         "help": "on SIGTERM, how long in-flight images may take to finish; the rest is redone after the restart"})

@@ -177,12 +177,12 @@ class PassThrough:
 
     # ------------------------------------------------------------ reads
     def getattr(self, path, fh=None):
-        def stat():
-            st = os.lstat(self._real(path))
+        def stat():  # an open file's fstat comes without its path (the kernel gives the handle only)
+            st = os.fstat(fh) if path is None and fh is not None else os.lstat(self._real(path))
             return {key: getattr(st, key) for key in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size",
                                                       "st_ino")} | {
                 "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
-        return self._read(path, stat)
+        return self._read(path or "", stat)
 
     def access(self, path, amode):
         def check():

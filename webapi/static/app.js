@@ -8,7 +8,9 @@ const POLL_MS = 1000, JOBS_PER_PAGE = 20, RESULTS_PER_PAGE = 100, TOKEN_KEY = "r
 // once they span RATE_MIN_SPAN_MS.
 const RATE_WINDOW_MS = 20000, RATE_MIN_SPAN_MS = 3000;
 const view = { jobsOffset: 0, resultsOffset: 0, jobId: new URLSearchParams(location.search).get("job"),
-               tokenRefused: false };
+               tokenRefused: false, statusEtag: null };
+// A job's page waits for its status to change (Prefer: wait, If-None-Match) instead of asking every second.
+const WAIT_S = 25;
 const polls = new Map();  // job id -> [{atMs, done}], its polls of the last RATE_WINDOW_MS, oldest first
 
 function el(tag, text, cls) {
@@ -35,10 +37,11 @@ class Unauthorized extends Error {}
 class Problem extends Error {}  // the API answered, with an error to show
 
 /** GET a JSON document; throws Unauthorized on a 401, Problem on any other error answer. */
-async function getJson(path, what) {
+async function getJson(path, what, headers = {}) {
   const token = sessionStorage.getItem(TOKEN_KEY);
-  const response = await fetch(path, { headers: token ? { Authorization: "Bearer " + token } : {} });
+  const response = await fetch(path, { headers: token ? { ...headers, Authorization: "Bearer " + token } : headers });
   if (response.status === 401) throw new Unauthorized();
+  if (response.status === 304) return { response, doc: null };  // unchanged: nothing to parse
   let doc;
   try {
     doc = await response.json();
@@ -187,9 +190,14 @@ function showMissing(text) {
   document.getElementById("job-details").hidden = Boolean(text);
 }
 
-async function refreshJob() {
+/** The job's status and results; with ``waitS``, once its status differs from the one shown (or the wait is
+ *  up: then nothing changes on the page). */
+async function refreshJob(waitS = 0) {
   const id = encodeURIComponent(view.jobId);
-  const { response: statusResponse, doc } = await getJson(`/api/status?jobid=${id}`, "cannot read the job");
+  const waiting = waitS && view.statusEtag ? { Prefer: `wait=${waitS}`, "If-None-Match": view.statusEtag } : {};
+  const { response: statusResponse, doc } = await getJson(`/api/status?jobid=${id}`, "cannot read the job", waiting);
+  if (statusResponse.status === 304) return;
+  view.statusEtag = statusResponse.ok ? statusResponse.headers.get("ETag") : null;
   if (statusResponse.status === 400) {  // {} for a job that does not exist (or is another token's)
     return showMissing(doc.error ? `No job “${view.jobId}”: ${doc.error}.`
       : `There is no job ${view.jobId}: it was never submitted, it was deleted, or it belongs to another token.`);
@@ -235,13 +243,14 @@ async function downloadCsv() {
   setTimeout(() => URL.revokeObjectURL(url), 60000);
 }
 
-async function tick() {
-  if (!document.getElementById("token-form").hidden) return;  // waiting for a token: nothing to ask yet
+async function tick(waitS = 0) {
+  if (!document.getElementById("token-form").hidden) return false;  // waiting for a token: nothing to ask yet
   try {
-    await (view.jobId ? refreshJob() : refreshJobs());
+    await (view.jobId ? refreshJob(waitS) : refreshJobs());
     showProblem(null);  // the API answered: whatever was wrong before is over
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.ready = "1";
+    return true;
   } catch (error) {
     if (error instanceof Unauthorized) {
       if (sessionStorage.getItem(TOKEN_KEY)) {  // we sent one, and the API does not know it
@@ -255,6 +264,7 @@ async function tick() {
     } else {
       showProblem("the API cannot be reached: " + error.message);
     }
+    return false;
   }
 }
 
@@ -277,8 +287,21 @@ function start() {
   document.getElementById("results-prev").addEventListener("click", step("resultsOffset", -RESULTS_PER_PAGE));
   document.getElementById("results-next").addEventListener("click", step("resultsOffset", RESULTS_PER_PAGE));
   document.getElementById("csv").addEventListener("click", downloadCsv);
-  tick();
-  setInterval(tick, POLL_MS);
+  if (view.jobId) {
+    follow();
+  } else {
+    tick();
+    setInterval(tick, POLL_MS);
+  }
+}
+
+/** A job's page: ask again as soon as an answer comes (the API holds each until the status changes); after
+ *  a problem, or with no token yet, wait POLL_MS first. */
+async function follow() {
+  for (;;) {
+    const answered = await tick(WAIT_S);
+    if (!answered) await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+  }
 }
 
 start();
