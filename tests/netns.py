@@ -1,6 +1,7 @@
 """Virtual machines on one LAN, for the tests: a network namespace per VM, each joined to a bridge (in a namespace
 of its own) by a veth pair, or by a delay link where latency matters, and partitions made by taking a VM's
-port on the bridge down (its packets are dropped, nothing is refused: a cut cable, not a closed port).
+port on the bridge down (its packets are dropped, nothing is refused: a cut cable, not a closed port), or between
+two VMs only, by a rule on the bridge (nftables' bridge family) that drops what goes between them.
 
 This kernel has no netem, so a delay link is user-space: a TAP device in the VM, another on the bridge, and a
 process (``python -m tests.netns delay ...``) that copies each frame from one to the other after the delay.
@@ -34,8 +35,8 @@ def available() -> str | None:
     """Why these tests cannot run here (not root, no `ip`), or None."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "no `ip` (iproute2)"
+    if shutil.which("ip") is None or shutil.which("nft") is None:
+        return "no `ip` (iproute2) or `nft` (nftables)"
     return None
 
 
@@ -44,6 +45,13 @@ def _ip(*args: str, ns: str | None = None) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if done.returncode:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+
+
+def _nft(ns: str, rules: str) -> None:
+    done = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, capture_output=True, text=True,
+                          timeout=30)
+    if done.returncode:
+        raise RuntimeError(f"nft in {ns}: {done.stderr.strip()}")
 
 
 def setns(path: str) -> None:
@@ -106,6 +114,18 @@ class Lan:
 
     def heal(self, name: str) -> None:
         _ip("link", "set", self.vms[name].port, "up", ns=self.bridge_ns)
+
+    def partition(self, a: str, b: str) -> None:
+        """Drop whatever goes between VMs ``a`` and ``b`` (both ways); each still reaches every other VM."""
+        x, y = self.vms[a].address, self.vms[b].address
+        _nft(self.bridge_ns, "add table bridge partitions\n"
+             "add chain bridge partitions forward { type filter hook forward priority 0; }\n"
+             f"add rule bridge partitions forward ip saddr {x} ip daddr {y} drop\n"
+             f"add rule bridge partitions forward ip saddr {y} ip daddr {x} drop\n")
+
+    def rejoin(self) -> None:
+        """Every partition() undone."""
+        _nft(self.bridge_ns, "add table bridge partitions\ndelete table bridge partitions\n")
 
     @contextlib.contextmanager
     def inside(self, name: str):

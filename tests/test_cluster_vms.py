@@ -1,7 +1,7 @@
 """Scale-out across VMs: network namespaces for the service VM (API and daemon), the scheduler, two worker hosts
 and an image host on the internet (tests/netns.py), each program started from its unit's ExecStart with its
-host's dask.env and the certificates systemd/dask-cert made, on the units' own ports. Partitions cut a VM's
-cable (packets dropped, nothing refused); the delayed tests put 25 ms each way on the worker hosts' links.
+host's dask.env and the certificates systemd/dask-cert made, on the units' own ports. A partition drops what
+goes between two VMs, or everything of one VM (its cable cut): packets dropped, nothing refused.
 
 Each test is one thing the operator of such a deployment meets: a worker cut off for longer than a TCP
 timeout, one removed for missed heartbeats, a flapping one, the daemon's VM cut off, hosts that share a host
@@ -87,6 +87,7 @@ def site(lan, tmp_path, start_service):
     finally:
         cluster.stop()
         images.close()
+        lan.rejoin()
         for name in VMS:
             lan.heal(name)
 
@@ -125,12 +126,12 @@ def test_a_worker_cut_off_longer_than_a_tcp_timeout_rides_it_out_and_its_tasks_f
     job_id = site.job(total, seconds=0.5)
     wait_until(lambda: busy(site, "w1"), what="w1 to hold tasks")
     pid = site.cluster.workers[0].pid
-    site.lan.cut("w1")
+    site.lan.partition("w1", "sched")  # its downloads go on: only the cluster's link is cut
     cut = time.monotonic()
     while time.monotonic() - cut < 35:  # longer than Dask's 30 s TCP timeout
         assert site.cluster.workers[0].poll() is None, "the worker exited while cut off"
         time.sleep(0.5)
-    site.lan.heal("w1")
+    site.lan.rejoin()
     final = service.wait(job_id, timeout_s=120)
     assert final["status"] == Status.COMPLETED, final
     site.assert_exactly_once(job_id, total)
@@ -149,10 +150,10 @@ def test_a_worker_removed_for_missed_heartbeats_is_no_death_and_rejoins(site):
     total = 400
     job_id = site.job(total, seconds=0.5)
     wait_until(lambda: busy(site, "w1"), what="w1 to hold tasks")
-    site.lan.cut("w1")
+    site.lan.partition("w1", "sched")
     wait_until(lambda: "failed to heartbeat" in site.cluster.log("scheduler"), timeout_s=60,
                what="the scheduler to remove w1")
-    site.lan.heal("w1")
+    site.lan.rejoin()
     healed = time.monotonic()
     final = service.wait(job_id, timeout_s=120)
     assert final["status"] == Status.COMPLETED, final
@@ -202,13 +203,17 @@ def test_the_daemon_cut_off_from_the_cluster_keeps_its_heartbeat(site):
 def test_workers_given_sigterm_with_their_scheduler_exit_within_two_seconds(site):
     service = site.start()
     site.job(300, seconds=0.5)
-    wait_until(lambda: busy(site, "w1") and busy(site, "w2"), what="both workers to hold tasks")
+    wait_until(lambda: busy(site, "w1") or busy(site, "w2"), what="the workers to hold tasks")
     site.cluster._closing.set()  # no restarts: the host is going down
     procs = [site.cluster.scheduler, *site.cluster.workers]
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     stopped = time.monotonic()
-    wait_until(lambda: all(p.poll() is not None for p in procs), timeout_s=20, what="every process to exit")
+    names = ["the scheduler", *(f"worker {i + 1}" for i in range(len(procs) - 1))]
+    try:
+        wait_until(lambda: all(p.poll() is not None for p in procs), timeout_s=20, what="every process to exit")
+    except AssertionError:
+        pytest.fail(f"still running 20 s after SIGTERM: {[n for n, p in zip(names, procs) if p.poll() is None]}")
     assert time.monotonic() - stopped < 2.5
 
 

@@ -263,15 +263,17 @@ class DaskCluster:
     RESTART_S = 2.0
 
     def __init__(self, folder: Path, host: str = "127.0.0.1", workers: int = 0, restart_workers: bool = False,
-                 lan=None, scheduler_vm: str = "sched", env: dict | None = None):
+                 lan=None, scheduler_vm: str = "sched", env: dict | None = None, certificate_days: int = 365):
         import threading
         self.folder, self.lan, self.env = folder, lan, dict(env or {})
         self.vm = Installation(folder / "vm")
         self.hosts: dict[str, WorkerHost] = {}
+        self.days = {"DAYS": str(certificate_days)}  # dask-cert's validity
         if lan is None:
             self.host = host
             self.certs = self.vm.make_certificates(("scheduler", "scheduler"), ("worker", "worker"),
-                                                   ("client", "client"))
+                                                   ("client", "client"), san=f"IP:{host},IP:127.0.0.1,DNS:localhost",
+                                                   env=self.days)
             self.port = free_port()
             self.vm.ports.update({"--port 8786": f"--port {self.port}", "127.0.0.1:8787": "127.0.0.1:0"})
             first, last = free_port_range(max(10, workers + 2))
@@ -280,7 +282,7 @@ class DaskCluster:
             self.host, self.port, (first, last) = lan.vms[scheduler_vm].address, 8786, (8790, 8799)
             self.keeper = Installation(folder / "ca-keeper")  # the operator's machine, which holds ca.key
             self.certs = self.keeper.make_certificates(("scheduler", "scheduler"), ("client", "client"),
-                                                       san=f"IP:{self.host}")
+                                                       san=f"IP:{self.host}", env=self.days)
             self._copy_certificates(self.vm, "scheduler", "client")
             self.scheduler_prefix = ["ip", "netns", "exec", lan.vms[scheduler_vm].ns]
         self.address = f"tls://{self.host}:{self.port}"
@@ -315,7 +317,7 @@ class DaskCluster:
         if vm not in self.hosts:
             address = self.lan.vms[vm].address
             installation = Installation(self.folder / vm)
-            self.keeper.make_certificates(("worker", f"worker-{vm}"), san=f"IP:{address}")
+            self.keeper.make_certificates(("worker", f"worker-{vm}"), san=f"IP:{address}", env=self.days)
             self._copy_certificates(installation, f"worker-{vm}")
             (installation.etc / "dask.env").write_text(f"RETAILPULSE_DASK_SCHEDULER={self.address}\n"
                                                        f"RETAILPULSE_DASK_HOST={address}\n"
