@@ -23,7 +23,7 @@ pytest.importorskip("distributed", reason="the dask extra is not installed (pip 
 if netns.available():
     pytest.skip(netns.available(), allow_module_level=True)
 
-VMS = ("svc", "sched", "w1", "w2", "inet")
+VMS = ("svc", "sched", "w1", "w2", "inet", "far")  # "far": a worker host 25 ms away (each way)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def lan():
     lan = netns.Lan()
     try:
         for name in VMS:
-            lan.add(name)
+            lan.add(name, delay_ms=25 if name == "far" else 0)
         yield lan
     finally:
         lan.close()
@@ -56,7 +56,9 @@ class Site:
 
     def job(self, n: int, seconds: float = 0.0) -> int:
         """A job of ``n`` images, each served after ``seconds``."""
-        (self.images.folder / "shelf.jpg").write_bytes(image_bytes("JPEG", 64, 48))
+        shelf = self.images.folder / "shelf.jpg"
+        if not shelf.exists():  # rewritten while another job downloads it, it would be served empty
+            shelf.write_bytes(image_bytes("JPEG", 64, 48))
         if seconds:
             def serve(handler):
                 time.sleep(seconds)
@@ -233,3 +235,20 @@ def test_fewer_workers_than_the_operator_expects_is_degraded_in_healthz_metrics_
     ctl = subprocess.run([sys.executable, "-m", "ctl", "--spool-dir", str(service.spool_dir), "health"],
                          capture_output=True, text=True, timeout=60, env=service.env)
     assert ctl.returncode != 0 and "degraded: 1 Dask worker of the 2 expected" in ctl.stdout + ctl.stderr, ctl
+
+
+# ---------------------------------------------------------------- far away
+def test_a_small_job_behind_a_big_one_on_a_worker_25_ms_away_waits_one_chunks_worth(site):
+    """Production's shape (a worker holds 64 chunks), scaled down: 1,024 images in chunks of 16."""
+    service = site.start("--images-per-process", "1024", workers=("far",))
+    big = site.job(4000)
+    wait_until(lambda: beat(service).get("images_in_flight", 0) >= 512, what="the big job to fill the worker")
+    waits = []
+    for _ in range(3):
+        started = time.monotonic()
+        small = site.job(16)
+        assert service.wait(small, timeout_s=120)["status"] == Status.COMPLETED
+        waits.append(time.monotonic() - started)
+    print("small jobs behind a big one, 25 ms away:", [round(w, 2) for w in waits])
+    assert max(waits) < 2.5, waits  # 3.8 s each when results were fetched one at a time
+    assert service.wait(big, timeout_s=300)["status"] == Status.COMPLETED

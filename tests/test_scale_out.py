@@ -59,7 +59,9 @@ def health(service) -> tuple[int, dict]:
 
 
 def job_of(image_server, n, path="shelf.jpg"):
-    (image_server.folder / "shelf.jpg").write_bytes(image_bytes("JPEG", 64, 48))
+    shelf = image_server.folder / "shelf.jpg"
+    if not shelf.exists():  # rewritten while another job downloads it, it would be served empty
+        shelf.write_bytes(image_bytes("JPEG", 64, 48))
     urls = [f"{image_server.base}/{path}?n={i}" for i in range(n)]
     return [{"store_id": "RP00001", "visit_time": "2026-11-23T10:00:00", "image_url": urls}]
 
@@ -450,3 +452,4 @@ def test_the_schedulers_log_names_no_dashboard_it_does_not_serve(cluster):
     url = line.split("dashboard at:")[1].strip()
     assert url.startswith("http://127.0.0.1:") and url.endswith("/health"), line
     assert requests.get(url, timeout=10).text == "ok"
+

@@ -41,6 +41,7 @@ import ssl
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from distributed import Client, KilledWorker, Security
@@ -66,6 +67,11 @@ SCHEDULER_CALL_TIMEOUT_S = 5.0
 CERTIFICATE_CHECK_INTERVAL_S = 3600.0
 #: The stimulus of a worker the scheduler removed for missed heartbeats (distributed's check_worker_ttl).
 HEARTBEAT_REMOVAL = "check-worker-ttl"
+#: Tasks whose results are fetched at once. Dask calls every future's done-callback on one thread, and
+#: fetching a result is a round trip to the worker through the scheduler: one at a time, 25 ms away, a
+#: small job's result waited behind a big one's 64 per worker (2-28 s), and the daemon could not take in
+#: more than a few tasks a second. The callback only hands the future to these threads.
+RESULT_FETCHERS = 16
 #: The holder that stands for all of the daemon's tasks: work is pending and nothing finishes anywhere.
 CLUSTER = "the Dask cluster (all tasks)"
 
@@ -110,6 +116,7 @@ class DaskRunner:
         self._certificates: dict[str, float] = {}  # whose certificate -> when it ends (Unix seconds)
         self._certificates_checked: tuple[float, frozenset] = (float("-inf"), frozenset())
         self._plugin = EnginePlugin(settings)
+        self._fetchers = ThreadPoolExecutor(RESULT_FETCHERS, thread_name_prefix="dask-result")
         self._tls = tls
         self._client = self._connect()
         self._scheduler_id: str | None = None
@@ -243,7 +250,7 @@ class DaskRunner:
         with self._lock:
             self._tasks[task_id] = (future, list(images))
             self._progress.holding(CLUSTER, len(self._tasks), time.monotonic())
-        future.add_done_callback(lambda f: self._finished(task_id, f))
+        future.add_done_callback(lambda f: self._fetchers.submit(self._finished, task_id, f))
 
     def cancel(self, task_ids: list[int]) -> None:
         """Stop these tasks on the cluster, from a thread of its own (each step is a round trip): the workers'
@@ -341,6 +348,7 @@ class DaskRunner:
             self._tasks.clear()
         self._client.cancel(futures)
         self._client.close(timeout=timeout_s)
+        self._fetchers.shutdown(wait=False, cancel_futures=True)
 
     # -------------------------------------------------------------- outcomes
     def _finished(self, task_id: int, future) -> None:
