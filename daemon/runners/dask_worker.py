@@ -39,8 +39,6 @@ from daemon.runners.sandbox import loss_of, run_isolated
 PLUGIN_NAME = "retailpulse-engine"
 #: Longest a closing worker process lives on (dask_setup): enough for Dask to say goodbye to a scheduler there.
 EXIT_GRACE_S = 1.5
-#: The worker states that mean it is on its way out.
-CLOSING = frozenset({"closing", "closed", "failed"})
 #: How long a task waits for the worker's engine plugin (being replaced by a restarted daemon) to be there.
 PLUGIN_WAIT_S = 10.0
 
@@ -68,18 +66,28 @@ class EnginePlugin(WorkerPlugin):
 
 
 def dask_setup(worker) -> None:
-    """The preload's hook (Dask calls it as the worker starts): watch for the worker closing, and end the
-    process EXIT_GRACE_S later if Dask has not."""
-    def exit_when_closed() -> None:
-        while getattr(worker.status, "name", "") not in CLOSING:
-            time.sleep(0.1)
-        time.sleep(EXIT_GRACE_S)
-        logging.getLogger("retailpulse.worker").warning(
-            "the worker is still closing %.1f s on (Dask waits on its scheduler): exiting now", EXIT_GRACE_S)
-        logging.shutdown()
-        os._exit(0)
+    """The preload's hook (Dask calls it as the worker starts): every way a worker closes goes through its
+    ``close`` (a signal, a lost scheduler, the scheduler's "close" message, its handlers table), so this one
+    starts a timer that ends the process EXIT_GRACE_S later if Dask has not."""
+    close = worker.close
 
-    threading.Thread(target=exit_when_closed, name="retailpulse-exit", daemon=True).start()
+    async def close_within_grace(*args, **kwargs):
+        timer = threading.Timer(EXIT_GRACE_S, _exit_now)
+        timer.daemon = True
+        timer.start()
+        return await close(*args, **kwargs)
+
+    worker.close = close_within_grace
+    for handlers in (worker.handlers, worker.stream_handlers):
+        if "close" in handlers:
+            handlers["close"] = close_within_grace
+
+
+def _exit_now() -> None:
+    logging.getLogger("retailpulse.worker").warning(
+        "the worker is still closing %.1f s on (Dask waits on its scheduler): exiting now", EXIT_GRACE_S)
+    logging.shutdown()
+    os._exit(0)
 
 
 def measure_task(images: TaskImages, isolated: bool, cancel_key: str | None = None) -> bytes:
