@@ -20,8 +20,7 @@ from tests.units import DaskCluster
 
 pytestmark = [pytest.mark.dask, pytest.mark.slow]
 pytest.importorskip("distributed", reason="the dask extra is not installed (pip install '.[dask]')")
-if netns.available():
-    pytest.skip(netns.available(), allow_module_level=True)
+netns.require()
 
 VMS = ("svc", "sched", "w1", "w2", "inet", "far")  # "far": a worker host 25 ms away (each way)
 
