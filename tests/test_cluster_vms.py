@@ -200,6 +200,31 @@ def test_the_daemon_cut_off_from_the_cluster_keeps_its_heartbeat(site):
     site.assert_exactly_once(job_id, total)
 
 
+# ---------------------------------------------------------------- recovery
+def test_after_the_scheduler_is_back_the_workers_join_and_the_job_goes_on_within_seconds(site):
+    service = site.start()
+    total = 600
+    job_id = site.job(total, seconds=0.2)
+    wait_until(lambda: busy(site, "w1") or busy(site, "w2"), what="the workers to hold tasks")
+    gone = time.monotonic()
+    site.cluster.scheduler.kill()
+    site.cluster.scheduler.wait()
+    # The workers exit, are started again 2 s later, and wait for it; it stays away 10 s (a host rebooting).
+    wait_until(lambda: len(site.cluster.exits) >= 2 and all(w.poll() is None for w in site.cluster.workers),
+               timeout_s=20, what="both workers started again")
+    time.sleep(max(0.0, gone + 10 - time.monotonic()))
+    site.cluster.start_scheduler()
+    back = time.monotonic()
+    wait_until(lambda: beat(service).get("workers") == 2, timeout_s=40, what="both workers in the cluster again")
+    whole = time.monotonic() - back
+    done = service.status(job_id).get("images_done", 0)
+    wait_until(lambda: service.status(job_id).get("images_done", 0) >= done + 64, timeout_s=10, what="the job to go on")
+    assert whole < 5, f"the cluster was whole {whole:.1f} s after the scheduler was back"
+    final = service.wait(job_id, timeout_s=120)
+    assert final["status"] == Status.COMPLETED, final
+    site.assert_exactly_once(job_id, total)
+
+
 # ---------------------------------------------------------------- a host shutting down
 def test_workers_given_sigterm_with_their_scheduler_exit_within_two_seconds(site):
     service = site.start()

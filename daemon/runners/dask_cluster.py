@@ -56,7 +56,13 @@ from daemon.runners.plain_data import RESULT_DESERIALIZERS, InvalidResult, parse
 
 log = logging.getLogger("retailpulse.daemon")
 
+#: The first connection's deadline (the daemon's start: the scheduler may be on its way up).
 CONNECT_TIMEOUT_S = 30
+#: Each later one's, and how long a client that lost the scheduler may try to get it back by itself before
+#: a new one is made. Within one try Dask's waits between attempts grow up to the deadline: with 30 s, the
+#: daemon found a scheduler back from a restart up to 15 s late. Each try ends within this; a new one starts
+#: a second later.
+RECONNECT_TIMEOUT_S = 3
 #: How long the workers the scheduler reported are used before asking again.
 WORKERS_CHECK_INTERVAL_S = 0.5
 #: How often the scheduler is asked which worker holds which task (the stall check).
@@ -105,8 +111,8 @@ class DaskRunner:
         refuse_code_from_the_cluster()
         self.scheduler, self.images_per_worker, self.min_workers = scheduler, images_per_worker, min_workers
         self._on_event = on_event
-        # guards _tasks, _progress, _failing, _addresses: the main thread submits and watches, the client's
-        # callback thread completes
+        # guards _tasks, _progress, _failing, _addresses, _certificates: the main thread submits, the watching
+        # thread looks at the cluster, the result fetchers complete
         self._lock = threading.Lock()
         self._tasks: dict[int, tuple[object, list]] = {}  # task id -> (future, images)
         self._progress = Progress(stall_timeout_s)
@@ -122,16 +128,16 @@ class DaskRunner:
         self._scheduler_id: str | None = None
         self._reconnecting: threading.Thread | None = None
         self._closing = threading.Event()
-        self._connected = True
+        self._connected, self._lost_at = True, 0.0
         self._workers_seen, self._workers_checked_at = 0, float("-inf")
         self._processing_checked_at = float("-inf")
         self._look()  # the first answer before the daemon says it is ready (its ready line names the workers)
         self._watching = threading.Thread(target=self._watch_forever, name="dask-watch", daemon=True)
         self._watching.start()
 
-    def _connect(self) -> Client:
+    def _connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> Client:
         # Results as msgpack only: a worker cannot make the daemon unpickle its answer (plain_data.py).
-        return Client(self.scheduler, security=self._tls, timeout=CONNECT_TIMEOUT_S, set_as_default=False,
+        return Client(self.scheduler, security=self._tls, timeout=timeout_s, set_as_default=False,
                       deserializers=list(RESULT_DESERIALIZERS))
 
     def _reconnect(self) -> None:
@@ -139,7 +145,7 @@ class DaskRunner:
         log.warning("dask: the client gave up on %s; connecting again every second", self.scheduler)
         while not self._closing.is_set():
             try:
-                client = self._connect()
+                client = self._connect(RECONNECT_TIMEOUT_S)
             except (OSError, TimeoutError) as exc:
                 log.debug("dask: %s still unreachable: %s", self.scheduler, exc)
                 self._closing.wait(1)
@@ -168,7 +174,9 @@ class DaskRunner:
         if self._client.status != "running":
             if self._connected:
                 log.warning("dask: lost the scheduler %s; its tasks go out again once it is back", self.scheduler)
-                self._connected = False
+                self._connected, self._lost_at = False, time.monotonic()
+            if self._client.status == "connecting" and time.monotonic() > self._lost_at + RECONNECT_TIMEOUT_S:
+                self._client.close(timeout=1)  # it tries on its own, its waits growing: a new one tries at once
             if self._client.status == "closed" and not self._closing.is_set() and \
                     (self._reconnecting is None or not self._reconnecting.is_alive()):
                 self._reconnecting = threading.Thread(target=self._reconnect, name="dask-reconnect", daemon=True)
