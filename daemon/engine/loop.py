@@ -22,7 +22,7 @@ than MIN_TRANSFERS others running, says the path is shared by too many: the limi
 not counted against its image, which starts again at once with a larger share. Each download that completes
 raises the limit by one, back up to max_transfers. At MIN_TRANSFERS or fewer, or past FORGIVEN_SLOW such
 attempts of one image, it counts as any other, so a server that trickles is still cut off (the total bound
-kept, FORGIVEN_SLOW attempts longer).
+kept, one attempt longer).
 """
 from __future__ import annotations
 
@@ -52,8 +52,11 @@ log = logging.getLogger("retailpulse.engine")
 #: is the server's or the image's doing, and counts.
 MIN_TRANSFERS = 4
 #: How many too-slow attempts of one image go uncounted: past them, it counts (a trickle stays bounded by
-#: (FORGIVEN_SLOW + download_attempts) x total_timeout_s, however busy the path).
-FORGIVEN_SLOW = 3
+#: (FORGIVEN_SLOW + download_attempts) x total_timeout_s, however busy the path). One is enough: a round of
+#: attempts running out together takes the limit down to what the path delivers at once. And one keeps the
+#: bounds that rest on an image's longest time: 4 x 30 s + 2 backoffs, under stall_timeout_s (180 s) and
+#: an isolated task's deadline (sandbox.deadline_s, 150 s).
+FORGIVEN_SLOW = 1
 
 #: Called once per task: its outcomes, or None when the engine closed before the task finished (nothing of
 #: it was recorded: send it again).
