@@ -421,7 +421,8 @@ def test_dask_checks_no_names_in_certificates_but_the_daemon_checks_the_schedule
     cluster.start_scheduler()
     with pytest.raises(RuntimeError, match="daemon did not start") as refused:
         start_service(*daemon_args(cluster))
-    assert "cannot reach the Dask scheduler" in str(refused.value) and "certificate does not match" in str(refused.value)
+    said = str(refused.value)
+    assert "cannot reach the Dask scheduler" in said and "certificate does not match" in said, said
 
 
 # ---------------------------------------------------------------- certificates that end
