@@ -438,6 +438,10 @@ def parse_args(argv=None):
     ap.add_argument("--crowd-images", type=int, default=10_000)
     ap.add_argument("--dask-workers", default="1,2,4,8")
     ap.add_argument("--dask-images", type=int, default=8_000)
+    ap.add_argument("--dask-vms", type=float, default=None, metavar="DELAY_MS",
+                    help="DASK-W2 and DASK-FAULTS across VMs (network namespaces: the service VM, the scheduler, two "
+                         "worker hosts, the image host), each worker host's link delayed DELAY_MS each way (0: none); "
+                         "without it, on loopback")
     ap.add_argument("--soak-minutes", type=float, default=30)
     ap.add_argument("--formats", default="jpeg,png,webp,heif,avif", type=lambda text: text.split(","),
                     help="formats the jobs' images are drawn from (the kit's manifest names: jpeg, png, webp, heif, "
@@ -526,13 +530,17 @@ def run_dask(args, keep) -> None:
 def print_faults(rows: list[dict]) -> None:
     if not rows:
         return
-    print("\n| fault | job | results | /healthz not 200 | it said | worker threads waiting after | the next job |\n"
-          "| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| fault | job | results | /healthz not 200 | it said | to full speed | left over | the next job |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         stopped = f"; workers stopped {row['workers_stopped_after_s']} s after it" if "workers_stopped_after_s" in row else ""
-        print(f"| {row['fault']}{stopped} | {row['wall_s']} s, {row['status']} | "
+        whole = f"; whole again {row['whole_after_s']} s after it" if "whole_after_s" in row else ""
+        full = "ended first" if row.get("to_full_speed_s") is None else f"{row['to_full_speed_s']} s"
+        left = (f"{row['threads_waiting_after']} threads waiting, {row.get('scheduler_tasks_after', '?')} tasks on "
+                f"the scheduler, {row.get('isolated_processes_after', '?')} isolated processes")
+        print(f"| {row['fault']}{stopped}{whole} | {row['wall_s']} s, {row['status']} | "
               f"{'one each' if row['one_result_each'] else 'NOT one each'}, {row['correct']} right | "
-              f"{row['unhealthy_s']} s | {'; '.join(row['healthz_said']) or '-'} | {row['threads_waiting_after']} | "
+              f"{row['unhealthy_s']} s | {'; '.join(row['healthz_said']) or '-'} | {full} | {left} | "
               f"{row['next_job_s']} s |")
 
 

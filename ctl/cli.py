@@ -6,6 +6,7 @@
     retailpulse-ctl cancel 17                   every image without a result gets "cancelled by request"
     retailpulse-ctl requeue 17 [--failed-only]  a finished job goes round again (all or its failed images)
     retailpulse-ctl purge 17 | --older-than-days 7   delete finished jobs and their results
+    retailpulse-ctl health                      the daemon, its workers and their capacity, as /healthz says
 
 cancel and requeue leave a request in control/ that the daemon carries out within a second (only the daemon
 moves job files), wait for it, and say what it did; with no daemon at work they say the request waits for
@@ -198,6 +199,24 @@ def job_id_arg(text: str) -> int:
     return job_id
 
 
+def cmd_health(spool: Spool, args) -> int:
+    """What /healthz says of the daemon and where its work runs, from the heartbeat: exit 1 unless all is well."""
+    from spool.heartbeat import capacity_health, certificate_health, daemon_health, worker_health
+    beat = spool.heartbeat.read()
+    checks = {"daemon": daemon_health(beat)}
+    if beat is not None:
+        print(f"executor: {beat.executor}, {beat.workers} worker(s)"
+              f"{f' (scheduler {beat.scheduler})' if beat.scheduler else ''}")
+        if beat.executor == "dask" and not beat.workers:
+            checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.scheduler}): nothing runs"
+        checks.update(worker_health(beat))
+        checks.update({name: f"degraded: {why}" for name, why in capacity_health(beat).items()})
+        checks.update(certificate_health(beat))
+    for name, text in checks.items():
+        print(f"{name}: {text}")
+    return 0 if all(text == "ok" for text in checks.values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retailpulse-ctl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("purge", help="delete finished jobs")
     p.add_argument("job_id", type=job_id_arg, nargs="?")
     p.add_argument("--older-than-days", type=float)
+    commands.add_parser("health", help="the daemon, its workers and their capacity (exit 1 unless all is well)")
     return parser
 
 
@@ -242,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show" and args.results < 0:
         args.results = None
     handlers = {"list": cmd_list, "show": cmd_show, "follow": cmd_follow, "cancel": cmd_request,
-                "requeue": cmd_request, "purge": cmd_purge}
+                "requeue": cmd_request, "purge": cmd_purge, "health": cmd_health}
     # Whatever a client sent (or a hand put in the spool) is printed, never a traceback for a character.
     sys.stdout.reconfigure(errors="backslashreplace")
     try:

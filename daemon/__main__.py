@@ -91,7 +91,7 @@ def make_runner(config: Config, runner: RunnerSettings, executor: Executor, proc
     tls = security(runner.dask_tls_ca_file, runner.dask_tls_cert_file, runner.dask_tls_key_file)
     try:
         return DaskRunner(runner.dask_scheduler, engine, on_event, runner.images_per_process, tls,
-                          runner.stall_timeout_s)
+                          runner.stall_timeout_s, min_workers=runner.min_workers)
     except (OSError, TimeoutError) as exc:
         # Not exit 2: the scheduler may be on its way up; systemd tries again (Restart=on-failure).
         raise SystemExit(f"retailpulse-daemon: cannot reach the Dask scheduler {runner.dask_scheduler}: {exc}")

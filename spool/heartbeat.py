@@ -54,6 +54,29 @@ class HeartbeatFile:
         return checks
 
 
+#: A certificate that ends within this is said in /healthz (503) and by retailpulse-ctl health: time to renew.
+CERTIFICATE_WARNING_S = 30 * 86400
+
+
+def capacity_health(beat: Heartbeat) -> dict[str, str]:
+    """{"capacity": ...} when the daemon sees fewer Dask workers than the operator expects (min_workers):
+    work runs, slower; nothing when all is well or no capacity was stated."""
+    expected = beat.workers_expected or 0
+    if beat.workers >= expected:
+        return {}
+    return {"capacity": f"{beat.workers} Dask worker{'s' if beat.workers != 1 else ''} of the {expected} expected "
+                        f"(min_workers)"}
+
+
+def certificate_health(beat: Heartbeat, now: float | None = None) -> dict[str, str]:
+    """{"certificates": ...} naming each cluster certificate that ends within CERTIFICATE_WARNING_S (or has)."""
+    now = time.time() if now is None else now
+    ending = [f"{c.role} {'ended' if c.not_after <= now else 'ends'} "
+              f"{time.strftime('%Y-%m-%d', time.gmtime(c.not_after))} (in {max(0, c.not_after - now) / 86400:.0f} days)"
+              for c in beat.certificates or () if c.not_after - now < CERTIFICATE_WARNING_S]
+    return {"certificates": "; ".join(ending) + ": renew (docs/scale-out.md, Rotation)"} if ending else {}
+
+
 def daemon_health(beat: Heartbeat | None, now: float | None = None) -> str:
     """"ok", or what is wrong with the daemon as its heartbeat tells."""
     if beat is None:

@@ -181,6 +181,13 @@ class Failing(Struct, frozen=True):
     error: str
 
 
+class Certificate(Struct, frozen=True, kw_only=True):
+    """A TLS certificate of the cluster and when it ends (heartbeat.certificate_health warns before)."""
+
+    role: str  # "the daemon's (client.pem)", "the CA's (ca.pem)", "the scheduler's", "worker tls://..."
+    not_after: UnixSeconds
+
+
 class RunnerView(Struct, frozen=True, kw_only=True):
     """What the heartbeat says of where the work runs (the runner's describe(), daemon/runners/)."""
 
@@ -191,6 +198,8 @@ class RunnerView(Struct, frozen=True, kw_only=True):
     stalled: list[Stall] = []
     failing: list[Failing] | UnsetType = UNSET  # dask
     stalled_replaced: int | UnsetType = UNSET  # local: stalled pool processes killed and replaced
+    workers_expected: int | UnsetType = UNSET  # dask: min_workers, when the operator set it
+    certificates: list[Certificate] | UnsetType = UNSET  # dask over TLS: each certificate of the cluster, its end
 
 
 class ImageCounts(Struct, frozen=True, kw_only=True):

@@ -11,8 +11,9 @@ from webapi.settings import CLASSES as API
 ORDER = (
     "spool_dir", "log_level",
     "store_master", "executor", "processes", "images_per_process", "downloads_per_process", "dask_scheduler",
-    "dask_tls_ca_file", "dask_tls_cert_file", "dask_tls_key_file", "chunk_images", "max_active_jobs",
-    "small_job_images", "poll_interval_s", "gpu_sleep_min_s", "gpu_sleep_max_s", "drain_timeout_s", "max_worker_deaths",
+    "dask_tls_ca_file", "dask_tls_cert_file", "dask_tls_key_file", "min_workers", "chunk_images", "max_active_jobs",
+    "small_job_images", "poll_interval_s", "gpu_sleep_min_s", "gpu_sleep_max_s", "drain_timeout_s",
+    "max_worker_deaths",
     "stall_timeout_s", "retention_days",
     "download_connect_timeout_s", "download_read_timeout_s", "download_total_timeout_s", "max_image_bytes",
     "download_attempts", "download_backoff_s", "image_formats", "max_header_bytes", "max_redirects",

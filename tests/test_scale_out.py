@@ -59,7 +59,9 @@ def health(service) -> tuple[int, dict]:
 
 
 def job_of(image_server, n, path="shelf.jpg"):
-    (image_server.folder / "shelf.jpg").write_bytes(image_bytes("JPEG", 64, 48))
+    shelf = image_server.folder / "shelf.jpg"
+    if not shelf.exists():  # rewritten while another job downloads it, it would be served empty
+        shelf.write_bytes(image_bytes("JPEG", 64, 48))
     urls = [f"{image_server.base}/{path}?n={i}" for i in range(n)]
     return [{"store_id": "RP00001", "visit_time": "2026-11-23T10:00:00", "image_url": urls}]
 
@@ -398,3 +400,57 @@ def test_cancel_on_the_cluster_stops_the_images_in_flight_and_frees_the_workers(
     assert service.wait(waiting, timeout_s=10)["status"] == Status.COMPLETED
     assert time.monotonic() - started < 5
     assert_every_image_recorded_once(service, waiting, 16)
+
+
+# ---------------------------------------------------------------- names in certificates
+def test_dask_checks_no_names_in_certificates_but_the_daemon_checks_the_schedulers(start_service, cluster, tmp_path):
+    # Dask: a worker whose certificate names another host (here 10.9.9.9) is let in: only the CA's signature
+    # counts. (docs/scale-out.md says so, and why the firewall rules name the sources.)
+    folder = cluster.certs
+    subprocess.run([str(REPO / "systemd/dask-cert"), str(folder), "worker", "worker", "IP:10.9.9.9"], check=True,
+                   capture_output=True, timeout=60)
+    cluster.start_worker()
+    with cluster.client() as client:
+        client.wait_for_workers(1, timeout=30)
+    # The daemon: a scheduler whose certificate does not name the address it dials is refused (any worker
+    # host's key serves too, and could otherwise pose as the scheduler).
+    cluster.scheduler.kill()
+    cluster.scheduler.wait()
+    subprocess.run([str(REPO / "systemd/dask-cert"), str(folder), "scheduler", "scheduler", "IP:10.9.9.9"],
+                   check=True, capture_output=True, timeout=60)
+    cluster.start_scheduler()
+    with pytest.raises(RuntimeError, match="daemon did not start") as refused:
+        start_service(*daemon_args(cluster))
+    said = str(refused.value)
+    assert "cannot reach the Dask scheduler" in said and "certificate does not match" in said, said
+
+
+# ---------------------------------------------------------------- certificates that end
+def test_certificates_that_end_within_a_month_are_said_by_healthz_and_metrics(start_service, tmp_path):
+    cluster = DaskCluster(tmp_path / "short", host=HOST, certificate_days=20)
+    try:
+        cluster.start_worker()
+        service = start_service(*daemon_args(cluster))
+        wait_until(lambda: heartbeat(service).get("workers") == 1, what="the daemon to see the worker")
+        code, doc = wait_until(lambda: (answer := health(service))[0] == 503 and "certificates" in answer[1]["checks"]
+                               and "worker" in answer[1]["checks"]["certificates"] and answer,
+                               what="/healthz to say the certificates end")
+        text = doc["checks"]["certificates"]
+        for whose in ("the CA's (dask_tls_ca_file)", "the daemon's (dask_tls_cert_file)",
+                      f"the scheduler's ({cluster.address})", "worker tls://"):
+            assert f"{whose}" in text, text
+        assert text.count("(in 20 days)") == 4, text
+        metrics = service.http.get(f"{service.base}/metrics", timeout=30).text
+        assert 'retailpulse_certificate_expiry_timestamp_seconds{certificate="the CA\'s (dask_tls_ca_file)"}' in metrics
+    finally:
+        cluster.stop()
+
+
+# ---------------------------------------------------------------- what the scheduler logs
+def test_the_schedulers_log_names_no_dashboard_it_does_not_serve(cluster):
+    import requests
+    (line,) = [line for line in cluster.log("scheduler").splitlines() if "dashboard at" in line]
+    url = line.split("dashboard at:")[1].strip()
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/health"), line
+    assert requests.get(url, timeout=10).text == "ok"
+

@@ -116,6 +116,7 @@ SETTINGS_OPERATORS_KNOW = (
     ("dask_tls_ca_file", "daemon", "", None, None),
     ("dask_tls_cert_file", "daemon", "", None, None),
     ("dask_tls_key_file", "daemon", "", None, None),
+    ("min_workers", "daemon", "0", 0, 100000),
     ("chunk_images", "daemon", "64", 1, 100000),
     ("max_active_jobs", "daemon", "32", 1, 100000),
     ("small_job_images", "daemon", "1000", 0, 1000000),

@@ -25,25 +25,31 @@ VENV_BIN = Path(sys.executable).parent
 DASK_CERT = UNITS / "dask-cert"
 
 
-def directives(unit: str | Path) -> list[tuple[str, str]]:
-    """The [Service] section's (key, value) pairs in order; continuation lines joined, comments dropped."""
+def directives(unit: str | Path, section: str = "[Service]") -> list[tuple[str, str]]:
+    """A section's (key, value) pairs in order; continuation lines joined, comments dropped."""
     text = (unit if isinstance(unit, Path) else UNITS / unit).read_text()
     text = re.sub(r"\\\n\s*", " ", text)
-    pairs, section = [], None
+    pairs, section, wanted = [], None, section
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith(("#", ";")):
             continue
         if line.startswith("["):
             section = line
-        elif section == "[Service]" and "=" in line:
+        elif section == wanted and "=" in line:
             key, value = line.split("=", 1)
             pairs.append((key.strip(), value.strip()))
     return pairs
 
 
-def values(unit: str | Path, key: str) -> list[str]:
-    return [value for k, value in directives(unit) if k == key]
+def values(unit: str | Path, key: str, section: str = "[Service]") -> list[str]:
+    return [value for k, value in directives(unit, section) if k == key]
+
+
+def specifiers(text: str, instance: str = "", hostname: str | None = None) -> str:
+    """systemd's %i (the instance), %H (the host name) and %% in a unit's value."""
+    text = text.replace("%%", "\0").replace("%i", instance).replace("%H", hostname or socket.gethostname())
+    return text.replace("\0", "%")
 
 
 
@@ -74,6 +80,7 @@ class Installation:
 
     root: Path  # stands for the VM's /
     ports: dict[str, str] = field(default_factory=dict)  # a unit's "--port 8786" -> "--port <free port>"
+    hostname: str | None = None  # %H: this machine's, unless a test says (VMs cloned from one image share one)
 
     def __post_init__(self):
         (self.root / "etc/retail-pulse/dask").mkdir(parents=True, exist_ok=True)
@@ -88,25 +95,28 @@ class Installation:
     def etc(self) -> Path:
         return self.root / "etc/retail-pulse"
 
-    def make_certificates(self, *roles: tuple[str, str]) -> Path:
-        """Run systemd/dask-cert as docs/scale-out.md says: a CA, then each (role, name) with SAN IP:127.0.0.1, into
+    def make_certificates(self, *roles: tuple[str, str], san: str = "IP:127.0.0.1,DNS:localhost",
+                          env: dict | None = None) -> Path:
+        """Run systemd/dask-cert as docs/scale-out.md says: a CA, then each (role, name) with ``san``, into
         etc/retail-pulse/dask (the CA's key included: a test machine is its own CA's keeper)."""
         folder = self.etc / "dask"
+        run_env = {**os.environ, **(env or {})}
         if not (folder / "ca.key").exists():
-            subprocess.run([str(DASK_CERT), str(folder), "ca"], check=True, capture_output=True, timeout=60)
+            subprocess.run([str(DASK_CERT), str(folder), "ca"], check=True, capture_output=True, timeout=60,
+                           env=run_env)
         for role, name in roles:
-            subprocess.run([str(DASK_CERT), str(folder), role, name, "IP:127.0.0.1,DNS:localhost"], check=True,
-                           capture_output=True, timeout=60)
+            subprocess.run([str(DASK_CERT), str(folder), role, name, san], check=True, capture_output=True,
+                           timeout=60, env=run_env)
         return folder
 
-    def environment(self, unit: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    def environment(self, unit: str, extra: dict[str, str] | None = None, instance: str = "") -> dict[str, str]:
         """The unit's Environment= and EnvironmentFile= settings (files read from this installation)."""
         env: dict[str, str] = {}
         for key, value in directives(unit):
             if key == "Environment":
                 for word in shlex.split(value):
                     name, _, setting = word.partition("=")
-                    env[name] = self.path(setting)
+                    env[name] = self.path(specifiers(setting, instance, self.hostname))
             elif key == "EnvironmentFile":
                 path = Path(self.path(value.lstrip("-")))
                 if path.is_file():
@@ -121,8 +131,7 @@ class Installation:
     def command(self, unit: str, env: dict[str, str], instance: str = "") -> list[str]:
         """The unit's ExecStart as argv: specifiers (%i, %H), ${VAR} from ``env``, this machine's paths and ports."""
         (exec_start,) = values(unit, "ExecStart")
-        exec_start = exec_start.replace("%%", "\0").replace("%i", instance).replace("%H", socket.gethostname())
-        exec_start = exec_start.replace("\0", "%")
+        exec_start = specifiers(exec_start, instance, self.hostname)
         for unit_port, port in self.ports.items():
             exec_start = exec_start.replace(unit_port, port)
         argv = []
@@ -225,29 +234,67 @@ def sandboxed(installation: Installation, unit: str, argv: list[str], env: dict[
 SCHEDULER_UNIT, WORKER_UNIT = "retail-pulse-dask-scheduler.service", "retail-pulse-dask-worker@.service"
 
 
+def start_limits(unit: str) -> tuple[float, int]:
+    """The unit's StartLimitIntervalSec= and StartLimitBurst= ([Unit]; systemd's defaults 10 s and 5)."""
+    interval = (values(unit, "StartLimitIntervalSec", "[Unit]") or ["10"])[-1]
+    burst = (values(unit, "StartLimitBurst", "[Unit]") or ["5"])[-1]
+    return float(interval.rstrip("s")), int(burst)
+
+
+@dataclass
+class WorkerHost:
+    """A worker host: its installation (dask.env, its certificate) and the command its processes run under."""
+    name: str
+    installation: Installation
+    prefix: list[str]  # ["ip", "netns", "exec", NS] for a VM of tests/netns.py; [] on this machine
+
+
 class DaskCluster:
     """`dask scheduler` and `dask worker` processes, each started with its unit's ExecStart and environment,
     TLS with a certificate per role (systemd/dask-cert), as production runs them; for the tests and the
     benchmark. ``host``: the address dask.env names (RETAILPULSE_DASK_HOST). ``restart_workers``: a worker
-    that exits is started again after RESTART_S, as systemd does (Restart=always, RestartSec=2)."""
+    that exits is started again after RESTART_S, as systemd does (Restart=always, RestartSec=2), within the
+    unit's start limits (past them it stays down, as systemd leaves a unit "failed").
+
+    ``lan`` (tests/netns.py): the scheduler runs in the VM ``scheduler_vm`` on the unit's own ports, and
+    ``start_worker(vm=...)`` runs a worker in that VM, each VM a worker host with its own installation and
+    certificate, every VM sharing this machine's host name (as VMs cloned from one image do)."""
 
     RESTART_S = 2.0
 
-    def __init__(self, folder: Path, host: str = "127.0.0.1", workers: int = 0, restart_workers: bool = False):
+    def __init__(self, folder: Path, host: str = "127.0.0.1", workers: int = 0, restart_workers: bool = False,
+                 lan=None, scheduler_vm: str = "sched", env: dict | None = None, certificate_days: int = 365):
         import threading
-        self.folder, self.host = folder, host
+        self.folder, self.lan, self.env = folder, lan, dict(env or {})
         self.vm = Installation(folder / "vm")
-        self.certs = self.vm.make_certificates(("scheduler", "scheduler"), ("worker", "worker"), ("client", "client"))
-        self.port = free_port()
-        self.vm.ports.update({"--port 8786": f"--port {self.port}", "127.0.0.1:8787": "127.0.0.1:0"})
-        self.address = f"tls://{host}:{self.port}"
-        first, last = free_port_range(max(10, workers + 2))
+        self.hosts: dict[str, WorkerHost] = {}
+        self.days = {"DAYS": str(certificate_days)}  # dask-cert's validity
+        if lan is None:
+            self.host = host
+            self.certs = self.vm.make_certificates(("scheduler", "scheduler"), ("worker", "worker"),
+                                                   ("client", "client"), san=f"IP:{host},IP:127.0.0.1,DNS:localhost",
+                                                   env=self.days)
+            self.port = free_port()
+            self.vm.ports.update({"--port 8786": f"--port {self.port}", "127.0.0.1:8787": "127.0.0.1:0"})
+            first, last = free_port_range(max(10, workers + 2))
+            self.scheduler_prefix: list[str] = []
+        else:  # a fresh namespace per VM: the units' own ports are free
+            self.host, self.port, (first, last) = lan.vms[scheduler_vm].address, 8786, (8790, 8799)
+            self.keeper = Installation(folder / "ca-keeper")  # the operator's machine, which holds ca.key
+            self.certs = self.keeper.make_certificates(("scheduler", "scheduler"), ("client", "client"),
+                                                       san=f"IP:{self.host}", env=self.days)
+            self._copy_certificates(self.vm, "scheduler", "client")
+            self.scheduler_prefix = ["ip", "netns", "exec", lan.vms[scheduler_vm].ns]
+        self.address = f"tls://{self.host}:{self.port}"
         self.worker_ports = range(first, last + 1)
-        (self.vm.etc / "dask.env").write_text(f"RETAILPULSE_DASK_SCHEDULER={self.address}\nRETAILPULSE_DASK_HOST={host}\n"
+        (self.vm.etc / "dask.env").write_text(f"RETAILPULSE_DASK_SCHEDULER={self.address}\nRETAILPULSE_DASK_HOST={self.host}\n"
                                               f"RETAILPULSE_DASK_WORKER_PORTS={first}:{last}\n")
         self.scheduler: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
-        self.exits: list[tuple[int, float]] = []  # (instance, monotonic time) of each worker exit seen
+        self.worker_of: list[tuple[WorkerHost, str]] = []  # per worker: its host and instance
+        self.exits: list[tuple[int, float]] = []  # (worker number, monotonic time) of each worker exit seen
+        self.failed: set[int] = set()  # workers past the unit's start limits: systemd would leave them failed
+        self._starts: dict[int, list[float]] = {}
         self._closing = threading.Event()
         self.start_scheduler()
         for _ in range(workers):
@@ -255,44 +302,80 @@ class DaskCluster:
         if restart_workers:
             threading.Thread(target=self._restart_forever, daemon=True).start()
 
-    def _start(self, unit: str, name: str, instance: str = "", env: dict | None = None,
-               args: list[str] = ()) -> subprocess.Popen:
-        self.vm.state_directories(unit, instance)
-        unit_env = self.vm.environment(unit)
+    def _copy_certificates(self, installation: Installation, *names: str) -> None:
+        import shutil
+        target = installation.etc / "dask"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.certs / "ca.pem", target / "ca.pem")
+        for name in names:
+            role = name.split("-")[0]
+            for suffix in ("pem", "key"):
+                shutil.copy(self.certs / f"{name}.{suffix}", target / f"{role}.{suffix}")
+
+    def worker_host(self, vm: str) -> WorkerHost:
+        """The worker host in VM ``vm``, installed as docs/worker.md says on first use."""
+        if vm not in self.hosts:
+            address = self.lan.vms[vm].address
+            installation = Installation(self.folder / vm)
+            self.keeper.make_certificates(("worker", f"worker-{vm}"), san=f"IP:{address}", env=self.days)
+            self._copy_certificates(installation, f"worker-{vm}")
+            (installation.etc / "dask.env").write_text(f"RETAILPULSE_DASK_SCHEDULER={self.address}\n"
+                                                       f"RETAILPULSE_DASK_HOST={address}\n"
+                                                       "RETAILPULSE_DASK_WORKER_PORTS=8790:8799\n")
+            self.hosts[vm] = WorkerHost(vm, installation, ["ip", "netns", "exec", self.lan.vms[vm].ns])
+        return self.hosts[vm]
+
+    def _start(self, unit: str, name: str, installation: Installation, prefix: list[str], instance: str = "",
+               env: dict | None = None, args: list[str] = ()) -> subprocess.Popen:
+        installation.state_directories(unit, instance)
+        unit_env = installation.environment(unit, instance=instance)
         with (self.folder / f"{name}.log").open("ab") as log:
-            return subprocess.Popen([*self.vm.command(unit, unit_env, instance), *args], cwd=self.folder,
-                                    env={**os.environ, **unit_env, **(env or {})}, stdout=subprocess.DEVNULL,
-                                    stderr=log, start_new_session=True)
+            return subprocess.Popen([*prefix, *installation.command(unit, unit_env, instance), *args],
+                                    cwd=self.folder, env={**os.environ, **unit_env, **self.env, **(env or {})},
+                                    stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
 
     def start_scheduler(self) -> None:
         log_path = self.folder / "scheduler.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
-        self.scheduler = self._start(SCHEDULER_UNIT, "scheduler")
+        self.scheduler = self._start(SCHEDULER_UNIT, "scheduler", self.vm, self.scheduler_prefix)
         deadline = time.monotonic() + 60
         while b"Scheduler at:" not in log_path.read_bytes()[offset:]:
             if time.monotonic() > deadline or self.scheduler.poll() is not None:
                 raise RuntimeError(f"the scheduler did not start: {log_path.read_text()[-2000:]}")
             time.sleep(0.05)
 
-    def start_worker(self, env: dict | None = None, args: list[str] = ()) -> subprocess.Popen:
-        """Instance N+1 of the worker unit; ``env`` and ``args`` (a preload) only where a test adds them."""
-        instance = str(len(self.workers) + 1)
-        self.workers.append(self._start(WORKER_UNIT, f"worker{instance}", instance, env, args))
+    def start_worker(self, env: dict | None = None, args: list[str] = (), vm: str | None = None) -> subprocess.Popen:
+        """The next instance of the worker unit (on ``vm``'s host, with a LAN); ``env`` and ``args`` (a preload)
+        only where a test adds them."""
+        host = self.worker_host(vm) if vm is not None else WorkerHost("", self.vm, [])
+        instance = str(1 + sum(1 for other, _ in self.worker_of if other.name == host.name))
+        number = len(self.workers) + 1
+        self.workers.append(self._start(WORKER_UNIT, f"worker{number}", host.installation, host.prefix, instance,
+                                        env, args))
+        self.worker_of.append((host, instance))
+        self._starts[number] = [time.monotonic()]
         return self.workers[-1]
 
     def _restart_forever(self) -> None:
         import threading
+        interval, burst = start_limits(WORKER_UNIT)
         pending: set[int] = set()  # workers whose restart is due
         while not self._closing.wait(0.05):
             for i, worker in enumerate(self.workers):
-                if i not in pending and worker.poll() is not None:
-                    pending.add(i)
+                if i not in pending and i + 1 not in self.failed and worker.poll() is not None:
                     self.exits.append((i + 1, time.monotonic()))
+                    starts = [t for t in self._starts[i + 1] if interval == 0 or t > time.monotonic() - interval]
+                    if interval and len(starts) >= burst:
+                        self.failed.add(i + 1)  # systemd: "Start request repeated too quickly", failed
+                        continue
+                    pending.add(i)
                     threading.Timer(self.RESTART_S, self._restart, (i, pending)).start()
 
     def _restart(self, i: int, pending: set[int]) -> None:
         if not self._closing.is_set():
-            self.workers[i] = self._start(WORKER_UNIT, f"worker{i + 1}", str(i + 1))
+            host, instance = self.worker_of[i]
+            self.workers[i] = self._start(WORKER_UNIT, f"worker{i + 1}", host.installation, host.prefix, instance)
+            self._starts[i + 1].append(time.monotonic())
         pending.discard(i)
 
     def daemon_args(self, *extra: str) -> list[str]:
@@ -302,7 +385,8 @@ class DaskCluster:
                 "--dask-tls-key-file", str(self.certs / "client.key"), *extra]
 
     def client(self):
-        """A client of the caller's own (with the daemon's certificate), to look inside the workers."""
+        """A client of the caller's own (with the daemon's certificate), to look inside the workers (with a LAN:
+        from inside the service VM, ``lan.inside("svc")``)."""
         import distributed
         security = distributed.Security(tls_ca_file=str(self.certs / "ca.pem"),
                                         tls_client_cert=str(self.certs / "client.pem"),

@@ -12,7 +12,7 @@ from bottle import Bottle, HTTPResponse, request
 from spool import (UNFINISHED_FOLDERS, Control, DamagedResults, Executor, KeyBusy, KeyReused, Spool,
                    UnreadableResults, parse_job_id)
 from spool.files import encode
-from spool.heartbeat import daemon_health, worker_health
+from spool.heartbeat import capacity_health, certificate_health, daemon_health, worker_health
 from spool.records import JobStatus
 from webapi.auth import Tokens
 from webapi.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -316,6 +316,8 @@ class _Api:
             if beat.executor is Executor.DASK and not beat.workers:
                 checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.scheduler}): nothing runs"
             checks.update(worker_health(beat))
+            checks.update(capacity_health(beat))
+            checks.update(certificate_health(beat))
         try:
             self.spool.files.check_writable()
         except OSError as exc:

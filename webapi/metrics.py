@@ -125,6 +125,18 @@ def runner_metrics(view: RunnerView, executor: str | None):
         gauge = GaugeMetricFamily(name, help_text)
         gauge.add_metric([], len(items))
         yield gauge
+    if view.workers_expected:  # the capacity the operator stated (min_workers)
+        expected = GaugeMetricFamily("retailpulse_workers_expected", "Dask workers the operator expects (min_workers)")
+        expected.add_metric([], view.workers_expected)
+        yield expected
+        degraded = GaugeMetricFamily("retailpulse_degraded", "1 while fewer Dask workers than min_workers run")
+        degraded.add_metric([], 1 if view.workers < view.workers_expected else 0)
+        yield degraded
+    ends = GaugeMetricFamily("retailpulse_certificate_expiry_timestamp_seconds",
+                             "When each TLS certificate of the cluster ends (Unix time)", labels=["certificate"])
+    for certificate in view.certificates or ():
+        ends.add_metric([certificate.role], certificate.not_after)
+    yield ends
     replaced = CounterMetricFamily("retailpulse_stalled_replaced", "Stalled pool processes killed and replaced")
     replaced.add_metric([], view.stalled_replaced or 0)
     yield replaced

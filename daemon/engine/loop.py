@@ -15,6 +15,14 @@ real for every image but costs no thread. A retry's backoff is a deadline too. A
 downloads run at once; the rest wait, and a free slot goes to the next task in turn (one image from each
 task with images waiting), so a task that arrives behind big ones starts at once instead of queueing
 behind their images: the supervisor's chunks of different jobs share the process fairly.
+
+A slow path makes a job slower, never failed: how many downloads run at once adapts to what the path
+delivers. An attempt that runs out of its whole time (total_timeout_s) while bytes were arriving, with more
+than MIN_TRANSFERS others running, says the path is shared by too many: the limit halves, and the attempt is
+not counted against its image, which starts again at once with a larger share. Each download that completes
+raises the limit by one, back up to max_transfers. At MIN_TRANSFERS or fewer, or past FORGIVEN_SLOW such
+attempts of one image, it counts as any other, so a server that trickles is still cut off (the total bound
+kept, one attempt longer).
 """
 from __future__ import annotations
 
@@ -40,6 +48,16 @@ from daemon.engine.transfer import Failure, Transfer, finished
 
 log = logging.getLogger("retailpulse.engine")
 
+#: The fewest downloads the adaptive limit keeps running; an attempt too slow with no more than these running
+#: is the server's or the image's doing, and counts.
+MIN_TRANSFERS = 4
+#: How many too-slow attempts of one image go uncounted: past them, it counts (a trickle stays bounded by
+#: (FORGIVEN_SLOW + download_attempts) x total_timeout_s, however busy the path). One is enough: a round of
+#: attempts running out together takes the limit down to what the path delivers at once. And one keeps the
+#: bounds that rest on an image's longest time: 4 x 30 s + 2 backoffs, under stall_timeout_s (180 s) and
+#: an isolated task's deadline (sandbox.deadline_s, 150 s).
+FORGIVEN_SLOW = 1
+
 #: Called once per task: its outcomes, or None when the engine closed before the task finished (nothing of
 #: it was recorded: send it again).
 Done = Callable[[list[ImageOutcome] | None], None]
@@ -62,6 +80,7 @@ class _Image:
     url: str
     started: float = 0.0  # perf_counter at its first attempt
     attempt: int = 0
+    forgiven: int = 0  # attempts too slow on a shared path, not counted (at most FORGIVEN_SLOW)
 
 
 class Engine:
@@ -83,6 +102,7 @@ class Engine:
         self._waiting: deque[_Task] = deque()  # tasks with images to start, served in turn
         self._idle: list[Transfer] = []  # easy handles ready for reuse
         self._running: dict[int, Transfer] = {}  # id(curl) -> transfer
+        self._limit = float(settings.max_transfers)  # downloads at once now: adapts to the path (see above)
         self._deadlines: list[tuple[float, int, Callable[[], None]]] = []  # (clock(), seq, action)
         self._seq = itertools.count()
         self._curl_timer_at: float | None = None
@@ -174,7 +194,7 @@ class Engine:
         if self._deadlines:
             waits.append(self._deadlines[0][0] - self.clock())
         timeout = max(0.0, min(waits)) if waits else 1.0
-        if self._waiting and len(self._running) < self.settings.max_transfers:
+        if self._waiting and len(self._running) < self._limit:
             timeout = 0.0  # work that can start now
         for key, mask in self._selector.select(min(timeout, 1.0)):
             if key.fileobj is self._wake_reader:
@@ -264,7 +284,7 @@ class Engine:
 
     def _start_waiting(self) -> None:
         started = False
-        while self._waiting and len(self._running) < self.settings.max_transfers:
+        while self._waiting and len(self._running) < self._limit:
             task = self._waiting[0]
             image = task.todo.popleft()
             if task.todo:
@@ -303,7 +323,10 @@ class Engine:
         transfer.release()  # an idle handle keeps no body
         self._idle.append(transfer)
         if failure is None:
+            self._limit = min(float(self.settings.max_transfers), self._limit + 1)
             self._measured(image, attempt.body)
+        elif failure.slow and len(self._running) >= MIN_TRANSFERS and image.forgiven < FORGIVEN_SLOW:
+            self._shared_too_thin(image, failure)
         else:  # an error page is no image body: only bytes of bodies that could have been images count
             http_error = failure.kind in (ErrorKind.HTTP_4XX, ErrorKind.HTTP_5XX, ErrorKind.HTTP_OTHER)
             self._failed_attempt(image, failure, 0 if http_error else attempt.size)
@@ -347,6 +370,18 @@ class Engine:
             tries = "1 attempt" if image.attempt == 1 else f"after {image.attempt} attempts"
             reason = f"{failure.reason} (permanent, {tries})"
         self._record(image, ImageOutcome.failed(image.index, reason, failure.kind, self._age(image), nbytes))
+
+    def _shared_too_thin(self, image: _Image, failure: Failure) -> None:
+        """Its attempt ran out of time while others shared the path: fewer at once, and it starts again at once,
+        the attempt not counted (see the module's docstring)."""
+        limit = max(float(MIN_TRANSFERS), (len(self._running) + 1) / 2)
+        if limit < self._limit:
+            log.warning("engine: %s with %d downloads at once: %d at once from now on", failure.reason,
+                        len(self._running) + 1, limit)
+            self._limit = limit
+        image.attempt -= 1
+        image.forgiven += 1
+        self._retry(image)
 
     def _retry(self, image: _Image) -> None:
         """Back to the front of its task's queue once its backoff is over; its task's turn comes next."""

@@ -55,6 +55,9 @@ class Failure:
     kind: ErrorKind
     transient: bool
     retry_after_s: float | None = None
+    #: The whole attempt ran out of time while bytes were arriving: the path is slow or shared by too many
+    #: transfers (the engine's concurrency adapts to it), or the server trickles.
+    slow: bool = False
 
 
 @dataclass
@@ -166,7 +169,8 @@ class Transfer:
         if code == _FILESIZE_EXCEEDED or (code == _WRITE_ERROR and attempt.too_large):
             return Failure(f"too large: over {limits.max_image_bytes} bytes", ErrorKind.TOO_LARGE, False)
         if code == _OPERATION_TIMEDOUT:
-            return Failure(self._timeout_reason(message), ErrorKind.TIMEOUT, True)
+            reason = self._timeout_reason(message)
+            return Failure(reason, ErrorKind.TIMEOUT, True, slow=attempt.size > 0 and "not complete" in reason)
         if code == _TOO_MANY_REDIRECTS:
             return Failure(f"too many redirects (more than {limits.max_redirects})", ErrorKind.REDIRECTS, False)
         if code in (_UNSUPPORTED_PROTOCOL, _URL_MALFORMAT):

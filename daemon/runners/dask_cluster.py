@@ -7,10 +7,14 @@ worker by the plugin the runner gives the scheduler. A task's result comes back 
 checks, never as a pickle it runs (plain_data.py).
 
 Failures, mapped onto the supervisor's (Loss, daemon/runners/__init__.py; the policy: supervisor/jobs.py):
-- a worker dies (kill -9, OOM, its machine): the scheduler must be run with
+- a worker dies (kill -9, OOM, a crash): the scheduler must be run with
   ``distributed.scheduler.allowed-failures = 0`` (the shipped unit sets it), so each task it held ends at
   once in KilledWorker instead of being retried blindly on the next worker: Loss.DIED, and the chunk goes
   out again isolated (sandbox.py, on a worker), halved if it kills again, exactly as locally;
+- a worker the scheduler removed because its heartbeats stopped (a partition, its host gone: the units set
+  Dask's TCP timeout above the heartbeat deadline, so a cut link ends this way and not as a broken
+  connection): its tasks end in KilledWorker too, but the scheduler's event log says why, and that is no
+  fault of their images: Loss.AWAY, sent again as they were, and no death counts against them;
 - a task fails on a worker (another version of the package there, a result that is not plain data):
   Loss.RAISED, counted against the chunk, sent again after a backoff; the worker is named in the log and in
   ``describe()`` (so /healthz), and no task is sent to it while others can take them, until it leaves the
@@ -23,13 +27,22 @@ Failures, mapped onto the supervisor's (Loss, daemon/runners/__init__.py; the po
   its tasks answer Loss.AWAY at once (dask_worker.py) and go out again as they were;
 - a worker that holds tasks and finishes none for ``stall_timeout_s`` (Progress), or tasks that wait while
   nothing finishes anywhere: logged by name and listed in ``describe()`` (so /healthz says 503).
+
+The supervisor's loop never waits on the network: every question to the scheduler (its workers, which task
+is where, the certificates) is asked by a thread of the runner's own (``dask-watch``), and ``workers()``,
+``has_room()``, ``describe()`` and ``watch()`` read its last answers. A daemon cut off from the cluster keeps
+its heartbeat (and systemd's watchdog) going, and says 0 workers once the client knows the scheduler is gone.
 """
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 from distributed import Client, KilledWorker, Security
 from distributed.protocol.pickle import dumps as dask_dumps
@@ -37,60 +50,94 @@ from distributed.protocol.pickle import dumps as dask_dumps
 from daemon.engine.outcome import TaskImages
 from daemon.engine.settings import EngineSettings
 from daemon.runners import Loss, OnEvent, Progress, TaskDone, TaskLost
-from daemon.runners.dask_worker import PLUGIN_NAME, EnginePlugin, cancel_on_worker, measure_task
+from daemon.runners.certificates import file_not_after, not_after
+from daemon.runners.dask_worker import PLUGIN_NAME, EnginePlugin, cancel_on_worker, certificate_ends, measure_task
 from daemon.runners.plain_data import RESULT_DESERIALIZERS, InvalidResult, parse_result, refuse_code_from_the_cluster
 
 log = logging.getLogger("retailpulse.daemon")
 
+#: The first connection's deadline (the daemon's start: the scheduler may be on its way up).
 CONNECT_TIMEOUT_S = 30
+#: Each later one's, and how long a client that lost the scheduler may try to get it back by itself before
+#: a new one is made. Within one try Dask's waits between attempts grow up to the deadline: with 30 s, the
+#: daemon found a scheduler back from a restart up to 15 s late. Each try ends within this; a new one starts
+#: a second later.
+RECONNECT_TIMEOUT_S = 3
 #: How long the workers the scheduler reported are used before asking again.
 WORKERS_CHECK_INTERVAL_S = 0.5
 #: How often the scheduler is asked which worker holds which task (the stall check).
 PROCESSING_CHECK_INTERVAL_S = 1.0
-#: Longest wait for the scheduler's answer on the supervisor's thread (a stopped scheduler never answers).
+#: Longest wait for the scheduler's answer on the watching thread (a stopped scheduler never answers).
 SCHEDULER_CALL_TIMEOUT_S = 5.0
+#: How often the certificates' ends are read again (the daemon's files, the scheduler's, each worker's).
+CERTIFICATE_CHECK_INTERVAL_S = 3600.0
+#: The stimulus of a worker the scheduler removed for missed heartbeats (distributed's check_worker_ttl).
+HEARTBEAT_REMOVAL = "check-worker-ttl"
+#: Tasks whose results are fetched at once. Dask calls every future's done-callback on one thread, and
+#: fetching a result is a round trip to the worker through the scheduler: one at a time, 25 ms away, a
+#: small job's result waited behind a big one's 64 per worker (2-28 s), and the daemon could not take in
+#: more than a few tasks a second. The callback only hands the future to these threads.
+RESULT_FETCHERS = 16
 #: The holder that stands for all of the daemon's tasks: work is pending and nothing finishes anywhere.
 CLUSTER = "the Dask cluster (all tasks)"
+
+
+class NamedSchedulerSecurity(Security):
+    """Dask's TLS, and the scheduler's name checked: Dask checks only that a peer's certificate was signed by
+    the CA (its contexts set check_hostname = False), so any worker host's key, which serves too, could pose
+    as the scheduler to the daemon. The daemon's context checks that the certificate names the address it
+    dialled (an IP: in the subjectAltName, as systemd/dask-cert writes it)."""
+
+    def _get_tls_context(self, tls, purpose):
+        ctx = super()._get_tls_context(tls, purpose)
+        if ctx is not None and purpose is ssl.Purpose.SERVER_AUTH:
+            ctx.check_hostname = True
+        return ctx
 
 
 def security(ca_file: str, cert_file: str, key_file: str) -> Security | None:
     """Dask's TLS settings from ours: all three files, or none (plain TCP, for a private network or tests)."""
     if not (ca_file or cert_file or key_file):
         return None
-    return Security(tls_ca_file=ca_file, tls_client_cert=cert_file, tls_client_key=key_file,
-                    require_encryption=True)
+    return NamedSchedulerSecurity(tls_ca_file=ca_file, tls_client_cert=cert_file, tls_client_key=key_file,
+                                  require_encryption=True)
 
 
 class DaskRunner:
     """A TaskRunner (daemon/runners/) on a Dask cluster."""
 
     def __init__(self, scheduler: str, settings: EngineSettings, on_event: OnEvent, images_per_worker: int,
-                 tls: Security | None, stall_timeout_s: float):
+                 tls: Security | None, stall_timeout_s: float, min_workers: int = 0):
         refuse_code_from_the_cluster()
-        self.scheduler, self.images_per_worker = scheduler, images_per_worker
+        self.scheduler, self.images_per_worker, self.min_workers = scheduler, images_per_worker, min_workers
         self._on_event = on_event
-        # guards _tasks, _progress, _failing, _addresses: the main thread submits and watches, the client's
-        # callback thread completes
+        # guards _tasks, _progress, _failing, _addresses, _certificates: the main thread submits, the watching
+        # thread looks at the cluster, the result fetchers complete
         self._lock = threading.Lock()
         self._tasks: dict[int, tuple[object, list]] = {}  # task id -> (future, images)
         self._progress = Progress(stall_timeout_s)
         self._processing: dict[str, set[str]] = {}  # worker -> keys of our tasks it ran at the last look
         self._failing: dict[str, str] = {}  # worker -> why tasks fail there (until it leaves the cluster)
         self._addresses: list[str] = []  # the workers the scheduler knows, at the last look
+        self._certificates: dict[str, float] = {}  # whose certificate -> when it ends (Unix seconds)
+        self._certificates_checked: tuple[float, frozenset] = (float("-inf"), frozenset())
         self._plugin = EnginePlugin(settings)
+        self._fetchers = ThreadPoolExecutor(RESULT_FETCHERS, thread_name_prefix="dask-result")
         self._tls = tls
         self._client = self._connect()
         self._scheduler_id: str | None = None
         self._reconnecting: threading.Thread | None = None
         self._closing = threading.Event()
-        self._connected = True
+        self._connected, self._lost_at = True, 0.0
         self._workers_seen, self._workers_checked_at = 0, float("-inf")
         self._processing_checked_at = float("-inf")
-        self.workers()
+        self._look()  # the first answer before the daemon says it is ready (its ready line names the workers)
+        self._watching = threading.Thread(target=self._watch_forever, name="dask-watch", daemon=True)
+        self._watching.start()
 
-    def _connect(self) -> Client:
+    def _connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> Client:
         # Results as msgpack only: a worker cannot make the daemon unpickle its answer (plain_data.py).
-        return Client(self.scheduler, security=self._tls, timeout=CONNECT_TIMEOUT_S, set_as_default=False,
+        return Client(self.scheduler, security=self._tls, timeout=timeout_s, set_as_default=False,
                       deserializers=list(RESULT_DESERIALIZERS))
 
     def _reconnect(self) -> None:
@@ -98,7 +145,7 @@ class DaskRunner:
         log.warning("dask: the client gave up on %s; connecting again every second", self.scheduler)
         while not self._closing.is_set():
             try:
-                client = self._connect()
+                client = self._connect(RECONNECT_TIMEOUT_S)
             except (OSError, TimeoutError) as exc:
                 log.debug("dask: %s still unreachable: %s", self.scheduler, exc)
                 self._closing.wait(1)
@@ -109,29 +156,43 @@ class DaskRunner:
 
     # ------------------------------------------------------------- TaskRunner
     def workers(self) -> int:
-        """Workers the scheduler knows; 0 while it is away (the client reconnects by itself, or a new one is
-        made). Asking the scheduler is a round trip, and the supervisor asks before every chunk it
-        dispatches: the answer is kept for WORKERS_CHECK_INTERVAL_S."""
+        """Workers the scheduler knows, at the watching thread's last look; 0 while it is away (the client
+        reconnects by itself, or a new one is made). No round trip: the supervisor asks before every chunk."""
+        return self._workers_seen if self._client.status == "running" else 0
+
+    def _watch_forever(self) -> None:
+        """The watching thread: every WORKERS_CHECK_INTERVAL_S, what the scheduler says (``_look``)."""
+        while not self._closing.wait(WORKERS_CHECK_INTERVAL_S):
+            try:
+                self._look()
+            except Exception:  # Dask's surprise: said, and the next look tries again
+                log.exception("dask: looking at the cluster")
+
+    def _look(self) -> None:
+        """Ask the scheduler for its workers, which of our tasks each holds, and (hourly, or when the workers
+        change) the certificates' ends. Round trips, each bounded: on the watching thread only."""
         if self._client.status != "running":
             if self._connected:
                 log.warning("dask: lost the scheduler %s; its tasks go out again once it is back", self.scheduler)
-                self._connected = False
+                self._connected, self._lost_at = False, time.monotonic()
+            if self._client.status == "connecting" and time.monotonic() > self._lost_at + RECONNECT_TIMEOUT_S:
+                self._client.close(timeout=1)  # it tries on its own, its waits growing: a new one tries at once
             if self._client.status == "closed" and not self._closing.is_set() and \
                     (self._reconnecting is None or not self._reconnecting.is_alive()):
                 self._reconnecting = threading.Thread(target=self._reconnect, name="dask-reconnect", daemon=True)
                 self._reconnecting.start()
-            self._workers_checked_at = float("-inf")  # ask as soon as it is back
-            return 0
-        if time.monotonic() >= self._workers_checked_at + WORKERS_CHECK_INTERVAL_S:
-            self._workers_seen, self._workers_checked_at = self._ask_scheduler(), time.monotonic()
-        return self._workers_seen
+            self._workers_seen = 0
+            return
+        self._workers_seen, self._workers_checked_at = self._ask_scheduler(), time.monotonic()
+        self._check_processing()
+        self._check_certificates()
 
     def _ask_scheduler(self) -> int:
         try:  # on the supervisor's thread: bounded, so a hung scheduler cannot hold its loop (and watchdog)
             info = self._client.sync(self._client.scheduler.identity, n_workers=-1,
                                      callback_timeout=SCHEDULER_CALL_TIMEOUT_S)
         except (OSError, TimeoutError):  # the connection dropped since the status check, or it hangs: away
-            return 0
+            return self._workers_seen if self._client.status == "running" else 0
         addresses = sorted(info.get("workers", {}))
         if info.get("id") != self._scheduler_id:
             # A new scheduler (first contact, or a restart) knows no plugin: give it ours, for every worker,
@@ -166,7 +227,7 @@ class DaskRunner:
                 self._mark_failing(worker, f"cannot install the engine: {answer.get('exception_text', '?')}")
 
     def has_room(self, images: int) -> bool:
-        workers = self.workers()
+        workers = self.workers()  # the last look: no round trip
         with self._lock:
             in_flight = sum(len(task_images) for _, task_images in self._tasks.values())
             usable = len([w for w in self._addresses if w not in self._failing]) or workers
@@ -175,13 +236,16 @@ class DaskRunner:
     def describe(self) -> dict:
         workers = self.workers()  # first: it may refresh the list of workers
         with self._lock:
-            ours = {future.key for future, _ in self._tasks.values()}  # the last look, less what finished since
-            tasks_by_worker = {worker: len(self._processing.get(worker, set()) & ours)
+            # What each worker held at the last look (a second ago at most). Not less what finished since: tasks
+            # shorter than a look would then never show, each gone before the next heartbeat.
+            tasks_by_worker = {worker: len(self._processing.get(worker, ()))
                                for worker in (self._addresses if workers else ())}
             stalled = [stall.doc() for stall in self._progress.stalled(time.monotonic())]
             failing = [{"worker": worker, "error": why} for worker, why in sorted(self._failing.items())]
+            certificates = [{"role": role, "not_after": end} for role, end in sorted(self._certificates.items())]
         return {"scheduler": self.scheduler, "workers": workers, "tasks_by_worker": tasks_by_worker,
-                "stalled": stalled, "failing": failing}
+                "stalled": stalled, "failing": failing, "certificates": certificates,
+                **({"workers_expected": self.min_workers} if self.min_workers else {})}
 
     def submit(self, task_id: int, images: TaskImages, isolated: bool = False) -> None:
         with self._lock:
@@ -195,7 +259,7 @@ class DaskRunner:
         with self._lock:
             self._tasks[task_id] = (future, list(images))
             self._progress.holding(CLUSTER, len(self._tasks), time.monotonic())
-        future.add_done_callback(lambda f: self._finished(task_id, f))
+        future.add_done_callback(lambda f: self._fetchers.submit(self._finished, task_id, f))
 
     def cancel(self, task_ids: list[int]) -> None:
         """Stop these tasks on the cluster, from a thread of its own (each step is a round trip): the workers'
@@ -214,6 +278,9 @@ class DaskRunner:
             log.info("dask: cancelling %d task(s): %s", len(futures), exc)
 
     def watch(self) -> None:
+        """Nothing on the supervisor's thread: the watching thread looks (``_check_processing``)."""
+
+    def _check_processing(self) -> None:
         """Every PROCESSING_CHECK_INTERVAL_S: which worker holds which of our tasks (plain data from the
         scheduler); a worker whose tasks stay put, or tasks that wait while none finishes, are stalled."""
         now = time.monotonic()
@@ -243,6 +310,46 @@ class DaskRunner:
         for holder in recovered:
             log.warning("dask: %s is making progress again", holder)
 
+    def _check_certificates(self) -> None:
+        """When each certificate ends: the daemon's own files, the scheduler's (as it shows it), each worker's
+        (as its own process reads it). Hourly, and when the workers change."""
+        with self._lock:
+            addresses = frozenset(self._addresses)
+        checked_at, seen = self._certificates_checked
+        if self._tls is None or (time.monotonic() < checked_at + CERTIFICATE_CHECK_INTERVAL_S and addresses == seen):
+            return
+        self._certificates_checked = (time.monotonic(), addresses)
+        ends: dict[str, float] = {}
+        for role, path in (("the CA's (dask_tls_ca_file)", self._tls.tls_ca_file),
+                           ("the daemon's (dask_tls_cert_file)", self._tls.tls_client_cert)):
+            try:
+                ends[role] = min(file_not_after(path))
+            except (OSError, ValueError) as exc:
+                log.warning("dask: cannot read the end of %s certificate %s: %s", role, path, exc)
+        try:
+            ends[f"the scheduler's ({self.scheduler})"] = not_after(self._scheduler_certificate())
+        except (OSError, ValueError) as exc:
+            log.warning("dask: cannot read the end of the scheduler's certificate: %s", exc)
+        try:
+            answers = self._client.sync(self._client._run, certificate_ends, on_error="return",
+                                        callback_timeout=SCHEDULER_CALL_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            answers = {}
+            log.warning("dask: cannot ask the workers when their certificates end: %s", exc)
+        for worker, answer in answers.items():
+            if isinstance(answer, list) and answer and all(isinstance(end, float) for end in answer):
+                ends[f"worker {worker}'s"] = min(answer)
+        with self._lock:
+            self._certificates = ends
+
+    def _scheduler_certificate(self) -> bytes:
+        """The certificate the scheduler shows (DER), from a handshake of our own with the daemon's context."""
+        where = urlsplit(self.scheduler)
+        context = self._tls.get_connection_args("client")["ssl_context"]
+        with socket.create_connection((where.hostname, where.port), timeout=SCHEDULER_CALL_TIMEOUT_S) as raw:
+            with context.wrap_socket(raw, server_hostname=where.hostname) as tls:
+                return tls.getpeercert(binary_form=True)
+
     def close(self, timeout_s: float = 10) -> None:
         self._closing.set()
         with self._lock:
@@ -250,6 +357,7 @@ class DaskRunner:
             self._tasks.clear()
         self._client.cancel(futures)
         self._client.close(timeout=timeout_s)
+        self._fetchers.shutdown(wait=False, cancel_futures=True)
 
     # -------------------------------------------------------------- outcomes
     def _finished(self, task_id: int, future) -> None:
@@ -288,11 +396,26 @@ class DaskRunner:
         error = future.exception()
         if isinstance(error, KilledWorker):
             worker = getattr(error.last_worker, "address", "an unknown worker")
+            if self._removed_for_heartbeats(worker):
+                return TaskLost(task_id, f"Dask worker {worker} missed its heartbeats and the scheduler removed it "
+                                "(a partition, or its host gone: not its images' doing)", Loss.AWAY)
             return TaskLost(task_id, f"Dask worker {worker} died", Loss.DIED, where=worker)
         workers, text = self._erred_on(future.key)
         worker = workers[-1] if workers else None
         return TaskLost(task_id, f"the task failed on Dask worker {worker or '(unknown)'}: "
                         f"{text or f'{type(error).__name__}: {error}'}", Loss.RAISED, where=worker)
+
+    def _removed_for_heartbeats(self, worker: str) -> bool:
+        """Whether the scheduler's event log says it removed ``worker`` for missed heartbeats (and not because
+        its connection closed: a process that died, as one an image kills does)."""
+        try:
+            events = self._client.sync(self._client.scheduler.events, topic=worker,
+                                       callback_timeout=SCHEDULER_CALL_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            log.debug("dask: cannot ask the scheduler why it removed %s: %s", worker, exc)
+            return False
+        removals = [event for _, event in events if isinstance(event, dict) and event.get("action") == "remove-worker"]
+        return bool(removals) and str(removals[-1].get("stimulus_id", "")).startswith(HEARTBEAT_REMOVAL)
 
     def _holder_of(self, future) -> str | None:
         try:

@@ -12,9 +12,16 @@ daemon makes of it. ``cancel_on_worker`` (run on each worker by DaskRunner.cance
 A worker that closes (its scheduler went away, SIGTERM, or a restarted daemon gives it a new plugin) tears
 the plugin down: the engine closes and answers every task it holds (Loss.AWAY), so no worker thread is left
 waiting and the worker exits at once, busy or not.
+
+``dask_setup`` (the unit's ``--preload daemon.runners.dask_worker``) bounds that exit: once the worker starts
+closing, the process ends within EXIT_GRACE_S. Dask's own close can wait on its scheduler (a SIGTERM that
+reaches the worker and its scheduler together, as a host shutting down sends, left workers running 15 s, until
+systemd's SIGKILL); nothing of a closing worker is worth waiting for, its tasks are redone by the daemon.
 """
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 
@@ -30,6 +37,8 @@ from daemon.runners.sandbox import loss_of, run_isolated
 
 #: The name the plugin is registered under, on the scheduler and on each worker.
 PLUGIN_NAME = "retailpulse-engine"
+#: Longest a closing worker process lives on (dask_setup): enough for Dask to say goodbye to a scheduler there.
+EXIT_GRACE_S = 1.5
 #: How long a task waits for the worker's engine plugin (being replaced by a restarted daemon) to be there.
 PLUGIN_WAIT_S = 10.0
 
@@ -54,6 +63,31 @@ class EnginePlugin(WorkerPlugin):
             self.closing.set()  # isolated tasks stop too
         if self.engine is not None:
             self.engine.close(timeout_s=5)
+
+
+def dask_setup(worker) -> None:
+    """The preload's hook (Dask calls it as the worker starts): every way a worker closes goes through its
+    ``close`` (a signal, a lost scheduler, the scheduler's "close" message, its handlers table), so this one
+    starts a timer that ends the process EXIT_GRACE_S later if Dask has not."""
+    close = worker.close
+
+    async def close_within_grace(*args, **kwargs):
+        timer = threading.Timer(EXIT_GRACE_S, _exit_now)
+        timer.daemon = True
+        timer.start()
+        return await close(*args, **kwargs)
+
+    worker.close = close_within_grace
+    for handlers in (worker.handlers, worker.stream_handlers):
+        if "close" in handlers:
+            handlers["close"] = close_within_grace
+
+
+def _exit_now() -> None:
+    logging.getLogger("retailpulse.worker").warning(
+        "the worker is still closing %.1f s on (Dask waits on its scheduler): exiting now", EXIT_GRACE_S)
+    logging.shutdown()
+    os._exit(0)
 
 
 def measure_task(images: TaskImages, isolated: bool, cancel_key: str | None = None) -> bytes:
@@ -94,6 +128,14 @@ def cancel_on_worker(cancel_keys: list[str], dask_worker=None) -> None:
     plugin = dask_worker.plugins.get(PLUGIN_NAME) if dask_worker is not None else None
     if plugin is not None and plugin.engine is not None:
         plugin.engine.cancel(cancel_keys)
+
+
+def certificate_ends(dask_worker=None) -> list[float]:
+    """Run on each worker by DaskRunner (``Client.run``): when this worker's own certificate ends (the one in
+    its --tls-cert file, as this process reads it), so the daemon's /healthz can say so before it does."""
+    from daemon.runners.certificates import file_not_after
+    path = getattr(dask_worker.security, "tls_worker_cert", None) if dask_worker is not None else None
+    return file_not_after(path) if path else []
 
 
 def _plugin_of(worker, wait_s: float = PLUGIN_WAIT_S) -> EnginePlugin | None:

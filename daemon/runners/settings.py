@@ -30,6 +30,11 @@ class RunnerSettings:
         "section": "daemon", "help": "the daemon's own certificate for the cluster (PEM)"})
     dask_tls_key_file: str = field(default="", metadata={
         "section": "daemon", "help": "the key of dask_tls_cert_file (PEM)"})
+    min_workers: int = field(default=0, metadata={
+        "section": "daemon", "min": 0, "max": 100000,
+        "help": "the Dask workers the operator expects (executor = dask): with fewer, /healthz answers 503 "
+                "(checks.capacity), /metrics has retailpulse_degraded 1 and `retailpulse-ctl health` says "
+                "degraded; the work goes on, slower. 0: no expectation"})
     # Well above the longest one image can take with the default download limits (3 attempts x 30 s, 2
     # backoffs of at most 10 s, the GPU wait: about 111 s); the daemon warns when the limits set exceed it.
     stall_timeout_s: float = field(default=180.0, metadata={
