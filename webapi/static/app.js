@@ -213,10 +213,20 @@ async function refreshJob() {
   if (!response.ok) throw new Problem(page.error || `cannot read results (${response.status})`);
   document.querySelector("#results tbody").replaceChildren(...page.results.map(resultRow));
   const total = doc.images_total || 0;
-  document.getElementById("results-range").textContent =
-    `images ${view.resultsOffset}-${view.resultsOffset + page.results.length - 1} of ${total}`;
+  document.getElementById("results-range").textContent = resultsRange(view.resultsOffset, page.results.length, total);
   document.getElementById("results-prev").disabled = view.resultsOffset === 0;
   document.getElementById("results-next").disabled = view.resultsOffset + RESULTS_PER_PAGE >= total;
+}
+
+/** The pager's words for a page of results: the images it covers (by index, as the API pages them) and how
+ *  many of them have a result yet. Pure, for the tests. */
+function resultsRange(offset, shown, total) {
+  if (!total) return "no images yet";
+  const last = Math.min(offset + RESULTS_PER_PAGE, total) - 1;
+  if (offset > last) return `no images here (the job has ${total})`;
+  const covered = last - offset + 1;
+  const recorded = shown === covered ? "" : shown ? ` (${shown} recorded so far)` : " (none recorded yet)";
+  return `images ${offset}-${last} of ${total}${recorded}`;
 }
 
 async function downloadCsv() {
