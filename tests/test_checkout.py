@@ -116,7 +116,7 @@ def test_the_readme_first_job_completes_and_make_ctl_sees_it_on_the_same_spool(m
     listed = subprocess.run(make("ctl", *settings, "ARGS=list"), cwd=REPO, capture_output=True, text=True,
                             timeout=60)
     assert listed.returncode == 0, listed.stderr
-    assert f"{job_id}  done      completed" in listed.stdout and "-- 1 job(s)" in listed.stdout
+    assert f"{job_id}  done      completed" in listed.stdout and "-- 1 job" in listed.stdout
     shown = subprocess.run(make("ctl", *settings, f"ARGS=show {job_id}"), cwd=REPO, capture_output=True,
                            text=True, timeout=60)
     assert shown.returncode == 0 and "perimeter 2240" in shown.stdout, shown.stderr

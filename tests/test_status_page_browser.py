@@ -263,3 +263,34 @@ def test_progress_in_64_image_steps_reads_as_a_steady_rate(start_service, browse
             lefts.append((estimate["secondsLeft"], (total - done) / 25.6))
     assert all(rate is not None and abs(rate - 25.6) / 25.6 < 0.2 for rate in rates), rates
     assert all(abs(left - truth) / truth < 0.25 for left, truth in lefts), lefts
+
+
+def test_the_bar_follows_each_image_and_the_page_shows_the_rate_and_time_left(start_service, image_server, browser):
+    """A job of 8 images is one chunk, recorded only at its end; the test lets its images through one at a time.
+    The card follows each one within a couple of seconds (the daemon writes once a second, the page polls
+    once a second), says none is recorded yet, and soon shows images/s and the time left."""
+    from tests.test_running_job import Gates
+    gated = Gates(image_server, 8)
+    try:
+        service = start_service()
+        job_id = service.submit([{"store_id": "RP00001", "visit_time": "2026-11-24T09:00:00Z",
+                                  "image_url": gated.urls}])
+        browser.get(service.base + "/")
+        card = f'li.job[data-job-id="{job_id}"] .progress'
+        texts = []
+        for image in range(7):
+            gated.open(image)
+            shown = f"{image + 1} / 8 images ("
+            texts.append(wait_until(lambda: [t for t in read(browser, card) if t.startswith(shown)],
+                                    timeout_s=10, what=f"the card at {image + 1} / 8", interval_s=0.05)[0])
+            if "images/s" in texts[-1]:
+                break
+        assert all(", 0 recorded" in text for text in texts), texts
+        assert "images/s, about" in texts[-1] and texts[-1].endswith(" s left"), texts
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "status-page-progress.png"))
+        gated.close()
+        wait_until(lambda: [t for t in read(browser, card) if t.startswith("8 / 8 images (100 %)")],
+                   what="the job at 100 %", interval_s=0.1)
+    finally:
+        gated.close()

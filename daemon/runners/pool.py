@@ -9,6 +9,7 @@ own (authenticated with a key only the daemon and its children know) and tasks a
 
     supervisor --(TASK, id, images, isolated)--> process      process --(DONE, id, outcomes)--> supervisor
     supervisor --(CANCEL, ids)-------------------> process      process --(LOST, id, why, cause)-> supervisor
+                                                                process --(PROGRESS, {id: images})-> supervisor
 
 (the Message enum, daemon/runners/__init__.py).
 
@@ -35,7 +36,7 @@ from multiprocessing.connection import Connection, Listener
 
 from daemon.engine.outcome import TaskImages
 from daemon.engine.settings import EngineSettings
-from daemon.runners import Loss, Message, OnEvent, Progress, TaskDone, TaskLost
+from daemon.runners import Loss, Message, OnEvent, Progress, TaskDone, TaskLost, TaskProgress
 from daemon.runners.pool_process import serve
 
 log = logging.getLogger("retailpulse.daemon")
@@ -216,12 +217,23 @@ class LocalPool:
             log.info("pool: process %d connected", pid)
             threading.Thread(target=self._read_forever, args=(process,), name=f"pool-{pid}", daemon=True).start()
 
+    def _progressed(self, process: _Connected, measured: dict) -> None:
+        """A process's progress report, for the tasks it still holds (a late report of an answered one is stale)."""
+        with self._lock:
+            held = {task_id: images for task_id, images in measured.items() if task_id in process.tasks}
+        if held:
+            self._on_event(TaskProgress(held))
+
     def _read_forever(self, process: _Connected) -> None:
         while True:
             try:
-                kind, task_id, *payload = process.conn.recv()
+                message = process.conn.recv()
             except (EOFError, OSError):
                 break
+            if message[0] == Message.PROGRESS:
+                self._progressed(process, message[1])
+                continue
+            kind, task_id, *payload = message
             with self._lock:
                 known = process.tasks.pop(task_id, None) is not None
                 now = time.monotonic()

@@ -39,7 +39,7 @@ class _PoolProcess:
     def __init__(self, conn: Connection, settings: EngineSettings):
         self.conn, self.settings = conn, settings
         self.send_lock = threading.Lock()  # the engine thread and the isolation threads both answer
-        self.engine = Engine(settings)
+        self.engine = Engine(settings, on_progress=self.progress)
         self.isolated = ThreadPoolExecutor(ISOLATED_AT_ONCE, thread_name_prefix="isolated")
 
     def send(self, message: tuple) -> None:
@@ -63,6 +63,10 @@ class _PoolProcess:
                 self.isolated.submit(self.run_isolated, task_id, images)
             else:
                 self.engine.submit(images, partial(self.done, task_id), key=task_id)
+
+    def progress(self, measured: dict) -> None:
+        """The engine's progress report (its task keys are our task ids), on the engine's thread."""
+        self.send((Message.PROGRESS, measured))
 
     def done(self, task_id: int, outcomes: list[ImageOutcome] | None) -> None:
         if outcomes is None:  # the engine closed under it: not the images' doing
