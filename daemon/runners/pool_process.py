@@ -26,6 +26,9 @@ ISOLATED_AT_ONCE = 8
 POOL_NICE_INCREMENT = 10
 #: A pool process whose engine died exits with this (EX_SOFTWARE, sysexits.h).
 EXIT_ENGINE_DIED = 70
+#: What stops the daemon and must not stop a pool process: the supervisor decides how to stop (pool.py blocks
+#: them while it starts processes, so that one still importing the engine cannot die of Ctrl-C either).
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 def exit_on_engine_death(exc: BaseException) -> None:
@@ -84,10 +87,13 @@ class _PoolProcess:
 
 def serve(address: str, authkey: bytes, settings: EngineSettings) -> None:
     """Pool initializer; never returns. Ctrl-C and a SIGTERM to the whole process group go to the supervisor
-    too, which decides how to stop (drain, then close our connection): pool processes ignore both. The
-    pool runs below the supervisor's and the API's priority: the API must stay quick while we saturate."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    too, which decides how to stop (drain, then close our connection): pool processes ignore both. They were
+    blocked since this process started (LocalPool), so one that came while it imported is dropped here, not
+    a KeyboardInterrupt. The pool runs below the supervisor's and the API's priority: the API must stay quick
+    while we saturate."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones are ignored, so discarded
     os.nice(POOL_NICE_INCREMENT)
     try:
         conn = Client(address, family="AF_UNIX", authkey=authkey)
