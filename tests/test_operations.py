@@ -151,7 +151,12 @@ def test_healthz_names_what_is_wrong(spool):
     app = make_app(spool)
     r = call_wsgi(app, "GET", "/healthz")
     assert r.status_code == 503 and "no heartbeat" in r.json()["checks"]["daemon"]
-    spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time(), executor=Executor.LOCAL))
+    spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time(), executor=Executor.LOCAL, processes=2))
+    r = call_wsgi(app, "GET", "/healthz")  # alive, but its pool processes are still starting: nothing runs yet
+    assert r.status_code == 503 and r.json()["checks"]["workers"] == \
+        "no pool process is connected to the daemon (of 2): nothing runs"
+    spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time(), executor=Executor.LOCAL, processes=2,
+                                    workers=1))
     r = call_wsgi(app, "GET", "/healthz")
     assert (r.status_code, r.json()["ok"]) == (200, True)
     spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time() - 60, executor=Executor.LOCAL))
