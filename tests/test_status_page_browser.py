@@ -226,6 +226,19 @@ def test_through_the_shipped_nginx_site_the_page_asks_for_a_token_shows_jobs_and
         stop_processes(front.proc)
 
 
+def test_opened_while_the_api_is_down_behind_nginx_the_page_shows_its_banner_not_json(tmp_path, browser):
+    """nginx serves the page's own files itself: with no API behind it, the page still loads and says so."""
+    from tests.service import free_port
+    front = Nginx(tmp_path, f"http://127.0.0.1:{free_port()}").start()  # nothing listens there
+    try:
+        browser.get(front.base + "/")
+        assert wait_until(lambda: read(browser, "#problem"), what="the banner", interval_s=0.1) == \
+            ["API unavailable; try again later"]
+        assert read(browser, "h1") == ["Retail Pulse"]
+    finally:
+        stop_processes(front.proc)
+
+
 # ------------------------------------------------------------------ straight from the API
 def test_the_page_says_when_the_api_is_gone_and_when_a_job_does_not_exist(start_service, image_server, browser):
     service = start_service()

@@ -103,7 +103,8 @@ def results_csv(spool: Spool, job_id: int) -> HTTPResponse:
 
 
 #: The page's policy: its own script and style files and calls to its own API; nothing inline, nothing from
-#: elsewhere, no framing. The one policy for the page: nginx adds none to these routes (its site's map).
+#: elsewhere, no framing. nginx serves these files itself with the same string (systemd/nginx/retail-pulse.conf;
+#: tests/test_front_door.py compares them).
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
