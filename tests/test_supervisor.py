@@ -361,7 +361,7 @@ def test_lost_tasks_follow_the_policy_and_the_poison_image_alone_is_failed(spool
                             (["0.jpg", "1.jpg"], True), (["2.jpg", "3.jpg"], True), (["2.jpg"], True), (["3.jpg"], True)]
 
 
-# ---------------------------------------------------------------- progress between chunks (daemon/supervisor/progress.py)
+# ---------------------------------------------------------------- progress between chunks (supervisor/progress.py)
 def test_progress_between_records_is_written_once_a_second_and_never_goes_back(spool):
     """The runner's per-image progress shows in images_processed, written at most once a second per job;
     images_done counts only recorded images; a lost task takes nothing back from what was shown."""

@@ -113,7 +113,8 @@ class ActiveJob:
             callback = Callback(self.callback_url,
                                 DeliveryState.PENDING if phase is Phase.FINISHED else DeliveryState.WAITING)
         return JobStatus(str(self.job_id), status, phase, images_total=self.total, images_done=self.recorded,
-                         images_processed=self.processed(), images_failed=self.failed, images_cancelled=self.cancelled or UNSET,
+                         images_processed=self.processed(), images_failed=self.failed,
+                         images_cancelled=self.cancelled or UNSET,
                          submitted_at=self.submitted_at, updated_at=utc_now(), error=errors, callback=callback)
 
 
