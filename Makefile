@@ -18,8 +18,10 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]' 'setuptools>=68' wheel
 	@# Wheels of every dependency, so that tests/test_install.py can install the package into a fresh venv
-	@# as an operator does, without reaching the network during the tests.
-	$(BIN)/pip wheel --quiet --wheel-dir $(VENV)/wheelhouse .
+	@# as an operator does, without reaching the network during the tests; with the Dask extra's, and
+	@# setuptools, with which pip builds it from the source folder, as the steps of docs/operations.md and
+	@# docs/scale-out.md do (tests/test_docs_commands.py).
+	$(BIN)/pip wheel --quiet --wheel-dir $(VENV)/wheelhouse '.[dask]' 'setuptools>=68'
 	touch $@
 
 # The API and the daemon as two processes on the local spool and the bundled sample store master, both
@@ -53,14 +55,16 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_
 endef
 export SAMPLE_IMAGES_SERVER
 
-# retailpulse-ctl on make run's spool: make ctl ARGS=list, make ctl ARGS='show 1', make ctl ARGS='cancel 2'
+# retailpulse-ctl on make run's spool: make ctl ARGS=list, make ctl ARGS='show 1', make ctl ARGS='cancel 2'.
+# For people: make cannot pass an exit status through (any failure is make's 2, after its own "Error" line),
+# so scripts run .venv/bin/retailpulse-ctl --config var/retail-pulse.ini (0, 1: failed, 2: usage), as the README says.
 ctl: $(BIN)/.installed
 	@$(BIN)/retailpulse-ctl --config $(CONFIG) $(ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
-# The inner loop: everything but the browser, Dask, nginx, install and slow tests (about a minute on 2 cores).
+# The inner loop: everything but the browser, Dask, nginx, install and slow tests (what takes seconds on purpose).
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -m 'not (browser or dask or nginx or install or slow)'
 

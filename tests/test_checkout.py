@@ -216,3 +216,23 @@ def test_make_run_serves_a_job_of_a_hundred_sample_images_at_once(make_run):
                         what="the job of 100 images", interval_s=0.05)
     assert status["status"] == "completed" and status["images_done"] == 100, status
     assert time.monotonic() - start < 5, f"{time.monotonic() - start:.1f} s for 100 images on make run"
+
+
+def test_make_ctl_and_the_command_it_runs_exit_as_the_readme_says(tmp_path):
+    """An unknown job: retailpulse-ctl's one line and its exit 1; through make, the same line, then make's own,
+    and make's exit 2 (it passes no exit status through), as the README says of `make ctl`."""
+    var = tmp_path / "var"
+    spool = var / "spool"
+    from spool import Spool
+    Spool(spool).create()
+    (var / "retail-pulse.ini").write_text(f"[common]\nspool_dir = {spool}\n")
+    direct = subprocess.run([str(REPO / ".venv/bin/retailpulse-ctl"), "--config", str(var / "retail-pulse.ini"),
+                             "show", "999"], capture_output=True, text=True, timeout=60)
+    assert (direct.returncode, direct.stdout, direct.stderr) == (1, "", "retailpulse-ctl: no job 999\n")
+    through = subprocess.run(make("ctl", f"VAR={var}", "ARGS=show 999"), cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+    assert through.returncode == 2 and through.stderr.startswith("retailpulse-ctl: no job 999\n"), through.stderr
+    assert re.fullmatch(r"make: \*\*\* \[Makefile:\d+: ctl\] Error 1", through.stderr.splitlines()[1])
+    readme = re.sub(r"\s+", " ", README.read_text())
+    assert "(`make: *** [Makefile:NN: ctl] Error 1`, the 1 being retailpulse-ctl's exit status) and exits 2" in readme
+    assert "which exits 0, 1 (the command failed: no such job, ...) or 2" in readme
