@@ -97,6 +97,36 @@ def test_ctl_list_state_names_the_folders_it_takes(spool):
     assert (code, out.splitlines()[-1]) == (0, "-- 0 jobs")
 
 
+def test_ctl_follow_redraws_its_line_on_a_terminal_and_prints_lines_elsewhere(spool):
+    """On a terminal, follow redraws one line (carriage return, clear to its end); in a pipe, plain lines."""
+    import pty
+    job_id = spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg", "http://x/b.jpg"])]))
+    spool.jobs.claim(job_id)
+    spool.jobs.write_status(JobStatus(str(job_id), Status.COMPLETED, Phase.FINISHED, images_total=2, images_done=2,
+                                      images_processed=2, images_failed=0))
+    spool.jobs.finish(job_id, Status.COMPLETED)
+    line = f"job {job_id} completed [##############################] 2/2 images, 0 failed"
+    code, out, _ = ctl(spool, "follow", str(job_id))
+    assert (code, out) == (0, line + "\n")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ctl", "--spool-dir", str(spool.root), "follow", str(job_id)],
+                            cwd=REPO, stdout=follower, stderr=subprocess.PIPE,
+                            env={**os.environ, "RETAILPULSE_CONFIG": os.devnull})
+    os.close(follower)
+    assert proc.wait(timeout=60) == 0
+    printed = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal's other end closed: all is read
+            break
+        if not chunk:
+            break
+        printed += chunk
+    os.close(leader)
+    assert printed.decode() == f"\r{line}\x1b[K\r\n"  # the terminal turns the final newline into CR LF
+
+
 def test_ctl_purge_deletes_finished_jobs_and_refuses_running_ones(start_service, shelf):
     service = start_service(*SLOW)
     done = service.submit([visit("RP00001", [shelf])])

@@ -282,6 +282,8 @@ def test_the_bar_follows_each_image_and_the_page_shows_the_rate_and_time_left(st
     """A job of 8 images is one chunk, recorded only at its end; the test lets its images through one at a time.
     The card follows each one within a couple of seconds (the daemon writes once a second, the page polls
     once a second), says none is recorded yet, and soon shows images/s and the time left."""
+    from selenium.webdriver.common.by import By
+
     from tests.test_running_job import Gates
     gated = Gates(image_server, 8)
     try:
@@ -302,7 +304,16 @@ def test_the_bar_follows_each_image_and_the_page_shows_the_rate_and_time_left(st
         assert "images/s, about" in texts[-1] and texts[-1].endswith(" s left"), texts
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "status-page-progress.png"))
+        # The job's page: its images by index, none recorded yet (the pager said "images 0--1 of 8").
+        browser.get(f"{service.base}/?job={job_id}")
+        assert wait_until(lambda: read(browser, "#results-range"), what="the pager", interval_s=0.05) == \
+            ["images 0-7 of 8 (none recorded yet)"]
+        assert browser.find_element(By.ID, "results-next").get_attribute("disabled") == "true"
         gated.close()
+        wait_until(lambda: read(browser, "#results-range") == ["images 0-7 of 8"], what="the images recorded",
+                   interval_s=0.1)
+        assert len(read(browser, "#results tbody tr")) == 8
+        browser.get(service.base + "/")
         wait_until(lambda: [t for t in read(browser, card) if t.startswith("8 / 8 images (100 %)")],
                    what="the job at 100 %", interval_s=0.1)
     finally:
