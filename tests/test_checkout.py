@@ -232,7 +232,7 @@ def test_make_ctl_and_the_command_it_runs_exit_as_the_readme_says(tmp_path):
     through = subprocess.run(make("ctl", f"VAR={var}", "ARGS=show 999"), cwd=REPO, capture_output=True, text=True,
                              timeout=60)
     assert through.returncode == 2 and through.stderr.startswith("retailpulse-ctl: no job 999\n"), through.stderr
-    assert re.fullmatch(r"make: \*\*\* \[Makefile:\d+: ctl\] Error 1", through.stderr.splitlines()[1])
+    assert re.fullmatch(r"make(\[\d+\])?: \*\*\* \[Makefile:\d+: ctl\] Error 1", through.stderr.splitlines()[1])
     readme = re.sub(r"\s+", " ", README.read_text())
     assert "(`make: *** [Makefile:NN: ctl] Error 1`, the 1 being retailpulse-ctl's exit status) and exits 2" in readme
     assert "which exits 0, 1 (the command failed: no such job, ...) or 2" in readme
