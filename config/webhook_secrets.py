@@ -35,7 +35,7 @@ class SecretsSettings:
         "section": "webhook",
         "help": "file of '<token name> whsec_<base64>' lines ('*' for jobs submitted with tokens off): the secret "
                 "each job's completion webhook is signed with. Empty: no webhooks, and a callback_url is refused "
-                "(make a line: python -m config.webhook_secrets NAME)"})
+                "(make a line: /opt/retail-pulse/.venv/bin/python -m config.webhook_secrets NAME)"})
 
 
 def parse_secret(text: str) -> bytes:

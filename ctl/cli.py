@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 
 import msgspec
@@ -35,6 +36,13 @@ from spool.records import Callback, ResultLine
 EXIT_USAGE = 2
 #: How long cancel and requeue wait for a running daemon to carry the request out (it does within 0.1 s).
 REQUEST_WAIT_S = 10.0
+#: follow's rate and time left come from its looks of the last this many seconds.
+RATE_WINDOW_S = 10.0
+
+
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """"1 image", "2 images": the count with its noun, agreeing."""
+    return f"{count} {word if count == 1 else words or word + 's'}"
 
 
 def age_text(seconds: float) -> str:
@@ -72,7 +80,7 @@ def cmd_list(spool: Spool, args) -> int:
         for job_id in spool.jobs.ids(folder):
             print(job_line(spool, job_id, folder, now))
             count += 1
-    print(f"-- {count} job(s)")
+    print(f"-- {plural(count, 'job')}")
     return 0
 
 
@@ -111,23 +119,55 @@ def webhook_line(callback: Callback) -> str:
     """`show`'s summary of the completion webhook (the status's "callback", filled in from outbox/ or sent/)."""
     line = f"webhook: {callback.state} -> {callback.url}"
     if callback.webhook_id:
-        line += f"  id {callback.webhook_id}, {callback.attempts or 0} attempt(s)"
+        line += f"  id {callback.webhook_id}, {plural(callback.attempts or 0, 'attempt')}"
     for field in ("delivered_at", "next_attempt_at", "last_error"):
         if getattr(callback, field):
             line += f", {field.replace('_', ' ')}: {getattr(callback, field)}"
     return line
 
 
-def cmd_follow(spool: Spool, args, sleep: Callable[[float], None] = time.sleep) -> int:
+def follow_line(job_id: int, status, rate: float | None) -> str:
+    """One look of `follow`: the bar of images processed (recorded or not yet), how many are recorded, the
+    failed, and while it runs the rate and the time left."""
+    total, processed = status.images_total or 0, status.processed
+    line = f"job {job_id} {status.status:<9} {progress_bar(processed, total)} images"
+    if processed != status.done:
+        line += f" ({status.done} recorded)"
+    line += f", {status.failed} failed"
+    if status.status is Status.ONGOING and rate:
+        line += f", {rate:.1f} images/s"
+        if total > processed:
+            line += f", about {age_text((total - processed) / rate)} left"
+    return line
+
+
+def cmd_follow(spool: Spool, args, sleep: Callable[[float], None] = time.sleep,
+               clock: Callable[[], float] = time.monotonic) -> int:
+    """A live progress line until the job finishes. On a terminal it is redrawn in place; anywhere else (a
+    pipe, a file, make's output) each change is a line of its own, with no terminal control characters."""
+    redraw = sys.stdout.isatty()
+    looks: deque[tuple[float, int]] = deque()  # (clock(), images processed), the last RATE_WINDOW_S
+    shown = None
     while True:
         status = spool.status(args.job_id)
         if status is None:
             print(f"retailpulse-ctl: no job {args.job_id}", file=sys.stderr)
             return 1
-        bar = progress_bar(status.done, status.images_total or 0)
-        print(f"\rjob {args.job_id} {status.status:<9} {bar}  failed {status.failed}", end="", flush=True)
+        now = clock()
+        looks.append((now, status.processed))
+        while now - looks[0][0] > RATE_WINDOW_S:
+            looks.popleft()
+        (first_at, first), (last_at, last) = looks[0], looks[-1]
+        rate = (last - first) / (last_at - first_at) if last > first and last_at > first_at else None
+        line = follow_line(args.job_id, status, rate)
+        if redraw:
+            print(f"\r{line}\033[K", end="", flush=True)  # \033[K: clear what a longer line left
+        elif (status.status, status.processed, status.done, status.failed) != shown:
+            print(line, flush=True)
+            shown = (status.status, status.processed, status.done, status.failed)
         if status.status is not Status.ONGOING:
-            print()
+            if redraw:
+                print()
             return 0 if status.status is Status.COMPLETED else 1
         sleep(args.interval)
 
@@ -164,12 +204,14 @@ def cmd_request(spool: Spool, args) -> int:
     after = spool.status(args.job_id)
     now = after.status if after else "?"
     if verb is Control.CANCEL:
+        total = (after and after.images_total) or 0
         print(f"job {args.job_id}: cancelled {(after and after.images_cancelled) or 0} of "
-              f"{(after and after.images_total) or '?'} images; the job is {now}")
+              f"{plural(total, 'image') if total else '? images'}; the job is {now}")
     else:
         redone = (before.failed if verb is Control.REQUEUE_FAILED else before.images_total or 0) if before else 0
-        print(f"job {args.job_id}: requeued: {redone} {'failed ' if verb is Control.REQUEUE_FAILED else ''}"
-              f"images go round again; the job is {now}")
+        which = "failed image" if verb is Control.REQUEUE_FAILED else "image"
+        print(f"job {args.job_id}: requeued: {plural(redone, which)} {'goes' if redone == 1 else 'go'} round again; "
+              f"the job is {now}")
     return 0
 
 
@@ -188,7 +230,7 @@ def cmd_purge(spool: Spool, args) -> int:
         return 0
     purged = spool.upkeep.purge_all(spool.upkeep.finished_before(time.time() - args.older_than_days * 86400))
     listed = f": {', '.join(map(str, purged))}" if purged else ""
-    print(f"purged {len(purged)} job(s) finished more than {args.older_than_days:g} days ago{listed}")
+    print(f"purged {plural(len(purged), 'job')} finished more than {args.older_than_days:g} days ago{listed}")
     return 0
 
 
@@ -223,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(parser, settings_for(()))
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("list", help="one line per job")
-    p.add_argument("--state", choices=JOB_FOLDERS)
+    p.add_argument("--state", choices=[str(folder) for folder in JOB_FOLDERS])  # their names, not the enum's repr
     p = commands.add_parser("show", help="a job's file, status and results")
     p.add_argument("job_id", type=job_id_arg)
     p.add_argument("--results", type=int, default=20, help="how many result lines; -1 for all [20]")

@@ -37,6 +37,8 @@ Glossary (the code's names follow it):
     engine        the event loop in one worker that downloads, measures and waits.
     outcome       what measuring one image gives (ImageOutcome): a size and perimeter, or an error.
     recorded      an image whose result is on disk; the status document's "images_done" counts them.
+    processed     an image with an outcome, recorded or not yet: what "images_processed" counts, so that
+                  progress moves while a chunk runs (supervisor/progress.py); not durable, never recorded.
     notification  a finished job's completion webhook: a record in the spool's outbox/ until delivered
                   (notifications/); each POST of it is an "attempt", all with one webhook-id.
 """

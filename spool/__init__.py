@@ -51,6 +51,9 @@ in [brackets] below: its fields, their meaning, and which are optional are there
     corrupt/<name>         any file that could not be parsed, moved aside for a human with a .why note.
     status/<id>.json       [JobStatus] the job's status as the API serves it (jobs.py). Written by the
                            daemon only; readers fill in its callback's delivery from outbox/ or sent/.
+                           Each write that counts recorded images is fsynced; while a job runs it is also
+                           rewritten about once a second for "images_processed" alone, without fsync (that
+                           figure is not durable: daemon/supervisor/progress.py).
                            A job with no status file yet but a job file in incoming/ or active/ is
                            "ongoing" with phase "queued".
     results/<id>/<first>-<stop>.<crc32>.jsonl

@@ -168,12 +168,16 @@ class Results:
                 chunks.append((int(match[1]), int(match[2]), Path(entry.path)))
         return sorted(chunks)
 
-    def _checked_files(self, job_id: int, total: int | None, first_index: int = 0,
+    def _checked_files(self, job_id: int, total: int | None, first_index: int = 0, stop_index: int | None = None,
                        ) -> Iterator[tuple[int, int, Path, bytes]]:
-        """Each results file holding images from first_index on, with its bytes, checked whole. With
-        ``total`` (a finished job) a gap is damage too. Raises DamagedResults."""
+        """Each results file holding images from first_index on (and before stop_index), with its bytes,
+        checked whole. With ``total`` (a finished job) a gap is damage too. Raises DamagedResults."""
         expected = 0
         for first, stop, path in self.chunks(job_id):
+            if stop_index is not None and first >= stop_index:
+                if total is not None and first != expected and expected < stop_index:
+                    raise DamagedResults(f"results/{job_id}: images {expected}..{first - 1} have no results file")
+                return  # the files beyond the window are not read
             if total is not None and first != expected and first > first_index:
                 raise DamagedResults(f"results/{job_id}: images {expected}..{first - 1} have no results file")
             expected = stop
@@ -187,7 +191,7 @@ class Results:
             if why is not None:
                 raise DamagedResults(why, path)
             yield first, stop, path, data
-        if total is not None and expected != total:
+        if total is not None and expected != total and (stop_index is None or expected < stop_index):
             raise DamagedResults(f"results/{job_id}: images {expected}..{total - 1} have no results file")
 
     def damage(self, job_id: int, total: int | None = None) -> tuple[Path | None, str] | None:
@@ -200,13 +204,16 @@ class Results:
             return exc.path, exc.why
         return None
 
-    def lines(self, job_id: int, first_index: int = 0, total: int | None = None) -> Iterator[bytes]:
-        """Result lines (JSON, no newline) of images first_index onwards, in image order, one file in memory at
-        a time; files before first_index are skipped unread. Raises DamagedResults on a damaged file (and, with
-        ``total``, on a gap), before yielding any line of it."""
-        for first, _stop, _path, data in self._checked_files(job_id, total, first_index):
+    def lines(self, job_id: int, first_index: int = 0, total: int | None = None,
+              stop_index: int | None = None) -> Iterator[bytes]:
+        """Result lines (JSON, no newline) of images first_index onwards (up to stop_index - 1, if given), in
+        image order, one file in memory at a time; files outside the window are skipped unread. Images with no
+        result yet are absent, so a line's place says nothing: its "index" does. Raises DamagedResults on a
+        damaged file (and, with ``total``, on a gap in the window), before yielding any line of it."""
+        for first, stop, _path, data in self._checked_files(job_id, total, first_index, stop_index):
             lines = data.split(b"\n")[:-1]
-            yield from lines[max(0, first_index - first):]
+            end = stop if stop_index is None else min(stop, stop_index)
+            yield from lines[max(0, first_index - first):end - first]
 
     def read(self, job_id: int, first: int, stop: int, path: Path) -> list[ResultLine]:
         """The result lines of one results file; DamagedResults unless it holds exactly images first..stop-1

@@ -8,6 +8,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,7 @@ def test_the_readme_first_job_completes_and_make_ctl_sees_it_on_the_same_spool(m
     listed = subprocess.run(make("ctl", *settings, "ARGS=list"), cwd=REPO, capture_output=True, text=True,
                             timeout=60)
     assert listed.returncode == 0, listed.stderr
-    assert f"{job_id}  done      completed" in listed.stdout and "-- 1 job(s)" in listed.stdout
+    assert f"{job_id}  done      completed" in listed.stdout and "-- 1 job" in listed.stdout
     shown = subprocess.run(make("ctl", *settings, f"ARGS=show {job_id}"), cwd=REPO, capture_output=True,
                            text=True, timeout=60)
     assert shown.returncode == 0 and "perimeter 2240" in shown.stdout, shown.stderr
@@ -200,3 +201,38 @@ def test_retailpulse_ctl_without_settings_says_how_to_name_the_spool(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "is not a spool" in result.stderr
     assert "(spool_dir, from --spool-dir)" in result.stderr and "make ctl ARGS=list" in result.stderr
+
+
+def test_make_run_serves_a_job_of_a_hundred_sample_images_at_once(make_run):
+    """The sample image server takes a job's parallel downloads: its listen backlog holds them (http.server's
+    5 dropped the SYNs, and 100 images took 14 s of retransmits); here they take about a second (the GPU wait)."""
+    base, images_port, _var, _settings = make_run
+    urls = [f"http://127.0.0.1:{images_port}/shelf-1.jpg?{i}" for i in range(100)]
+    body = {"count": 1, "visits": [{"store_id": "RP00001", "visit_time": "2024-03-11T10:00:00Z", "image_url": urls}]}
+    start = time.monotonic()
+    job_id = requests.post(f"{base}/api/submit/", json=body, timeout=30).json()["job_id"]
+    status = wait_until(lambda: (doc := requests.get(f"{base}/api/status", params={"jobid": job_id},
+                                                      timeout=30).json())["status"] != "ongoing" and doc,
+                        what="the job of 100 images", interval_s=0.05)
+    assert status["status"] == "completed" and status["images_done"] == 100, status
+    assert time.monotonic() - start < 5, f"{time.monotonic() - start:.1f} s for 100 images on make run"
+
+
+def test_make_ctl_and_the_command_it_runs_exit_as_the_readme_says(tmp_path):
+    """An unknown job: retailpulse-ctl's one line and its exit 1; through make, the same line, then make's own,
+    and make's exit 2 (it passes no exit status through), as the README says of `make ctl`."""
+    var = tmp_path / "var"
+    spool = var / "spool"
+    from spool import Spool
+    Spool(spool).create()
+    (var / "retail-pulse.ini").write_text(f"[common]\nspool_dir = {spool}\n")
+    direct = subprocess.run([str(REPO / ".venv/bin/retailpulse-ctl"), "--config", str(var / "retail-pulse.ini"),
+                             "show", "999"], capture_output=True, text=True, timeout=60)
+    assert (direct.returncode, direct.stdout, direct.stderr) == (1, "", "retailpulse-ctl: no job 999\n")
+    through = subprocess.run(make("ctl", f"VAR={var}", "ARGS=show 999"), cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+    assert through.returncode == 2 and through.stderr.startswith("retailpulse-ctl: no job 999\n"), through.stderr
+    assert re.fullmatch(r"make(\[\d+\])?: \*\*\* \[Makefile:\d+: ctl\] Error 1", through.stderr.splitlines()[1])
+    readme = re.sub(r"\s+", " ", README.read_text())
+    assert "(`make: *** [Makefile:NN: ctl] Error 1`, the 1 being retailpulse-ctl's exit status) and exits 2" in readme
+    assert "which exits 0, 1 (the command failed: no such job, ...) or 2" in readme

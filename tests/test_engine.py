@@ -487,3 +487,27 @@ def test_closing_the_engine_answers_every_task_it_holds_and_every_later_one_as_l
         assert answers["after close"] is None
     finally:
         release.set()
+
+
+def test_progress_is_reported_while_images_finish_a_few_times_a_second(image_server):
+    """on_progress follows a task's images as they finish, before it answers: counts that only grow,
+    reports at least PROGRESS_INTERVAL_S apart, none once the task has answered."""
+    from daemon.engine.loop import PROGRESS_INTERVAL_S
+    base, folder = image_server
+    (folder / "a.png").write_bytes(image_bytes("PNG", 10, 20))
+    reports, answered = [], threading.Event()
+    settings = EngineSettings(gpu_sleep_min_s=0.05, gpu_sleep_max_s=0.9, limits=FAST, addresses=LOCAL)
+    engine = Engine(settings, on_progress=lambda measured: reports.append((time.monotonic(), dict(measured))))
+    engine.start()
+    try:
+        engine.submit([(i, f"{base}/a.png?{i}") for i in range(40)], lambda outcomes: answered.set(), key="t")
+        assert answered.wait(30)
+        answered_at = time.monotonic()
+        time.sleep(2 * PROGRESS_INTERVAL_S)  # what would have come after the answer: nothing may
+    finally:
+        engine.close()
+    counts = [measured["t"] for _, measured in reports]
+    assert len(counts) >= 2 and counts == sorted(set(counts)) and counts[-1] < 40, counts
+    gaps = [b - a for (a, _), (b, _) in zip(reports, reports[1:])]
+    assert all(gap >= PROGRESS_INTERVAL_S * 0.95 for gap in gaps), gaps
+    assert all(at <= answered_at for at, _ in reports)

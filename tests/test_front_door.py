@@ -60,14 +60,15 @@ def nginx_binary() -> str:
 
 
 def render_site(api_address: str, https_port: int, http_port: int, cert: Path, key: Path) -> str:
-    """The shipped site with the test's ports, certificate and API address; nothing else changes."""
+    """The shipped site with the test's ports, certificate, API address and checkout; nothing else changes."""
     site = SITE.read_text()
     host_port = api_address.split("://", 1)[1]
     replacements = [("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;"),
                     ("listen 80;", f"listen 127.0.0.1:{http_port};"),
                     ("listen [::]:443 ssl;", ""), ("listen [::]:80;", ""),
                     ("server 127.0.0.1:8080;", f"server {host_port};"),
-                    ("/etc/ssl/retail-pulse/cert.pem", str(cert)), ("/etc/ssl/retail-pulse/key.pem", str(key))]
+                    ("/etc/ssl/retail-pulse/cert.pem", str(cert)), ("/etc/ssl/retail-pulse/key.pem", str(key)),
+                    ("root /opt/retail-pulse/webapi/static;", f"root {REPO / 'webapi' / 'static'};")]
     for old, new in replacements:
         assert site.count(old) == 1, f"{SITE.name} no longer has exactly one {old!r}: update render_site"
         site = site.replace(old, new)
@@ -316,17 +317,43 @@ def test_the_status_page_gets_its_own_policy_and_json_the_strictest(nginx):
     assert r.headers["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'"
 
 
-def test_the_api_down_behind_nginx_is_503_json_with_retry_after(tmp_path):
+def test_the_api_down_behind_nginx_is_503_json_with_retry_after_and_the_page_still_loads(tmp_path):
+    """The page's own files come from nginx itself, so the page loads and can say the API is down
+    (tests/test_status_page_browser.py watches it do so); every API route answers nginx's JSON 503."""
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the API is down
     front = Nginx(tmp_path, nobody).start()
     try:
-        for method, path in (("GET", "/api/status?jobid=1"), ("POST", "/api/submit/"), ("GET", "/")):
+        for method, path in (("GET", "/api/status?jobid=1"), ("POST", "/api/submit/"), ("GET", "/healthz"),
+                             ("GET", "/ui/other.js")):
             r = requests.request(method, f"{front.base}{path}", verify=str(front.cert), timeout=10)
             assert (r.status_code, r.headers["Content-Type"], r.headers["Retry-After"]) == \
                 (503, "application/json", "10"), (method, path, r.status_code)
             assert r.json() == {"error": "API unavailable; try again later"}
+        for path, name in (("/", "index.html"), ("/?job=3", "index.html"), ("/ui/app.js", "app.js")):
+            r = requests.get(f"{front.base}{path}", verify=str(front.cert), timeout=10)
+            assert (r.status_code, r.content) == (200, (REPO / "webapi" / "static" / name).read_bytes()), path
     finally:
         stop_processes(front.proc)
+
+
+def test_each_header_once_and_the_page_files_as_the_api_serves_them(nginx, api):
+    """Through nginx every security header is sent once (the page's files carried X-Content-Type-Options
+    twice, the API's and nginx's), and the files nginx serves itself have the API's types and headers."""
+    from webapi.pages import STATIC_FILES
+    once = ("strict-transport-security", "x-content-type-options", "x-frame-options", "content-security-policy",
+            "referrer-policy")
+    for path in ("/", "/ui/index.html", "/ui/app.js", "/ui/style.css", "/api/status?jobid=1", "/healthz",
+                 "/ui/nothing.js", "/" + "a" * 10000):
+        request_bytes = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        head = nginx.raw(request_bytes).split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        names = [line.split(b":", 1)[0].strip().lower().decode() for line in head[1:]]
+        assert all(names.count(name) == 1 for name in once), (path[:40], head[0], names)
+    for name in STATIC_FILES:
+        direct = requests.get(f"{api}/ui/{name}", timeout=10)
+        through = requests.get(f"{nginx.base}/ui/{name}", verify=str(nginx.cert), timeout=10)
+        assert through.content == direct.content
+        for header in ("Content-Type", "Cache-Control", "Content-Security-Policy", "X-Content-Type-Options"):
+            assert through.headers[header] == direct.headers[header], (name, header)
 
 
 def _contrast() -> None:

@@ -57,7 +57,7 @@ def test_ctl_list_show_follow_on_running_failed_and_completed_jobs(start_service
     assert lines[failed].split()[1:5] == ["failed", "failed", "1/1", "1"]
     assert "RP99999: store_id not in the store master" in lines[failed]
     assert lines[running].split()[1:3] == ["active", "ongoing"] and "/200" in lines[running]
-    assert out.splitlines()[-1] == "-- 3 job(s)"
+    assert out.splitlines()[-1] == "-- 3 jobs"
 
     code, out, _ = ctl(service, "show", str(completed))
     assert code == 0 and "images: 2" in out and '"status": "completed"' in out
@@ -80,12 +80,51 @@ def test_requeue_failed_only_redoes_just_the_failed_images(start_service, image_
     job_id = service.submit([visit("RP00001", [f"{shelf}?n={i}" for i in range(6)] + [late])])
     assert service.wait(job_id)["status"] == Status.FAILED
     (image_server.folder / "late.jpg").write_bytes(image_bytes("JPEG", 10, 10))
-    assert ctl(service, "requeue", str(job_id), "--failed-only")[0] == 0
+    code, out, err = ctl(service, "requeue", str(job_id), "--failed-only")
+    assert code == 0 and out.startswith(f"job {job_id}: requeued: 1 failed image goes round again;"), (out, err)
     wait_until(lambda: service.status(job_id)["status"] == Status.COMPLETED)
     results = service.results(job_id)["results"]
     assert [r["index"] for r in results] == list(range(7)) and results[6]["perimeter"] == 40
     hits = image_server.hits
     assert all(hits[f"/shelf.jpg?n={i}"] == 1 for i in range(6)) and hits["/late.jpg"] == 2
+
+
+def test_ctl_list_state_names_the_folders_it_takes(spool):
+    code, out, err = ctl(spool, "list", "--state", "bogus")
+    assert code == 2 and not out
+    assert "invalid choice: 'bogus' (choose from 'incoming', 'active', 'done', 'failed')" in err, err
+    code, out, _ = ctl(spool, "list", "--state", "failed")
+    assert (code, out.splitlines()[-1]) == (0, "-- 0 jobs")
+
+
+def test_ctl_follow_redraws_its_line_on_a_terminal_and_prints_lines_elsewhere(spool):
+    """On a terminal, follow redraws one line (carriage return, clear to its end); in a pipe, plain lines."""
+    import pty
+    job_id = spool.jobs.submit(1, records([visit("RP00001", ["http://x/a.jpg", "http://x/b.jpg"])]))
+    spool.jobs.claim(job_id)
+    spool.jobs.write_status(JobStatus(str(job_id), Status.COMPLETED, Phase.FINISHED, images_total=2, images_done=2,
+                                      images_processed=2, images_failed=0))
+    spool.jobs.finish(job_id, Status.COMPLETED)
+    line = f"job {job_id} completed [##############################] 2/2 images, 0 failed"
+    code, out, _ = ctl(spool, "follow", str(job_id))
+    assert (code, out) == (0, line + "\n")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ctl", "--spool-dir", str(spool.root), "follow", str(job_id)],
+                            cwd=REPO, stdout=follower, stderr=subprocess.PIPE,
+                            env={**os.environ, "RETAILPULSE_CONFIG": os.devnull})
+    os.close(follower)
+    assert proc.wait(timeout=60) == 0
+    printed = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal's other end closed: all is read
+            break
+        if not chunk:
+            break
+        printed += chunk
+    os.close(leader)
+    assert printed.decode() == f"\r{line}\x1b[K\r\n"  # the terminal turns the final newline into CR LF
 
 
 def test_ctl_purge_deletes_finished_jobs_and_refuses_running_ones(start_service, shelf):
@@ -142,7 +181,12 @@ def test_healthz_names_what_is_wrong(spool):
     app = make_app(spool)
     r = call_wsgi(app, "GET", "/healthz")
     assert r.status_code == 503 and "no heartbeat" in r.json()["checks"]["daemon"]
-    spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time(), executor=Executor.LOCAL))
+    spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time(), executor=Executor.LOCAL, processes=2))
+    r = call_wsgi(app, "GET", "/healthz")  # alive, but its pool processes are still starting: nothing runs yet
+    assert r.status_code == 503 and r.json()["checks"]["workers"] == \
+        "no pool process is connected to the daemon (of 2): nothing runs"
+    spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time(), executor=Executor.LOCAL, processes=2,
+                                    workers=1))
     r = call_wsgi(app, "GET", "/healthz")
     assert (r.status_code, r.json()["ok"]) == (200, True)
     spool.heartbeat.write(Heartbeat(pid=os.getpid(), heartbeat_at=time.time() - 60, executor=Executor.LOCAL))
@@ -273,4 +317,4 @@ def test_ctl_purge_older_than_names_the_jobs_it_purged(spool):
     spool.jobs.write_status(JobStatus(str(old), Status.COMPLETED, Phase.FINISHED))
     spool.jobs.finish(old, Status.COMPLETED)
     code, out, _ = ctl(spool, "purge", "--older-than-days", "0")
-    assert (code, out.strip()) == (0, f"purged 1 job(s) finished more than 0 days ago: {old}")
+    assert (code, out.strip()) == (0, f"purged 1 job finished more than 0 days ago: {old}")

@@ -454,3 +454,29 @@ def test_the_schedulers_log_names_no_dashboard_it_does_not_serve(cluster):
     assert url.startswith("http://127.0.0.1:") and url.endswith("/health"), line
     assert requests.get(url, timeout=10).text == "ok"
 
+
+# ---------------------------------------------------------------- progress from the workers
+def test_progress_comes_from_the_workers_image_by_image_before_their_chunk_is_recorded(
+        start_service, cluster, image_server):
+    """A chunk of 16 on a worker: the daemon hears of each image that finishes (the worker engine's progress,
+    a Dask event through the scheduler), so images_processed moves while images_done waits for the chunk."""
+    from tests.test_running_job import SHOWN_WITHIN_S, Gates
+    cluster.start_worker()
+    gated = Gates(image_server, 16)
+    try:
+        service = start_service(*daemon_args(cluster))
+        wait_until(lambda: heartbeat(service).get("workers") == 1, what="the daemon to see the worker")
+        job_id = service.submit([{"store_id": "RP00001", "visit_time": "2026-11-23T10:00:00",
+                                  "image_url": gated.urls}])
+        for released in ([0, 1, 2], [3, 4]):
+            opened_at = gated.open(*released)
+            expected = sum(event.is_set() for event in gated.events)
+            doc = wait_until(lambda: (d := service.status(job_id)).get("images_processed", 0) >= expected and d,
+                             timeout_s=10, what=f"{expected} images processed", interval_s=0.02)
+            assert (doc["images_processed"], doc["images_done"]) == (expected, 0), doc
+            assert time.monotonic() - opened_at < SHOWN_WITHIN_S
+        gated.close()
+        final = service.wait(job_id, timeout_s=60)
+        assert (final["status"], final["images_done"], final["images_processed"]) == (Status.COMPLETED, 16, 16)
+    finally:
+        gated.close()

@@ -226,6 +226,19 @@ def test_through_the_shipped_nginx_site_the_page_asks_for_a_token_shows_jobs_and
         stop_processes(front.proc)
 
 
+def test_opened_while_the_api_is_down_behind_nginx_the_page_shows_its_banner_not_json(tmp_path, browser):
+    """nginx serves the page's own files itself: with no API behind it, the page still loads and says so."""
+    from tests.service import free_port
+    front = Nginx(tmp_path, f"http://127.0.0.1:{free_port()}").start()  # nothing listens there
+    try:
+        browser.get(front.base + "/")
+        assert wait_until(lambda: read(browser, "#problem"), what="the banner", interval_s=0.1) == \
+            ["API unavailable; try again later"]
+        assert read(browser, "h1") == ["Retail Pulse"]
+    finally:
+        stop_processes(front.proc)
+
+
 # ------------------------------------------------------------------ straight from the API
 def test_the_page_says_when_the_api_is_gone_and_when_a_job_does_not_exist(start_service, image_server, browser):
     service = start_service()
@@ -263,3 +276,45 @@ def test_progress_in_64_image_steps_reads_as_a_steady_rate(start_service, browse
             lefts.append((estimate["secondsLeft"], (total - done) / 25.6))
     assert all(rate is not None and abs(rate - 25.6) / 25.6 < 0.2 for rate in rates), rates
     assert all(abs(left - truth) / truth < 0.25 for left, truth in lefts), lefts
+
+
+def test_the_bar_follows_each_image_and_the_page_shows_the_rate_and_time_left(start_service, image_server, browser):
+    """A job of 8 images is one chunk, recorded only at its end; the test lets its images through one at a time.
+    The card follows each one within a couple of seconds (the daemon writes once a second, the page polls
+    once a second), says none is recorded yet, and soon shows images/s and the time left."""
+    from selenium.webdriver.common.by import By
+
+    from tests.test_running_job import Gates
+    gated = Gates(image_server, 8)
+    try:
+        service = start_service()
+        job_id = service.submit([{"store_id": "RP00001", "visit_time": "2026-11-24T09:00:00Z",
+                                  "image_url": gated.urls}])
+        browser.get(service.base + "/")
+        card = f'li.job[data-job-id="{job_id}"] .progress'
+        texts = []
+        for image in range(7):
+            gated.open(image)
+            shown = f"{image + 1} / 8 images ("
+            texts.append(wait_until(lambda: [t for t in read(browser, card) if t.startswith(shown)],
+                                    timeout_s=10, what=f"the card at {image + 1} / 8", interval_s=0.05)[0])
+            if "images/s" in texts[-1]:
+                break
+        assert all(", 0 recorded" in text for text in texts), texts
+        assert "images/s, about" in texts[-1] and texts[-1].endswith(" s left"), texts
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "status-page-progress.png"))
+        # The job's page: its images by index, none recorded yet (the pager said "images 0--1 of 8").
+        browser.get(f"{service.base}/?job={job_id}")
+        assert wait_until(lambda: read(browser, "#results-range"), what="the pager", interval_s=0.05) == \
+            ["images 0-7 of 8 (none recorded yet)"]
+        assert browser.find_element(By.ID, "results-next").get_attribute("disabled") == "true"
+        gated.close()
+        wait_until(lambda: read(browser, "#results-range") == ["images 0-7 of 8"], what="the images recorded",
+                   interval_s=0.1)
+        assert len(read(browser, "#results tbody tr")) == 8
+        browser.get(service.base + "/")
+        wait_until(lambda: [t for t in read(browser, card) if t.startswith("8 / 8 images (100 %)")],
+                   what="the job at 100 %", interval_s=0.1)
+    finally:
+        gated.close()

@@ -14,7 +14,7 @@ from daemon.engine.loop import Engine
 from daemon.engine.netguard import AddressPolicy
 from daemon.engine.outcome import ImageOutcome
 from daemon.engine.settings import EngineSettings
-from daemon.runners import Loss, TaskDone, TaskLost
+from daemon.runners import Loss, TaskDone, TaskLost, TaskProgress
 from daemon.supervisor.jobs import Chunk, after_loss, spans, uncovered
 from daemon.supervisor.stores import load_store_master
 from daemon.supervisor.loop import Events, Supervisor
@@ -360,3 +360,37 @@ def test_lost_tasks_follow_the_policy_and_the_poison_image_alone_is_failed(spool
                                              None]
     assert runner.tasks == [(["0.jpg", "1.jpg", "2.jpg", "3.jpg"], False), (["0.jpg", "1.jpg", "2.jpg", "3.jpg"], True),
                             (["0.jpg", "1.jpg"], True), (["2.jpg", "3.jpg"], True), (["2.jpg"], True), (["3.jpg"], True)]
+
+
+# ---------------------------------------------------------------- progress between chunks (supervisor/progress.py)
+def test_progress_between_records_is_written_once_a_second_and_never_goes_back(spool):
+    """The runner's per-image progress shows in images_processed, written at most once a second per job;
+    images_done counts only recorded images; a lost task takes nothing back from what was shown."""
+    runner, events, now = RecordingRunner(room_for_tasks=100), Events(), [0.0]
+    supervisor = Supervisor(spool, STORES, SupervisorSettings(chunk_images=4), runner, events, clock=lambda: now[0])
+    job_id = put_active_job(spool, [f"http://x/{i}.jpg" for i in range(8)])
+    supervisor.load(job_id, spool.jobs.path("active", job_id))
+    supervisor.dispatch()
+    first, second = sorted(supervisor.dispatched)
+
+    def step(*happened, after_s: float = 0.0):
+        now[0] += after_s
+        for event in happened:
+            events.put(event)
+        supervisor.wait_for_events(0)
+        supervisor.progress.write_due(supervisor.jobs)
+        status = spool.status(job_id)
+        return status.images_processed, status.images_done
+
+    assert step(TaskProgress({first: 1, second: 2})) == (3, 0)
+    assert step(TaskProgress({first: 3}), after_s=0.5) == (3, 0)  # written 0.5 s ago: not yet
+    assert step(after_s=0.5) == (5, 0)
+    outcomes = [ImageOutcome(i, 1, 1, 4, None, None, 0.0, 10) for i in range(4)]
+    assert step(TaskDone(first, outcomes)) == (6, 4)  # recorded: its own status write, at once
+    assert step(TaskLost(second, "pool process 1 died"), after_s=1) == (6, 4)  # redone: the figure holds
+    supervisor.dispatch()
+    [again] = [task_id for task_id in supervisor.dispatched if task_id not in (first, second)]
+    assert step(TaskProgress({again: 1}), after_s=1) == (6, 4)
+    assert step(TaskProgress({again: 3}), after_s=1) == (7, 4)
+    assert step(TaskDone(again, [ImageOutcome(i, 1, 1, 4, None, None, 0.0, 10) for i in range(4, 8)])) == (8, 8)
+    assert spool.status(job_id).status is Status.COMPLETED

@@ -158,3 +158,21 @@ def test_the_scheduler_a_worker_and_the_dask_daemon_run_a_job_inside_their_units
     assert any((vm.root / "var/lib/retail-pulse-dask/worker-1").iterdir())
     assert "Local Directory: " + str(vm.root / "var/lib/retail-pulse-dask/worker-1") in \
         machine.log("retail-pulse-dask-worker1")
+
+
+def test_the_sandbox_is_made_whatever_the_host_has_mounted_under_tmp(tmp_path):
+    """A mount under the host's /tmp (here a tmpfs; on a developer's machine, anything) is hidden by the
+    private /tmp: the read-only remount of every mount must pass over it instead of failing the sandbox."""
+    from tests.conftest import mount_tmpfs, unmount
+    under_tmp = Path(tempfile.mkdtemp(prefix="host-mount-", dir="/tmp"))  # wherever pytest's own folders are
+    host_mount = under_tmp / "mnt"
+    mount_tmpfs(host_mount)
+    try:
+        vm = Installation(tmp_path / "vm")
+        vm.state_directories(API)
+        command = sandboxed(vm, API, ["sh", "-c", f"test ! -e {host_mount} && echo hidden"], {})
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        unmount(host_mount)
+        shutil.rmtree(under_tmp)
+    assert (result.returncode, result.stdout) == (0, "hidden\n"), result.stderr

@@ -199,8 +199,11 @@ def sandboxed(installation: Installation, unit: str, argv: list[str], env: dict[
     lines += [f"mount --bind {shlex.quote(path)} {shlex.quote(path)}" for path in rw]
     if settings.get("ProtectSystem") == "strict":
         skip = " | ".join(["/proc", "/proc/*", "/dev", "/dev/*", *(shlex.quote(path) for path in sorted(keep))])
+        # A mount the private /tmp hides (one under the host's /tmp) is listed still, but is no mount point
+        # here any more, and its path may not exist: remounting it would fail the sandbox. Pass over it.
         lines.append("for m in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do "
-                     f"case $m in {skip}) continue;; esac; mount -o remount,bind,ro \"$m\"; done")
+                     f"case $m in {skip}) continue;; esac; mountpoint -q \"$m\" || continue; "
+                     "mount -o remount,bind,ro \"$m\"; done")
     if settings.get("ProtectHome") == "true":
         python = Path(sys.base_prefix)
         for home in ("/home", "/root", "/run/user"):

@@ -10,6 +10,7 @@ from gunicorn.app.base import BaseApplication
 from config.startup import StartupError, load_webhook_secrets, open_spool, run_main, start
 from webapi.app import make_app
 from webapi.auth import TokenFileError, Tokens
+from webapi.server import Arbiter
 from webapi.settings import CLASSES, SECTIONS, ApiSettings
 
 #: Bottle's own body limit. Nothing here reads bottle.request.body/json (read_body does, against
@@ -32,6 +33,14 @@ class _Server(BaseApplication):
 
     def load(self):
         return self.app
+
+    def run(self):
+        """gunicorn's own run, with our master (webapi/server.py: no stop signal lost by a starting process)."""
+        try:
+            Arbiter(self).run()
+        except RuntimeError as exc:
+            print(f"\nError: {exc}\n", file=sys.stderr, flush=True)
+            sys.exit(1)
 
 
 def _announce(server) -> None:

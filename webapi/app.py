@@ -315,6 +315,9 @@ class _Api:
         if beat is not None:
             if beat.executor is Executor.DASK and not beat.workers:
                 checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.scheduler}): nothing runs"
+            elif not beat.workers:  # starting (its pool processes still importing), or all of them gone
+                checks["workers"] = (f"no pool process is connected to the daemon (of {beat.processes or '?'}): "
+                                     f"nothing runs")
             checks.update(worker_health(beat))
             checks.update(capacity_health(beat))
             checks.update(certificate_health(beat))

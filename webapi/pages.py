@@ -70,9 +70,11 @@ def jobs_page(spool: Spool, visible, offset: int, limit: int) -> dict:
 
 def results_page(spool: Spool, job_id: int, head: dict, offset: int, limit: int,
                  total: int | None) -> HTTPResponse:
-    """Results of images offset .. offset+limit-1 (those recorded so far), as JSON. Only the results files
-    of the window are read (and checked: DamagedResults); ``total`` for a finished job, where a gap is damage."""
-    lines = list(itertools.islice(spool.results.lines(job_id, offset, total), limit))
+    """Results of images offset .. offset+limit-1, those of them recorded so far, as JSON: a window of image
+    indices, not of recorded lines, so while a job runs no image is on two pages and none is missed. Only the
+    results files of the window are read (and checked: DamagedResults); ``total`` for a finished job, where a
+    gap is damage."""
+    lines = list(spool.results.lines(job_id, offset, total, stop_index=offset + limit))
     body = (json.dumps({**head, "offset": offset, "limit": limit}, separators=(",", ":"))[:-1]
             + ',"results":[' + ",".join(line.decode() for line in lines) + "]}")
     return HTTPResponse(body, status=200, headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
@@ -101,7 +103,8 @@ def results_csv(spool: Spool, job_id: int) -> HTTPResponse:
 
 
 #: The page's policy: its own script and style files and calls to its own API; nothing inline, nothing from
-#: elsewhere, no framing. The one policy for the page: nginx adds none to these routes (its site's map).
+#: elsewhere, no framing. nginx serves these files itself with the same string (systemd/nginx/retail-pulse.conf;
+#: tests/test_front_door.py compares them).
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 

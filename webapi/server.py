@@ -1,5 +1,6 @@
-"""gunicorn customisation: its own error answers in JSON, like every answer of the app; status requests
-that wait parked in the worker's event loop, holding no thread (webapi/waits.py says what waiting means).
+"""gunicorn customisation: its own error answers in JSON, like every answer of the app; no stop signal lost by
+an API process that is starting; and status requests that wait parked in the worker's event loop, holding
+no thread (webapi/waits.py says what waiting means).
 
 gunicorn answers some requests before the app sees them (a malformed request line, raw non-ASCII bytes in
 it, a request line over ``limit_request_line``, too many or too large headers) and writes those answers as
@@ -15,6 +16,13 @@ job's status file, outbox or sent record rewritten, or its time is up; then a th
 route. The worker uses gunicorn's own hooks for this (a request's result, finish_request, its method queue
 for calls from other threads), so gunicorn's keep-alive, limits and graceful stop apply as to any request;
 a stopping worker answers its parked requests at once.
+
+Stopping: gunicorn's master tells each API process to stop once (SIGQUIT, or SIGTERM), and a Ctrl-C reaches
+them all. An API process forked a moment before (the master starts them one by one at start-up) still runs
+the master's handlers until it installs its own, and those only queue the signal in its copy of the master:
+lost, so the process served on until gunicorn killed it at graceful_timeout (30 s; "was sent SIGKILL!
+Perhaps out of memory?"). ``Arbiter`` forks with the stop signals blocked, so they wait in the new process,
+and the worker unblocks them once its own handlers are in place: then they arrive, and it stops.
 """
 from __future__ import annotations
 
@@ -22,18 +30,23 @@ import heapq
 import html
 import json
 import selectors
+import signal
 import threading
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from gunicorn.arbiter import Arbiter as GunicornArbiter
 from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from spool import Folder
 from spool.watch import Watch
 from webapi.waits import MAX_PARKED_SHARE, RESUMED, Park
+
+#: What stops an API process (gunicorn's worker: QUIT and INT at once, TERM gracefully).
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGTERM})
 
 #: What a client reads for each status gunicorn answers by itself (gunicorn's detail is appended for 400).
 _ERRORS = {400: "bad request", 403: "forbidden", 414: "request line too long",
@@ -74,8 +87,24 @@ class _JsonErrorSocket:
         return getattr(self._sock, name)
 
 
+class Arbiter(GunicornArbiter):
+    """gunicorn's master, whose API processes are born with the stop signals blocked (the module's docstring)."""
+
+    def spawn_worker(self):
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().spawn_worker()  # in the new process, it never returns (it exits)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 class JsonErrorThreadWorker(ThreadWorker):
-    """gunicorn's gthread worker whose own error answers (400, 414, 431, 500, ...) are JSON."""
+    """gunicorn's gthread worker whose own error answers (400, 414, 431, 500, ...) are JSON, and which takes
+    the stop signals only once its own handlers are in place (Arbiter)."""
+
+    def init_signals(self):
+        super().init_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came meanwhile arrives now
 
     def handle_error(self, req, client, addr, exc):
         # handle_error writes only the error response to this socket (util.write_error -> sendall), once.

@@ -8,6 +8,11 @@ keys: they answer at once, their images not yet measured "cancelled by request".
 processes or Dask: a local pool process and a Dask worker each run one Engine, and ``measure()`` runs one
 for a single task (tests, isolated tasks).
 
+Progress: a task answers only when its last image is done, but people watch images, not chunks. Given
+``on_progress``, the engine calls it from its loop, at most every PROGRESS_INTERVAL_S and only while images
+finish, with each keyed task still running whose count changed: ``{key: images of it with an outcome}``.
+The cost per image is one attribute set; the report walks the running tasks (a few dozen) four times a second.
+
 One loop serves everything: libcurl's sockets (its socket and timer callbacks drive an epoll selector), a
 wake-up socket for tasks handed in by other threads, and a heap of deadlines. An image's simulated GPU
 work (0.1-0.4 s) is such a deadline: its outcome is released only when the wait is over, so the wait stays
@@ -61,6 +66,11 @@ FORGIVEN_SLOW = 1
 #: Called once per task: its outcomes, or None when the engine closed before the task finished (nothing of
 #: it was recorded: send it again).
 Done = Callable[[list[ImageOutcome] | None], None]
+#: Called from the loop while images finish: {task key: images of the task with an outcome so far}.
+OnProgress = Callable[[dict[Hashable, int]], None]
+#: How often progress is reported while images finish: four times a second, so that what a person watches
+#: (written once a second by the supervisor) is never more than a quarter of a second behind.
+PROGRESS_INTERVAL_S = 0.25
 
 
 class _Task:
@@ -69,6 +79,7 @@ class _Task:
         self.left, self.done = size, done
         self.todo: deque[_Image] = deque()  # images not yet started (or back for a retry)
         self.key, self.indices, self.cancelled = key, [0] * size, False
+        self.reported = 0  # images with an outcome at the last progress report
         self.answered = False  # set under the engine's _answer_lock: a task is answered once, by whoever comes first
 
 
@@ -86,8 +97,12 @@ class _Image:
 class Engine:
     """``clock``: monotonic seconds, for the deadlines (GPU waits, retry backoff); tests may pass their own."""
 
-    def __init__(self, settings: EngineSettings, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, settings: EngineSettings, clock: Callable[[], float] = time.monotonic,
+                 on_progress: OnProgress | None = None):
         self.settings, self.clock = settings, clock
+        self._on_progress = on_progress
+        self._progressed = False  # an image finished since the last progress report
+        self._next_progress = 0.0  # time.monotonic() of the next report, at the earliest
         self._multi = pycurl.CurlMulti()
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
@@ -193,6 +208,8 @@ class Engine:
             waits.append(self._curl_timer_at - time.monotonic())
         if self._deadlines:
             waits.append(self._deadlines[0][0] - self.clock())
+        if self._progressed:
+            waits.append(self._next_progress - time.monotonic())
         timeout = max(0.0, min(waits)) if waits else 1.0
         if self._waiting and len(self._running) < self._limit:
             timeout = 0.0  # work that can start now
@@ -210,6 +227,23 @@ class Engine:
         self._take_inbox()
         self._start_waiting()
         self._finish_transfers()  # after every socket_action of this turn, the kick of new ones included
+        if self._progressed and time.monotonic() >= self._next_progress:
+            self._report_progress()
+
+    def _report_progress(self) -> None:
+        """Tell on_progress how far each keyed task that moved has got (its images with an outcome)."""
+        self._progressed = False
+        self._next_progress = time.monotonic() + PROGRESS_INTERVAL_S
+        moved = {}
+        for key, task in self._keyed.items():
+            done = len(task.outcomes) - task.left
+            if done != task.reported:
+                task.reported = moved[key] = done
+        if moved:
+            try:
+                self._on_progress(moved)
+            except Exception:  # the caller's bug must not stop the loop that serves every task
+                log.exception("engine: the progress callback failed")
 
     def _on_socket(self, what: int, fd: int, multi, data) -> None:
         """libcurl says which sockets to watch for what."""
@@ -403,6 +437,7 @@ class Engine:
         task.outcomes[image.position] = outcome
         task.left -= 1
         self._in_flight -= 1
+        self._progressed = self._on_progress is not None
         if task.left == 0:
             self._keyed.pop(task.key, None)
             self._answer(task)

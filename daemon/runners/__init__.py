@@ -3,6 +3,8 @@
 A task is one chunk's images handed to a runner once, ``(index, url)`` pairs; it ends with a TaskDone (one
 ImageOutcome per image) or a TaskLost (the process or worker holding it died, or the task could not run
 there: its Loss says which, and the supervisor decides what becomes of its chunk, daemon/supervisor/jobs.py).
+While it runs, TaskProgress says how many of its images have an outcome (the engine's per-image
+completions, at most four times a second per process or worker): what people watch, never what is recorded.
 Two runners run the same engine (daemon/engine/): LocalPool (pool.py, a multiprocessing.Pool on this
 machine, the default; what each process runs: pool_process.py) and DaskRunner (dask_cluster.py, a Dask
 cluster; what each worker runs: dask_worker.py). Their settings: settings.py. This package imports nothing
@@ -26,7 +28,8 @@ from typing import Protocol
 
 from daemon.engine.outcome import ImageOutcome, TaskImages
 
-__all__ = ["Loss", "Message", "OnEvent", "Progress", "Stall", "TaskDone", "TaskImages", "TaskLost", "TaskRunner"]
+__all__ = ["Loss", "Message", "OnEvent", "Progress", "Stall", "TaskDone", "TaskImages", "TaskLost", "TaskProgress",
+           "TaskRunner"]
 
 
 class Message(StrEnum):
@@ -37,6 +40,15 @@ class Message(StrEnum):
     DONE = "done"  # process -> supervisor: (DONE, task_id, outcomes)
     LOST = "lost"  # process -> supervisor: (LOST, task_id, why, cause: a Loss value), as a Dask worker says it
     CANCEL = "cancel"  # supervisor -> process: (CANCEL, task_ids); each answers at once with a DONE
+    PROGRESS = "progress"  # process -> supervisor: (PROGRESS, {task_id: images with an outcome}), while they finish
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    """Of tasks still running, how many images each has measured (or failed) so far; only those that moved.
+    Not recorded: the task may still be lost, and its chunk redone."""
+
+    measured: dict[int, int]  # task id -> images with an outcome
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,9 @@ class TaskLost:
         return self.cause is Loss.DIED
 
 
-#: Called from any thread of the runner, once per task; the supervisor only queues it.
-OnEvent = Callable[[TaskDone | TaskLost], None]
+#: Called from any thread of the runner: once per task with its end, and with progress while it runs; the
+#: supervisor only queues it.
+OnEvent = Callable[[TaskDone | TaskLost | TaskProgress], None]
 
 
 class TaskRunner(Protocol):

@@ -49,9 +49,10 @@ from distributed.protocol.pickle import dumps as dask_dumps
 
 from daemon.engine.outcome import TaskImages
 from daemon.engine.settings import EngineSettings
-from daemon.runners import Loss, OnEvent, Progress, TaskDone, TaskLost
+from daemon.runners import Loss, OnEvent, Progress, TaskDone, TaskLost, TaskProgress
 from daemon.runners.certificates import file_not_after, not_after
-from daemon.runners.dask_worker import PLUGIN_NAME, EnginePlugin, cancel_on_worker, certificate_ends, measure_task
+from daemon.runners.dask_worker import (PLUGIN_NAME, PROGRESS_TOPIC, EnginePlugin, cancel_on_worker,
+                                        certificate_ends, measure_task)
 from daemon.runners.plain_data import RESULT_DESERIALIZERS, InvalidResult, parse_result, refuse_code_from_the_cluster
 
 log = logging.getLogger("retailpulse.daemon")
@@ -115,6 +116,7 @@ class DaskRunner:
         # thread looks at the cluster, the result fetchers complete
         self._lock = threading.Lock()
         self._tasks: dict[int, tuple[object, list]] = {}  # task id -> (future, images)
+        self._keys: dict[str, int] = {}  # a task's Dask key -> its task id (the workers' progress names keys)
         self._progress = Progress(stall_timeout_s)
         self._processing: dict[str, set[str]] = {}  # worker -> keys of our tasks it ran at the last look
         self._failing: dict[str, str] = {}  # worker -> why tasks fail there (until it leaves the cluster)
@@ -137,8 +139,26 @@ class DaskRunner:
 
     def _connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> Client:
         # Results as msgpack only: a worker cannot make the daemon unpickle its answer (plain_data.py).
-        return Client(self.scheduler, security=self._tls, timeout=timeout_s, set_as_default=False,
-                      deserializers=list(RESULT_DESERIALIZERS))
+        client = Client(self.scheduler, security=self._tls, timeout=timeout_s, set_as_default=False,
+                        deserializers=list(RESULT_DESERIALIZERS))
+        client.subscribe_topic(PROGRESS_TOPIC, self._progressed)
+        return client
+
+    def _progressed(self, event) -> None:
+        """A worker engine's progress report, (time, {task key: images}), on the client's thread: checked as
+        plain data, and only for tasks of ours still running (keys of an earlier daemon's are not ours)."""
+        try:
+            _at, measured = event
+        except (TypeError, ValueError):
+            return
+        if not isinstance(measured, dict):
+            return
+        with self._lock:
+            held = {self._keys[key]: images for key, images in measured.items()
+                    if isinstance(key, str) and key in self._keys
+                    and type(images) is int and 0 <= images <= len(self._tasks[self._keys[key]][1])}
+        if held:
+            self._on_event(TaskProgress(held))
 
     def _reconnect(self) -> None:
         """A new client once the old one gave up (the background thread's body)."""
@@ -258,6 +278,7 @@ class DaskRunner:
                                      workers=restrict, allow_other_workers=False)
         with self._lock:
             self._tasks[task_id] = (future, list(images))
+            self._keys[key] = task_id
             self._progress.holding(CLUSTER, len(self._tasks), time.monotonic())
         future.add_done_callback(lambda f: self._fetchers.submit(self._finished, task_id, f))
 
@@ -355,6 +376,7 @@ class DaskRunner:
         with self._lock:
             futures = [future for future, _ in self._tasks.values()]
             self._tasks.clear()
+            self._keys.clear()
         self._client.cancel(futures)
         self._client.close(timeout=timeout_s)
         self._fetchers.shutdown(wait=False, cancel_futures=True)
@@ -363,6 +385,7 @@ class DaskRunner:
     def _finished(self, task_id: int, future) -> None:
         with self._lock:
             entry = self._tasks.pop(task_id, None)
+            self._keys.pop(future.key, None)
             now = time.monotonic()
             self._progress.finished(CLUSTER, now)
             self._progress.holding(CLUSTER, len(self._tasks), now)

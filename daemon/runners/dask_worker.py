@@ -41,6 +41,9 @@ PLUGIN_NAME = "retailpulse-engine"
 EXIT_GRACE_S = 1.5
 #: How long a task waits for the worker's engine plugin (being replaced by a restarted daemon) to be there.
 PLUGIN_WAIT_S = 10.0
+#: The Dask event topic of the engine's progress reports ({task key: images with an outcome}), which the
+#: daemon's client subscribes to (DaskRunner): plain data, through the scheduler.
+PROGRESS_TOPIC = "retailpulse-progress"
 
 
 class EnginePlugin(WorkerPlugin):
@@ -53,7 +56,7 @@ class EnginePlugin(WorkerPlugin):
 
     def setup(self, worker) -> None:
         self.closing = threading.Event()
-        self.engine = Engine(self.settings)
+        self.engine = Engine(self.settings, on_progress=lambda measured: worker.log_event(PROGRESS_TOPIC, measured))
         self.engine.start(on_death=exit_on_engine_death)  # as a pool process: its tasks end in KilledWorker
 
     def teardown(self, worker) -> None:

@@ -9,6 +9,7 @@ own (authenticated with a key only the daemon and its children know) and tasks a
 
     supervisor --(TASK, id, images, isolated)--> process      process --(DONE, id, outcomes)--> supervisor
     supervisor --(CANCEL, ids)-------------------> process      process --(LOST, id, why, cause)-> supervisor
+                                                                process --(PROGRESS, {id: images})-> supervisor
 
 (the Message enum, daemon/runners/__init__.py).
 
@@ -31,12 +32,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, Listener
 
 from daemon.engine.outcome import TaskImages
 from daemon.engine.settings import EngineSettings
-from daemon.runners import Loss, Message, OnEvent, Progress, TaskDone, TaskLost
-from daemon.runners.pool_process import serve
+from daemon.runners import Loss, Message, OnEvent, Progress, TaskDone, TaskLost, TaskProgress
+from daemon.runners.pool_process import STOP_SIGNALS, serve
 
 log = logging.getLogger("retailpulse.daemon")
 
@@ -73,6 +75,21 @@ def _hang_up(conn: Connection) -> None:
     conn.close()
 
 
+def _pool_born_deaf(context, processes: int, initargs: tuple):
+    """The Pool, its processes started with Ctrl-C and SIGTERM blocked. A process takes a second to import the
+    engine (pycurl, Pillow) before serve() can ignore them, and a Ctrl-C to the process group meanwhile was a
+    KeyboardInterrupt traceback from each. A blocked signal waits, and serve() drops it. The mask passes to
+    every process through fork and exec, and to the Pool's own threads, which start replacements later: so
+    made here, on this thread, then put back (as multiprocessing does for its resource tracker, bpo-33613).
+    The tracker unblocks both when it starts, so it is started first."""
+    resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return context.Pool(processes, initializer=serve, initargs=initargs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def answer_event(kind: Message, task_id: int, payload: list, holder: str) -> TaskDone | TaskLost:
     """A pool process's answer: DONE with the outcomes, or LOST with why and the Loss (as a Dask worker's)."""
     if kind == Message.DONE:
@@ -94,6 +111,7 @@ class LocalPool:
         self._progress = Progress(stall_timeout_s)
         self._replacing: dict[int, str] = {}  # pid -> why it was killed, for the loss of its tasks
         self._replaced = 0  # stalled processes killed since start
+        self._closing = False  # under _lock: close() has hung up; a process connecting now is hung up at once
         self._next_watch = 0.0  # monotonic time of the next look for stalls
         self._folder = tempfile.mkdtemp(prefix="retailpulse-pool-")  # 0700: only we reach the socket
         authkey = secrets.token_bytes(32)
@@ -103,7 +121,7 @@ class LocalPool:
         # no forkserver in between, whose death (a SIGTERM to the process group) would leave the Pool unable
         # to start or stop processes.
         context = multiprocessing.get_context("spawn")
-        self._pool = context.Pool(processes, initializer=serve, initargs=(self._listener.address, authkey, settings))
+        self._pool = _pool_born_deaf(context, processes, (self._listener.address, authkey, settings))
 
     # ------------------------------------------------------------- TaskRunner
     def has_room(self, images: int) -> bool:
@@ -179,6 +197,7 @@ class LocalPool:
         self._pool.close()
         self._listener.close()
         with self._lock:
+            self._closing = True
             for process in self._connected.values():
                 _hang_up(process.conn)
         joiner = threading.Thread(target=self._pool.join, name="pool-join", daemon=True)
@@ -212,16 +231,30 @@ class LocalPool:
                 continue
             process = _Connected(pid, conn)
             with self._lock:
+                if self._closing:  # it connected as we stopped (at start-up, say): it would wait for ever
+                    _hang_up(conn)
+                    return
                 self._connected[pid] = process
             log.info("pool: process %d connected", pid)
             threading.Thread(target=self._read_forever, args=(process,), name=f"pool-{pid}", daemon=True).start()
 
+    def _progressed(self, process: _Connected, measured: dict) -> None:
+        """A process's progress report, for the tasks it still holds (a late report of an answered one is stale)."""
+        with self._lock:
+            held = {task_id: images for task_id, images in measured.items() if task_id in process.tasks}
+        if held:
+            self._on_event(TaskProgress(held))
+
     def _read_forever(self, process: _Connected) -> None:
         while True:
             try:
-                kind, task_id, *payload = process.conn.recv()
+                message = process.conn.recv()
             except (EOFError, OSError):
                 break
+            if message[0] == Message.PROGRESS:
+                self._progressed(process, message[1])
+                continue
+            kind, task_id, *payload = message
             with self._lock:
                 known = process.tasks.pop(task_id, None) is not None
                 now = time.monotonic()

@@ -26,6 +26,9 @@ ISOLATED_AT_ONCE = 8
 POOL_NICE_INCREMENT = 10
 #: A pool process whose engine died exits with this (EX_SOFTWARE, sysexits.h).
 EXIT_ENGINE_DIED = 70
+#: What stops the daemon and must not stop a pool process: the supervisor decides how to stop (pool.py blocks
+#: them while it starts processes, so that one still importing the engine cannot die of Ctrl-C either).
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 def exit_on_engine_death(exc: BaseException) -> None:
@@ -39,7 +42,7 @@ class _PoolProcess:
     def __init__(self, conn: Connection, settings: EngineSettings):
         self.conn, self.settings = conn, settings
         self.send_lock = threading.Lock()  # the engine thread and the isolation threads both answer
-        self.engine = Engine(settings)
+        self.engine = Engine(settings, on_progress=self.progress)
         self.isolated = ThreadPoolExecutor(ISOLATED_AT_ONCE, thread_name_prefix="isolated")
 
     def send(self, message: tuple) -> None:
@@ -64,6 +67,10 @@ class _PoolProcess:
             else:
                 self.engine.submit(images, partial(self.done, task_id), key=task_id)
 
+    def progress(self, measured: dict) -> None:
+        """The engine's progress report (its task keys are our task ids), on the engine's thread."""
+        self.send((Message.PROGRESS, measured))
+
     def done(self, task_id: int, outcomes: list[ImageOutcome] | None) -> None:
         if outcomes is None:  # the engine closed under it: not the images' doing
             self.send((Message.LOST, task_id, "the pool process's engine closed", Loss.AWAY.value))
@@ -80,10 +87,13 @@ class _PoolProcess:
 
 def serve(address: str, authkey: bytes, settings: EngineSettings) -> None:
     """Pool initializer; never returns. Ctrl-C and a SIGTERM to the whole process group go to the supervisor
-    too, which decides how to stop (drain, then close our connection): pool processes ignore both. The
-    pool runs below the supervisor's and the API's priority: the API must stay quick while we saturate."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    too, which decides how to stop (drain, then close our connection): pool processes ignore both. They were
+    blocked since this process started (LocalPool), so one that came while it imported is dropped here, not
+    a KeyboardInterrupt. The pool runs below the supervisor's and the API's priority: the API must stay quick
+    while we saturate."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones are ignored, so discarded
     os.nice(POOL_NICE_INCREMENT)
     try:
         conn = Client(address, family="AF_UNIX", authkey=authkey)

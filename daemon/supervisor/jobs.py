@@ -59,6 +59,8 @@ class ActiveJob:
         self.pending: deque[Chunk] = deque()
         self.chunks_in_flight = 0
         self.recorded = 0  # images with a result on disk ("images_done" on the wire)
+        self.measuring: dict[int, int] = {}  # task id -> images of it with an outcome, not recorded yet (progress.py)
+        self.processed_high = 0  # the highest "images_processed" said so far: it never goes back
         self.failed = 0
         self.cancelled = 0  # of the failed, those "cancelled by request" ("images_cancelled")
         self.failed_stores: dict[str, list] = {}  # store_id -> [first error, its image_url, images failed]
@@ -71,6 +73,13 @@ class ActiveJob:
     @property
     def finished(self) -> bool:
         return self.recorded >= self.total and not self.pending and not self.chunks_in_flight
+
+    def processed(self) -> int:
+        """Images with an outcome, recorded or not yet ("images_processed"): what people watch. Held at its
+        highest, so a lost task (redone) or a restart never takes it back; it waits for the redo to pass it."""
+        now = min(self.total, self.recorded + sum(self.measuring.values()))
+        self.processed_high = max(self.processed_high, now)
+        return self.processed_high
 
     def count(self, store_id: str, error: str | None, url: str) -> None:
         """One more image with a recorded result."""
@@ -104,7 +113,8 @@ class ActiveJob:
             callback = Callback(self.callback_url,
                                 DeliveryState.PENDING if phase is Phase.FINISHED else DeliveryState.WAITING)
         return JobStatus(str(self.job_id), status, phase, images_total=self.total, images_done=self.recorded,
-                         images_failed=self.failed, images_cancelled=self.cancelled or UNSET,
+                         images_processed=self.processed(), images_failed=self.failed,
+                         images_cancelled=self.cancelled or UNSET,
                          submitted_at=self.submitted_at, updated_at=utc_now(), error=errors, callback=callback)
 
 

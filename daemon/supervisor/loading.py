@@ -40,9 +40,21 @@ class JobLoader:
             log.error("job %d: %s; left in active/: fix its owner or mode, then restart the daemon", job_id, exc.why)
             return None
         job.pending.extend(Chunk(job_id, first, stop) for first, stop in uncovered(job.total, covered, self.chunk_images))
+        self.resume_progress(job)
         log.info("job %d: %s, %d images, %d already recorded", job_id,
                  "resumed" if covered else "started", job.total, job.recorded)
         return job
+
+    def resume_progress(self, job: ActiveJob) -> None:
+        """A job that was running (a restart): its images_processed starts where its last status left it, so
+        that clients never see it go back while the images that were not recorded are redone (progress.py).
+        Not after a requeue: that status says finished, and the job is counted afresh."""
+        try:
+            last = self.spool.jobs.read_status(job.job_id)
+        except OSError:
+            return  # unreadable: the next write replaces it
+        if last is not None and last.phase is Phase.RUNNING and last.images_processed:
+            job.processed_high = min(last.images_processed, job.total)
 
     def read_recorded(self, job: ActiveJob) -> list[tuple[int, int]]:
         """Count the job's recorded results; move unreadable results files aside. The (first, stop) covered."""

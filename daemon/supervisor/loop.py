@@ -30,12 +30,13 @@ import msgspec
 
 from daemon.engine.outcome import ErrorKind, ImageOutcome
 from daemon.notifications.outbox import Outbox
-from daemon.runners import Loss, TaskDone, TaskLost, TaskRunner
+from daemon.runners import Loss, TaskDone, TaskLost, TaskProgress, TaskRunner
 from daemon.supervisor.housekeeping import Housekeeping
 from daemon.supervisor.jobs import ActiveJob, Chunk, after_loss, cancelled, spans, unknown_store
 from daemon.supervisor.loading import JobLoader
 from daemon.supervisor.metrics import Metrics
 from daemon.supervisor.notify import Notifier
+from daemon.supervisor.progress import ProgressWriter
 from daemon.supervisor.recording import Recorder
 from daemon.supervisor.settings import SupervisorSettings
 from daemon.supervisor.stores import Store
@@ -83,6 +84,7 @@ class Supervisor:
         self.recorder = Recorder(spool, stores, self.metrics, settings.disk_retry_interval_s, clock, outbox)
         self.housekeeping = Housekeeping(spool, settings.retention_days * 86400, clock)
         self.loader = JobLoader(spool, settings.chunk_images)
+        self.progress = ProgressWriter(spool, clock)  # images_processed, while chunks run (progress.py)
         self.jobs: dict[int, ActiveJob] = {}
         self.rotation: deque[int] = deque()  # job ids, next to dispatch from first
         self.dispatched: dict[int, Task] = {}  # task id -> task, for every task we still wait for
@@ -140,6 +142,7 @@ class Supervisor:
         self.forget_finished(self.recorder.flush())
         self.runner.watch()  # just before the heartbeat, which shows what it saw of the workers
         self.housekeeping.due(self.heartbeat)
+        self.progress.write_due(self.jobs)
         self.notifier.progress(self.status_line())
 
     def look_due(self) -> bool:
@@ -319,6 +322,11 @@ class Supervisor:
             while True:
                 if event is WAKE:
                     self.woken = True
+                    event = self.events.get_nowait()
+                    continue
+                self.progress.note(event, self.dispatched, self.jobs)
+                if isinstance(event, TaskProgress):
+                    pass
                 elif isinstance(event, TaskDone):
                     self.task_done(event)
                 else:

@@ -3,10 +3,10 @@
 // this tab's sessionStorage and goes out as "Authorization: Bearer".
 "use strict";
 const POLL_MS = 1000, JOBS_PER_PAGE = 20, RESULTS_PER_PAGE = 100, TOKEN_KEY = "retailpulse.token";
-// Results are recorded a chunk (64 images) at a time, so two successive polls read either nothing or a
-// burst: the rate and the time left come from the polls of the last RATE_WINDOW_MS instead, and only
-// once they span RATE_MIN_SPAN_MS.
-const RATE_WINDOW_MS = 20000, RATE_MIN_SPAN_MS = 3000;
+// The bar follows "images_processed", which the daemon moves about once a second while images finish (results
+// are recorded a chunk at a time, "images_done"); the rate and the time left come from the polls of the last
+// RATE_WINDOW_MS, once they span RATE_MIN_SPAN_MS, so that one poll's jitter does not make them jump.
+const RATE_WINDOW_MS = 20000, RATE_MIN_SPAN_MS = 2000;
 const view = { jobsOffset: 0, resultsOffset: 0, jobId: new URLSearchParams(location.search).get("job"),
                tokenRefused: false, statusEtag: null };
 // A job's page waits for its status to change (Prefer: wait, If-None-Match) instead of asking every second.
@@ -87,14 +87,21 @@ function remember(jobId, done, now) {
   return samples;
 }
 
+/** "1 image", "3 images". */
+function plural(count, word) {
+  return `${count} ${count === 1 ? word : word + "s"}`;
+}
+
 function duration(seconds) {
   return seconds < 90 ? `${Math.ceil(seconds)} s` : `${Math.round(seconds / 60)} min`;
 }
 
 function progress(doc) {
-  const total = doc.images_total || 0, done = doc.images_done || 0;
+  const total = doc.images_total || 0, recorded = doc.images_done || 0;
+  const done = Math.max(doc.images_processed || 0, recorded);  // statuses of older daemons have no images_processed
   const percent = total ? Math.floor((100 * done) / total) : (doc.status === "ongoing" ? 0 : 100);
   let text = `${done} / ${total || "?"} images (${percent} %)`;
+  if (done !== recorded) text += `, ${recorded} recorded`;
   if (doc.status === "ongoing") {
     const { rate, secondsLeft } = estimate(remember(doc.job_id, done, Date.now()), total);
     if (rate) text += `, ${rate.toFixed(1)} images/s`;
@@ -127,7 +134,7 @@ function jobCard(doc) {
     for (const failure of doc.error) {
       const line = el("li", null, "failure");
       line.append(el("b", failure.store_id, "store"), el("span", ": " + failure.error, "reason"),
-                  el("span", ` (${failure.images_failed || 1} image(s); first: `, "muted"),
+                  el("span", ` (${plural(failure.images_failed || 1, "image")}; first: `, "muted"),
                   urlText(failure.image_url || ""), el("span", ")", "muted"));
       list.append(line);
     }
@@ -141,7 +148,7 @@ function webhookLine(callback) {
   const line = el("div", null, "webhook webhook-" + callback.state);
   line.dataset.state = callback.state;
   let text = "webhook " + String(callback.state).replace("_", " ");
-  if (callback.attempts) text += ` after ${callback.attempts} attempt(s)`;
+  if (callback.attempts) text += ` after ${plural(callback.attempts, "attempt")}`;
   if (callback.last_error) text += ` (last: ${callback.last_error})`;
   if (callback.next_attempt_at) text += `, next at ${callback.next_attempt_at}`;
   line.append(el("span", text + ": "), el("span", callback.url || "", "url"));
@@ -221,10 +228,20 @@ async function refreshJob(waitS = 0) {
   if (!response.ok) throw new Problem(page.error || `cannot read results (${response.status})`);
   document.querySelector("#results tbody").replaceChildren(...page.results.map(resultRow));
   const total = doc.images_total || 0;
-  document.getElementById("results-range").textContent =
-    `images ${view.resultsOffset}-${view.resultsOffset + page.results.length - 1} of ${total}`;
+  document.getElementById("results-range").textContent = resultsRange(view.resultsOffset, page.results.length, total);
   document.getElementById("results-prev").disabled = view.resultsOffset === 0;
   document.getElementById("results-next").disabled = view.resultsOffset + RESULTS_PER_PAGE >= total;
+}
+
+/** The pager's words for a page of results: the images it covers (by index, as the API pages them) and how
+ *  many of them have a result yet. Pure, for the tests. */
+function resultsRange(offset, shown, total) {
+  if (!total) return "no images yet";
+  const last = Math.min(offset + RESULTS_PER_PAGE, total) - 1;
+  if (offset > last) return `no images here (the job has ${total})`;
+  const covered = last - offset + 1;
+  const recorded = shown === covered ? "" : shown ? ` (${shown} recorded so far)` : " (none recorded yet)";
+  return `images ${offset}-${last} of ${total}${recorded}`;
 }
 
 async function downloadCsv() {
