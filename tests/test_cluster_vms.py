@@ -203,8 +203,8 @@ def test_the_daemon_cut_off_from_the_cluster_keeps_its_heartbeat(site):
 # ---------------------------------------------------------------- recovery
 def test_after_the_scheduler_is_back_the_workers_join_and_the_job_goes_on_within_seconds(site):
     service = site.start()
-    total = 600
-    job_id = site.job(total, seconds=0.2)
+    total = 1200
+    job_id = site.job(total, seconds=1.0)  # about 10 s of work on two workers: it outlasts the scheduler's absence
     wait_until(lambda: busy(site, "w1") or busy(site, "w2"), what="the workers to hold tasks")
     gone = time.monotonic()
     site.cluster.scheduler.kill()

@@ -156,7 +156,7 @@ class Supervisor:
     def wait_timeout(self) -> float:
         """How long the loop may wait for an event: until the next look, chore, delayed chunk or retry."""
         now = self.clock()
-        due = [self.next_look, self.housekeeping.next_due(), now + MAX_WAIT_S]
+        due = [self.next_look, self.housekeeping.next_due(), self.progress.next_due(self.jobs), now + MAX_WAIT_S]
         if self.delayed:
             due.append(self.delayed[0][0])
         if self.recorder.paused:
