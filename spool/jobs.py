@@ -2,6 +2,7 @@
 they are named by. The API stores jobs; only the daemon moves them and writes their status."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import filelock
@@ -9,10 +10,15 @@ from msgspec import UNSET
 
 from spool.files import FILE_MODE, CorruptFile, SpoolFiles, ids_in, read_checked
 from spool.records import Callback, JobFile, JobMeta, JobStatus, Visit
-from spool.vocabulary import (FINISHED_FOLDERS, JOB_FOLDERS, DeliveryState, Folder, Phase, Status, utc_now)
+from spool.vocabulary import (FINISHED_FOLDERS, JOB_FOLDERS, DeliveryState, Folder, Phase, Status, parse_job_id,
+                              utc_now)
 
 #: A submit waits this long for another API process to take its id.
 ID_LOCK_TIMEOUT_S = 30
+#: What a job file must hold, for the note of one that does not: a hand may have dropped a submit body in.
+JOB_FILE_NEEDS = ('a job file is what the API writes: {"job_id": <the id of its name>, "submitted_at": "<UTC time>", '
+                  '"count": <visits>, "visits": [{"store_id": ..., "visit_time": ..., "image_url": [...]}]}; '
+                  "to submit a job, POST its body to /api/submit/")
 
 
 class Jobs:
@@ -32,6 +38,22 @@ class Jobs:
     def ids(self, folder: str) -> list[int]:
         """Ids of the well-named ``<id>.json`` files in ``folder``, oldest (smallest) first."""
         return ids_in(self.root / folder)
+
+    def listing(self, folder: str) -> tuple[list[int], dict[str, str]]:
+        """(ids of the well-named ``<id>.json`` files in ``folder``, oldest first; {every other name: why it is
+        no job file's}). For the daemon, which moves the others aside rather than leave them unexplained."""
+        ids, strays = [], {}
+        for entry in os.scandir(self.root / folder):
+            stem, dot, ext = entry.name.partition(".")
+            job_id = parse_job_id(stem)
+            if job_id is not None and ext == "json":
+                ids.append(job_id)
+            elif ext == "json" and stem.isascii() and stem.isdigit():
+                strays[entry.name] = (f"{folder}/{entry.name}: {stem[:40]} is not a job id (job ids are 1 to 16 "
+                                      "digits, without a leading zero)")
+            else:
+                strays[entry.name] = f"{folder}/{entry.name}: not a job file's name (job files are named <id>.json)"
+        return sorted(ids), strays
 
     def folder_of(self, job_id: int) -> Folder | None:
         """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none."""
@@ -54,6 +76,18 @@ class Jobs:
                 job_id = 1
             self.files.write_atomic(counter, f"{job_id + 1}\n".encode())
         return job_id
+
+    def reserve_id(self, job_id: int) -> None:
+        """Make sure next_id() never gives ``job_id``: a job file that did not come from it (dropped into
+        incoming/ by hand) keeps its id, and no later submit is given the same one."""
+        counter = self.root / "next_job_id"
+        with filelock.FileLock(str(counter) + ".lock", timeout=ID_LOCK_TIMEOUT_S, mode=FILE_MODE):
+            try:
+                next_id = int(counter.read_text().strip() or "1")
+            except FileNotFoundError:
+                next_id = 1
+            if next_id <= job_id:
+                self.files.write_atomic(counter, f"{job_id + 1}\n".encode())
 
     def submit(self, count: int, visits: list[Visit], owner: str | None = None,
                callback_url: str | None = None) -> int:
@@ -117,8 +151,14 @@ class Jobs:
 
     # ------------------------------------------------------------------ the daemon's side
     def read(self, path: Path) -> JobFile:
-        """A job file; CorruptFile when it is not one (saying what is wrong)."""
-        return read_checked(path, JobFile)
+        """A job file; CorruptFile when it is not one, saying what is wrong and what a job file holds."""
+        try:
+            job = read_checked(path, JobFile)
+        except CorruptFile as exc:
+            raise CorruptFile(f"{exc}; {JOB_FILE_NEEDS}") from exc
+        if str(job.job_id) != path.name.partition(".")[0]:
+            raise CorruptFile(f"{path.name}: says job_id {job.job_id}, not the id of its name; {JOB_FILE_NEEDS}")
+        return job
 
     def claim(self, job_id: int) -> Path:
         """Move a job from incoming/ to active/; the daemon owns it from now on."""

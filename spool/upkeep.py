@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from spool.control import Requests
@@ -19,6 +21,8 @@ from spool.results import Results
 from spool.vocabulary import FINISHED_FOLDERS, UNFINISHED_FOLDERS, Folder
 
 log = logging.getLogger("retailpulse.spool")
+#: What every writer names its tmp/ files (files.py): <final name>.<writer pid>.<random hex>.
+_TMP_NAME = re.compile(r".+\.[0-9]+\.[0-9a-f]+", re.ASCII)
 
 
 class Upkeep:
@@ -58,6 +62,21 @@ class Upkeep:
                     continue
         return sorted(ids)
 
+    def purge_finished_before(self, cutoff: float, allowed: Callable[[int], bool], budget_s: float,
+                              clock: Callable[[], float] = time.monotonic) -> tuple[list[int], int]:
+        """Purge the finished jobs finished before ``cutoff`` that ``allowed(id)`` lets go, oldest first, for
+        ``budget_s`` at most: (the ids purged, how many such jobs are left). A caller that must answer in
+        time (the API) asks again while some are left; the work per call is bounded, not the spool."""
+        deadline = clock() + budget_s
+        candidates = self.finished_before(cutoff)
+        purged = []
+        for position, job_id in enumerate(candidates):  # one at least, then as many as the budget allows
+            if allowed(job_id) and self.purge(job_id):
+                purged.append(job_id)
+                if clock() >= deadline:
+                    return purged, sum(1 for left in candidates[position + 1:] if allowed(left))
+        return purged, 0
+
     def purge(self, job_id: int) -> bool:
         """Delete a finished job and everything about it. False (nothing deleted) if it is not finished.
 
@@ -84,17 +103,22 @@ class Upkeep:
 
         A file is a leftover when the process that wrote it no longer exists (the pid in its name; the spool
         is on one machine), or, should that pid have been reused, when it is older than ``older_than_s``.
-        Anything else found there (a folder, a link) is moved to corrupt/ for a human: never fatal.
+        Anything else found there (a folder, a link, a name no writer gives) is moved to corrupt/ for a
+        human: never fatal.
         """
         cutoff = time.time() - older_than_s
         removed = 0
         for entry in os.scandir(self.root / Folder.TMP):
             parts = entry.name.rsplit(".", 2)
             pid_text = parts[1] if len(parts) == 3 else ""
-            writer = int(pid_text) if pid_text.isascii() and pid_text.isdigit() and len(pid_text) < 12 else None
+            well_named = bool(_TMP_NAME.fullmatch(entry.name))
+            writer = int(pid_text) if well_named and len(pid_text) < 12 else None
             try:
                 if not entry.is_file(follow_symlinks=False):
                     self.files.move_aside(Path(entry.path), "not a file: tmp/ holds only files being written")
+                elif not well_named:
+                    self.files.move_aside(Path(entry.path), f"tmp/{entry.name}: not a name the spool's writers "
+                                                            "give (<final name>.<writer pid>.<random hex>)")
                 elif (writer is not None and not pid_exists(writer)) or entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1

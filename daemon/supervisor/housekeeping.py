@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from daemon.supervisor.trouble import Trouble
 from spool import FINISHED_FOLDERS, Spool, UnreadableResults
 from spool.records import Heartbeat
 
@@ -25,8 +26,10 @@ HEARTBEAT_INTERVAL_S = 1.0
 
 
 class Housekeeping:
-    def __init__(self, spool: Spool, retention_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, spool: Spool, retention_s: float, clock: Callable[[], float] = time.monotonic,
+                 trouble: Trouble | None = None):
         self.spool, self.clock = spool, clock
+        self.trouble = trouble or Trouble(clock)  # a chore the spool refuses is tried at its next time
         self.retention_s = retention_s  # 0 keeps finished jobs forever
         self.next_tmp_clean = self.next_retention = self.next_heartbeat = self.next_results_check = 0.0  # clock()
         self.results_checked_at = 0.0  # Unix s: finished jobs with a status written before it are queued
@@ -38,14 +41,26 @@ class Housekeeping:
         if now >= self.next_tmp_clean:
             self.clean_tmp()
         if now >= self.next_retention:
-            self.apply_retention()
+            self.chore("retention", self.apply_retention)
         if self.results_to_check or now >= self.next_results_check:
-            self.check_finished_results()
+            self.chore("checking finished jobs' results", self.check_finished_results)
         if now >= self.next_heartbeat:
             self.beat(heartbeat)
 
+    def chore(self, what: str, do: Callable[[], None]) -> None:
+        """Do a chore; an OSError (a folder it may not read) is trouble, and the chore waits for its next time."""
+        try:
+            do()
+        except OSError as exc:
+            self.trouble.failed(what, exc)
+        else:
+            self.trouble.ok(what)
+
     def clean_tmp(self) -> None:
         """Leftovers of writes that never finished: tmp/ files, and meta files without their job."""
+        self.chore("cleaning tmp/", self._clean_tmp)
+
+    def _clean_tmp(self) -> None:
         self.next_tmp_clean = self.clock() + TMP_CLEAN_INTERVAL_S
         removed = self.spool.upkeep.clean_tmp(older_than_s=TMP_LEFTOVER_AGE_S)
         if removed:
@@ -108,4 +123,6 @@ class Housekeeping:
         try:
             self.spool.heartbeat.write(heartbeat(os.getpid(), round(time.time(), 3)))
         except OSError as exc:
-            log.warning("cannot write the heartbeat: %s", exc)
+            self.trouble.failed("writing the heartbeat (daemon.json)", exc)
+        else:
+            self.trouble.ok("writing the heartbeat (daemon.json)")

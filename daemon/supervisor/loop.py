@@ -39,6 +39,7 @@ from daemon.supervisor.notify import Notifier
 from daemon.supervisor.recording import Recorder
 from daemon.supervisor.settings import SupervisorSettings
 from daemon.supervisor.stores import Store
+from daemon.supervisor.trouble import Trouble
 from spool import FINISHED_FOLDERS, Control, CorruptFile, DamagedResults, Executor, Folder, Spool
 from spool.records import Heartbeat, RunnerView
 
@@ -73,8 +74,9 @@ class Supervisor:
         self.runner, self.events, self.executor = runner, events, Executor(executor)
         self.clock = clock
         self.recorder = Recorder(spool, stores, self.metrics, settings.disk_retry_interval_s, clock, outbox)
-        self.housekeeping = Housekeeping(spool, settings.retention_days * 86400, clock)
-        self.loader = JobLoader(spool, settings.chunk_images)
+        self.trouble = Trouble(clock)
+        self.housekeeping = Housekeeping(spool, settings.retention_days * 86400, clock, self.trouble)
+        self.loader = JobLoader(spool, settings.chunk_images, self.trouble, clock)
         self.jobs: dict[int, ActiveJob] = {}
         self.rotation: deque[int] = deque()  # job ids, next to dispatch from first
         self.dispatched: dict[int, Task] = {}  # task id -> task, for every task we still wait for
@@ -95,15 +97,30 @@ class Supervisor:
         self.recover()
         ready()
         while not stop_requested():
-            self.step()
+            try:
+                self.step()
+            except OSError as exc:  # the spool (permissions, a full disk): never the end of the daemon
+                self.trouble.failed("the spool", exc)
+                self.wait_for_events(self.settings.poll_interval_s)
         self.drain()
 
     def recover(self) -> None:
-        """Start-up: remove stale tmp/ files, repair unreadable status files, resume the jobs in active/."""
+        """Start-up: remove stale tmp/ files, repair unreadable status files, resume the jobs in active/. What
+        the daemon may not read is trouble (logged, tried again later), never an exit that every start repeats."""
         self.housekeeping.clean_tmp()
-        for job_id in self.spool.upkeep.unreadable_status_ids():
-            self.loader.repair_status(job_id)
-        for job_id in self.spool.jobs.ids(Folder.ACTIVE):
+        try:
+            for job_id in self.spool.upkeep.unreadable_status_ids():
+                self.loader.repair_status(job_id)
+        except OSError as exc:
+            self.trouble.failed("checking status/", exc)
+        try:
+            ids, strays = self.spool.jobs.listing(Folder.ACTIVE)
+        except OSError as exc:
+            self.trouble.failed("listing active/", exc)
+            return
+        for name, why in strays.items():
+            self.loader.set_aside(self.spool.root / Folder.ACTIVE / name, why)
+        for job_id in ids:
             self.load(job_id, self.spool.jobs.path(Folder.ACTIVE, job_id))
 
     def step(self) -> None:
@@ -111,6 +128,8 @@ class Supervisor:
 
         Control requests come first: a job cancelled while it waited in incoming/ must not be dispatched."""
         self.handle_requests()
+        for job_id, path in self.loader.due():  # jobs that could not be read before (permissions, a full disk)
+            self.load(job_id, path)
         self.runner.watch()
         self.forget_finished(self.recorder.retry())
         if self.recorder.paused:
@@ -152,7 +171,13 @@ class Supervisor:
     # ------------------------------------------------------- operator requests
     def handle_requests(self) -> None:
         """Carry out control/ requests (cancel, requeue, requeue-failed), then remove them."""
-        for request in self.spool.control.waiting():
+        try:
+            requests = self.spool.control.waiting()
+        except OSError as exc:
+            self.trouble.failed("reading control/", exc)
+            return
+        self.trouble.ok("reading control/")
+        for request in requests:
             job_id, verb = request.job_id, request.verb
             try:
                 if verb is Control.CANCEL:
@@ -175,7 +200,9 @@ class Supervisor:
             if self.spool.jobs.folder_of(job_id) != Folder.INCOMING:
                 log.info("job %d: cancel: not queued or running; nothing to do", job_id)
                 return
-            self.load(job_id, self.spool.jobs.claim(job_id))
+            path = self.loader.claim(job_id)
+            if path is not None:
+                self.load(job_id, path)
             if job_id not in self.jobs:
                 return
         job = self.jobs[job_id]
@@ -207,17 +234,28 @@ class Supervisor:
     # ------------------------------------------------------------- admitting
     def admit_incoming(self) -> None:
         """Claim queued jobs, oldest first, while fewer than max_active_jobs run; a small job (at most
-        small_job_images) is claimed at once whatever runs, so it never waits behind a crowd of big ones."""
-        for job_id in self.spool.jobs.ids(Folder.INCOMING):
+        small_job_images) is claimed at once whatever runs, so it never waits behind a crowd of big ones.
+        Names in incoming/ that are no job file's are moved aside, saying why."""
+        try:
+            ids, strays = self.spool.jobs.listing(Folder.INCOMING)
+        except OSError as exc:
+            self.trouble.failed("listing incoming/", exc)
+            return
+        self.trouble.ok("listing incoming/")
+        for name, why in strays.items():
+            self.loader.set_aside(self.spool.root / Folder.INCOMING / name, why)
+        for job_id in ids:
             crowded = len(self.jobs) >= self.settings.max_active_jobs
             if crowded and self.images_of(job_id) > self.settings.small_job_images:
                 continue
             self.incoming_images.pop(job_id, None)
             try:
-                path = self.spool.jobs.claim(job_id)
-            except FileNotFoundError:
-                continue  # cancelled and claimed meanwhile
-            self.load(job_id, path)
+                path = self.loader.claim(job_id)
+            except OSError as exc:  # incoming/ or active/ this process may not write
+                self.trouble.failed(f"claiming incoming/{job_id}.json", exc)
+                continue
+            if path is not None:
+                self.load(job_id, path)
 
     def images_of(self, job_id: int) -> int:
         """A queued job's size, from its meta file (read once: it never changes); unknown counts as big."""
