@@ -148,6 +148,8 @@ SETTINGS_OPERATORS_KNOW = (
     ("max_images_per_job", "api", "200000", 1, None),
     ("max_url_chars", "api", "2048", 16, 65536),
     ("max_queued_images", "api", "1000000", 0, None),
+    ("metrics_tokens", "api", "", None, None),
+    ("max_body_bytes_in_flight", "api", "67108864", 1, None),
     ("api_tokens_file", "api", "", None, None),
 )
 
