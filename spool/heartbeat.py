@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import time
 
+from msgspec import UNSET
+
 from spool.files import CorruptFile, SpoolFiles, pid_exists, read_checked
 from spool.records import Heartbeat
 
@@ -54,11 +56,37 @@ class HeartbeatFile:
         return checks
 
 
+_BOOT_ID: list[str] = []
+
+
+def boot_id() -> str:
+    """This boot of the machine (the kernel's random boot_id): monotonic clock readings compare only within one."""
+    if not _BOOT_ID:
+        try:
+            _BOOT_ID.append(open("/proc/sys/kernel/random/boot_id").read().strip())
+        except OSError:
+            _BOOT_ID.append("")
+    return _BOOT_ID[0]
+
+
+def heartbeat_age(beat: Heartbeat, now: float | None = None) -> float:
+    """Seconds since the beat, by the machine's monotonic clock when the beat carries it (written this boot),
+    which a step of the wall clock cannot move; else (an older daemon, or ``now`` given: Unix seconds) by the
+    wall clock. A beat from before this boot is as old as can be."""
+    if now is None and beat.monotonic_at is not UNSET and beat.boot_id:
+        if beat.boot_id != boot_id():
+            return float("inf")
+        return max(0.0, time.monotonic() - beat.monotonic_at)
+    return (time.time() if now is None else now) - beat.heartbeat_at
+
+
 def daemon_health(beat: Heartbeat | None, now: float | None = None) -> str:
     """"ok", or what is wrong with the daemon as its heartbeat tells."""
     if beat is None:
         return "no heartbeat (daemon.json missing): daemon not running"
-    age = (time.time() if now is None else now) - beat.heartbeat_at
+    age = heartbeat_age(beat, now)
+    if age == float("inf"):
+        return "last heartbeat from before this machine started: daemon not running"
     if age > HEARTBEAT_STALE_S:
         return f"last heartbeat {age:.0f} s ago"
     if not pid_exists(beat.pid):

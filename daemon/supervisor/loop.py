@@ -41,6 +41,7 @@ from daemon.supervisor.settings import SupervisorSettings
 from daemon.supervisor.stores import Store
 from daemon.supervisor.trouble import Trouble
 from spool import FINISHED_FOLDERS, Control, CorruptFile, DamagedResults, Executor, Folder, Spool
+from spool.heartbeat import boot_id
 from spool.records import Heartbeat, RunnerView
 
 log = logging.getLogger("retailpulse.daemon")
@@ -156,7 +157,8 @@ class Supervisor:
         """daemon.json (spool/records.py, Heartbeat): the runner's view, what is in flight, the counters."""
         webhooks = self.recorder.outbox.snapshot()
         view = msgspec.convert(self.runner.describe(), RunnerView)  # checked: the runners cannot import spool/
-        return Heartbeat(pid=pid, heartbeat_at=now, executor=self.executor, **msgspec.structs.asdict(view),
+        return Heartbeat(pid=pid, heartbeat_at=now, executor=self.executor, monotonic_at=round(time.monotonic(), 3),
+                         boot_id=boot_id(), **msgspec.structs.asdict(view),
                          jobs_active=len(self.jobs), tasks_in_flight=len(self.dispatched),
                          images_in_flight=self.images_in_flight,
                          images_remaining_active=sum(job.total - job.recorded for job in self.jobs.values()),
