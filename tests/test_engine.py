@@ -295,7 +295,8 @@ def _bomb_header(fmt: str) -> bytes:
     """The first bytes of a 40 MB image whose header claims far more pixels than the bomb limit."""
     if fmt == "PNG":
         ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-        return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        crc = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + crc
     frame = struct.pack(">BHHB", 8, 65535, 65535, 3) + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01"
     return b"\xff\xd8\xff\xc0" + struct.pack(">H", len(frame) + 2) + frame
 

@@ -32,10 +32,11 @@ def restart_daemon(service) -> None:
 
 
 def set_aside(spool: Spool) -> dict[str, str]:
-    """corrupt/'s entries (what each was called) -> its note."""
+    """corrupt/'s entries (what each was called) -> its note, for those whose note is written (it follows)."""
     folder = spool.root / "corrupt"
-    return {name.rsplit(".", 1)[0]: (folder / f"{name}.why").read_text() for name in os.listdir(folder)
-            if not name.endswith(".why")}
+    names = os.listdir(folder)
+    return {name.rsplit(".", 1)[0]: (folder / f"{name}.why").read_text() for name in names
+            if not name.endswith(".why") and f"{name}.why" in names}
 
 
 def test_a_file_where_a_results_folder_should_be_is_a_503_naming_it_and_never_stops_the_daemon(start_service,
@@ -147,7 +148,8 @@ def test_an_unreadable_results_folder_of_a_job_is_a_503_naming_it(start_service,
         assert r.json()["error"].startswith(f"cannot read results/{job_id}/: Permission denied")
 
 
-def test_a_bad_job_file_on_a_full_disk_waits_for_room_instead_of_crashing_the_daemon(start_service, small_disk):  # noqa: F811
+def test_a_bad_job_file_on_a_full_disk_waits_for_room_instead_of_crashing_the_daemon(  # noqa: F811 (small_disk)
+        start_service, small_disk):
     service = start_service(spool_dir=small_disk / "spool")
     upcoming = service.spool.jobs.next_id()
     service.spool.files.write(service.spool.jobs.meta_path(upcoming), JobMeta(upcoming, 1))  # as the API writes
@@ -164,7 +166,8 @@ def test_a_bad_job_file_on_a_full_disk_waits_for_room_instead_of_crashing_the_da
     doc = wait_until(lambda: (d := service.status(upcoming))["status"] == Status.FAILED and d, timeout_s=30,
                      what="the job to be failed once there is room")
     assert doc["error"][0]["error"].startswith(f"job file unreadable: {upcoming}.json: ")
-    assert set_aside(service.spool)[f"active-{upcoming}.json"].startswith("job file unreadable")
+    note = wait_until(lambda: set_aside(service.spool).get(f"active-{upcoming}.json"), what="the file moved aside")
+    assert note.startswith("job file unreadable")  # its status first, then the file aside
     assert service.daemon.poll() is None
 
 
