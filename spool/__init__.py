@@ -8,11 +8,13 @@ in [brackets] below: its fields, their meaning, and which are optional are there
 
     daemon.lock            held (filelock) by the one daemon working on this spool; a second one refuses to start.
     next_job_id            text, one integer: the id the next submission gets. Written by the API under
-                           next_job_id.lock (filelock), so ids only increase, across processes and restarts.
+                           next_job_id.lock (filelock), so ids only increase, across processes and restarts;
+                           raised by the daemon past the id of a job file dropped into incoming/ by hand.
                            Lock files are empty, mode 0600 like every other file here.
     tmp/                   files being written, named <final name>.<writer pid>.<random>. Never read.
                            Leftovers of a crash (writer pid gone, or older than an hour) are removed by
-                           the daemon at start-up and every ten minutes.
+                           the daemon at start-up and every ten minutes; anything named otherwise goes
+                           to corrupt/.
     meta/<id>.json         [JobMeta] a few facts about a job (images, the API token's name that submitted
                            it, its Idempotency-Key's digest, its callback_url), written by the API just
                            before its job file, never changed. Small, so the API counts queued images and
@@ -34,13 +36,15 @@ in [brackets] below: its fields, their meaning, and which are optional are there
     daemon.json            [Heartbeat] the daemon's heartbeat (heartbeat.py), rewritten every second while its
                            main loop runs (not fsynced: after a crash it is stale anyway, and says so by its
                            age): its pid, where the work runs and on which workers, what is in flight, whether
-                           it is paused (a full disk), its counters. /healthz, /metrics, backpressure and
-                           retailpulse-ctl read it.
+                           it is paused (a full disk), its counters; and the machine's monotonic clock at
+                           the beat with the boot it counts from, by which readers age it. /healthz,
+                           /metrics, backpressure and retailpulse-ctl read it.
     control/<id>.<verb>    [ControlRequest] a request to the daemon about a job (control.py; verbs: the
                            Control enum): cancel, requeue (all its images) or requeue-failed (only its failed
                            images). Written by the API (cancel) or retailpulse-ctl; its one line says when.
                            The daemon carries it out and removes it.
-    incoming/<id>.json     [JobFile] a submitted job, complete, not yet claimed. Written by the API.
+    incoming/<id>.json     [JobFile] a submitted job, complete, not yet claimed. Written by the API (or a
+                           hand: then it has no meta file). Any other name here is moved to corrupt/.
     active/<id>.json       the same file, claimed (renamed) by the daemon, which is working on it.
     done/<id>.json         the job file once every image has a result and none failed.
     failed/<id>.json       the job file once every image has a result and at least one failed.
@@ -58,8 +62,8 @@ in [brackets] below: its fields, their meaning, and which are optional are there
                            first and stop-1; a finished job's files cover 0..N-1 with no gap. Files named
                            <first>-<stop>.jsonl (written before checksums) are checked line by line.
 
-Any file named by a spool folder must be a regular file: a folder, link or FIFO in its place is read as
-corrupt and moved to corrupt/, never followed.
+Any file named by a spool folder must be a regular file, and results/<id> a folder: anything else in its
+place (a folder, link or FIFO; a file or link) is read as corrupt and moved to corrupt/, never followed.
 
 Images are numbered 0..N-1 in submission order (visit by visit, URL by URL); that number is a result's
 "index". Code: vocabulary.py (the words: Status, Phase, Folder, Control, the job-id check), records.py (the
