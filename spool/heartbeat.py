@@ -70,13 +70,15 @@ def boot_id() -> str:
 
 
 def heartbeat_age(beat: Heartbeat, now: float | None = None) -> float:
-    """Seconds since the beat, by the machine's monotonic clock when the beat carries it (written this boot),
-    which a step of the wall clock cannot move; else (an older daemon, or ``now`` given: Unix seconds) by the
-    wall clock. A beat from before this boot is as old as can be."""
-    if now is None and beat.monotonic_at is not UNSET and beat.boot_id:
-        if beat.boot_id != boot_id():
+    """Seconds since the beat, by the machine's monotonic clock when the beat carries it, which a step of the
+    wall clock cannot move; else (an older daemon, or ``now`` given: Unix seconds) by the wall clock. A beat
+    from before this boot is as old as can be: its boot id is another (when this process may read its own:
+    the API's unit hides /proc/sys, ProcSubset=pid), or its monotonic time is ahead of this boot's."""
+    if now is None and beat.monotonic_at is not UNSET:
+        monotonic, mine = time.monotonic(), boot_id()
+        if (beat.boot_id and mine and beat.boot_id != mine) or beat.monotonic_at > monotonic + 1:
             return float("inf")
-        return max(0.0, time.monotonic() - beat.monotonic_at)
+        return max(0.0, monotonic - beat.monotonic_at)
     return (time.time() if now is None else now) - beat.heartbeat_at
 
 

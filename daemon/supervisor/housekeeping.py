@@ -154,8 +154,8 @@ class SteadyClock:
                  monotonic: Callable[[], float] = time.monotonic):
         self.wall, self.monotonic = wall, monotonic
         start_wall, start = wall(), monotonic()
-        if (last is not None and last.monotonic_at is not UNSET and last.boot_id == boot_id()
-                and last.monotonic_at <= start):
+        if (last is not None and last.monotonic_at is not UNSET and last.monotonic_at <= start
+                and not (last.boot_id and boot_id() and last.boot_id != boot_id())):  # a beat of this boot
             start_wall = min(start_wall, last.heartbeat_at + (start - last.monotonic_at))
         self.anchor = (start_wall, start)
         self.stepped = False  # said so in the log
