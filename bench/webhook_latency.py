@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from config.webhook_secrets import new_secret
-from spool import Folder
 from tests.conftest import ImageServer, image_bytes, wait_until
 from tests.service import REPO, Service
 from tests.webhook_receiver import Receiver

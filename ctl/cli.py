@@ -32,6 +32,7 @@ from spool import (FINISHED_FOLDERS, JOB_FOLDERS, UNFINISHED_FOLDERS, Control, C
                    Spool, Status, UnreadableResults, parse_job_id)
 from spool.files import decode
 from spool.records import Callback, ResultLine
+from spool.vocabulary import visible
 
 EXIT_USAGE = 2
 #: How long cancel and requeue wait for a running daemon to carry the request out (it does within 0.1 s).
@@ -43,6 +44,8 @@ RATE_WINDOW_S = 10.0
 def plural(count: int, word: str, words: str | None = None) -> str:
     """"1 image", "2 images": the count with its noun, agreeing."""
     return f"{count} {word if count == 1 else words or word + 's'}"
+#: purge --older-than-days says how far it got this often.
+PURGE_SLICE_S = 5.0
 
 
 def age_text(seconds: float) -> str:
@@ -65,7 +68,7 @@ def job_line(spool: Spool, job_id: int, folder: str, now: float) -> str:
         age = age_text(now - spool.jobs.path(folder, job_id).stat().st_mtime)
     except FileNotFoundError:
         age = "-"
-    first_error = f"{status.error[0].store_id}: {status.error[0].error}" if status and status.error else ""
+    first_error = visible(f"{status.error[0].store_id}: {status.error[0].error}") if status and status.error else ""
     done, failed = (status.done, status.failed) if status else (0, 0)
     return (f"{job_id:>8}  {folder:<8}  {status.status if status else '?':<9}  {f'{done}/{total}':>13}  {failed:>6}  "
             f"{age:>5}  {first_error}")[:160]
@@ -95,7 +98,7 @@ def cmd_show(spool: Spool, args) -> int:
         job = spool.jobs.read(spool.jobs.path(folder, args.job_id))
         print(f"  submitted_at: {job.submitted_at}   count: {job.count}   images: {job.images}")
         for visit in job.visits[:10]:
-            print(f"  visit {visit.store_id} at {visit.visit_time}: {len(visit.image_url)} images")
+            print(f"  visit {visible(visit.store_id)} at {visible(visit.visit_time)}: {len(visit.image_url)} images")
         if len(job.visits) > 10:
             print(f"  ... {len(job.visits) - 10} more visits")
     print("status:")
@@ -109,20 +112,20 @@ def cmd_show(spool: Spool, args) -> int:
             print(f"  ... (--results {args.results}; use --results -1 for all)")
             break
         r = decode(line, ResultLine, "results")
-        outcome = f"{r.width}x{r.height} perimeter {r.perimeter}" if r.error is None else r.error
-        print(f"  #{r.index:<6} {r.store_id:<10} {outcome}  {r.image_url}")
+        outcome = f"{r.width}x{r.height} perimeter {r.perimeter}" if r.error is None else visible(r.error)
+        print(f"  #{r.index:<6} {visible(r.store_id):<10} {outcome}  {visible(r.image_url)}")
         shown += 1
     return 0
 
 
 def webhook_line(callback: Callback) -> str:
     """`show`'s summary of the completion webhook (the status's "callback", filled in from outbox/ or sent/)."""
-    line = f"webhook: {callback.state} -> {callback.url}"
+    line = f"webhook: {callback.state} -> {visible(callback.url)}"
     if callback.webhook_id:
         line += f"  id {callback.webhook_id}, {plural(callback.attempts or 0, 'attempt')}"
     for field in ("delivered_at", "next_attempt_at", "last_error"):
         if getattr(callback, field):
-            line += f", {field.replace('_', ' ')}: {getattr(callback, field)}"
+            line += f", {field.replace('_', ' ')}: {visible(str(getattr(callback, field)))}"
     return line
 
 
@@ -228,7 +231,13 @@ def cmd_purge(spool: Spool, args) -> int:
             return 1
         print(f"job {args.job_id}: purged")
         return 0
-    purged = spool.upkeep.purge_all(spool.upkeep.finished_before(time.time() - args.older_than_days * 86400))
+    cutoff, purged = time.time() - args.older_than_days * 86400, []
+    while True:  # a slice at a time, saying how far it got: a week of jobs takes a while
+        some, remaining = spool.upkeep.purge_finished_before(cutoff, lambda _job_id: True, PURGE_SLICE_S)
+        purged += some
+        if not remaining:
+            break
+        print(f"purged {len(purged)} job(s) so far, {remaining} to go", file=sys.stderr, flush=True)
     listed = f": {', '.join(map(str, purged))}" if purged else ""
     print(f"purged {plural(len(purged), 'job')} finished more than {args.older_than_days:g} days ago{listed}")
     return 0
@@ -313,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (OSError, CorruptFile, DamagedResults, UnreadableResults) as exc:  # one line, as for a bad setting
         why = getattr(exc, "why", None) or (f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else exc)
-        print(f"retailpulse-ctl: {why}", file=sys.stderr)
+        print(f"retailpulse-ctl: {visible(str(why))}", file=sys.stderr)
         return 1
 
 

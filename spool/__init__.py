@@ -9,14 +9,17 @@ in [brackets] below: its fields, their meaning, and which are optional are there
     daemon.lock            held (filelock) by the one daemon working on this spool; a second one refuses to start.
     next_job_id            text, one integer: the id the next submission gets. Rewritten in place by the API
                            under an flock of the file itself, so ids only increase, across processes and
-                           restarts; not fsynced each time: a job's meta file is what makes its id taken for
-                           good, so both programs raise the counter above every id the spool holds when they
-                           start, and purge makes it durable before deleting (jobs.py, next_id). The one file
-                           not replaced by a rename: it only grows. (A next_job_id.lock left by versions
-                           before 2026-12 is unused.) Lock files are empty, mode 0600 like every other file.
+                           restarts; raised by the daemon past the id of a job file dropped into incoming/ by
+                           hand. Not fsynced each time: a job's meta file (or its job file) is what makes its id
+                           taken for good, so both programs raise the counter above every id the spool holds
+                           when they start, and purge makes it durable before deleting (jobs.py, next_id). The
+                           one file not replaced by a rename: it only grows. (A next_job_id.lock left by
+                           versions before 2026-12 is unused.) Lock files are empty, mode 0600 like every other
+                           file.
     tmp/                   files being written, named <final name>.<writer pid>.<random>. Never read.
                            Leftovers of a crash (writer pid gone, or older than an hour) are removed by
-                           the daemon at start-up and every ten minutes.
+                           the daemon at start-up and every ten minutes; anything named otherwise goes
+                           to corrupt/.
     meta/<id>.json         [JobMeta] a few facts about a job (images, the API token's name that submitted
                            it, its Idempotency-Key's digest, its callback_url), written by the API just
                            before its job file, never changed. Small, so the API counts queued images and
@@ -38,13 +41,15 @@ in [brackets] below: its fields, their meaning, and which are optional are there
     daemon.json            [Heartbeat] the daemon's heartbeat (heartbeat.py), rewritten every second while its
                            main loop runs (not fsynced: after a crash it is stale anyway, and says so by its
                            age): its pid, where the work runs and on which workers, what is in flight, whether
-                           it is paused (a full disk), its counters. /healthz, /metrics, backpressure and
-                           retailpulse-ctl read it.
+                           it is paused (a full disk), its counters; and the machine's monotonic clock at
+                           the beat with the boot it counts from, by which readers age it. /healthz,
+                           /metrics, backpressure and retailpulse-ctl read it.
     control/<id>.<verb>    [ControlRequest] a request to the daemon about a job (control.py; verbs: the
                            Control enum): cancel, requeue (all its images) or requeue-failed (only its failed
                            images). Written by the API (cancel) or retailpulse-ctl; its one line says when.
                            The daemon carries it out and removes it.
-    incoming/<id>.json     [JobFile] a submitted job, complete, not yet claimed. Written by the API.
+    incoming/<id>.json     [JobFile] a submitted job, complete, not yet claimed. Written by the API (or a
+                           hand: then it has no meta file). Any other name here is moved to corrupt/.
     active/<id>.json       the same file, claimed (renamed) by the daemon, which is working on it.
     done/<id>.json         the job file once every image has a result and none failed.
     failed/<id>.json       the job file once every image has a result and at least one failed.
@@ -69,12 +74,12 @@ Power loss: a file's data is durable once fsynced, a name once its folder is (ev
 included, is fsynced after it is made). A move between folders links the new name and fsyncs its folder
 before it removes the old name and fsyncs that one, so a power cut leaves a job under one name at least; one
 left under two names is in the later state (done/ or failed/, then active/, then incoming/), and the daemon
-removes the stale name at start-up. The API holds a job file it stores
-in incoming/ under flock until that folder's fsync returns, and takes it back if the fsync failed; the
-daemon claims no job file so held (tests/test_power_loss.py cuts and fails these writes).
+removes the stale name at start-up. The API holds a job file it stores in incoming/ under flock until that
+folder's fsync returns, and takes it back if the fsync failed; the daemon claims no job file so held
+(tests/test_power_loss.py cuts and fails these writes).
 
-Any file named by a spool folder must be a regular file: a folder, link or FIFO in its place is read as
-corrupt and moved to corrupt/, never followed.
+Any file named by a spool folder must be a regular file, and results/<id> a folder: anything else in its
+place (a folder, link or FIFO; a file or link) is read as corrupt and moved to corrupt/, never followed.
 
 Images are numbered 0..N-1 in submission order (visit by visit, URL by URL); that number is a result's
 "index". Code: vocabulary.py (the words: Status, Phase, Folder, Control, the job-id check), records.py (the

@@ -5,6 +5,7 @@ there after a crash is carried out again at restart); whoever asked waits for th
 the job's status to say what was done."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from spool.records import ControlRequest
 from spool.vocabulary import Control, Folder, parse_job_id, utc_now
 
 _VERBS = tuple(Control)
+log = logging.getLogger("retailpulse.spool")
 
 
 class Requests:
@@ -45,12 +47,18 @@ class Requests:
                 continue
             path = Path(entry.path)
             if not entry.is_file(follow_symlinks=False):
-                self.files.move_aside(path, "not a file: control/ holds only request files")
+                try:
+                    self.files.move_aside(path, "not a file: control/ holds only request files")
+                except OSError as exc:  # corrupt/ not writable: the other requests still go
+                    log.error("control/%s: not a file, and cannot be moved aside: %s", entry.name,
+                              exc.strerror or exc)
                 continue
             try:
                 requested_at = read_regular(path).decode("utf-8", "replace").strip()
             except FileNotFoundError:
                 continue  # carried out meanwhile
+            except OSError:  # a request file this process may not read: its name says all that counts
+                requested_at = ""
             found.append(ControlRequest(job_id, Control(verb), requested_at))
         return sorted(found, key=lambda r: (r.job_id, r.verb))
 

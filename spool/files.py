@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import secrets
 import stat
@@ -26,6 +27,8 @@ from typing import TypeVar
 import msgspec
 
 from spool.vocabulary import Folder, parse_job_id
+
+log = logging.getLogger("retailpulse.spool")
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -112,6 +115,11 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _spool_name(path: Path) -> str:
+    """``incoming/7.json``: a spool path as the log and the notes name it."""
+    return f"{path.parent.name}/{path.name}"
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -371,10 +379,17 @@ class SpoolFiles:
                     errors[i] = errors[i] or exc
 
     def move_aside(self, path: Path, why: str) -> Path:
-        """Move an unreadable file into corrupt/ with a note, so a human can look at it."""
+        """Move an unreadable file into corrupt/ with a note, so a human can look at it. OSError when it cannot
+        be moved; a note that cannot be written (a full disk) is logged instead, since the move is what counts."""
         dest = self.root / Folder.CORRUPT / f"{path.parent.name}-{path.name}.{int(time.time())}"
+        if os.path.lexists(dest):  # moved aside twice within a second: keep both
+            dest = dest.with_name(f"{dest.name}.{secrets.token_hex(3)}")
         self.rename(path, dest)
-        self.write_atomic(dest.with_name(dest.name + ".why"), (why + "\n").encode())
+        try:
+            self.write_atomic(dest.with_name(dest.name + ".why"), (why + "\n").encode())
+        except OSError as exc:
+            log.error("%s moved to corrupt/%s; its note could not be written (%s): %s", _spool_name(path),
+                      dest.name, exc.strerror or exc, why)
         return dest
 
     def check_writable(self) -> None:

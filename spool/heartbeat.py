@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import time
 
+from msgspec import UNSET
+
 from spool.files import CorruptFile, SpoolFiles, pid_exists, read_checked
 from spool.records import Heartbeat
 
@@ -75,13 +77,39 @@ def certificate_health(beat: Heartbeat, now: float | None = None) -> dict[str, s
               f"{time.strftime('%Y-%m-%d', time.gmtime(c.not_after))} (in {max(0, c.not_after - now) / 86400:.0f} days)"
               for c in beat.certificates or () if c.not_after - now < CERTIFICATE_WARNING_S]
     return {"certificates": "; ".join(ending) + ": renew (docs/scale-out.md, Rotation)"} if ending else {}
+_BOOT_ID: list[str] = []
+
+
+def boot_id() -> str:
+    """This boot of the machine (the kernel's random boot_id): monotonic clock readings compare only within one."""
+    if not _BOOT_ID:
+        try:
+            _BOOT_ID.append(open("/proc/sys/kernel/random/boot_id").read().strip())
+        except OSError:
+            _BOOT_ID.append("")
+    return _BOOT_ID[0]
+
+
+def heartbeat_age(beat: Heartbeat, now: float | None = None) -> float:
+    """Seconds since the beat, by the machine's monotonic clock when the beat carries it, which a step of the
+    wall clock cannot move; else (an older daemon, or ``now`` given: Unix seconds) by the wall clock. A beat
+    from before this boot is as old as can be: its boot id is another (when this process may read its own:
+    the API's unit hides /proc/sys, ProcSubset=pid), or its monotonic time is ahead of this boot's."""
+    if now is None and beat.monotonic_at is not UNSET:
+        monotonic, mine = time.monotonic(), boot_id()
+        if (beat.boot_id and mine and beat.boot_id != mine) or beat.monotonic_at > monotonic + 1:
+            return float("inf")
+        return max(0.0, monotonic - beat.monotonic_at)
+    return (time.time() if now is None else now) - beat.heartbeat_at
 
 
 def daemon_health(beat: Heartbeat | None, now: float | None = None) -> str:
     """"ok", or what is wrong with the daemon as its heartbeat tells."""
     if beat is None:
         return "no heartbeat (daemon.json missing): daemon not running"
-    age = (time.time() if now is None else now) - beat.heartbeat_at
+    age = heartbeat_age(beat, now)
+    if age == float("inf"):
+        return "last heartbeat from before this machine started: daemon not running"
     if age > HEARTBEAT_STALE_S:
         return f"last heartbeat {age:.0f} s ago"
     if not pid_exists(beat.pid):

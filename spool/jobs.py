@@ -14,7 +14,14 @@ from msgspec import UNSET
 
 from spool.files import FILE_MODE, CorruptFile, SpoolFiles, encode, ids_in, read_checked
 from spool.records import Callback, JobFile, JobMeta, JobStatus, Visit
-from spool.vocabulary import (FINISHED_FOLDERS, JOB_FOLDERS, DeliveryState, Folder, Phase, Status, utc_now)
+from spool.vocabulary import (FINISHED_FOLDERS, JOB_FOLDERS, DeliveryState, Folder, Phase, Status, parse_job_id,
+                              utc_now)
+
+
+#: What a job file must hold, for the note of one that does not: a hand may have dropped a submit body in.
+JOB_FILE_NEEDS = ('a job file is what the API writes: {"job_id": <the id of its name>, "submitted_at": "<UTC time>", '
+                  '"count": <visits>, "visits": [{"store_id": ..., "visit_time": ..., "image_url": [...]}]}; '
+                  "to submit a job, POST its body to /api/submit/")
 
 
 def _read_counter(fd: int) -> int:
@@ -48,6 +55,22 @@ class Jobs:
     def ids(self, folder: str) -> list[int]:
         """Ids of the well-named ``<id>.json`` files in ``folder``, oldest (smallest) first."""
         return ids_in(self.root / folder)
+
+    def listing(self, folder: str) -> tuple[list[int], dict[str, str]]:
+        """(ids of the well-named ``<id>.json`` files in ``folder``, oldest first; {every other name: why it is
+        no job file's}). For the daemon, which moves the others aside rather than leave them unexplained."""
+        ids, strays = [], {}
+        for entry in os.scandir(self.root / folder):
+            stem, dot, ext = entry.name.partition(".")
+            job_id = parse_job_id(stem)
+            if job_id is not None and ext == "json":
+                ids.append(job_id)
+            elif ext == "json" and stem.isascii() and stem.isdigit():
+                strays[entry.name] = (f"{folder}/{entry.name}: {stem[:40]} is not a job id (job ids are 1 to 16 "
+                                      "digits, without a leading zero)")
+            else:
+                strays[entry.name] = f"{folder}/{entry.name}: not a job file's name (job files are named <id>.json)"
+        return sorted(ids), strays
 
     def folder_of(self, job_id: int) -> Folder | None:
         """The folder (= state) a job file is in: incoming, active, done, failed; None if there is none.
@@ -116,6 +139,14 @@ class Jobs:
         self.files.sync_folder(self.root)  # the counter file's own name, made when it was first opened
         return next_id
 
+    def reserve_id(self, job_id: int) -> None:
+        """Make sure next_id() never gives ``job_id``: a job file that did not come from it (dropped into
+        incoming/ by hand) keeps its id, and no later submit is given the same one. Not fsynced, like
+        next_id: the job file names the id, and start-up raises the counter above it (restore_counter)."""
+        with self._counter_locked() as fd:
+            if _read_counter(fd) <= job_id:
+                os.pwrite(fd, f"{job_id + 1}\n".encode(), 0)
+
     def submit(self, count: int, visits: list[Visit], owner: str | None = None,
                callback_url: str | None = None) -> int:
         """Store a validated job in incoming/ and return its id. When this returns, the job is on disk."""
@@ -182,8 +213,14 @@ class Jobs:
 
     # ------------------------------------------------------------------ the daemon's side
     def read(self, path: Path) -> JobFile:
-        """A job file; CorruptFile when it is not one (saying what is wrong)."""
-        return read_checked(path, JobFile)
+        """A job file; CorruptFile when it is not one, saying what is wrong and what a job file holds."""
+        try:
+            job = read_checked(path, JobFile)
+        except CorruptFile as exc:
+            raise CorruptFile(f"{exc}; {JOB_FILE_NEEDS}") from exc
+        if str(job.job_id) != path.name.partition(".")[0]:
+            raise CorruptFile(f"{path.name}: says job_id {job.job_id}, not the id of its name; {JOB_FILE_NEEDS}")
+        return job
 
     def claim(self, job_id: int) -> Path:
         """Move a job from incoming/ to active/; the daemon owns it from now on. NotYetStored while the API

@@ -240,6 +240,10 @@ class Heartbeat(RunnerView, frozen=True, kw_only=True):
     pid: int
     heartbeat_at: UnixSeconds
     executor: Executor
+    # The machine's monotonic clock at the beat, and which boot it counts from: readers age the beat by it, so
+    # a step of the wall clock (either way) neither keeps a stopped daemon "healthy" nor makes a live one old.
+    monotonic_at: float | UnsetType = UNSET
+    boot_id: str | UnsetType = UNSET
     jobs_active: int = 0
     tasks_in_flight: int = 0
     images_in_flight: int = 0

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import re
+import stat
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -115,7 +116,8 @@ class Results:
         return self.root / Folder.RESULTS / str(job_id)
 
     def write(self, job_id: int, first: int, stop: int, lines: list[ResultLine]) -> None:
-        """Record the results of images first..stop-1 as one file. Durable when this returns."""
+        """Record the results of images first..stop-1 as one file. Durable when this returns. (The daemon is
+        the writer: a file, link or FIFO where the job's folder should be is moved aside, never written into.)"""
         [error] = self.write_many([(job_id, first, stop, lines)])
         if error is not None:
             raise error
@@ -130,6 +132,10 @@ class Results:
         for i, (job_id, first, stop, lines) in enumerate(files):
             folder = f"{results}/{job_id}"
             try:
+                if self._not_a_folder(job_id) is not None:
+                    self._folders_durable.pop(job_id, None)
+                    self.files.move_aside(Path(folder), f"results/{job_id}: not a folder; the job's results go in "
+                                                        "a new one")
                 os.mkdir(folder, 0o700)
             except FileExistsError:
                 pass
@@ -155,12 +161,32 @@ class Results:
             errors[i] = errors[i] or error
         return errors
 
-    def chunks(self, job_id: int) -> list[tuple[int, int, Path]]:
-        """(first, stop, path) of each results file of a job, in image order."""
+    def _not_a_folder(self, job_id: int) -> str | None:
+        """What stands at results/<id> when it is not a folder (a file, a link, a FIFO), or None: a folder, or
+        nothing. Looked at without following a link, so results are never read from elsewhere."""
         try:
-            entries = list(os.scandir(self.folder(job_id)))
+            mode = os.lstat(self.folder(job_id)).st_mode
+        except FileNotFoundError:
+            return None
+        if stat.S_ISDIR(mode):
+            return None
+        return "a symbolic link" if stat.S_ISLNK(mode) else f"not a folder ({stat.filemode(mode)})"
+
+    def chunks(self, job_id: int) -> list[tuple[int, int, Path]]:
+        """(first, stop, path) of each results file of a job, in image order. DamagedResults (naming it) when
+        results/<id> is not a folder, which the daemon moves aside; UnreadableResults when this process may
+        not list it (permissions)."""
+        folder = self.folder(job_id)
+        try:
+            odd = self._not_a_folder(job_id)
+            if odd is None:
+                entries = list(os.scandir(folder))
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise UnreadableResults(f"cannot read results/{job_id}/: {exc.strerror or exc}", folder) from None
+        if odd is not None:
+            raise DamagedResults(f"results/{job_id}: {odd}, where the job's results folder should be", folder)
         chunks = []
         for entry in entries:
             match = RESULT_NAME.fullmatch(entry.name)
@@ -239,7 +265,12 @@ class Results:
         files: a crash in between redoes good images, never counts one twice. A damaged file cannot say which
         of its images failed: it is moved to corrupt/ and all of them are redone."""
         redone = 0
-        for first, stop, path in self.chunks(job_id):
+        try:
+            chunks = self.chunks(job_id)
+        except DamagedResults as exc:  # no folder at results/<id>: nothing of it can be kept
+            self.files.move_aside(exc.path, f"{exc.why}; all the job's images are redone (requeue)")
+            return 0
+        for first, stop, path in chunks:
             try:
                 records = self.read(job_id, first, stop, path)
             except DamagedResults as exc:
@@ -261,9 +292,11 @@ class Results:
         return redone
 
     def remove(self, job_id: int) -> None:
-        """Purge: every results file of the job, then its folder."""
+        """Purge: every results file of the job, then its folder (or whatever stands in its place)."""
         folder = self.folder(job_id)
-        if folder.exists():
+        if self._not_a_folder(job_id) is not None:
+            folder.unlink()
+        elif folder.exists():
             for entry in os.scandir(folder):
                 os.unlink(entry.path)
             folder.rmdir()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from spool.control import Requests
@@ -19,6 +21,11 @@ from spool.results import Results
 from spool.vocabulary import FINISHED_FOLDERS, JOB_FOLDERS, UNFINISHED_FOLDERS, Folder
 
 log = logging.getLogger("retailpulse.spool")
+#: What every writer names its tmp/ files (files.py): <final name>.<writer pid>.<random hex>.
+_TMP_NAME = re.compile(r".+\.[0-9]+\.[0-9a-f]+", re.ASCII)
+#: A time-bounded purge deletes this many jobs between looks at the clock: they share their folders' fsyncs,
+#: and a batch takes well under a second (a dozen fsyncs and a few unlinks per job).
+PURGE_BATCH = 256
 
 
 class Upkeep:
@@ -57,6 +64,22 @@ class Upkeep:
                 except FileNotFoundError:
                     continue
         return sorted(ids)
+
+    def purge_finished_before(self, cutoff: float, allowed: Callable[[int], bool], budget_s: float,
+                              clock: Callable[[], float] = time.monotonic) -> tuple[list[int], int]:
+        """Purge the finished jobs finished before ``cutoff`` that ``allowed(id)`` lets go, oldest first, for
+        ``budget_s`` at most: (the ids purged, how many such jobs are left). A caller that must answer in
+        time (the API) asks again while some are left; the work per call is bounded, not the spool. Jobs go
+        PURGE_BATCH at a time, sharing their folders' fsyncs (purge_all)."""
+        deadline = clock() + budget_s
+        candidates = [job_id for job_id in self.finished_before(cutoff) if allowed(job_id)]
+        purged = []
+        for start in range(0, len(candidates), PURGE_BATCH):  # one batch at least, then as the budget allows
+            purged += self.purge_all(candidates[start:start + PURGE_BATCH])
+            left = len(candidates) - start - PURGE_BATCH
+            if left > 0 and clock() >= deadline:
+                return purged, left
+        return purged, 0
 
     def purge(self, job_id: int) -> bool:
         """Delete a finished job and everything about it. False (nothing deleted) if it is not finished."""
@@ -100,17 +123,22 @@ class Upkeep:
 
         A file is a leftover when the process that wrote it no longer exists (the pid in its name; the spool
         is on one machine), or, should that pid have been reused, when it is older than ``older_than_s``.
-        Anything else found there (a folder, a link) is moved to corrupt/ for a human: never fatal.
+        Anything else found there (a folder, a link, a name no writer gives) is moved to corrupt/ for a
+        human: never fatal.
         """
         cutoff = time.time() - older_than_s
         removed = 0
         for entry in os.scandir(self.root / Folder.TMP):
             parts = entry.name.rsplit(".", 2)
             pid_text = parts[1] if len(parts) == 3 else ""
-            writer = int(pid_text) if pid_text.isascii() and pid_text.isdigit() and len(pid_text) < 12 else None
+            well_named = bool(_TMP_NAME.fullmatch(entry.name))
+            writer = int(pid_text) if well_named and len(pid_text) < 12 else None
             try:
                 if not entry.is_file(follow_symlinks=False):
                     self.files.move_aside(Path(entry.path), "not a file: tmp/ holds only files being written")
+                elif not well_named:
+                    self.files.move_aside(Path(entry.path), f"tmp/{entry.name}: not a name the spool's writers "
+                                                            "give (<final name>.<writer pid>.<random hex>)")
                 elif (writer is not None and not pid_exists(writer)) or entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from enum import StrEnum
 
 #: The one job-id check. Applied to every id before it becomes part of a path.
@@ -91,3 +92,23 @@ def utc_now() -> str:
 def iso_time(unix_s: float) -> str:
     """Unix seconds as the spool's times are written: ``2026-11-23T11:00:00Z``."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
+
+
+#: Characters that hide or change the text around them when shown: controls (C0, DEL, C1: a terminal's
+#: escapes), format characters (bidi overrides, zero-width spaces and joiners, ...) and line or paragraph
+#: separators. The API refuses them in a new job's store_id and visit_time (webapi/validate.py).
+INVISIBLE_CATEGORIES = frozenset(("Cc", "Cf", "Zl", "Zp"))
+
+
+def visible(text: str) -> str:
+    """``text`` as it can be shown safely: every invisible character (INVISIBLE_CATEGORIES) written as its
+    escape, ``\\x1b``, ``\\u202e``, ``\\U000e0041``, so it can neither hide nor reorder nor colour what is
+    around it. The status page (webapi/static/app.js), the CSV and retailpulse-ctl show text from outside so."""
+    if text.isprintable():  # C speed; what is not printable may still be fine (a non-ASCII space)
+        return text
+    return "".join(_escape(ch) if unicodedata.category(ch) in INVISIBLE_CATEGORIES else ch for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

@@ -20,7 +20,7 @@ ORDER = (
     "allow_private_addresses", "download_allowed_networks",
     "webhook_secrets_file", "webhook_retry_for_s", "webhook_backoff_s", "webhook_allowed_networks",
     "host", "port", "api_workers", "api_threads", "max_body_bytes", "max_images_per_job", "max_url_chars",
-    "max_queued_images", "api_tokens_file",
+    "max_queued_images", "metrics_tokens", "max_body_bytes_in_flight", "api_tokens_file",
 )
 
 

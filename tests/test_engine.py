@@ -6,9 +6,11 @@ import select
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import threading
 import time
+import zlib
 
 import pytest
 from PIL import Image
@@ -233,7 +235,9 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off_by_the_whole_attempt_deadline
 
 
 def test_a_trickled_body_is_cut_off_at_the_deadline(server):
-    server.routes["/x.jpg"] = trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", every_s=0.01)
+    # a JPEG whose first metadata segment (64 KiB long) trickles: nothing in it says no, only the clock
+    server.routes["/x.jpg"] = trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n\xff\xd8\xff\xe1\xff\xff",
+                                      every_s=0.01)
     outcome = one(f"{server.base}/x.jpg", EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, addresses=LOCAL,
                                                           limits=DownloadLimits(total_timeout_s=1.5, attempts=1)))
     assert outcome.error.startswith("timed out: not complete within 1.5 s")
@@ -276,8 +280,8 @@ def test_declared_size_over_the_cap_is_refused_before_reading(server):
 
 def test_undeclared_body_over_the_cap_is_cut_off_while_streaming(server):
     def endless(conn, srv):
-        srv.send(conn, "/x.jpg", b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-        for _ in range(2000):  # 128 MB if nobody stops reading
+        srv.send(conn, "/x.jpg", b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n\xff\xd8\xff\xe1\xff\xff")  # a JPEG
+        for _ in range(2000):  # 128 MB if nobody stops reading (no marker in it: nothing but the cap says no)
             srv.send(conn, "/x.jpg", b"x" * 65536)
 
     server.routes["/x.jpg"] = endless
@@ -285,6 +289,40 @@ def test_undeclared_body_over_the_cap_is_cut_off_while_streaming(server):
                                                           limits=DownloadLimits(max_image_bytes=1_000_000)))
     assert outcome.error == "too large: over 1000000 bytes (permanent, 1 attempt)"
     assert server.sent["/x.jpg"] < 20_000_000  # the client hung up, it did not read on
+
+
+def _bomb_header(fmt: str) -> bytes:
+    """The first bytes of a 40 MB image whose header claims far more pixels than the bomb limit."""
+    if fmt == "PNG":
+        ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+        crc = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + crc
+    frame = struct.pack(">BHHB", 8, 65535, 65535, 3) + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    return b"\xff\xd8\xff\xc0" + struct.pack(">H", len(frame) + 2) + frame
+
+
+@pytest.mark.parametrize("fmt, size", [("PNG", "100000x100000"), ("JPEG", "65535x65535")])
+def test_a_header_claiming_too_many_pixels_is_refused_when_read_and_the_download_stops_there(server, fmt, size):
+    hung_up = threading.Event()
+
+    def bomb(conn, srv):
+        try:
+            srv.send(conn, "/x", f"HTTP/1.1 200 OK\r\nContent-Length: {40 * 2**20}\r\n\r\n".encode()
+                     + _bomb_header(fmt))
+            for _ in range(640):  # the rest of the 40 MB, 64 KiB every 20 ms: 13 s if the client reads it all
+                if srv.stop.wait(0.02):
+                    return
+                srv.send(conn, "/x", b"\0" * 65536)
+        except OSError:  # the client hung up
+            hung_up.set()
+
+    server.routes["/x"] = bomb
+    started = time.monotonic()
+    outcome = one(f"{server.base}/x", EngineSettings(gpu_sleep_min_s=0, gpu_sleep_max_s=0, addresses=LOCAL,
+                                                     limits=DownloadLimits(max_image_bytes=50 * 2**20)))
+    assert outcome.error.startswith(f"image too large in pixels: {size} is ") and outcome.kind is ErrorKind.TOO_LARGE
+    assert time.monotonic() - started < 2  # before: 13 s, the whole body
+    assert hung_up.wait(5) and server.sent["/x"] < 4 * 2**20  # the transfer stopped at the header
 
 
 def test_a_body_shorter_than_its_content_length_is_not_measured(server):

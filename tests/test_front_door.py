@@ -285,6 +285,17 @@ def test_over_long_request_line_gets_json_from_nginx(nginx):
     assert (status, headers["content-type"], doc) == (414, "application/json", {"error": "request line too long"})
 
 
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"POST /api/submit/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n", 501),
+    (b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"TRACE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"GET /_errors/internal HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+])
+def test_what_nginx_refuses_by_itself_is_json_too(nginx, request_bytes, status):
+    got, headers, doc = parse(nginx.raw(request_bytes))  # before: nginx's HTML page
+    assert (got, headers["content-type"]) == (status, "application/json") and doc["error"]
+
+
 def test_over_large_header_gets_431_json_from_nginx(nginx):
     status, headers, doc = parse(nginx.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"))
     assert (status, headers["content-type"], doc) == (431, "application/json", {"error": "request headers too large"})

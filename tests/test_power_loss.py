@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from config import webhook_secrets
 from spool import JOB_FOLDERS, Folder, Spool, Status
@@ -228,7 +229,7 @@ def shelf_visits(image_server, n: int, tag: str = "n") -> list[dict]:
     return [visit("RP00001", [f"{image_server.base}/shelf.jpg?{tag}={i}" for i in range(n)])]
 
 
-def post_job(service, visits) -> "requests.Response":
+def post_job(service, visits) -> requests.Response:
     return service.http.post(f"{service.base}/api/submit/", json={"count": len(visits), "visits": visits},
                              timeout=30)
 

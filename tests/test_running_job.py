@@ -1,7 +1,6 @@
 """A running job as a client watches it, through the real API and daemon: results paged by image index while
 some chunks are recorded and others are not, and progress that moves while images finish, not a chunk at a
 time (the status, and `retailpulse-ctl follow`)."""
-import shutil
 import subprocess
 import sys
 import threading

@@ -152,6 +152,8 @@ SETTINGS_OPERATORS_KNOW = (
     # New since 9ce1eab (issue 28): incoming/ and control/ were looked at every 0.1 s, fixed; now the kernel
     # wakes the daemon, and this is the fallback.
     ("poll_interval_s", "daemon", "1.0", 0.001, 86400),
+    ("metrics_tokens", "api", "", None, None),
+    ("max_body_bytes_in_flight", "api", "67108864", 1, None),
     ("api_tokens_file", "api", "", None, None),
 )
 

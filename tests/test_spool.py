@@ -112,12 +112,13 @@ def test_move_aside_keeps_the_file_and_says_why(spool):
 
 
 def test_clean_tmp_removes_only_old_leftovers(spool):
-    old, new = spool.root / "tmp" / "old", spool.root / "tmp" / "new"
+    # named as writers name them, after a process that still runs (this one): only their age tells
+    old, new = (spool.root / "tmp" / f"{name}.json.{os.getpid()}.0a1b2c3d" for name in ("1", "2"))
     old.write_text("x")
     new.write_text("y")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     assert spool.upkeep.clean_tmp(older_than_s=60) == 1
-    assert [p.name for p in (spool.root / "tmp").iterdir()] == ["new"]
+    assert [p.name for p in (spool.root / "tmp").iterdir()] == [new.name]
 
 
 @pytest.mark.parametrize("text, expected", [

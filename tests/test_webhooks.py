@@ -16,7 +16,8 @@ from daemon.notifications.delivery import next_attempt_delay_s, sign
 from spool import Folder
 from tests.conftest import REPO, call_wsgi, image_bytes, visit, wait_until, records
 from tests.test_status_page_browser import browser  # noqa: F401 (a fixture: Debian's headless Chromium)
-from tests.webhook_receiver import HANG, Receiver
+from tests.service import free_port
+from tests.webhook_receiver import HANG, TRICKLE, Receiver
 from webapi.app import make_app
 
 SECRET = webhook_secrets.new_secret()
@@ -318,3 +319,45 @@ def test_a_redirect_is_an_answer_not_a_hop(start_service, secrets_file, receiver
     assert callback["state"] == "gave_up" and callback["attempts"] == 1
     assert callback["last_error"].startswith("HTTP 302: redirects are not followed (permanent")
     assert len(receiver.received) == 1
+
+
+# ------------------------------------------------------------------ receivers that misbehave (issue 31)
+def test_a_2xx_status_line_is_a_delivery_even_if_the_body_then_trickles(start_service, secrets_file, receivers,
+                                                                        shelf):
+    receiver = receivers(TRICKLE)
+    service = webhook_service(start_service, secrets_file, "--download-read-timeout-s", "2")
+    job_id = submit_with_callback(service, [visit("RP00001", [shelf])], receiver.url)
+    callback = delivery_over(service, job_id, timeout_s=10)
+    assert (callback["state"], callback["attempts"]) == ("delivered", 1)  # before: a timeout, POSTed again
+    assert len(receiver.received) == 1
+
+
+def test_one_receiver_that_hangs_never_delays_another_receivers_webhook(start_service, secrets_file, receivers,
+                                                                        shelf):
+    hanging, good = receivers(*[HANG] * 100), receivers()
+    service = webhook_service(start_service, secrets_file)  # each hanging attempt holds a slot for 10 s
+    stuck = [submit_with_callback(service, [visit("RP00001", [shelf])], hanging.url) for _ in range(40)]
+    for job_id in stuck:
+        service.wait(job_id)
+    wait_until(lambda: len(hanging.received) >= WebhookSettings.per_receiver_at_once,
+               what="the hanging receiver to hold its slots")
+    job_id = submit_with_callback(service, [visit("RP00001", [shelf])], good.url)
+    service.wait(job_id)
+    finished = service.spool.jobs.status_path(job_id).stat().st_mtime
+    callback = delivery_over(service, job_id, timeout_s=8)  # before: behind 32 hanging attempts, 10 s
+    assert callback["state"] == "delivered"
+    assert good.received[0].answered_at - finished < 2
+    assert len(hanging.received) <= WebhookSettings.per_receiver_at_once  # its own slots, no more
+
+
+def test_a_dead_receiver_is_tried_at_a_bounded_rate_whatever_number_of_webhooks_wait_for_it(
+        start_service, secrets_file, shelf):
+    dead = f"http://127.0.0.1:{free_port()}/hooks"  # nothing listens: every attempt refused at once
+    service = webhook_service(start_service, secrets_file, "--webhook-retry-for-s", "4")
+    jobs = [submit_with_callback(service, [visit("RP00001", [shelf])], dead) for _ in range(100)]
+    callbacks = [delivery_over(service, job_id) for job_id in jobs]
+    assert all(cb["state"] == "gave_up" and cb["last_error"].startswith("connection failed: ") for cb in callbacks)
+    attempts = wait_until(lambda: scraped_metrics(service).get('retailpulse_webhook_attempts_total{outcome='
+                                                               '"connection"}'), what="the attempts in /metrics")
+    # one at a time once it failed, each after a doubling backoff from 0.2 s, for the 4 s the webhooks live
+    assert attempts <= WebhookSettings.per_receiver_at_once + 8, attempts  # before: about 500

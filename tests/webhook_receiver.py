@@ -1,7 +1,8 @@
 """A webhook receiver on 127.0.0.1 (port 0) for the tests and bench/webhook_latency.py: it verifies every
 request it gets with the Standard Webhooks reference library (``standardwebhooks``), as a client would, and
 answers from a script: ``[500, 500]`` answers 500 twice, then 200; ``HANG`` holds the request without an
-answer until the receiver closes."""
+answer until the receiver closes; ``TRICKLE`` answers 200 and its headers at once, then a body of a byte
+every 1.5 s that never ends."""
 from __future__ import annotations
 
 import http.server
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from standardwebhooks import Webhook, WebhookVerificationError
 
 HANG = "hang"
+TRICKLE = "trickle"
 
 
 @dataclass
@@ -48,6 +50,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             state.received.append(request)
         if answer == HANG:
             state.closing.wait()
+            return
+        if answer == TRICKLE:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")  # under the 64 KiB read of an answer
+            self.end_headers()
+            self.wfile.flush()
+            request.answered, request.answered_at = 200, time.time()
+            while not state.closing.wait(1.5):  # under a byte a second: a download would be timed out
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:  # the client has gone
+                    return
             return
         self.send_response(answer)
         self.send_header("Content-Length", "0")

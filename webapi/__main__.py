@@ -87,7 +87,8 @@ def serve(argv: list[str] | None) -> int:
         "accesslog": None,
     }
     app = make_app(spool, settings.limits, tokens, max_queued_images=settings.max_queued_images or None,
-                   webhook_secrets=secrets)
+                   webhook_secrets=secrets, metrics_readers=settings.metrics_tokens,
+                   max_body_bytes_in_flight=settings.max_body_bytes_in_flight)
     _Server(app, options).run()
     return 0
 

@@ -1,10 +1,12 @@
 """The HTTP API. It only speaks HTTP: submissions go into the spool, status and results come out of it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import bottle
 from bottle import Bottle, HTTPResponse, request
@@ -26,6 +28,11 @@ log = logging.getLogger("retailpulse.webapi")
 _RESULTS_BATCH_BYTES = 64 * 1024
 #: How long POST /api/cancel waits for a running daemon to carry the cancel out (it does within 0.1 s).
 CANCEL_WAIT_S = 5.0
+#: POST /api/purge deletes for this long at most, then answers what it did and how many are left, so that
+#: no request outlives a client's (or nginx's 60 s) timeout however many jobs match; the client asks again.
+PURGE_BUDGET_S = 10.0
+#: A submit waits this long for room among the bodies in flight (BodyBudget), then gets 503.
+BODY_WAIT_S = 10.0
 
 # Request bodies are read by read_body(), bounded by SubmitLimits.max_body_bytes, and never through
 # bottle.request.body. webapi/__main__ still sets Bottle's MEMFILE_MAX on purpose (see BOTTLE_MEMFILE_MAX).
@@ -39,6 +46,35 @@ def json_response(status: int, payload: object, **headers) -> HTTPResponse:
 
 class BodyTooLarge(Exception):
     pass
+
+
+class BodyBudget:
+    """The request bodies one API process holds at once, read or being decoded, bounded in bytes: memory per
+    process stays bounded whatever the concurrency (docs/guarantees.md, "memory per API process"). A body
+    takes its declared length (or the largest allowed, when it declares none) from the budget before a
+    byte of it is read, and gives it back when its request is done."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit, self.held = limit_bytes, 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int, wait_s: float):
+        """Hold ``nbytes`` (at most the whole budget) for the block; raises the 503 when no room comes."""
+        nbytes = min(nbytes, self.limit)
+        with self._room:
+            if not self._room.wait_for(lambda: self.held + nbytes <= self.limit, timeout=wait_s):
+                log.warning("submit refused: %d bytes of bodies in flight, %d more asked, budget %d",
+                            self.held, nbytes, self.limit)
+                raise json_response(503, {"error": f"this API process is busy with other large submissions "
+                                                   f"({self.held} bytes in flight); try again"}, **{"Retry-After": "5"})
+            self.held += nbytes
+        try:
+            yield
+        finally:
+            with self._room:
+                self.held -= nbytes
+                self._room.notify_all()
 
 
 def read_body(environ: dict, max_bytes: int) -> bytes:
@@ -69,16 +105,19 @@ class _Api:
     HTTPResponse as it is), so each route reads as its happy path."""
 
     def __init__(self, spool: Spool, limits: SubmitLimits, tokens: Tokens | None, max_queued_images: int | None,
-                 webhook_secrets: Mapping[str | None, bytes] | None = None):
+                 webhook_secrets: Mapping[str | None, bytes] | None = None, metrics_readers: Iterable[str] = (),
+                 max_body_bytes_in_flight: int | None = None):
         self.spool, self.limits, self.tokens, self.max_queued_images = spool, limits, tokens, max_queued_images
         self.webhook_secrets = webhook_secrets  # None: no webhooks, so no callback_url
         self.views = StatusViews(spool)  # status answers, kept while their files are unchanged
+        self.metrics_readers = frozenset(metrics_readers)  # token names that may read /metrics
+        self.bodies = BodyBudget(max_body_bytes_in_flight or limits.max_body_bytes)
 
     def caller(self) -> str | None:
         """The token name of the request (None when tokens are off); raises the 401 that refuses it."""
         if self.tokens is None:
             return None
-        name = self.tokens.identify(request.get_header("Authorization"))
+        name = self.tokens.identify(header("Authorization"))
         if name is None:
             raise json_response(401, {"error": "missing or unknown API token (Authorization: Bearer ...)"},
                                 **{"WWW-Authenticate": 'Bearer realm="retail-pulse"'})
@@ -121,12 +160,19 @@ class _Api:
     def submit(self):
         owner = self.caller()
         refuse_unless_json(request.environ)
+        declared = request.environ.get("CONTENT_LENGTH") or ""
+        size = int(declared) if declared.isdigit() and int(declared) <= self.limits.max_body_bytes else \
+            self.limits.max_body_bytes
+        with self.bodies.hold(size, BODY_WAIT_S):
+            return self._submit(owner)
+
+    def _submit(self, owner: str | None):
         try:
             body = read_body(request.environ, self.limits.max_body_bytes)
         except BodyTooLarge:
             return json_response(413, {"error": f"body larger than {self.limits.max_body_bytes} bytes"})
         try:
-            key = submit_options.idempotency_key(request.get_header(submit_options.IDEMPOTENCY_HEADER))
+            key = submit_options.idempotency_key(header(submit_options.IDEMPOTENCY_HEADER))
             doc = decode_submission(body, self.limits)
             count, visits = check_submission(doc, self.limits)
             callback_url = submit_options.callback_url(doc.callback(), self.limits, owner, self.webhook_secrets)
@@ -175,10 +221,10 @@ class _Api:
         (waits.py): a server that can park requests (webapi/server.py) has held it until then."""
         _job_id, view = self.known_view()
         headers = {"ETag": view.etag}
-        wait = wait_preference(request.get_header("Prefer"))
+        wait = wait_preference(header("Prefer"))
         if wait is not None and RESUMED.get():
             headers["Preference-Applied"] = f"wait={wait:g}"
-        if etag_matches(request.get_header("If-None-Match"), view.etag):
+        if etag_matches(header("If-None-Match"), view.etag):
             return HTTPResponse(b"", status=304, headers={"Cache-Control": "no-store", **headers})
         return HTTPResponse(view.body, status=200, headers={"Content-Type": "application/json",
                                                             "Cache-Control": "no-store", **headers})
@@ -299,10 +345,14 @@ class _Api:
                 raise ValueError
         except ValueError:
             return json_response(400, {"error": "older_than_days: must be a number of days, 0 to 36500"})
-        purged = self.spool.upkeep.purge_all([job_id for job_id in self.spool.upkeep.finished_before(
-            time.time() - days * 86400) if self.owns(job_id, owner)])
-        log.info("purged %d finished job(s) older than %g days", len(purged), days)
-        return json_response(200, {"purged": sorted(purged)})
+        try:
+            purged, remaining = self.spool.upkeep.purge_finished_before(
+                time.time() - days * 86400, lambda job_id: self.owns(job_id, owner), PURGE_BUDGET_S)
+        except OSError as exc:
+            return json_response(503, {"error": f"cannot delete now: {spool_error(exc)}"}, **{"Retry-After": "30"})
+        log.info("purged %d finished job(s) older than %g days%s", len(purged), days,
+                 f"; {remaining} more to purge" if remaining else "")
+        return json_response(200, {"purged": purged, "remaining": remaining})
 
     def healthz(self):
         """200 when the API can write the spool and the daemon's heartbeat is fresh; 503 naming what is not."""
@@ -333,8 +383,42 @@ class _Api:
         return json_response(200 if healthy else 503, doc)
 
     def metrics(self):
-        self.caller()
-        return HTTPResponse(render_metrics(self.spool), status=200, headers={"Content-Type": METRICS_CONTENT_TYPE})
+        """The whole service's figures (every client's jobs): with tokens on, only for the tokens named in
+        metrics_tokens."""
+        name = self.caller()
+        if self.tokens is not None and name not in self.metrics_readers:
+            raise json_response(403, {"error": f"token {name!r} may not read /metrics, whose figures are every "
+                                               "client's; the operator names the tokens that may (metrics_tokens)"})
+        try:
+            text = render_metrics(self.spool)
+        except OSError as exc:  # the spool root or a folder the API may not read: the operator's to fix
+            log.error("metrics: cannot read the spool: %s", exc)
+            raise json_response(503, {"error": f"cannot read the spool for /metrics: {spool_error(exc)}"},
+                                **{"Retry-After": "30"}) from None
+        return HTTPResponse(text, status=200, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def header(name: str) -> str | None:
+    """A request header as text (submit_options.header_text), or the 400 naming it."""
+    try:
+        return submit_options.header_text(request.environ, name)
+    except InvalidSubmission as exc:
+        raise json_response(400, {"error": str(exc)}) from None
+
+
+def refuse_undecodable(callback):
+    """Bottle plugin: a header that is not UTF-8 text, should anything read it through Bottle (which decodes
+    it and raises), is the client's 400 naming it, never a 500. The routes themselves read headers through
+    header(), which names the header before anything else sees it."""
+    def route(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except UnicodeDecodeError:
+            for key in request.environ:
+                if key.startswith("HTTP_"):
+                    header(key[5:].replace("_", "-").title())  # raises the 400 naming the first bad one
+            raise  # not the request's bytes: a real error
+    return route
 
 
 def spool_error(exc: OSError) -> str:
@@ -355,11 +439,15 @@ def json_error(err: bottle.HTTPError) -> str:
 
 
 def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | None = None,
-             max_queued_images: int | None = None, webhook_secrets: Mapping[str | None, bytes] | None = None) -> Bottle:
+             max_queued_images: int | None = None, webhook_secrets: Mapping[str | None, bytes] | None = None,
+             metrics_readers: Iterable[str] = (), max_body_bytes_in_flight: int | None = None) -> Bottle:
     """The WSGI app. ``tokens``: None serves everyone (local use); else every route but /healthz needs one.
     ``max_queued_images``: above it, submit answers 503 + Retry-After instead of taking more work.
-    ``webhook_secrets``: whose jobs may carry a callback_url (config/webhook_secrets.py); None: nobody's."""
-    api = _Api(spool, limits or SubmitLimits(), tokens, max_queued_images, webhook_secrets)
+    ``webhook_secrets``: whose jobs may carry a callback_url (config/webhook_secrets.py); None: nobody's.
+    ``metrics_readers``: with tokens, the token names that may read /metrics. ``max_body_bytes_in_flight``:
+    the bodies this process holds at once (BodyBudget); None: one of the largest allowed."""
+    api = _Api(spool, limits or SubmitLimits(), tokens, max_queued_images, webhook_secrets, metrics_readers,
+               max_body_bytes_in_flight)
     app = Bottle()
     app.config["json.enable"] = False  # every route builds its own JSON response
     # What webapi/server.py's worker needs to park status requests that wait (waits.py).
@@ -379,6 +467,7 @@ def make_app(spool: Spool, limits: SubmitLimits | None = None, tokens: Tokens | 
     app.route("/api/purge", "POST", api.purge_old)
     app.route("/healthz", "GET", api.healthz)
     app.route("/metrics", "GET", api.metrics)
+    app.install(refuse_undecodable)
     for code in (400, 404, 405, 413, 500):
         app.error_handler[code] = json_error
     return app

@@ -5,12 +5,12 @@ process serves the same numbers and nothing is shared in memory across processes
 from __future__ import annotations
 
 import os
-import time
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from spool import JOB_FOLDERS, DeliveryState, Folder, Spool
+from spool.heartbeat import heartbeat_age
 from spool.records import Heartbeat, ImageCounts, RunnerView, WebhookCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -27,7 +27,7 @@ class SpoolCollector:
         yield jobs
         beat: Heartbeat | None = self.spool.heartbeat.read()
         age = GaugeMetricFamily("retailpulse_daemon_heartbeat_age_seconds", "Seconds since the daemon's last heartbeat")
-        age.add_metric([], time.time() - beat.heartbeat_at if beat is not None else float("inf"))
+        age.add_metric([], heartbeat_age(beat) if beat is not None else float("inf"))
         yield age
         yield from runner_metrics(beat if beat is not None else RunnerView(), beat.executor if beat else None)
         for name, value, help_text in (

@@ -70,7 +70,10 @@ _UNAUTHORIZED = _json("API tokens are on and this request has none, or an unknow
                       **{"WWW-Authenticate": "Bearer realm"})
 _BAD_JOB = _json("jobid missing or malformed ({error}), or no such job visible to the caller ({})",
                  {"oneOf": [_ref("Error"), _ref("Empty")]})
-_UNAVAILABLE = _json("the spool cannot be written now; nothing changed", _ref("Error"), **{"Retry-After": "seconds"})
+_UNAVAILABLE = _json("the spool cannot be written now (or, for a submit, the API process is busy with other "
+                     "large bodies); nothing changed", _ref("Error"), **{"Retry-After": "seconds"})
+#: Any route that reads a header (those that need a token, and submit) refuses one that is not UTF-8 text.
+_BAD_HEADER = _json("a header that is not UTF-8 text, named", _ref("Error"))
 _DAMAGED = _json("a results file of this job is damaged (cut short, a line changed, lost or duplicated) or "
                  "missing, or the API may not read it (permissions); the message names it", _ref("Error"))
 _SPOOL_UNREADABLE = _json("the spool (this job's status, or the job list) cannot be read (permissions): "
@@ -118,6 +121,15 @@ def _static(summary: str, media_type: str) -> dict:
 
 def document() -> dict:
     """The whole document. A function, not a module constant: callers may change their copy freely."""
+    doc = _document()
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            if operation.get("security") != []:  # routes that read the Authorization header
+                operation["responses"].setdefault("400", _BAD_HEADER)
+    return doc
+
+
+def _document() -> dict:
     job_routes = {
         "/api/status": {"get": {"summary": "A job's status; with Prefer: wait=S, once it is finished or changed",
                                 "parameters": [_JOBID, _PREFER, _IF_NONE_MATCH], "responses": {
@@ -156,9 +168,13 @@ def document() -> dict:
         "/api/purge": {"post": {"summary": "Delete finished jobs older than some days", "parameters": [
             {"name": "older_than_days", "in": "query", "required": True,
              "schema": {"type": "number", "minimum": 0, "maximum": 36500}}], "responses": {
-            "200": _json("the ids deleted", {"type": "object", "required": ["purged"], "properties": {
-                "purged": {"type": "array", "items": {"type": "integer"}}}}),
-            "400": _json("older_than_days out of range", _ref("Error")), "401": _UNAUTHORIZED}}},
+            "200": _json("the ids deleted, oldest first; a request deletes for 10 s at most, so while "
+                         "\"remaining\" is not 0 (jobs as old still there) ask again",
+                         {"type": "object", "required": ["purged", "remaining"], "properties": {
+                             "purged": {"type": "array", "items": {"type": "integer"}},
+                             "remaining": {"type": "integer", "minimum": 0}}}),
+            "400": _json("older_than_days out of range", _ref("Error")), "401": _UNAUTHORIZED,
+            "503": _UNAVAILABLE}}},
     }
     return {
         "openapi": "3.1.0",
@@ -170,8 +186,10 @@ def document() -> dict:
             "/healthz": {"get": {"summary": "Health", "security": [], "responses": {
                 "200": _json("API, spool and daemon fine", _ref("Health")),
                 "503": _json("something is wrong, named in checks (e.g. no daemon running)", _ref("Health"))}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                "200": _text("Prometheus text format", "text/plain"), "401": _UNAUTHORIZED}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics: the whole service's figures", "responses": {
+                "200": _text("Prometheus text format", "text/plain"), "401": _UNAUTHORIZED,
+                "403": _json("tokens are on and this token is not one of metrics_tokens", _ref("Error")),
+                "503": _SPOOL_UNREADABLE}}},
             "/api/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {
                 "200": _json("OpenAPI 3.1", {"type": "object"})}}},
             "/": _static("The status page", "text/html"),

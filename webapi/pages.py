@@ -13,6 +13,7 @@ from pathlib import Path
 from bottle import HTTPResponse, request
 
 from spool import Folder, Spool
+from spool.vocabulary import visible
 from spool.files import decode
 from spool.records import RESULT_COLUMNS, ResultLine
 
@@ -30,12 +31,15 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 def csv_cell(value: object) -> object:
     """A value as a CSV cell a spreadsheet shows and never runs: a text starting like a formula gets a
-    leading apostrophe, as OWASP recommends (the csv module quotes whatever needs quoting). Numbers stay
-    numbers; None is an empty cell."""
+    leading apostrophe, as OWASP recommends (the csv module quotes whatever needs quoting); invisible
+    characters an old job may hold (a zero-width space, a bidi override) are shown escaped (visible()).
+    Numbers stay numbers; None is an empty cell."""
     if value is None:
         return ""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
+    if isinstance(value, str):
+        value = visible(value)
+        if value.startswith(_FORMULA_START):
+            return "'" + value
     return value
 
 

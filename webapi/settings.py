@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from config.name_files import NAME
 from config.webhook_secrets import SecretsSettings
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """"ops, prometheus" -> ("ops", "prometheus"): token names as the tokens file has them."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    for name in names:
+        if not NAME.fullmatch(name):
+            raise ValueError(f"not a token name: {name!r} (letters, digits, _ . -)")
+    return names
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,15 @@ class ApiSettings:
         "section": "api", "min": 0,
         "help": "images waiting or in progress above which submit answers 503 with Retry-After; 0 turns the check "
                 "off"})
+    metrics_tokens: tuple = field(default=(), metadata={
+        "section": "api", "parse": parse_names,
+        "help": "comma-separated names of the API tokens that may read /metrics, whose figures are the whole "
+                "service's (every client's jobs); with tokens on, any other token gets 403. Empty: none may"})
+    max_body_bytes_in_flight: int = field(default=64 * 1024 * 1024, metadata={
+        "section": "api", "min": 1,
+        "help": "request bodies one API process holds at once, read or being checked (a body costs up to 5 times "
+                "its size while it is decoded); a submit that finds no room waits up to 10 s, then gets 503 with "
+                "Retry-After"})
     api_tokens_file: str = field(default="", metadata={
         "section": "api",
         "help": "file of '<name> <sha256 of token>' lines; when set, every route but /healthz needs "

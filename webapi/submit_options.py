@@ -24,6 +24,22 @@ _KEY = re.compile(r'[!#-\[\]-~]{1,%d}' % MAX_KEY_CHARS)
 KEY_PATTERN = r'^([!#-\[\]-~]{1,%d}|"[!#-\[\]-~]{1,%d}")$' % (MAX_KEY_CHARS, MAX_KEY_CHARS)
 
 
+def header_text(environ: dict, name: str) -> str | None:
+    """Header ``name`` of a request as text, None when absent. A WSGI server hands headers over as bytes read
+    as Latin-1; HTTP's text is UTF-8 (RFC 9110 allows only ASCII in new headers), so anything else is the
+    client's mistake: InvalidSubmission naming the header and the byte, never an error deeper in (a 500)."""
+    raw = environ.get("HTTP_" + name.upper().replace("-", "_"))
+    if raw is None:
+        return None
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError as exc:  # (encode: a server that gave us text already; then it is what it is)
+        if isinstance(exc, UnicodeEncodeError):
+            return raw
+        raise InvalidSubmission(f"{name}: header is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                                f"{exc.start}); send ASCII") from None
+
+
 def idempotency_key(header: str | None) -> str | None:
     """The key the header carries, None without one. ``"abc"`` (the IETF draft's quoted form) and ``abc`` are
     the same key."""

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from urllib.parse import urlsplit
 
 import msgspec
 
 from daemon.engine.urls import ascii_url
 from spool.records import Visit
+from spool.vocabulary import INVISIBLE_CATEGORIES
 from webapi.settings import SubmitLimits  # the limits are settings, declared with the API's others
 
 
@@ -54,8 +56,6 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7]")
 _KNOWN_KEYS = (b'"count"', b'"visits"', b'"store_id"', b'"visit_time"', b'"image_url"')
 _URL_FORBIDDEN = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
-#: store_id and visit_time are shown in pages, CSV files and logs: no C0 or C1 control character, no DEL.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: The walker names a nesting this deep; msgspec itself stops at Python's recursion limit (1,000).
 _WALK_MAX_DEPTH = 500
 #: A bound on the walker's work (it runs only after a failure, or for a body with suspect keys).
@@ -67,12 +67,23 @@ def _string(value: str, where: str, max_chars: int, control_ok: bool = False) ->
         raise InvalidSubmission(f"{where}: must not be empty")
     if len(value) > max_chars:
         raise InvalidSubmission(f"{where}: longer than {max_chars} characters")
-    if not control_ok:
-        bad = _CONTROL.search(value)
-        if bad:
-            raise InvalidSubmission(f"{where}: must not contain control characters "
-                                    f"(found U+{ord(bad.group()):04X})")
+    if not control_ok and not value.isprintable():  # C speed; only then, which character and why
+        _refuse_invisible(value, where)
     return value
+
+
+def _refuse_invisible(value: str, where: str) -> None:
+    """store_id and visit_time are shown in pages, CSV files, terminals and logs: no character that hides or
+    changes the text around it there (spool.vocabulary.INVISIBLE_CATEGORIES). A store id with a zero-width
+    space looks exactly like the store's own; a right-to-left override reverses the rest of the line."""
+    for ch in value:
+        category = unicodedata.category(ch)
+        if category == "Cc":
+            raise InvalidSubmission(f"{where}: must not contain control characters (found U+{ord(ch):04X})")
+        if category in INVISIBLE_CATEGORIES:
+            name = unicodedata.name(ch, "")
+            raise InvalidSubmission(f"{where}: must not contain invisible format characters, which hide or "
+                                    f"reorder the text around them (found U+{ord(ch):04X}{' ' + name if name else ''})")
 
 
 def check_url(url: str, where: str, limits: SubmitLimits) -> str:

@@ -72,7 +72,8 @@ class BodyReader:
     Keeps the parser's pending request and at most the bytes it asked to read (a few, or a HEIF meta box);
     once the primary image is complete, or the body is known to be no image, the rest is only counted."""
 
-    __slots__ = ("size", "_found", "_parser", "_want", "_buf", "_left", "_ff", "_early", "_error", "_done")
+    __slots__ = ("size", "_found", "_parser", "_want", "_buf", "_left", "_ff", "_early", "_error", "_done",
+                 "_sized")
 
     def __init__(self, formats: tuple[str, ...] = DEFAULT_FORMATS, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES):
         self.size = 0  # bytes fed: the body's length so far
@@ -85,6 +86,7 @@ class BodyReader:
         self._early = bytearray()  # the first bytes, until there are enough to tell the format
         self._error: ImageError | None = None
         self._done = False  # the primary image is complete, or the body failed: the rest is not looked at
+        self._sized = False  # the header's size has been judged (size_verdict), the moment it was read
 
     def feed(self, data: bytes) -> None:
         start = self.size
@@ -105,6 +107,12 @@ class BodyReader:
         except (struct.error, IndexError, ValueError):  # a structure too short for what it says it holds
             self._fail(ImageError(f"not an image: starts like {self._found.fmt or 'an image'} but its header "
                                   f"does not parse"))
+
+    @property
+    def failed(self) -> bool:
+        """The body can no longer be measured, whatever follows (no image, too many pixels, ...): the download
+        may stop here (transfer.py), and finish() says why."""
+        return self._error is not None
 
     def _fail(self, exc: ImageError) -> None:
         self._error, self._done, self._parser, self._buf = exc, True, None, bytearray()
@@ -160,6 +168,10 @@ class BodyReader:
         except StopIteration:
             self._done, self._parser = True, None  # the primary image is complete
             return
+        finally:
+            if not self._sized and self._found.size is not None:  # judged when the header says it, not at the end
+                self._sized = True
+                size_verdict(*self._found.size)
         if type(want) is Skip:
             self._left = want.n
         self._want = want
@@ -177,14 +189,19 @@ class BodyReader:
         if not self._done:
             raise ImageError(f"truncated image: {found.fmt} stops after {self.size:,} bytes, before "
                              f"{found.lacking}", ErrorKind.TRUNCATED)
-        width, height = found.size
-        if width <= 0 or height <= 0:
-            raise ImageError(f"image has no area: {width}x{height}")
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and width * height > limit:
-            raise ImageError(f"image too large in pixels: {width}x{height} is {width * height:,} pixels, more "
-                             f"than {limit:,} (the decompression bomb limit)", ErrorKind.TOO_LARGE)
-        return width, height
+        return size_verdict(*found.size)
+
+
+def size_verdict(width: int, height: int) -> tuple[int, int]:
+    """(width, height) if an image of that size may be measured; else ImageError. Judged as soon as the header
+    says the size, so a 100,000 x 100,000 PNG is refused after its first 24 bytes, not its last."""
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has no area: {width}x{height}")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise ImageError(f"image too large in pixels: {width}x{height} is {width * height:,} pixels, more "
+                         f"than {limit:,} (the decompression bomb limit)", ErrorKind.TOO_LARGE)
+    return width, height
 
 
 def image_size(data: bytes, formats: tuple[str, ...] = DEFAULT_FORMATS,

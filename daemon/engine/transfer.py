@@ -128,6 +128,8 @@ class Transfer:
             attempt.too_large = True
             return 0  # libcurl stops the transfer: CURLE_WRITE_ERROR
         attempt.body.feed(data)
+        if attempt.body.failed:  # the header said enough (no image, too many pixels): no more bytes
+            return 0
         return None
 
     def _header(self, line: bytes) -> None:
@@ -152,6 +154,8 @@ class Transfer:
     def failure(self, code: int, message: str) -> Failure | None:
         """None if the attempt gave a body to measure (HTTP 200), else why not."""
         limits, attempt = self.limits, self.attempt
+        if code == _WRITE_ERROR and not attempt.too_large and attempt.body.failed:
+            code = 0  # we stopped it, having the verdict: the answer's status decides, then the body's verdict
         if code == 0:
             status = self.curl.getinfo(pycurl.RESPONSE_CODE)
             if status == 200:
@@ -220,16 +224,42 @@ class Post(Transfer):
     def __init__(self, limits: DownloadLimits, policy: AddressPolicy, max_answer_bytes: int):
         super().__init__(replace(limits, max_image_bytes=max_answer_bytes, max_redirects=0), policy)
         self.curl.setopt(pycurl.FOLLOWLOCATION, 0)
+        self.status: int | None = None  # of the answer's status line, once read
+        self.delivered = False  # a 2xx status line and its headers came: the receiver took it
+
+    def _write(self, data: bytes) -> int | None:
+        """The answer's body is only counted (at most max_answer_bytes), never parsed: its status said it all."""
+        attempt = self.attempt
+        if attempt.body.size + len(data) > self.limits.max_image_bytes:
+            attempt.too_large = True
+            return 0
+        attempt.body.size += len(data)
+        return None
+
+    def _header(self, line: bytes) -> int | None:
+        """A 2xx status line, once its headers end, is a delivery: the attempt stops there, so a receiver that
+        then trickles its body (or never sends one) is not counted a timeout and sent it again."""
+        super()._header(line)
+        if line.startswith(b"HTTP/"):
+            code = line.split(b" ", 2)[1:2]
+            self.status = int(code[0]) if code and code[0].isdigit() else None
+        elif line in (b"\r\n", b"\n") and self.status is not None and 200 <= self.status <= 299:
+            self.delivered = True
+            return 0  # libcurl stops the transfer (CURLE_WRITE_ERROR); answer() knows why
+        return None
 
     def begin_post(self, url: str, body: bytes, headers: list[str], context=None) -> None:
         """``headers``: "Name: value" lines. ``context`` is kept as ``image`` is, for the caller's bookkeeping."""
         self.begin(url, context)
+        self.status, self.delivered = None, False
         self.curl.setopt(pycurl.POSTFIELDS, body)
         # "Expect:" off: libcurl would otherwise wait for a "100 Continue" before sending a body over 1 KiB
         self.curl.setopt(pycurl.HTTPHEADER, ["Accept-Encoding: identity", "Expect:", *headers])
 
     def answer(self, code: int, message: str) -> Failure | None:
         """None if the receiver took it (2xx: the answer's body, cut at our cap or not, does not matter)."""
+        if self.delivered:
+            return None
         status = self.curl.getinfo(pycurl.RESPONSE_CODE)
         if 200 <= status <= 299 and (code == 0 or self.attempt.too_large or code == _FILESIZE_EXCEEDED):
             return None

@@ -12,19 +12,29 @@ at least once: a crash after the receiver's 200 and before the record says so se
 
 The calls are libcurl handles with every download rule (daemon/engine/transfer.py, Post), on a multi handle
 of this thread's own: a receiver that hangs holds one of ``deliveries_at_once`` slots until the download
-timeouts end it, and never the supervisor's loop or the image work.
+timeouts end it, and never the supervisor's loop or the image work. A 2xx status line is the delivery: the
+attempt ends there, however slowly the answer's body would come.
+
+Receivers (a callback URL's scheme, host and port) are served apart, so one dead receiver never delays
+another's webhooks: each has at most ``per_receiver_at_once`` attempts in flight, and once an attempt to it
+fails for a passing reason it is *failing*: one attempt at a time goes to it, after a backoff that doubles
+(as a notification's does), until one gets through; its other notifications wait, unwritten, and are given
+up when their ``retry_for_s`` is over. So a receiver's retries are bounded in rate (about one a backoff),
+whatever number of notifications it has, and so is their cost in disk writes and CPU beside the image work.
 """
 from __future__ import annotations
 
 import base64
 import bisect
 import hashlib
+import heapq
 import hmac
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
 
 import pycurl
 from msgspec.structs import replace
@@ -57,6 +67,42 @@ def next_attempt_delay_s(attempts: int, settings: WebhookSettings, retry_after_s
     receiver's Retry-After, at most max_backoff_s. Pure, so the schedule is tested without waiting."""
     return backoff_s(attempts, settings.backoff_s, settings.max_backoff_s, jitter, retry_after_s)
 
+class Receiver:
+    """One receiver's notifications waiting for an attempt, its attempts in flight, and whether it is failing."""
+
+    __slots__ = ("key", "waiting", "due", "in_flight", "failures", "next_at", "last_error")
+
+    def __init__(self, key: str):
+        self.key = key
+        self.waiting: dict[int, Notification] = {}  # job id -> its record, as this thread last wrote or read it
+        self.due: list[tuple[float, int]] = []  # heap of (next_attempt_at, job id); stale entries are skipped
+        self.in_flight = 0
+        self.failures = 0  # passing failures in a row; 0: healthy
+        self.next_at = 0.0  # failing: no attempt before this (the delivery clock)
+        self.last_error = ""
+
+    def may_start(self, now: float, at_once: int) -> bool:
+        if self.failures:  # failing: one attempt at a time, once its backoff is over
+            return self.in_flight == 0 and now >= self.next_at
+        return self.in_flight < at_once
+
+    def wake_at(self) -> float | None:
+        """When this receiver may have an attempt to start (None: nothing waits)."""
+        if not self.due:
+            return None
+        return max(self.due[0][0], self.next_at) if self.failures else self.due[0][0]
+
+
+def receiver_of(url: str) -> str:
+    """``https://hooks.example:443``: whom a callback URL goes to (one server: its scheme, host and port)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+        return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+    except ValueError:
+        return url
+
+
 class Deliveries(Outbox):
     """The outbox with its delivery thread. ``secrets``: token name (None: tokens off) -> secret bytes."""
 
@@ -68,7 +114,8 @@ class Deliveries(Outbox):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._records: dict[int, Notification] = {}  # job id -> its record, as this thread last wrote or read it
+        self._receivers: dict[str, Receiver] = {}  # receiver_of(url) -> its notifications and state
+        self._held: dict[int, str] = {}  # job id -> the receiver whose waiting notifications hold its record
         self._running: dict[int, tuple[Post, Notification]] = {}  # id(curl) -> (handle, record being attempted)
         self._idle: list[Post] = []
         self._multi = pycurl.CurlMulti()
@@ -125,13 +172,28 @@ class Deliveries(Outbox):
         self._load_ready()
         now = self.clock()
         self._start_due(now)
+        wakes = [at for receiver in self._receivers.values() if (at := receiver.wake_at()) is not None]
         if self._running:
             self._multi.select(0.05)  # short: a newly finished job waits at most this for its turn
             self._perform()
             return
-        due = [r.next_attempt_at for r in self._records.values()]
-        wait = min([IDLE_LOOK_S, *(max(0.0, at - now) for at in due)])
-        self._wake.wait(wait)
+        self._wake.wait(min([IDLE_LOOK_S, *(max(0.0, at - now) for at in wakes)]))
+
+    # ------------------------------------------------------------ notifications held, by receiver
+    def _hold(self, record: Notification) -> None:
+        """Keep ``record`` waiting for its next attempt (replacing any older one of its job)."""
+        self._drop(record.job_id)
+        receiver = self._receivers.get(key := receiver_of(record.url))
+        if receiver is None:
+            receiver = self._receivers[key] = Receiver(key)
+        receiver.waiting[record.job_id] = record
+        heapq.heappush(receiver.due, (record.next_attempt_at, record.job_id))
+        self._held[record.job_id] = key
+
+    def _drop(self, job_id: int) -> None:
+        key = self._held.pop(job_id, None)
+        if key is not None:
+            self._receivers[key].waiting.pop(job_id, None)  # its heap entry goes stale, skipped when met
 
     def _load_ready(self) -> None:
         with self.lock:
@@ -139,29 +201,41 @@ class Deliveries(Outbox):
         for job_id in ready:
             record = self.spool.outbox.read(job_id)
             if record is None:
-                self._records.pop(job_id, None)
+                self._drop(job_id)
             elif record.state is not DeliveryState.PENDING:  # a crash between its rewrite and its move
                 self.spool.outbox.retire(record)
-                self._records.pop(job_id, None)
+                self._drop(job_id)
             elif not any(r.job_id == job_id for _h, r in self._running.values()):
-                self._records[job_id] = record
+                self._hold(record)
 
     def _start_due(self, now: float) -> None:
-        for job_id, record in list(self._records.items()):
-            if len(self._running) >= self.settings.deliveries_at_once:
-                return
-            if record.next_attempt_at > now:
-                continue
-            folder = self.spool.jobs.folder_of(job_id)
-            if folder not in FINISHED_FOLDERS:
-                if folder is None and not self.spool.jobs.status_path(job_id).exists():  # purged meanwhile
-                    self.spool.outbox.path(job_id).unlink(missing_ok=True)
-                    del self._records[job_id]
-                else:  # its final rename has not happened yet (a crash did that): look again later
-                    self._records[job_id] = replace(record, next_attempt_at=now + IDLE_LOOK_S)
-                continue
-            del self._records[job_id]
-            self._attempt(record)
+        """Start the attempts that are due, receiver by receiver, each within its own slots."""
+        for receiver in list(self._receivers.values()):
+            while receiver.due and receiver.due[0][0] <= now:
+                if len(self._running) >= self.settings.deliveries_at_once:
+                    return
+                if not receiver.may_start(now, self.settings.per_receiver_at_once):
+                    break
+                due_at, job_id = heapq.heappop(receiver.due)
+                record = receiver.waiting.get(job_id)
+                if record is None or record.next_attempt_at != due_at:
+                    continue  # delivered, given up, or rescheduled since: a stale entry
+                self._start_if_finished(record, now)
+            if not receiver.waiting and not receiver.in_flight and not receiver.failures:
+                del self._receivers[receiver.key]
+
+    def _start_if_finished(self, record: Notification, now: float) -> None:
+        job_id = record.job_id
+        folder = self.spool.jobs.folder_of(job_id)
+        if folder not in FINISHED_FOLDERS:
+            if folder is None and not self.spool.jobs.status_path(job_id).exists():  # purged meanwhile
+                self.spool.outbox.path(job_id).unlink(missing_ok=True)
+                self._drop(job_id)
+            else:  # its final rename has not happened yet (a crash did that): look again later
+                self._hold(replace(record, next_attempt_at=now + IDLE_LOOK_S))
+            return
+        self._drop(job_id)
+        self._attempt(record)
 
     def _attempt(self, record: Notification) -> None:
         secret = self.secrets.get(record.owner)
@@ -177,6 +251,7 @@ class Deliveries(Outbox):
         handle = self._idle.pop() if self._idle else Post(self.limits, self.policy, self.settings.max_answer_bytes)
         handle.begin_post(record.url, body, headers, context=record)
         self._running[id(handle.curl)] = (handle, record)
+        self._receiver(record).in_flight += 1
         self._multi.add_handle(handle.curl)
         self._perform()
 
@@ -186,6 +261,12 @@ class Deliveries(Outbox):
         for curl, code, message in finished(self._multi):
             self._ended(curl, code, message)
 
+    def _receiver(self, record: Notification) -> Receiver:
+        receiver = self._receivers.get(key := receiver_of(record.url))
+        if receiver is None:
+            receiver = self._receivers[key] = Receiver(key)
+        return receiver
+
     def _ended(self, curl, code: int, message: str) -> None:
         handle, record = self._running.pop(id(curl))
         self._multi.remove_handle(curl)
@@ -194,10 +275,32 @@ class Deliveries(Outbox):
         self._idle.append(handle)
         record = replace(record, attempts=record.attempts + 1)
         self._count_attempt("ok" if failure is None else str(failure.kind))
+        receiver = self._receiver(record)
+        receiver.in_flight -= 1
         if failure is None:
+            if receiver.failures:
+                log.info("webhooks to %s: delivered again after %d failed attempt(s)", receiver.key, receiver.failures)
+            receiver.failures, receiver.next_at = 0, 0.0
             self._delivered_now(record)
-        else:
-            self._failed(record, failure)
+            return
+        if failure.transient:
+            self._receiver_failed(receiver, failure)
+        self._failed(record, failure, receiver)
+
+    def _receiver_failed(self, receiver: Receiver, failure: Failure) -> None:
+        """A passing failure: the receiver is failing; its next attempt waits a backoff, and only one goes."""
+        receiver.failures += 1
+        delay = next_attempt_delay_s(receiver.failures, self.settings, failure.retry_after_s, random.uniform(*JITTER))
+        receiver.next_at = max(receiver.next_at, self.clock() + delay)
+        receiver.last_error = failure.reason
+        if receiver.failures == 1:
+            log.warning("webhooks to %s: %s; one attempt at a time until one gets through (%d waiting)",
+                        receiver.key, failure.reason, len(receiver.waiting))
+        for job_id, waiting in list(receiver.waiting.items()):  # those whose time will be over before it
+            if receiver.next_at > waiting.created_at + self.settings.retry_for_s:
+                self._drop(job_id)
+                self._give_up(waiting, f"{failure.reason} (its receiver failing, still after "
+                                       f"{self.settings.retry_for_s:g} s, {waiting.attempts} attempt(s))")
 
     def _delivered_now(self, record: Notification) -> None:
         now = self.clock()
@@ -211,9 +314,9 @@ class Deliveries(Outbox):
                 self._seconds[bisect.bisect_left(SECONDS_BUCKETS, seconds)] += 1
                 self._seconds_sum += seconds
 
-    def _failed(self, record: Notification, failure: Failure) -> None:
+    def _failed(self, record: Notification, failure: Failure, receiver: Receiver) -> None:
         delay = next_attempt_delay_s(record.attempts, self.settings, failure.retry_after_s, random.uniform(*JITTER))
-        next_at = self.clock() + delay
+        next_at = max(self.clock() + delay, receiver.next_at)
         record = replace(record, last_error=failure.reason)
         if not failure.transient or next_at > record.created_at + self.settings.retry_for_s:
             why = "permanent" if not failure.transient else f"still failing after {self.settings.retry_for_s:g} s"
@@ -221,9 +324,9 @@ class Deliveries(Outbox):
             return
         record = replace(record, next_attempt_at=round(next_at, 3))
         if self._rewrite(record, retire=False):
-            self._records[record.job_id] = record
+            self._hold(record)
             log.warning("job %d: webhook to %s: %s; attempt %d in %.1f s", record.job_id, record.url,
-                        failure.reason, record.attempts + 1, delay)
+                        failure.reason, record.attempts + 1, next_at - self.clock())
 
     def _give_up(self, record: Notification, why: str) -> None:
         record = replace(record, state=DeliveryState.GAVE_UP, last_error=why)
@@ -249,7 +352,7 @@ class Deliveries(Outbox):
                     self.spool.outbox.write(record)
             except OSError as exc:  # disk full: the record on disk still says pending; it is sent again
                 log.error("job %d: cannot record the webhook's attempt: %s", record.job_id, exc)
-                self._records[record.job_id] = replace(current, next_attempt_at=self.clock() + IDLE_LOOK_S)
+                self._hold(replace(current, next_attempt_at=self.clock() + IDLE_LOOK_S))
                 return False
         return True
 

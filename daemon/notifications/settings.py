@@ -23,6 +23,7 @@ class WebhookSettings:
         "help": "wait before a webhook's 2nd attempt; doubles each attempt, with jitter, up to 10 minutes"})
     max_backoff_s: float = 600.0  # longest wait between two attempts, whatever Retry-After or the doubling say
     deliveries_at_once: int = 32  # attempts in flight at once: receivers that hang hold only these slots
+    per_receiver_at_once: int = 8  # of those, to one receiver (scheme, host, port): the others keep the rest
     max_answer_bytes: int = 64 * 1024  # of a receiver's answer; only its status code matters
     # The webhooks' own exceptions to the public-addresses rule; with the downloads' allow_private_addresses
     # they make the webhooks' AddressPolicy (daemon/__main__.py).

@@ -115,7 +115,14 @@ class ActiveJob:
         return JobStatus(str(self.job_id), status, phase, images_total=self.total, images_done=self.recorded,
                          images_processed=self.processed(), images_failed=self.failed,
                          images_cancelled=self.cancelled or UNSET,
-                         submitted_at=self.submitted_at, updated_at=utc_now(), error=errors, callback=callback)
+                         submitted_at=self.submitted_at, updated_at=not_before(utc_now(), self.submitted_at),
+                         error=errors, callback=callback)
+
+
+def not_before(now: str, earlier: str) -> str:
+    """``now`` (the daemon's clock), but never before ``earlier`` (the API's): a status is updated after its job
+    was submitted, whatever either machine's clock says. Both are the spool's ISO form, which sorts as text."""
+    return earlier if len(earlier) == len(now) and earlier.endswith("Z") and earlier > now else now
 
 
 def spans(chunks: list[Chunk], most_images: int) -> list[tuple[int, int]]:

@@ -40,8 +40,9 @@ from daemon.supervisor.progress import ProgressWriter
 from daemon.supervisor.recording import Recorder
 from daemon.supervisor.settings import SupervisorSettings
 from daemon.supervisor.stores import Store
+from daemon.supervisor.trouble import Trouble
 from spool import FINISHED_FOLDERS, Control, CorruptFile, DamagedResults, Executor, Folder, Spool
-from spool.jobs import NotYetStored
+from spool.heartbeat import boot_id
 from spool.records import Heartbeat, RunnerView
 from spool.watch import Watch
 
@@ -82,8 +83,9 @@ class Supervisor:
         self.runner, self.events, self.executor = runner, events, Executor(executor)
         self.clock = clock
         self.recorder = Recorder(spool, stores, self.metrics, settings.disk_retry_interval_s, clock, outbox)
-        self.housekeeping = Housekeeping(spool, settings.retention_days * 86400, clock)
-        self.loader = JobLoader(spool, settings.chunk_images)
+        self.trouble = Trouble(clock)
+        self.housekeeping = Housekeeping(spool, settings.retention_days * 86400, clock, self.trouble)
+        self.loader = JobLoader(spool, settings.chunk_images, self.trouble, clock)
         self.progress = ProgressWriter(spool, clock)  # images_processed, while chunks run (progress.py)
         self.jobs: dict[int, ActiveJob] = {}
         self.rotation: deque[int] = deque()  # job ids, next to dispatch from first
@@ -111,17 +113,32 @@ class Supervisor:
             self.recover()
             ready()
             while not stop_requested():
-                self.step()
+                try:
+                    self.step()
+                except OSError as exc:  # the spool (permissions, a full disk): never the end of the daemon
+                    self.trouble.failed("the spool", exc)
+                    self.wait_for_events(self.settings.poll_interval_s)
             self.drain()
         finally:
             wakeups.close()
 
     def recover(self) -> None:
-        """Start-up: remove stale tmp/ files, repair unreadable status files, resume the jobs in active/."""
+        """Start-up: remove stale tmp/ files, repair unreadable status files, resume the jobs in active/. What
+        the daemon may not read is trouble (logged, tried again later), never an exit that every start repeats."""
         self.housekeeping.clean_tmp()
-        for job_id in self.spool.upkeep.unreadable_status_ids():
-            self.loader.repair_status(job_id)
-        for job_id in self.spool.jobs.ids(Folder.ACTIVE):
+        try:
+            for job_id in self.spool.upkeep.unreadable_status_ids():
+                self.loader.repair_status(job_id)
+        except OSError as exc:
+            self.trouble.failed("checking status/", exc)
+        try:
+            ids, strays = self.spool.jobs.listing(Folder.ACTIVE)
+        except OSError as exc:
+            self.trouble.failed("listing active/", exc)
+            return
+        for name, why in strays.items():
+            self.loader.set_aside(self.spool.root / Folder.ACTIVE / name, why)
+        for job_id in ids:
             self.load(job_id, self.spool.jobs.path(Folder.ACTIVE, job_id))
         self.forget_finished(self.recorder.flush())
 
@@ -133,6 +150,8 @@ class Supervisor:
         looking = self.look_due()
         if looking:
             self.handle_requests()
+        for job_id, path in self.loader.due():  # jobs that could not be read before (permissions, a full disk)
+            self.load(job_id, path)
         self.forget_finished(self.recorder.retry())
         if not self.recorder.paused:
             if looking:
@@ -179,7 +198,8 @@ class Supervisor:
         """daemon.json (spool/records.py, Heartbeat): the runner's view, what is in flight, the counters."""
         webhooks = self.recorder.outbox.snapshot()
         view = msgspec.convert(self.runner.describe(), RunnerView)  # checked: the runners cannot import spool/
-        return Heartbeat(pid=pid, heartbeat_at=now, executor=self.executor, **msgspec.structs.asdict(view),
+        return Heartbeat(pid=pid, heartbeat_at=now, executor=self.executor, monotonic_at=round(time.monotonic(), 3),
+                         boot_id=boot_id(), **msgspec.structs.asdict(view),
                          jobs_active=len(self.jobs), tasks_in_flight=len(self.dispatched),
                          images_in_flight=self.images_in_flight,
                          images_remaining_active=sum(job.total - job.recorded for job in self.jobs.values()),
@@ -194,7 +214,13 @@ class Supervisor:
     # ------------------------------------------------------- operator requests
     def handle_requests(self) -> None:
         """Carry out control/ requests (cancel, requeue, requeue-failed), then remove them."""
-        for request in self.spool.control.waiting():
+        try:
+            requests = self.spool.control.waiting()
+        except OSError as exc:
+            self.trouble.failed("reading control/", exc)
+            return
+        self.trouble.ok("reading control/")
+        for request in requests:
             job_id, verb = request.job_id, request.verb
             try:
                 if verb is Control.CANCEL:
@@ -218,7 +244,9 @@ class Supervisor:
             if self.spool.jobs.folder_of(job_id) != Folder.INCOMING:
                 log.info("job %d: cancel: not queued or running; nothing to do", job_id)
                 return
-            self.load(job_id, self.spool.jobs.claim(job_id))
+            path = self.loader.claim(job_id)
+            if path is not None:
+                self.load(job_id, path)
             if job_id not in self.jobs:
                 return
         job = self.jobs[job_id]
@@ -250,23 +278,29 @@ class Supervisor:
     # ------------------------------------------------------------- admitting
     def admit_incoming(self) -> None:
         """Claim queued jobs, oldest first, while fewer than max_active_jobs run; a small job (at most
-        small_job_images) is claimed at once whatever runs, so it never waits behind a crowd of big ones."""
+        small_job_images) is claimed at once whatever runs, so it never waits behind a crowd of big ones.
+        Names in incoming/ that are no job file's are moved aside, saying why."""
+        try:
+            ids, strays = self.spool.jobs.listing(Folder.INCOMING)
+        except OSError as exc:
+            self.trouble.failed("listing incoming/", exc)
+            return
+        self.trouble.ok("listing incoming/")
+        for name, why in strays.items():
+            self.loader.set_aside(self.spool.root / Folder.INCOMING / name, why)
         taken = []
-        for job_id in self.spool.jobs.ids(Folder.INCOMING):
+        for job_id in ids:
             crowded = len(self.jobs) + len(taken) >= self.settings.max_active_jobs
             if crowded and self.images_of(job_id) > self.settings.small_job_images:
                 continue
             self.incoming_images.pop(job_id, None)
             taken.append(job_id)
-        # One claim for all (their renames share the folders' fsyncs); a FileNotFoundError is a job cancelled
-        # and claimed meanwhile.
-        for job_id, error in zip(taken, self.spool.jobs.claim_all(taken)):
-            if error is None:
-                self.load(job_id, self.spool.jobs.path(Folder.ACTIVE, job_id))
-            elif isinstance(error, NotYetStored):  # the API's close wakes us again; look soon all the same
-                self.next_look = min(self.next_look, self.clock() + NOT_YET_STORED_LOOK_S)
-            elif not isinstance(error, FileNotFoundError):
-                log.error("job %d: cannot claim it: %s; will try again", job_id, error)
+        # One claim for all (their renames share the folders' fsyncs).
+        claimed, storing = self.loader.claim_all(taken)
+        for job_id, path in claimed:
+            self.load(job_id, path)
+        if storing:  # the API's close wakes us again; look soon all the same
+            self.next_look = min(self.next_look, self.clock() + NOT_YET_STORED_LOOK_S)
 
     def images_of(self, job_id: int) -> int:
         """A queued job's size, from its meta file (read once: it never changes); unknown counts as big."""

@@ -13,9 +13,21 @@ const view = { jobsOffset: 0, resultsOffset: 0, jobId: new URLSearchParams(locat
 const WAIT_S = 25;
 const polls = new Map();  // job id -> [{atMs, done}], its polls of the last RATE_WINDOW_MS, oldest first
 
+/** Text from clients with its invisible characters written as escapes (\u202e), as the CSV and the CLI show
+ *  them (spool/vocabulary.py, visible): controls, format characters (bidi overrides, zero-width spaces) and
+ *  line separators, which would hide or reorder the text around them. */
+const INVISIBLE = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu;
+function visible(text) {
+  return String(text).replace(INVISIBLE, (ch) => {
+    const code = ch.codePointAt(0);
+    const [prefix, width] = code < 0x100 ? ["\\x", 2] : code < 0x10000 ? ["\\u", 4] : ["\\U", 8];
+    return prefix + code.toString(16).padStart(width, "0");
+  });
+}
+
 function el(tag, text, cls) {
   const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (text !== undefined && text !== null) node.textContent = visible(text);
   if (cls) node.className = cls;
   return node;
 }
@@ -27,7 +39,7 @@ const URL_PART_MAX = 40;
 function urlText(url, cls = "url") {
   const span = el("span", null, cls);
   for (const part of String(url).split(/(?<=\/)(?!\/)|(?=[?&#])/)) {
-    span.append(part.length > URL_PART_MAX ? document.createTextNode(part) : el("span", part, "url-part"),
+    span.append(part.length > URL_PART_MAX ? document.createTextNode(visible(part)) : el("span", part, "url-part"),
                 document.createElement("wbr"));
   }
   return span;
