@@ -12,10 +12,14 @@ in for what a test cannot have, each saying so when it cannot do as asked:
                 /etc/systemd/system, run as systemd runs them: User=, EnvironmentFile=, Environment=,
                 StateDirectory=, Type=notify (it waits for READY=1 and shows STATUS=, through NOTIFY_SOCKET).
                 Not the sandboxing directives (tests/test_units_sandbox.py runs those).
-    journalctl  -u UNIT [-n N] [-f]: what the unit printed (with -f, what there is: a test cannot follow for ever).
+    journalctl  -u UNIT [-n N] [-f]: what the unit printed (with -f, what there is: a test cannot follow for ever);
+                UNIT may be a pattern (-u 'retail-pulse-dask-worker@*'): each matching unit's lines, unit by unit.
+    editor      a test cannot type: it leaves the file as it is (the test checks the file already holds what
+                the page tells the reader to put there).
 
-Everything else (useradd, git, python3 -m venv, pip, openssl, nginx -t, curl, jq, runuser) is the real one.
-pip has no network: PIP_NO_INDEX and PIP_FIND_LINKS point it at the checkout's .venv/wheelhouse.
+Everything else (useradd, git, python3 -m venv, pip, openssl, nginx -t, nft, curl, jq, runuser) is the real one.
+pip has no network: PIP_NO_INDEX and PIP_FIND_LINKS point it at the checkout's .venv/wheelhouse. The VMs of
+one test see each other on a StandInLan (10.0.0.0/24, the addresses the scale-out pages use), and nothing else.
 """
 from __future__ import annotations
 
@@ -248,7 +252,7 @@ sys.exit(main(sys.argv[1:]))
 
 JOURNALCTL = r'''#!/usr/bin/python3
 """journalctl -u UNIT [-n N] [-f], as far as tests/vm_standin.py stands in for it."""
-import sys
+import fnmatch, os, sys
 args, unit, lines = sys.argv[1:], None, None
 while args:
     word = args.pop(0)
@@ -256,12 +260,13 @@ while args:
         unit = args.pop(0)
     elif word == "-n":
         lines = int(args.pop(0))
-unit = unit if "." in unit else unit + ".service"
-try:
-    with open(f"/var/log/standin-journal/{unit}.log", errors="replace") as f:
-        text = f.read().splitlines()
-except FileNotFoundError:
-    text = []
+folder = "/var/log/standin-journal"
+known = sorted(name[:-4] for name in os.listdir(folder)) if os.path.isdir(folder) else []
+text = []
+for name in known:
+    if fnmatch.fnmatchcase(name, unit) or fnmatch.fnmatchcase(name, unit + ".service"):
+        with open(f"{folder}/{name}.log", errors="replace") as f:
+            text += f.read().splitlines()
 print("\n".join(text[-lines:] if lines else text))
 '''
 
@@ -279,6 +284,11 @@ for package in "$@"; do
     nginx  # as the package's postinst starts it
   fi
 done
+'''
+
+EDITOR = r'''#!/bin/sh
+# editor, as tests/vm_standin.py stands in for it: a test cannot type, so the file is left as it is.
+[ -f "$1" ] || { echo "editor (the test's stand-in): no file $1" >&2; exit 1; }
 '''
 
 SETUP = r'''set -e
@@ -302,7 +312,8 @@ class StandInVM:
         folder.mkdir(parents=True, exist_ok=True)
         shims = folder / "shims"
         shims.mkdir()
-        for name, text in (("systemctl", SYSTEMCTL), ("journalctl", JOURNALCTL), ("apt-get", APT_GET)):
+        for name, text in (("systemctl", SYSTEMCTL), ("journalctl", JOURNALCTL), ("apt-get", APT_GET),
+                           ("editor", EDITOR)):
             (shims / name).write_text(textwrap.dedent(text))
             (shims / name).chmod(0o755)
         self.env = {"PATH": f"{shims}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -326,6 +337,10 @@ class StandInVM:
                                "-x", "-c", f"cd /root\n{script}"], env=self.env, capture_output=True, text=True,
                               timeout=timeout_s)
 
+    def path(self, path: str) -> Path:
+        """A path of the VM (its mounts: /etc, /root, /opt...) as this machine reaches it, to copy files in and out."""
+        return Path(f"/proc/{self.pid}/root{path}")
+
     def close(self) -> None:
         """Ends every process of the VM: they are in its pid namespace, whose first process this kills."""
         if self.pid is not None:
@@ -334,3 +349,34 @@ class StandInVM:
             except ProcessLookupError:
                 pass
         self.holder.wait(timeout=60)
+
+
+class StandInLan:
+    """The cluster's network: a bridge in a network namespace of its own, and each VM on it by a veth pair (eth0
+    in the VM, with the address given). No route leads to or from this machine's own network."""
+
+    def __init__(self):
+        self.ns = f"rpvm{os.getpid() % 100000}x{id(self) % 1000}-lan"
+        self.ports = 0
+        self._ip("netns", "add", self.ns)
+        self._ip("-n", self.ns, "link", "add", "br0", "type", "bridge")
+        self._ip("-n", self.ns, "link", "set", "br0", "up")
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if done.returncode:
+            raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+    def join(self, vm: StandInVM, address: str) -> None:
+        self.ports += 1
+        port = f"p{self.ports}"
+        self._ip("link", "add", port, "netns", self.ns, "type", "veth", "peer", "name", "eth0", "netns", str(vm.pid))
+        self._ip("-n", self.ns, "link", "set", port, "master", "br0", "up")
+        done = vm.run(f"ip addr add {address}/24 dev eth0 && ip link set eth0 up")
+        if done.returncode:
+            raise RuntimeError(f"eth0 in the VM: {done.stderr.strip()}")
+
+    def close(self) -> None:
+        """The bridge and every veth pair (a pair goes with its end here)."""
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
