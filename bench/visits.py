@@ -121,7 +121,7 @@ class Clients:
         if doc.get("status") in ("completed", "failed"):
             self.failed += doc["status"] == "failed"
             self.done.append({"started": client.started, "seen": now, "submit_ms": (client.submitted - client.started)
-                              * 1000, "requests": client.requests})
+                              * 1000, "requests": client.requests, "job_id": client.job_id})
             self._submit(client)
         elif self.mode == "wait" and waited:
             self._follow(client)
@@ -193,6 +193,11 @@ def visits(bench, clients: int, mode: str, seconds: float = 10.0, warm_up_s: flo
         crowd.close()
     rows = [row for row in crowd.done if row["started"] >= t0]  # jobs started and finished in the window
     jobs = len(crowd.done)
+    right = exposed = 0
+    for row in crowd.done:  # after the window (its requests are not in the CPU figures): every job's perimeters
+        check = bench.kit.check_results(bench.corpus, bench.http.get(
+            bench.base + "/api/results", params={"jobid": row["job_id"]}, timeout=120).json())
+        right, exposed = right + (check or {}).get("correct", 0), exposed + (check or {}).get("exposed", 0)
     latencies = [(row["seen"] - row["started"]) * 1000 for row in rows]
     submits = [row["submit_ms"] for row in rows]
     return {"workload": f"VISITS-{clients}-{mode}", "clients": clients, "mode": mode, "jobs": jobs,
@@ -202,4 +207,4 @@ def visits(bench, clients: int, mode: str, seconds: float = 10.0, warm_up_s: flo
             "api_cpu_ms_per_job": (api1 - api0) * 1000 / max(jobs, 1),
             "supervisor_cpu_ms_per_job": (super1 - super0) * 1000 / max(jobs, 1),  # of the daemon's figure
             "requests_per_job": statistics.mean(row["requests"] for row in rows) if rows else float("nan"),
-            "failed": crowd.failed, "waits_applied": crowd.waits_applied}
+            "failed": crowd.failed, "waits_applied": crowd.waits_applied, "correct": f"{right}/{exposed}"}
