@@ -32,7 +32,7 @@ from spool import (FINISHED_FOLDERS, JOB_FOLDERS, UNFINISHED_FOLDERS, Control, C
                    Spool, Status, UnreadableResults, parse_job_id)
 from spool.files import decode
 from spool.records import Callback, ResultLine
-from spool.vocabulary import visible
+from spool.vocabulary import plural, visible
 
 EXIT_USAGE = 2
 #: How long cancel and requeue wait for a running daemon to carry the request out (it does within 0.1 s).
@@ -41,9 +41,6 @@ REQUEST_WAIT_S = 10.0
 RATE_WINDOW_S = 10.0
 
 
-def plural(count: int, word: str, words: str | None = None) -> str:
-    """"1 image", "2 images": the count with its noun, agreeing."""
-    return f"{count} {word if count == 1 else words or word + 's'}"
 #: purge --older-than-days says how far it got this often.
 PURGE_SLICE_S = 5.0
 
@@ -237,7 +234,7 @@ def cmd_purge(spool: Spool, args) -> int:
         purged += some
         if not remaining:
             break
-        print(f"purged {len(purged)} job(s) so far, {remaining} to go", file=sys.stderr, flush=True)
+        print(f"purged {plural(len(purged), 'job')} so far, {remaining} to go", file=sys.stderr, flush=True)
     listed = f": {', '.join(map(str, purged))}" if purged else ""
     print(f"purged {plural(len(purged), 'job')} finished more than {args.older_than_days:g} days ago{listed}")
     return 0
@@ -256,7 +253,7 @@ def cmd_health(spool: Spool, args) -> int:
     beat = spool.heartbeat.read()
     checks = {"daemon": daemon_health(beat)}
     if beat is not None:
-        print(f"executor: {beat.executor}, {beat.workers} worker(s)"
+        print(f"executor: {beat.executor}, {plural(beat.workers, 'worker')}"
               f"{f' (scheduler {beat.scheduler})' if beat.scheduler else ''}")
         if beat.executor == "dask" and not beat.workers:
             checks["workers"] = f"the daemon sees no Dask worker (scheduler {beat.scheduler}): nothing runs"

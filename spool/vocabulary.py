@@ -100,6 +100,12 @@ def iso_time(unix_s: float) -> str:
 INVISIBLE_CATEGORIES = frozenset(("Cc", "Cf", "Zl", "Zp"))
 
 
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """"1 image", "2 images": the count with its noun, agreeing; for whatever a person reads (ctl, the page's
+    webhook line, a webhook's reason for giving up)."""
+    return f"{count} {word if count == 1 else words or word + 's'}"
+
+
 def visible(text: str) -> str:
     """``text`` as it can be shown safely: every invisible character (INVISIBLE_CATEGORIES) written as its
     escape, ``\\x1b``, ``\\u202e``, ``\\U000e0041``, so it can neither hide nor reorder nor colour what is

@@ -390,7 +390,7 @@ def test_the_scale_out_pages_on_stand_in_vms(service_vm, tmp_path):
         assert re.search(r"executor dask: Dask scheduler tls://10\.0\.0\.5:8786, 8 workers: tls://10\.0\.0\.7:879\d",
                          log), log[-2000:]
         said = run_in(service, block(page, "runuser -u retailpulse"), f"{page}: the check").splitlines()
-        assert said[0] == "executor: dask, 8 worker(s) (scheduler tls://10.0.0.5:8786)", said
+        assert said[0] == "executor: dask, 8 workers (scheduler tls://10.0.0.5:8786)", said
         assert all(line.endswith(": ok") for line in said[1:]) and "daemon: ok" in said, said
     finally:
         for name in ("operator", "scheduler", "worker"):

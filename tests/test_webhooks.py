@@ -273,7 +273,7 @@ def test_the_status_page_shows_each_jobs_webhook(start_service, secrets_file, re
     assert text.startswith("webhook delivered after 1 attempt")
     state, text = wait_until(lambda: line(refused)[0] == "gave_up" and line(refused), interval_s=0.1,
                              what="the refused webhook on the page")
-    assert "webhook gave up after 1 attempt (last: HTTP 404 (permanent, 1 attempt(s)))" in text
+    assert "webhook gave up after 1 attempt (last: HTTP 404 (permanent, 1 attempt))" in text
     assert refused_url in text  # the client's URL as text, never markup
     assert browser.find_elements(By.CSS_SELECTOR, ".webhook b") == []
     ARTIFACTS.mkdir(exist_ok=True)

@@ -48,6 +48,7 @@ from daemon.notifications.settings import WebhookSettings
 from spool import FINISHED_FOLDERS, DeliveryState, Spool
 from spool.files import encode
 from spool.records import Notification, WebhookCounts
+from spool.vocabulary import plural
 
 log = logging.getLogger("retailpulse.webhooks")
 
@@ -300,7 +301,7 @@ class Deliveries(Outbox):
             if receiver.next_at > waiting.created_at + self.settings.retry_for_s:
                 self._drop(job_id)
                 self._give_up(waiting, f"{failure.reason} (its receiver failing, still after "
-                                       f"{self.settings.retry_for_s:g} s, {waiting.attempts} attempt(s))")
+                                       f"{self.settings.retry_for_s:g} s, {plural(waiting.attempts, 'attempt')})")
 
     def _delivered_now(self, record: Notification) -> None:
         now = self.clock()
@@ -320,7 +321,7 @@ class Deliveries(Outbox):
         record = replace(record, last_error=failure.reason)
         if not failure.transient or next_at > record.created_at + self.settings.retry_for_s:
             why = "permanent" if not failure.transient else f"still failing after {self.settings.retry_for_s:g} s"
-            self._give_up(record, f"{failure.reason} ({why}, {record.attempts} attempt(s))")
+            self._give_up(record, f"{failure.reason} ({why}, {plural(record.attempts, 'attempt')})")
             return
         record = replace(record, next_attempt_at=round(next_at, 3))
         if self._rewrite(record, retire=False):
