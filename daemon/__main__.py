@@ -62,6 +62,18 @@ def make_deliveries(config: Config, spool: Spool, engine: EngineSettings) -> Out
     return Deliveries(spool, secrets, engine.limits, policy, settings)
 
 
+def _stop_when_signalled(stop_read: int, stop: threading.Event, events: Events) -> None:
+    """The stop thread: the first byte a stop signal's handler wrote sets ``stop`` and wakes the loop."""
+    while True:
+        try:
+            if os.read(stop_read, 64):
+                break
+        except InterruptedError:
+            continue
+    stop.set()
+    events.put(WAKE)
+
+
 def raise_open_file_limit(wanted: int) -> int:
     """Raise our soft limit on open files to the hard one (children inherit it); the files we may open.
 
@@ -136,17 +148,28 @@ def serve(argv: list[str] | None) -> int:
     engine = dataclasses.replace(engine, max_transfers=max_transfers)
 
     stop = threading.Event()
-    # Handlers only set the flag; a thread waiting on it wakes the main loop (an event on its queue), which
-    # then drains.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # A handler only writes a byte to a pipe; a thread reading it sets the flag and wakes the main loop (an
+    # event on its queue), which then drains. No lock in the handler: a second stop signal can run it again
+    # in the middle of the first (Ctrl-C and make run's SIGTERM come together), and Event.set() there waited
+    # for ever on the lock its first call held.
+    stop_read, stop_write = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(stop_write, False)  # a handler never waits
+
+    def stop_signalled(*_) -> None:
+        try:
+            os.write(stop_write, b"x")
+        except BlockingIOError:  # the pipe is full of earlier stop signals: one is enough
+            pass
+
+    signal.signal(signal.SIGTERM, stop_signalled)
+    signal.signal(signal.SIGINT, stop_signalled)
 
     notifier = Notifier()
     # glibc gives each thread its own malloc arena; two are plenty for a pool process (an engine thread and
     # a reader), and fewer arenas keep its memory flat. Inherited by the pool processes, so set first.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     events: Events = Events()
-    threading.Thread(target=lambda: (stop.wait(), events.put(WAKE)), name="stop", daemon=True).start()
+    threading.Thread(target=_stop_when_signalled, args=(stop_read, stop, events), name="stop", daemon=True).start()
     outbox = make_deliveries(config, spool, engine)
     runner = make_runner(config, runner_settings, settings.executor, processes, engine, events.put)
     supervisor = Supervisor(spool, stores, settings, runner, events, settings.executor, notifier, outbox=outbox)

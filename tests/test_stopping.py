@@ -235,3 +235,34 @@ def test_stopping_after_traffic_through_nginx_takes_seconds(make_run, front, sto
         poller.join(timeout=30)
     assert_stopped_cleanly(make_run, seconds)
     assert statuses[-1] == 503  # nginx's answer once the API is gone, JSON as ever
+
+
+def signal_burst(pid: int, signals: tuple[int, ...], seconds: float) -> None:
+    """Stop signals at ``pid`` as fast as they can be sent, for ``seconds``: some land while the handler of an
+    earlier one runs, as Ctrl-C and the SIGTERM (or gunicorn's SIGQUIT) that follows it can."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for signum in signals:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                return
+
+
+def running(pid: int) -> bool:
+    return proc_field(pid, "State")[:1] not in ("", "Z")
+
+
+def test_stop_signals_that_land_in_each_others_handlers_still_stop_the_daemon_and_an_api_process(start_service):
+    """A second stop signal runs the handler again in the middle of the first. A handler that took a lock
+    (the daemon's Event.set(), gthread's thread pool shutdown on SIGQUIT) then waited for ever on the lock its
+    first call held: `make run` hung after Ctrl-C about once in six. After a burst of them, each stops in
+    seconds, the daemon drained."""
+    service = start_service()
+    worker = wait_until(lambda: [pid for pid in child_pids(service.api.pid) if "webapi" in " ".join(cmdline(pid))],
+                        what="an API process")[0]
+    signal_burst(worker, (signal.SIGINT, signal.SIGQUIT), 2.0)
+    wait_until(lambda: not running(worker), timeout_s=10, what=f"API process {worker} to exit")
+    signal_burst(service.daemon.pid, (signal.SIGINT, signal.SIGTERM), 2.0)
+    service.daemon.wait(timeout=10)
+    assert "daemon stopped" in service.daemon_output(), service.daemon_output()[-2000:]

@@ -31,6 +31,7 @@ import html
 import json
 import selectors
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -103,8 +104,22 @@ class JsonErrorThreadWorker(ThreadWorker):
     the stop signals only once its own handlers are in place (Arbiter)."""
 
     def init_signals(self):
+        self._quitting = False
         super().init_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came meanwhile arrives now
+
+    def handle_quit(self, sig, frame):
+        """Quit at once (SIGQUIT, SIGINT), taking no lock. gthread's handle_quit shuts its thread pool down,
+        under the pool's lock: a stop signal that came while the main loop held that lock (submitting a
+        request to the pool), or while a first stop signal's handler did (Ctrl-C and the master's SIGQUIT
+        come together), waited for ever, until gunicorn's SIGKILL at graceful_timeout. sys.exit unwinds
+        whatever held the lock; at exit, Python ends the pool's threads as shutdown() would have."""
+        if self._quitting:
+            return  # the first call is on its way out
+        self._quitting = True
+        self.alive = False
+        self.cfg.worker_int(self)
+        sys.exit(0)
 
     def handle_error(self, req, client, addr, exc):
         # handle_error writes only the error response to this socket (util.write_error -> sendall), once.
