@@ -17,16 +17,13 @@ import argparse
 import concurrent.futures
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import requests
 
-from config.webhook_secrets import new_secret
-from tests.conftest import ImageServer, image_bytes, wait_until
+from bench.webhook_latency import webhook_service
+from tests.conftest import wait_until
 from tests.service import REPO, Service, free_port
-from tests.webhook_receiver import Receiver
 
 OUT = REPO / "bench" / "out"
 SUBMITTERS = 8
@@ -42,45 +39,30 @@ def done_count(service: Service) -> int:
 
 
 def measure(jobs: int, callback: str, normal_jobs: int = 3) -> dict:
-    with tempfile.TemporaryDirectory(prefix="dead-receiver-") as tmp:
-        tmp = Path(tmp)
-        secret = new_secret()
-        (tmp / "secrets").write_text(f"* {secret}\n")
-        (tmp / "images").mkdir()
-        (tmp / "images" / "shelf.jpg").write_bytes(image_bytes("JPEG", 640, 480))
-        images = ImageServer(tmp / "images")
-        receiver = Receiver(secret) if callback == "live" else None
+    with webhook_service("dead-receiver-", receiver=callback == "live") as (service, images, receiver):
         url = receiver.url if receiver else f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
-        hook = ["--webhook-secrets-file", str(tmp / "secrets")]
-        service = Service(tmp / "spool", ["--allow-private-addresses", "true", *hook], hook, check_contract=False)
-        try:
-            extra = {"callback_url": url} if callback != "none" else {}
+        extra = {"callback_url": url} if callback != "none" else {}
 
-            def submit(n: int) -> None:
-                with requests.Session() as http:
-                    http.post(f"{service.base}/api/submit/", timeout=60, json={"count": 1, **extra, "visits": [
-                        {"store_id": "RP00001", "visit_time": "t", "image_url": [f"{images.base}/shelf.jpg?n={n}"]}]}
-                    ).raise_for_status()
+        def submit(n: int) -> None:
+            with requests.Session() as http:
+                http.post(f"{service.base}/api/submit/", timeout=60, json={"count": 1, **extra, "visits": [
+                    {"store_id": "RP00001", "visit_time": "t", "image_url": [f"{images.base}/shelf.jpg?n={n}"]}]}
+                ).raise_for_status()
 
-            # 1. the one-image jobs, submitted faster than they are done, until every one is done
-            started = time.monotonic()
-            with concurrent.futures.ThreadPoolExecutor(SUBMITTERS) as pool:
-                list(pool.map(submit, range(jobs)))
-            wait_until(lambda: done_count(service) >= jobs, timeout_s=900, what="every job", interval_s=0.2)
-            first_s, first_attempts = time.monotonic() - started, attempts(service)
-            # 2. normal jobs, one after the other, while their webhooks are (re)tried behind them
-            normal_s = []
-            for k in range(normal_jobs):
-                before = time.monotonic()
-                service.wait(service.submit([{"store_id": "RP00001", "visit_time": "t", "image_url": [
-                    f"{images.base}/shelf.jpg?normal={k}.{i}" for i in range(20)]}]), timeout_s=600)
-                normal_s.append(time.monotonic() - before)
-            second_s, second_attempts = time.monotonic() - started - first_s, attempts(service) - first_attempts
-        finally:
-            service.stop()
-            if receiver:
-                receiver.close()
-            images.close()
+        # 1. the one-image jobs, submitted faster than they are done, until every one is done
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(SUBMITTERS) as pool:
+            list(pool.map(submit, range(jobs)))
+        wait_until(lambda: done_count(service) >= jobs, timeout_s=900, what="every job", interval_s=0.2)
+        first_s, first_attempts = time.monotonic() - started, attempts(service)
+        # 2. normal jobs, one after the other, while their webhooks are (re)tried behind them
+        normal_s = []
+        for k in range(normal_jobs):
+            before = time.monotonic()
+            service.wait(service.submit([{"store_id": "RP00001", "visit_time": "t", "image_url": [
+                f"{images.base}/shelf.jpg?normal={k}.{i}" for i in range(20)]}]), timeout_s=600)
+            normal_s.append(time.monotonic() - before)
+        second_s, second_attempts = time.monotonic() - started - first_s, attempts(service) - first_attempts
     return {"workload": "DEAD-RECEIVER", "callback": callback, "jobs": jobs, "jobs_s": round(first_s, 1),
             "one_image_jobs_per_s": round(jobs / first_s, 1), "attempts_meanwhile": first_attempts,
             "normal_job_s": [round(x, 2) for x in normal_s], "normal_job_median_s": round(sorted(normal_s)[len(

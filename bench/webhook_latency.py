@@ -13,6 +13,7 @@ bench/out/bench.jsonl. The target: a median under 1 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -33,37 +34,47 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def measure(jobs: int, rate_per_s: float, daemon_args: list[str]) -> dict:
-    with tempfile.TemporaryDirectory(prefix="webhook-latency-") as tmp:
+@contextlib.contextmanager
+def webhook_service(prefix: str, daemon_args: list[str] = (), receiver: bool = True):
+    """The service with a webhook secret for every receiver, one JPEG served on 127.0.0.1 (private addresses
+    allowed), and a receiver that checks the signatures if asked: (service, images, receiver or None), all
+    stopped on the way out."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         tmp = Path(tmp)
         secret = new_secret()
         (tmp / "secrets").write_text(f"* {secret}\n")
         (tmp / "images").mkdir()
         (tmp / "images" / "shelf.jpg").write_bytes(image_bytes("JPEG", 640, 480))
-        images, receiver = ImageServer(tmp / "images"), Receiver(secret)
         hook = ["--webhook-secrets-file", str(tmp / "secrets")]
-        service = Service(tmp / "spool", ["--allow-private-addresses", "true", *hook, *daemon_args], hook,
-                          check_contract=False)
-        try:
-            ids = []
-            for n in range(jobs):
-                body = {"count": 1, "callback_url": receiver.url, "visits": [
-                    {"store_id": "RP00001", "visit_time": "t", "image_url": [f"{images.base}/shelf.jpg?n={n}"]}]}
-                r = service.http.post(f"{service.base}/api/submit/", json=body, timeout=30)
-                r.raise_for_status()
-                ids.append(r.json()["job_id"])
-                time.sleep(1 / rate_per_s)
-            wait_until(lambda: sum(x.answered == 200 for x in receiver.received) >= jobs, timeout_s=120,
-                       what="every webhook")
-            answered = {x.verified["job_id"]: x.answered_at for x in receiver.received
-                        if x.answered == 200 and isinstance(x.verified, dict)}
-            latencies = [answered[str(job_id)] - service.spool.jobs.status_path(job_id).stat().st_mtime for job_id in ids]
-            attempts = len(receiver.received)
-            statuses = {service.status(job_id)["callback"]["state"] for job_id in ids}
-        finally:
-            service.stop()
-            receiver.close()
-            images.close()
+        with contextlib.ExitStack() as stack:
+            images = ImageServer(tmp / "images")
+            stack.callback(images.close)
+            hearer = Receiver(secret) if receiver else None
+            if hearer:
+                stack.callback(hearer.close)
+            service = Service(tmp / "spool", ["--allow-private-addresses", "true", *hook, *daemon_args], hook,
+                              check_contract=False)
+            stack.callback(service.stop)  # first out: the service, then the receiver, then the images
+            yield service, images, hearer
+
+
+def measure(jobs: int, rate_per_s: float, daemon_args: list[str]) -> dict:
+    with webhook_service("webhook-latency-", daemon_args, receiver=True) as (service, images, receiver):
+        ids = []
+        for n in range(jobs):
+            body = {"count": 1, "callback_url": receiver.url, "visits": [
+                {"store_id": "RP00001", "visit_time": "t", "image_url": [f"{images.base}/shelf.jpg?n={n}"]}]}
+            r = service.http.post(f"{service.base}/api/submit/", json=body, timeout=30)
+            r.raise_for_status()
+            ids.append(r.json()["job_id"])
+            time.sleep(1 / rate_per_s)
+        wait_until(lambda: sum(x.answered == 200 for x in receiver.received) >= jobs, timeout_s=120,
+                   what="every webhook")
+        answered = {x.verified["job_id"]: x.answered_at for x in receiver.received
+                    if x.answered == 200 and isinstance(x.verified, dict)}
+        latencies = [answered[str(job_id)] - service.spool.jobs.status_path(job_id).stat().st_mtime for job_id in ids]
+        attempts = len(receiver.received)
+        statuses = {service.status(job_id)["callback"]["state"] for job_id in ids}
     return {"workload": "WEBHOOK-LATENCY", "jobs": jobs, "rate_per_s": rate_per_s, "attempts": attempts,
             "states": sorted(statuses), "latency_p50_ms": statistics.median(latencies) * 1000,
             "latency_p90_ms": pct(latencies, 90) * 1000, "latency_p99_ms": pct(latencies, 99) * 1000,

@@ -232,15 +232,9 @@ class SpoolFiles:
 
         ``durable``: also fsync the file and the folder, so the write survives a power loss once this returns.
         """
-        dest = os.fspath(dest)
-        tmp = self._write_tmp(dest, data, durable)
-        try:
-            os.replace(tmp, dest)
-        except BaseException:
-            _unlink(tmp)
-            raise
-        if durable:
-            self.sync_folder(os.path.dirname(dest))
+        [error] = self.write_all([(dest, data)], durable)
+        if error is not None:
+            raise error
 
     def publish(self, dest: Path, data: bytes) -> None:
         """write_atomic for a file another process takes from its folder (a job into incoming/): held under an

@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -148,6 +149,24 @@ def call_wsgi(app, method: str, path: str, body: bytes | None = None, query: str
     response = WsgiResponse(captured["status"], captured["headers"], data)
     openapi_check.check(method, path, response.status_code, response.headers.get("content-type", ""), data)
     return response
+
+
+def kill_at_write_step(step: int) -> list[int]:
+    """For a process of its own: SIGKILL it just before its ``step``-th fsync, rename or counter write
+    (os.fsync, os.replace, os.pwrite: every write in the spool is made of those), as a kill -9 or a power cut
+    at that instant would. Returns the count so far, one item (how many steps the work took, if it lived)."""
+    done = [0]
+
+    def dying(real):
+        def call(*args):
+            done[0] += 1
+            if done[0] == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args)
+        return call
+
+    os.fsync, os.replace, os.pwrite = dying(os.fsync), dying(os.replace), dying(os.pwrite)
+    return done
 
 
 # ------------------------------------------------------------------ image server

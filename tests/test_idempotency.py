@@ -13,7 +13,7 @@ from spool import JOB_FOLDERS, Folder, Spool
 from spool.keys import key_digest
 from tests import openapi_check
 from tests.api_process import running_api
-from tests.conftest import call_wsgi, records, visit
+from tests.conftest import call_wsgi, kill_at_write_step, records, visit
 from webapi.app import make_app
 from webapi.auth import Tokens, digest
 
@@ -99,17 +99,7 @@ def test_a_key_expires_with_its_job(spool):
 def _submit_then_die_at_step(spool_root: str, step: int) -> None:
     """In a process of its own: a keyed submit through the real app, SIGKILLed just before its step-th fsync or
     rename, or the id counter's write (every write in the spool is made of those), as a kill -9 or a power cut at that instant would."""
-    done = [0]
-
-    def dying(real):
-        def call(*args):
-            done[0] += 1
-            if done[0] == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args)
-        return call
-
-    os.fsync, os.replace, os.pwrite = dying(os.fsync), dying(os.replace), dying(os.pwrite)
+    done = kill_at_write_step(step)
     r = submit(make_app(Spool(spool_root)), JOB, key="retry-me")
     print(json.dumps({"steps": done[0], "status": r.status_code}))
 

@@ -4,7 +4,6 @@ Against the real API and daemon processes (tests/service.py) unless a rule is ch
 import json
 import multiprocessing
 import os
-import signal
 import socket
 import threading
 import time
@@ -15,7 +14,7 @@ import requests
 
 from spool import JOB_FOLDERS, Folder, Spool, Status
 from tests.api_process import running_api
-from tests.conftest import call_wsgi, held_open, image_bytes, records, visit, wait_until
+from tests.conftest import call_wsgi, kill_at_write_step, held_open, image_bytes, records, visit, wait_until
 from webapi.app import make_app
 
 FIVE = 5
@@ -171,17 +170,7 @@ def test_ids_are_unique_and_increasing_across_two_api_processes_of_two_workers_e
 def _plain_submit_then_die_at_step(spool_root: str, step: int) -> None:
     """A plain submit through the real app in a process of its own, SIGKILLed just before its step-th fsync,
     rename or counter write (a kill -9 at that instant)."""
-    done = [0]
-
-    def dying(real):
-        def call(*args):
-            done[0] += 1
-            if done[0] == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args)
-        return call
-
-    os.fsync, os.replace, os.pwrite = dying(os.fsync), dying(os.replace), dying(os.pwrite)
+    done = kill_at_write_step(step)
     r = call_wsgi(make_app(Spool(spool_root)), "POST", "/api/submit/",
                   json.dumps({"count": 1, "visits": [visit("RP00001", ["http://img.example/a.jpg"])]}).encode())
     print(json.dumps({"steps": done[0], "status": r.status_code}))
